@@ -1,0 +1,211 @@
+"""Study configuration: load + validate a study YAML, per-model training settings, snapshot marks.
+
+No torch import here: the Snakefile imports this module to build the DAG, and it must stay cheap.
+
+The format is fixed in docs/internals.md ("The study config"); the JSON schema lives in
+workflow/schemas/config.schema.yaml.  `load_config` validates against it, fills the schema's defaults, and
+turns jsonschema's error into one line that names the key path, e.g. ``training.batch_szie: unknown key``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class ConfigError(ValueError):
+    """A study config that does not match the schema; the message names the key path."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# loading + validation
+# --------------------------------------------------------------------------------------------------------------
+
+def load_schema(path: str | Path | None = None) -> dict:
+    path = Path(path) if path is not None else SCHEMA_PATH
+    if not path.exists():
+        raise FileNotFoundError(f"config schema not found: {path}")
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = None) -> dict:
+    """Read a study config (YAML path or dict), validate it, and return a new dict with defaults filled in.
+
+    Raises ConfigError with one message naming the first bad key path (``training.batch_size: ...``).
+    """
+    if isinstance(path_or_dict, Mapping):
+        cfg = copy.deepcopy(dict(path_or_dict))
+        where = "config"
+    else:
+        where = str(path_or_dict)
+        with open(path_or_dict) as f:
+            cfg = yaml.safe_load(f)
+        if cfg is None:
+            cfg = {}
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: top level must be a mapping, got {type(cfg).__name__}")
+    schema = dict(schema) if schema is not None else load_schema()
+    _validate(cfg, schema, where)
+    _fill_defaults(cfg, schema, schema)
+    _validate(cfg, schema, where)  # defaults must themselves be valid (catches a broken schema)
+    return cfg
+
+
+def _validate(cfg: dict, schema: Mapping, where: str) -> None:
+    import jsonschema  # local: only needed when validating
+
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator = validator_cls(schema)
+    errors = list(validator.iter_errors(cfg))
+    if not errors:
+        return
+    # report the deepest error first: it names the most specific key ("training.batch_size", not "training")
+    errors.sort(key=lambda e: (-len(list(e.absolute_path)), str(e.message)))
+    raise ConfigError(f"{where}: {_describe(errors[0])}")
+
+
+def _describe(error) -> str:
+    """One readable line for a jsonschema error, naming the key path."""
+    path = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = set(error.schema.get("properties", {}))
+        patterns = error.schema.get("patternProperties", {})
+        import re
+
+        unknown = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
+        if unknown:
+            key = ".".join(filter(None, [path, str(unknown[0])]))
+            hint = f" (known keys: {', '.join(sorted(known))})" if known else ""
+            return f"{key}: unknown key{hint}"
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        key = ".".join(filter(None, [path, missing]))
+        return f"{key}: required key missing"
+    return f"{path or '<top level>'}: {error.message}"
+
+
+def _resolve(schema: Mapping, root: Mapping) -> Mapping:
+    """Follow a local '$ref' (#/definitions/x or #/$defs/x)."""
+    while isinstance(schema, Mapping) and "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise ConfigError(f"schema: only local $ref supported, got {ref}")
+        node: Any = root
+        for part in ref[2:].split("/"):
+            node = node[part]
+        schema = node
+    return schema
+
+
+def _fill_defaults(instance: Any, schema: Mapping, root: Mapping) -> None:
+    """Insert the schema's `default` for every missing property, recursively (into given and default dicts)."""
+    schema = _resolve(schema, root)
+    if not isinstance(instance, dict) or not isinstance(schema, Mapping):
+        return
+    props = schema.get("properties", {})
+    for key, sub in props.items():
+        sub_r = _resolve(sub, root)
+        if key not in instance and isinstance(sub_r, Mapping) and "default" in sub_r:
+            instance[key] = copy.deepcopy(sub_r["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub_r, root)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, Mapping):
+        for key, value in instance.items():
+            if key not in props:
+                _fill_defaults(value, extra, root)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# per-model training settings
+# --------------------------------------------------------------------------------------------------------------
+
+def _deep_merge(base: Mapping, override: Mapping) -> dict:
+    out = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def model_training(cfg: Mapping, name: str) -> dict:
+    """The training settings of model NAME: the study's `training` defaults deep-merged with the model's
+    `training` overrides.  A `snapshots` override that gives `images` wins over count/spacing (see
+    snapshot_marks)."""
+    models = cfg.get("models") or {}
+    if name not in models:
+        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
+    entry = models[name] or {}
+    overrides = dict(entry.get("training") or {})
+    merged = _deep_merge(cfg.get("training") or {}, overrides)
+    # an explicit list of snapshot marks in the override replaces the study's geometric/linear spec
+    snap_override = overrides.get("snapshots") or {}
+    if "images" in snap_override:
+        merged["snapshots"] = copy.deepcopy(snap_override)
+    elif snap_override:
+        merged["snapshots"].pop("images", None)
+    return merged
+
+
+def total_images(training: Mapping) -> int:
+    """Training length in images seen, rounded up to a whole number of (global) batches."""
+    batch = int(training["batch_size"])
+    return int(math.ceil(int(training["total_images"]) / batch) * batch)
+
+
+def snapshot_marks(training: Mapping) -> list[int]:
+    """Images-seen marks at which snapshots are written, ascending; the last is the training length.
+
+    Marks are rounded to whole global batches (images seen only grows in steps of batch_size), so a snapshot's
+    images_seen equals its mark exactly.  Spec (training.snapshots):
+      {images: [..]}                              explicit marks (the training length is always added)
+      {count: K, spacing: geometric, first_images: F}   K marks F·(T/F)^(i/(K−1)), i = 0..K−1 — even spacing
+                                                  in log compute, what a compute-axis power-law fit wants
+      {count: K, spacing: linear[, first_images: F]}    K evenly spaced marks from F (default T/K) to T
+    """
+    batch = int(training["batch_size"])
+    total = total_images(training)
+    spec = training.get("snapshots") or {}
+
+    def to_batch(n: float) -> int:
+        return int(min(max(math.floor(n / batch + 0.5), 1) * batch, total))  # nearest batch, half up
+
+    if spec.get("images"):
+        raw = [float(m) for m in spec["images"]]
+        bad = [m for m in raw if m <= 0]
+        if bad:
+            raise ConfigError(f"training.snapshots.images: marks must be positive, got {bad[0]}")
+    else:
+        count = int(spec.get("count", 1))
+        if count < 1:
+            raise ConfigError(f"training.snapshots.count: must be >= 1, got {count}")
+        spacing = spec.get("spacing", "geometric")
+        first = spec.get("first_images")
+        if count == 1:
+            raw = [total]
+        elif spacing == "geometric":
+            first = float(first) if first else total / 2 ** (count - 1)
+            if not 0 < first <= total:
+                raise ConfigError(
+                    f"training.snapshots.first_images: must be in (0, total_images={total}], got {first}")
+            ratio = total / first
+            raw = [first * ratio ** (i / (count - 1)) for i in range(count)]
+        elif spacing == "linear":
+            first = float(first) if first else total / count
+            if not 0 < first <= total:
+                raise ConfigError(
+                    f"training.snapshots.first_images: must be in (0, total_images={total}], got {first}")
+            raw = [first + (total - first) * i / (count - 1) for i in range(count)]
+        else:
+            raise ConfigError(f"training.snapshots.spacing: unknown spacing {spacing!r} (geometric or linear)")
+    marks = sorted({to_batch(m) for m in raw} | {total})
+    return marks

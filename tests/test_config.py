@@ -1,0 +1,96 @@
+"""models/config.py: validation errors name the key; defaults; per-model merge; snapshot marks."""
+
+import math
+
+import pytest
+import yaml
+
+from models.config import ConfigError, load_config, model_training, snapshot_marks, total_images
+
+
+def base(**extra):
+    cfg = {"study": "t", "models": {"t0": {"arch": "t0"}, "t1": {"arch": "t1"}}}
+    cfg.update(extra)
+    return cfg
+
+
+def test_defaults_filled_and_input_not_mutated():
+    raw = base(training={"batch_size": 64})
+    cfg = load_config(raw)
+    assert raw["training"] == {"batch_size": 64}  # caller's dict untouched
+    tr = cfg["training"]
+    assert tr["batch_size"] == 64 and tr["total_images"] == 400000 and tr["lr"] == 0.01
+    assert tr["schedule"] == {"name": "baseline"}
+    assert cfg["variant"]["name"] == "edm" and cfg["dataset"]["spec"] == "digits"
+    assert cfg["dataset"]["conditional"] is False
+
+
+def test_load_from_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base(training={"total_images": 1000})))
+    assert load_config(path)["training"]["total_images"] == 1000
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (base(training={"batch_szie": 3}), "training.batch_szie: unknown key"),
+    (base(traning={}), "traning: unknown key"),
+    (base(models={"t0": {"arch": "t0", "training": {"lrr": 1}}}), "models.t0.training.lrr: unknown key"),
+    (base(training={"snapshots": {"cnt": 3}}), "training.snapshots.cnt: unknown key"),
+    (base(training={"lr": "fast"}), "training.lr:"),
+    (base(training={"batch_size": 0}), "training.batch_size:"),
+    (base(models={"t0": {}}), "models.t0.arch: required key missing"),
+    (base(training={"schedule": {"name": "cosine"}}), "training.schedule.name:"),
+    (base(variant={"name": "edm", "kwrgs": {}}), "variant.kwrgs: unknown key"),
+])
+def test_errors_name_the_key(cfg, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert message in str(info.value)
+    assert str(info.value).count("\n") == 0  # one line
+
+
+def test_model_training_merges_overrides():
+    cfg = load_config(base(training={"lr": 0.02, "snapshots": {"count": 3, "spacing": "geometric",
+                                                                "first_images": 1000}},
+                           models={"t0": {"arch": "t0", "training": {"batch_size": 32,
+                                                                     "snapshots": {"count": 5}}},
+                                   "t1": {"arch": "t1", "training": {"snapshots": {"images": [100, 200]}}}}))
+    t0 = model_training(cfg, "t0")
+    assert t0["batch_size"] == 32 and t0["lr"] == 0.02
+    assert t0["snapshots"] == {"count": 5, "spacing": "geometric", "first_images": 1000}  # deep merge
+    t1 = model_training(cfg, "t1")
+    assert t1["snapshots"] == {"images": [100, 200]}  # explicit marks replace the study's spec
+    assert cfg["training"]["batch_size"] == 128  # the study's section is not modified
+    with pytest.raises(ConfigError, match="models.t9: unknown model"):
+        model_training(cfg, "t9")
+
+
+def test_geometric_marks():
+    tr = {"total_images": 640000, "batch_size": 128,
+          "snapshots": {"count": 5, "spacing": "geometric", "first_images": 40000}}
+    marks = snapshot_marks(tr)
+    assert len(marks) == 5 and marks[-1] == 640000
+    assert all(m % 128 == 0 for m in marks)
+    # exact geometric marks are 40000·2^i; rounding to whole batches moves each by < one batch
+    for i, m in enumerate(marks):
+        assert abs(m - 40000 * 2 ** i) <= 64
+    ratios = [b / a for a, b in zip(marks, marks[1:])]
+    assert max(ratios) / min(ratios) < 1.01
+
+
+def test_linear_explicit_and_single_marks():
+    tr = {"total_images": 1000, "batch_size": 100, "snapshots": {"count": 4, "spacing": "linear"}}
+    assert snapshot_marks(tr) == [300, 500, 800, 1000]  # 250, 500, 750 rounded to whole batches (half up)
+    tr = {"total_images": 1000, "batch_size": 100, "snapshots": {"images": [450, 120, 5000]}}
+    assert snapshot_marks(tr) == [100, 500, 1000]  # rounded, clipped to the length, which is always a mark
+    tr = {"total_images": 1050, "batch_size": 100, "snapshots": {"count": 1}}
+    assert total_images(tr) == 1100 and snapshot_marks(tr) == [1100]
+    with pytest.raises(ConfigError, match="training.snapshots.first_images"):
+        snapshot_marks({"total_images": 1000, "batch_size": 10,
+                        "snapshots": {"count": 3, "spacing": "geometric", "first_images": 5000}})
+
+
+def test_geometric_default_first_halves():
+    tr = {"total_images": 8 * 64, "batch_size": 64, "snapshots": {"count": 4, "spacing": "geometric"}}
+    assert snapshot_marks(tr) == [64, 128, 256, 512]
+    assert math.isclose(snapshot_marks(tr)[-1] / snapshot_marks(tr)[0], 2 ** 3)
