@@ -106,6 +106,19 @@ def _no_tf32():
         torch.set_float32_matmul_precision(old_prec)
 
 
+@contextlib.contextmanager
+def _single_thread_if_small(device: torch.device, gemm_size: int):
+    """One CPU thread when each GEMM is small (subset estimators, or a dataset as small as digits): thread
+    start-up costs more than the work, and on a busy 2-core machine two threads ran 3-4× slower than one."""
+    old = torch.get_num_threads()
+    if device.type == "cpu" and gemm_size < 2 ** 28:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
@@ -560,7 +573,9 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
         for c, xc, n, size, m, c_val in plans:
             d = _Data(xc, dev)
             part_seed = seed if c is None else _seed_of(seed, int(c), 7)
-            direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
+            gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * n if estimator == "full" else _RNG_BLOCK * size) * d.dim
+            with _single_thread_if_small(dev, gemm):
+                direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
             parts_out.append((n / n_total, direct, ab))
     finally:
         if bar is not None:
