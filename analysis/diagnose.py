@@ -1,0 +1,401 @@
+"""Diagnosis (SCIENCE.md §4): every variant in one coordinate system — VE-x0 — and its per-σ distance from J*.
+
+Every model's denoiser already outputs x̂0 in VE coordinates (models.denoiser), so the evaluation CSVs of
+analysis/evaluate.py (one per snapshot, on the study's fixed (x0, σ, ε) triples) hold for each σ the model's
+x0-loss L(σ), the optimal loss J*(σ) on the same triples, and the excess E‖Dθ − D*‖² = L − J* (estimated directly,
+never negative).  This module turns them into
+
+  diagnose          per variant: where the gap peaks (absolute, and relative to J*), the total excess under two
+                    variant-independent weightings, a figure of the gap curves, a table, and a markdown summary.
+  compare-schedules per (variant, schedule, seed): the same per-σ gap, totals and the sample-quality FD, and the
+                    optimal-loss-schedule − baseline differences against the seed-to-seed spread.
+
+Totals.  The variants train under different σ-weightings, so their own "training" totals are not comparable.
+Two common ones are reported: `excess_logsigma`, the mean of the excess over ln σ on the evaluation grid
+(trapezoid rule; every e-fold of σ counts the same), and `excess_edm`, the excess under EDM's training weighting
+(ln σ ~ N(−1.2, 1.2²), λ = 1/c_out², σ_data = 0.5) — the loss an EDM model would report.
+
+CLI:
+  python -m analysis.diagnose diagnose --eval M1.csv M2.csv … --meta models.json --jstar jstar.csv \
+      --out diagnosis.csv --summary diagnosis_summary.csv --markdown diagnosis.md --figure gap.png
+  python -m analysis.diagnose compare-schedules --eval … --scores S1.json … --meta models.json --jstar jstar.csv \
+      --out schedule_comparison.csv --summary schedule_summary.csv --markdown schedule_comparison.md --figure F.png
+models.json maps model → {"variant": …, "schedule": …, "seed": …} (written by the workflow from the config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "excess_stderr", "gap", "gap_stderr"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------------------
+
+def read_eval(csv) -> pd.DataFrame:
+    """The per-σ rows (ascending σ) of one evaluation CSV (analysis/evaluate.py format)."""
+    path = Path(csv)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation CSV not found: {path}")
+    df = pd.read_csv(path)
+    missing = set(PER_SIGMA) - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+    rows = df[df["sigma"].notna()].sort_values("sigma").reset_index(drop=True)
+    if rows.empty:
+        raise ValueError(f"{path}: no per-σ rows")
+    keep = [c for c in ("model", "images_seen", "flops", "params") if c in df.columns]
+    return rows[keep + PER_SIGMA]
+
+
+def read_meta(path_or_dict) -> dict:
+    if isinstance(path_or_dict, dict):
+        return path_or_dict
+    path = Path(path_or_dict)
+    if not path.exists():
+        raise FileNotFoundError(f"model table not found: {path}")
+    return json.loads(path.read_text())
+
+
+def sigma_star_of(jstar_csv) -> float:
+    """σ* of the study's J* curve, by the schedule's rule (models.schedule.find_sigma_star, default settings)."""
+    from models.schedule import find_sigma_star, read_jstar
+
+    return find_sigma_star(*read_jstar(jstar_csv))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# summaries of one gap curve
+# --------------------------------------------------------------------------------------------------------------
+
+def log_sigma_mean(sigma, values) -> float:
+    """Trapezoid mean of `values` over ln σ on the (ascending) grid; the value itself for one σ."""
+    u = np.log(np.asarray(sigma, np.float64))
+    v = np.asarray(values, np.float64)
+    if u.size == 1:
+        return float(v[0])
+    return float(np.trapezoid(v, u) / (u[-1] - u[0]))
+
+
+def edm_weighted(sigma, values) -> float:
+    """Σ a_k λ_k v_k / Σ a_k with EDM's training density and weight (analysis.evaluate.weighted_totals' rule)."""
+    s = np.asarray(sigma, np.float64)
+    v = np.asarray(values, np.float64)
+    z = (np.log(s) + 1.2) / 1.2
+    p = np.exp(-0.5 * z**2)
+    lam = (s**2 + 0.25) / (s * 0.5) ** 2
+    if s.size == 1:
+        return float(lam[0] * v[0])
+    u = np.log(s)
+    q = np.zeros_like(u)
+    q[:-1] += np.diff(u) / 2
+    q[1:] += np.diff(u) / 2
+    a = q * p
+    return float(np.sum(a * lam * v) / a.sum())
+
+
+def local_peaks(sigma, values) -> list[tuple[float, float]]:
+    """(σ, value) of every local maximum of a curve on its grid (end points count when higher than their one
+    neighbour), highest first."""
+    v = np.asarray(values, np.float64)
+    s = np.asarray(sigma, np.float64)
+    if v.size == 1:
+        return [(float(s[0]), float(v[0]))]
+    left = np.r_[-np.inf, v[:-1]]
+    right = np.r_[v[1:], -np.inf]
+    idx = np.nonzero((v > left) & (v >= right))[0]
+    return sorted(((float(s[k]), float(v[k])) for k in idx), key=lambda p: -p[1])
+
+
+def gap_summary(table: pd.DataFrame) -> dict:
+    """Peak of the excess (absolute; every local peak; relative to J* where J* ≥ 1 % of its largest value — below
+    that the ratio divides by ~0) and the two common totals, for one per-σ table."""
+    s = table["sigma"].to_numpy(np.float64)
+    ex = table["excess"].to_numpy(np.float64)
+    j = table["optimal_loss"].to_numpy(np.float64)
+    k = int(np.argmax(ex))
+    ok = j >= 0.01 * j.max()
+    rel = np.where(ok, ex / np.where(ok, j, 1.0), -np.inf)
+    kr = int(np.argmax(rel))
+    peaks = local_peaks(s, ex)
+    return {"peak_sigma": float(s[k]), "peak_excess": float(ex[k]), "peak_excess_stderr":
+            float(table["excess_stderr"].iloc[k]),
+            "local_peaks": "; ".join(f"{ps:.3g} ({pv:.3g})" for ps, pv in peaks),
+            "peak_relative_sigma": float(s[kr]), "peak_relative_excess": float(rel[kr]),
+            "excess_logsigma": log_sigma_mean(s, ex), "excess_edm": edm_weighted(s, ex),
+            "loss_logsigma": log_sigma_mean(s, table["loss"]), "optimal_loss_logsigma": log_sigma_mean(s, j)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the diagnosis study
+# --------------------------------------------------------------------------------------------------------------
+
+def diagnose(eval_csvs, meta, jstar_csv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-σ long table, one summary row per model) for the diagnosis study."""
+    meta = read_meta(meta)
+    long, summary = [], []
+    for csv in eval_csvs:
+        t = read_eval(csv)
+        model = str(t["model"].iloc[0]) if "model" in t.columns else Path(csv).parent.name
+        info = meta.get(model, {})
+        t = t.assign(model=model, variant=info.get("variant", "?"),
+                     relative_excess=t["excess"] / t["optimal_loss"].clip(lower=1e-300))
+        long.append(t)
+        summary.append({"model": model, "variant": info.get("variant", "?"),
+                        "images_seen": int(t["images_seen"].iloc[0]) if "images_seen" in t else None,
+                        "flops": float(t["flops"].iloc[0]) if "flops" in t else None, **gap_summary(t)})
+    long_df = pd.concat(long, ignore_index=True)
+    cols = ["model", "variant"] + [c for c in long_df.columns if c not in ("model", "variant")]
+    summ = pd.DataFrame(summary)
+    if jstar_csv is not None:
+        summ["sigma_star"] = sigma_star_of(jstar_csv)
+    return long_df[cols], summ
+
+
+def diagnosis_markdown(summary: pd.DataFrame) -> str:
+    lines = ["# Diagnosis: per-σ gap J_σ(θ) − J*_σ of each variant (VE-x0 coordinates, equal compute)", ""]
+    if "sigma_star" in summary:
+        lines += [f"σ* of the J* curve (J* reaches 1 % of the data variance): {summary['sigma_star'].iloc[0]:.3g}",
+                  ""]
+    lines += ["| model | variant | peak σ (excess) | peak excess | local peaks σ (excess) | peak σ (excess/J*, "
+              "J* ≥ 1 % Var) | peak excess/J* | excess, mean over ln σ | excess, EDM weighting |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.model} | {r.variant} | {r.peak_sigma:.3g} | {r.peak_excess:.4g} ± "
+                     f"{r.peak_excess_stderr:.2g} | {r.local_peaks} | {r.peak_relative_sigma:.3g} | {r.peak_relative_excess:.3g} | "
+                     f"{r.excess_logsigma:.4g} | {r.excess_edm:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_diagnosis(long_df: pd.DataFrame, jstar_csv, path, sigma_star=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (model, variant), t in long_df.groupby(["model", "variant"], sort=False):
+        label = variant if model.replace("_", "-") == variant else f"{model} ({variant})"
+        axes[0].errorbar(t["sigma"], t["excess"], yerr=t["excess_stderr"], marker="o", ms=3, capsize=2, label=label)
+        ok = t["optimal_loss"] >= 0.01 * t["optimal_loss"].max()   # below, the ratio divides by ~0
+        axes[1].plot(t["sigma"][ok], t["relative_excess"][ok], marker="o", ms=3, label=label)
+    lo = 0.3 * float(long_df["excess"][long_df["excess"] > 0].min())
+    if jstar_csv is not None:
+        from models.schedule import read_jstar
+
+        s, j = read_jstar(jstar_csv)
+        axes[0].plot(s, j, "k--", lw=1, label="J*(σ)")
+    axes[0].set_ylim(bottom=lo)
+    for ax in axes:
+        if sigma_star is not None:
+            ax.axvline(sigma_star, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("σ (VE)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("excess J_σ(θ) − J*_σ  (per-dim x0-loss)")
+    axes[1].set_ylabel("(J_σ(θ) − J*_σ)/J*_σ  (J* ≥ 1 % of Var)")
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("gap to the optimal loss" + (" (dotted: σ*)" if sigma_star is not None else ""))
+    axes[1].set_title("gap relative to J*")
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+def _save_fig(fig, path) -> None:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the schedule comparison
+# --------------------------------------------------------------------------------------------------------------
+
+def compare_schedules(eval_csvs, score_jsons, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(schedule_comparison: per-σ rows + one total row per model, summary per variant and schedule with
+    mean/sd over seeds and the optimal-loss − baseline difference)."""
+    meta = read_meta(meta)
+    scores = {}
+    for js in score_jsons:
+        d = json.loads(Path(js).read_text())
+        scores[str(d.get("model") or Path(js).stem)] = d
+    rows = []
+    for csv in eval_csvs:
+        t = read_eval(csv)
+        model = str(t["model"].iloc[0]) if "model" in t.columns else Path(csv).parent.name
+        info = meta.get(model)
+        if info is None:
+            raise ValueError(f"model {model!r} of {csv} is not in the model table")
+        sc = scores.get(model, {})
+        base = {"variant": info["variant"], "schedule": info["schedule"], "seed": int(info["seed"]), "model": model}
+        for r in t.itertuples():
+            rows.append({**base, "sigma": r.sigma, "loss": r.loss, "optimal_loss": r.optimal_loss,
+                         "excess": r.excess, "excess_stderr": r.excess_stderr,
+                         "relative_excess": r.excess / max(r.optimal_loss, 1e-300)})
+        g = gap_summary(t)
+        rows.append({**base, "sigma": math.nan, "loss": g["loss_logsigma"], "optimal_loss": g["optimal_loss_logsigma"],
+                     "excess": g["excess_logsigma"], "excess_edm": g["excess_edm"], "peak_sigma": g["peak_sigma"],
+                     "fd_classifier": sc.get("fd_classifier", math.nan),
+                     "fd_split_floor": sc.get("fd_classifier_split_floor", math.nan),
+                     "fid_inception": sc.get("fid_inception", math.nan)})
+    comp = pd.DataFrame(rows)
+    totals = comp[comp["sigma"].isna()]
+    summ = []
+    for (variant, schedule), g in totals.groupby(["variant", "schedule"], sort=True):
+        rec = {"variant": variant, "schedule": schedule, "seeds": len(g)}
+        for k in ("excess", "excess_edm", "fd_classifier"):
+            rec[f"{k}_mean"] = float(g[k].mean())
+            rec[f"{k}_sd"] = float(g[k].std(ddof=1)) if len(g) > 1 else math.nan
+        summ.append(rec)
+    summ = pd.DataFrame(summ)
+    return comp, summ
+
+
+def schedule_effect(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: optimal-loss − baseline for each measure, with the seed spread (pooled sd) for scale."""
+    out = []
+    for variant, g in summary.groupby("variant"):
+        arms = {r.schedule: r for r in g.itertuples()}
+        if not {"baseline", "optimal-loss"} <= set(arms):
+            continue
+        b, o = arms["baseline"], arms["optimal-loss"]
+        rec = {"variant": variant}
+        for k in ("excess", "excess_edm", "fd_classifier"):
+            rec[f"{k}_diff"] = getattr(o, f"{k}_mean") - getattr(b, f"{k}_mean")
+            rec[f"{k}_rel_diff"] = rec[f"{k}_diff"] / getattr(b, f"{k}_mean")
+            rec[f"{k}_seed_sd"] = math.sqrt(0.5 * (getattr(o, f"{k}_sd") ** 2 + getattr(b, f"{k}_sd") ** 2))
+        out.append(rec)
+    return pd.DataFrame(out)
+
+
+def schedule_markdown(summary: pd.DataFrame, effect: pd.DataFrame) -> str:
+    lines = ["# Baseline vs optimal-loss schedule (equal compute)", "",
+             "Totals: excess = mean over ln σ of J_σ(θ) − J*_σ on the evaluation grid; excess_edm = the same under "
+             "EDM's training weighting; FD = Fréchet distance of Heun samples to the training set in the feature "
+             "space of the study's digit classifier.  mean ± sd over seeds.", "",
+             "| variant | schedule | seeds | excess | excess (EDM wt.) | FD |", "|---|---|---|---|---|---|"]
+    f = lambda m, s: f"{m:.4g} ± {s:.2g}" if not math.isnan(s) else f"{m:.4g}"
+    for r in summary.itertuples():
+        lines.append(f"| {r.variant} | {r.schedule} | {r.seeds} | {f(r.excess_mean, r.excess_sd)} | "
+                     f"{f(r.excess_edm_mean, r.excess_edm_sd)} | {f(r.fd_classifier_mean, r.fd_classifier_sd)} |")
+    if not effect.empty:
+        lines += ["", "Effect of the schedule (optimal-loss − baseline; negative = better), vs the seed-to-seed "
+                  "sd:", "", "| variant | Δ excess (rel.) | seed sd | Δ excess EDM wt. (rel.) | seed sd | Δ FD (rel.) "
+                  "| seed sd |", "|---|---|---|---|---|---|---|"]
+        for r in effect.itertuples():
+            lines.append(f"| {r.variant} | {r.excess_diff:+.3g} ({r.excess_rel_diff:+.1%}) | {r.excess_seed_sd:.2g} | "
+                         f"{r.excess_edm_diff:+.3g} ({r.excess_edm_rel_diff:+.1%}) | {r.excess_edm_seed_sd:.2g} | "
+                         f"{r.fd_classifier_diff:+.3g} ({r.fd_classifier_rel_diff:+.1%}) | "
+                         f"{r.fd_classifier_seed_sd:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_schedules(comp: pd.DataFrame, path, sigma_star=None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted(comp["variant"].unique())
+    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4.6 * (len(variants) + 1), 4.0))
+    colors = {"baseline": "tab:blue", "optimal-loss": "tab:red"}
+    per_sigma = comp[comp["sigma"].notna()]
+    for ax, variant in zip(axes, variants):
+        for (schedule, seed), t in per_sigma[per_sigma["variant"] == variant].groupby(["schedule", "seed"]):
+            ax.plot(t["sigma"], t["excess"], marker="o", ms=2.5, lw=1, color=colors.get(schedule, "k"),
+                    alpha=0.8, label=f"{schedule}" if seed == per_sigma["seed"].min() else None)
+        if sigma_star is not None:
+            ax.axvline(sigma_star, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("σ (VE)")
+        ax.set_ylabel("excess J_σ(θ) − J*_σ")
+        ax.set_title(f"{variant}: one line per seed")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    totals = comp[comp["sigma"].isna()]
+    for i, variant in enumerate(variants):
+        for j, schedule in enumerate(["baseline", "optimal-loss"]):
+            v = totals[(totals["variant"] == variant) & (totals["schedule"] == schedule)]["fd_classifier"]
+            x = i * 3 + j
+            ax.scatter(np.full(len(v), x), v, color=colors[schedule], zorder=3)
+            if len(v):
+                ax.hlines(v.mean(), x - 0.3, x + 0.3, color=colors[schedule])
+    ax.set_xticks([i * 3 + 0.5 for i in range(len(variants))], variants)
+    ax.set_ylabel("FD to the training set (classifier features)")
+    ax.set_title("sample quality (blue: baseline, red: optimal-loss)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_fig(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+def _write_csv(df: pd.DataFrame, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_text(text: str, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m analysis.diagnose", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("diagnose", "compare-schedules"):
+        p = sub.add_parser(name)
+        p.add_argument("--eval", nargs="+", required=True, help="evaluation CSVs (one per model, final snapshot)")
+        p.add_argument("--meta", required=True, help="models.json: model → {variant, schedule, seed}")
+        p.add_argument("--jstar", default=None, help="optimal_loss/jstar.csv (for σ* and the J* curve)")
+        p.add_argument("--out", required=True)
+        p.add_argument("--summary", required=True)
+        p.add_argument("--markdown", required=True)
+        p.add_argument("--figure", required=True)
+        if name == "compare-schedules":
+            p.add_argument("--scores", nargs="+", required=True, help="sample-quality JSONs (one per model)")
+    args = ap.parse_args(argv)
+    s_star = sigma_star_of(args.jstar) if args.jstar else None
+    if args.cmd == "diagnose":
+        long_df, summ = diagnose(args.eval, args.meta, args.jstar)
+        _write_csv(long_df, args.out)
+        _write_csv(summ, args.summary)
+        _write_text(diagnosis_markdown(summ), args.markdown)
+        plot_diagnosis(long_df, args.jstar, args.figure, s_star)
+        print(diagnosis_markdown(summ))
+    else:
+        comp, summ = compare_schedules(args.eval, args.scores, args.meta)
+        effect = schedule_effect(summ)
+        _write_csv(comp, args.out)
+        _write_csv(summ, args.summary)
+        md = schedule_markdown(summ, effect)
+        _write_text(md, args.markdown)
+        plot_schedules(comp, args.figure, s_star)
+        print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+# Issue 5, use 2 of J*: the optimal-loss training schedule (models/schedule.py) against each variant's own
+# (baseline) schedule, at equal compute, over seeds (workflow/config/schedule.yaml: EDM and FM × baseline /
+# optimal-loss × 2 seeds). Per model: the final snapshot's per-σ gap (evaluate rules) and the Fréchet distance of
+# its Heun samples to the training set in the feature space of a small classifier trained on the dataset's labels
+# (analysis.sample_quality; FID too when sample_quality.inception points at local weights).
+#
+#   snakemake schedule --configfile workflow/config/schedule.yaml
+#
+# Include after diagnose.smk (uses its models_table rule and final_eval).
+
+SQ = config["sample_quality"]
+
+
+rule feature_classifier:
+    input:
+        f"{R}/data/dataset.npz",
+    output:
+        f"{R}/sample_quality/classifier.pt",
+    params:
+        epochs=SQ["classifier_epochs"],
+        seed=SQ["seed"],
+    log:
+        f"{R}/logs/feature_classifier.log",
+    shell:
+        "OMP_NUM_THREADS=1 {PYTHON} -m analysis.sample_quality train-classifier --data {input:q} --out {output:q}"
+        " --epochs {params.epochs} --seed {params.seed} > {log:q} 2>&1"
+
+
+rule sample_quality:
+    input:
+        snapshot=lambda wc: snapshot_path(wc.model, MARKS[wc.model][-1]),
+        classifier=f"{R}/sample_quality/classifier.pt",
+        data=f"{R}/data/dataset.npz",
+    output:
+        f"{R}/sample_quality/{{model}}.json",
+    params:
+        num=SQ["num_samples"],
+        steps=SQ["steps"],
+        seed=SQ["seed"],
+        inception=f"--inception {SQ['inception']}" if SQ.get("inception") else "",
+    threads: step_threads("evaluate")
+    log:
+        f"{R}/logs/sample_quality_{{model}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {PYTHON} -m analysis.sample_quality score"
+        " --classifier {input.classifier:q} --data {input.data:q} --snapshot {input.snapshot:q} --num {params.num}"
+        " --steps {params.steps} --seed {params.seed} {params.inception} --out {output:q} > {log:q} 2>&1"
+
+
+rule schedule_comparison:
+    input:
+        evals=[final_eval(m) for m in MODELS],
+        scores=[f"{R}/sample_quality/{m}.json" for m in MODELS],
+        meta=f"{R}/analysis/models.json",
+        jstar=f"{R}/optimal_loss/jstar.csv",
+    output:
+        table=f"{R}/analysis/schedule_comparison.csv",
+        summary=f"{R}/analysis/schedule_summary.csv",
+        markdown=f"{R}/analysis/schedule_comparison.md",
+        figure=f"{R}/figures/schedule_comparison.png",
+    log:
+        f"{R}/logs/schedule_comparison.log",
+    shell:
+        "{PYTHON} -m analysis.diagnose compare-schedules --eval {input.evals:q} --scores {input.scores:q}"
+        " --meta {input.meta:q} --jstar {input.jstar:q} --out {output.table:q} --summary {output.summary:q}"
+        " --markdown {output.markdown:q} --figure {output.figure:q} > {log:q} 2>&1"
+
+
+rule schedule:
+    input:
+        rules.schedule_comparison.output,
