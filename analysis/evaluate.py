@@ -1,0 +1,508 @@
+"""Per-σ loss and excess of a checkpoint on the study's fixed evaluation set (SCIENCE.md §5).
+
+A study fixes one evaluation set of (x0 index, σ, ε-seed) triples drawn from the training set. Every snapshot and
+the optimal denoiser D* are evaluated on exactly those triples, so for every σ of the grid
+
+    L(σ)      = mean ‖Dθ(x) − x0‖² / D        the model's x0-loss (VE coordinates, per-dimension mean)
+    J*(σ)     = mean ‖D*(x) − x0‖² / D        the optimal loss on the same triples
+    excess(σ) = mean ‖Dθ(x) − D*(x)‖² / D     E‖Dθ − x0‖² = E‖D* − x0‖² + E‖Dθ − D*‖² because D* is the
+                                              conditional mean: a direct, never-negative estimate of L − J*
+    gap(σ)    = mean (‖Dθ − x0‖² − ‖D* − x0‖²) / D   = L − J*, with a paired standard error
+
+with x = x0 + σ·ε. Standard errors are the sample standard deviation over the triples of that σ over √n.
+
+Totals under the study's training weighting. The variant trains on E_σ[λ(σ)·‖D − x0‖²/D] with ln σ drawn from the
+density p (`Variant.sigma_density`) and λ = `Variant.loss_weight`. On the evaluation grid u_k = ln σ_k the total is
+the quadrature
+
+    total = Σ_k a_k λ_k L_k / Σ_k a_k,     a_k = q_k · p(u_k),
+
+where q_k are the trapezoid weights of the grid in u = ln σ (for the usual geometric grid: Δu·[½, 1, …, 1, ½]; a
+single σ gets weight 1). Dividing by Σ a_k makes it the training loss conditioned on σ lying in the grid's range
+(a constant factor in p cancels, and so does the probability mass outside [σ_min, σ_max]). L, J*, excess and gap
+get the same weights, so total L − total J* = total gap exactly. The σ's are independent samples, so the total's
+standard error is sqrt(Σ_k (a_k λ_k / Σ a)² s.e._k²).
+
+CLI (what the workflow rules call; every step also runs by hand):
+    python -m analysis.evaluate make-set --dataset DATA.npz --num-sigmas 12 --sigma-min 0.002 --sigma-max 80 \
+        --samples-per-sigma 256 --seed 1234 --out eval_set.npz
+    python -m analysis.evaluate snapshot --snapshot S.pt --dataset DATA.npz --eval-set eval_set.npz \
+        --denoised eval_denoised.npy --out EVAL.csv
+    python -m analysis.evaluate collect --eval A.csv B.csv … [--jstar jstar.csv] --out losses.csv \
+        --invariant invariant.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# the per-σ statistics and their column names in every CSV this module writes
+STATS = ("loss", "optimal_loss", "excess", "gap")
+INVARIANT_SIGMAS = 3.0  # L(σ) ≥ J*(σ) − 3 s.e. is the checked invariant
+LOSS_COLUMNS = ["model", "arch", "params", "images_seen", "flops", "sigma", "weighting", "n",
+                "loss", "loss_stderr", "optimal_loss", "optimal_loss_stderr", "excess", "excess_stderr",
+                "gap", "gap_stderr"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the evaluation set
+# ---------------------------------------------------------------------------------------------------------------
+
+def sigma_grid(num_sigmas: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """`num_sigmas` noise levels evenly spaced in ln σ from sigma_min to sigma_max (float64)."""
+    num_sigmas = int(num_sigmas)
+    if num_sigmas < 1:
+        raise ValueError(f"num_sigmas must be >= 1, got {num_sigmas}")
+    if not (0 < sigma_min <= sigma_max < math.inf):
+        raise ValueError(f"σ range must satisfy 0 < sigma_min <= sigma_max < inf, got [{sigma_min}, {sigma_max}]")
+    if num_sigmas == 1:
+        return np.array([math.sqrt(sigma_min * sigma_max)])
+    return np.geomspace(sigma_min, sigma_max, num_sigmas)
+
+
+def make_eval_set(n_data: int, sigmas, samples_per_sigma: int, seed: int) -> dict:
+    """The fixed (x0 index, σ, ε-seed) triples: `samples_per_sigma` per σ, ordered σ by σ.
+
+    Indices of one σ are distinct (a random subset) while samples_per_sigma <= n_data, else drawn with
+    replacement. Noise seeds are distinct consecutive integers from a seeded random base, so every triple has its
+    own ε (see `eval_noise`). Returns {index int64 [M], sigma float64 [M], noise_seed int64 [M]}; a pure function
+    of the arguments."""
+    n_data, k = int(n_data), int(samples_per_sigma)
+    if n_data < 1:
+        raise ValueError(f"make_eval_set: n_data must be >= 1, got {n_data}")
+    if k < 1:
+        raise ValueError(f"make_eval_set: samples_per_sigma must be >= 1, got {k}")
+    sigmas = np.atleast_1d(np.asarray(sigmas, dtype=np.float64))
+    if sigmas.ndim != 1 or sigmas.size == 0:
+        raise ValueError(f"make_eval_set: sigmas must be a non-empty 1-D list, got shape {sigmas.shape}")
+    if not np.all(np.isfinite(sigmas) & (sigmas > 0)):
+        raise ValueError(f"make_eval_set: every σ must be finite and > 0, got {sigmas.tolist()}")
+    rng = np.random.default_rng(int(seed))
+    index = []
+    for _ in sigmas:
+        if k <= n_data:
+            index.append(rng.permutation(n_data)[:k])
+        else:
+            index.append(rng.integers(0, n_data, size=k))
+    m = k * sigmas.size
+    base = int(rng.integers(0, 2**40))
+    return {"index": np.concatenate(index).astype(np.int64),
+            "sigma": np.repeat(sigmas, k),
+            "noise_seed": (base + np.arange(m)).astype(np.int64)}
+
+
+def eval_noise(shape, seeds):
+    """ε for each triple: torch.randn(shape, generator=torch.Generator().manual_seed(seed)), stacked
+    [len(seeds), *shape] float32 — each triple's noise depends on its own seed only (docs/internals.md)."""
+    import torch
+
+    shape = tuple(int(s) for s in shape)
+    seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
+    out = torch.empty((len(seeds),) + shape, dtype=torch.float32)
+    gen = torch.Generator()
+    for i, s in enumerate(seeds.tolist()):
+        gen.manual_seed(int(s))
+        out[i] = torch.randn(shape, generator=gen)
+    return out
+
+
+def save_eval_set(eval_set: dict, path) -> Path:
+    """Write the triples to an .npz atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, index=eval_set["index"], sigma=eval_set["sigma"], noise_seed=eval_set["noise_seed"])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_eval_set(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation set not found: {path}")
+    with np.load(path) as z:
+        missing = [k for k in ("index", "sigma", "noise_seed") if k not in z.files]
+        if missing:
+            raise ValueError(f"{path}: not an evaluation set (missing {', '.join(missing)})")
+        out = {k: z[k] for k in ("index", "sigma", "noise_seed")}
+    m = {len(v) for v in out.values()}
+    if len(m) != 1:
+        raise ValueError(f"{path}: index, sigma and noise_seed differ in length ({sorted(m)})")
+    return out
+
+
+def npz_num_items(path) -> int:
+    """N of the `x` array of a dataset .npz, read from the array header only (no data loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if n in ("x.npy", "images.npy", "latents.npy")]
+        if not names:
+            raise ValueError(f"{path}: no 'x' array in the dataset file")
+        with zf.open(names[0]) as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read_header(f)
+    return int(shape[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# evaluating a denoiser on the triples
+# ---------------------------------------------------------------------------------------------------------------
+
+def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512,
+                      device=None) -> dict:
+    """Squared errors per triple (float64 [M] each, per-dimension means):
+    `loss` ‖Dθ − x0‖²/D, `optimal_loss` ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.
+
+    denoise(x [B,C,H,W] float32, sigma [B] float32, labels [B] int64 or None) -> [B,C,H,W]; x_data [N,C,H,W];
+    denoised = D* of every triple [M, D] (optimal_loss/eval_denoised.npy)."""
+    import torch
+
+    x_data = torch.as_tensor(x_data)
+    shape = tuple(x_data.shape[1:])
+    dim = int(np.prod(shape))
+    index, sigma, seeds = eval_set["index"], eval_set["sigma"], eval_set["noise_seed"]
+    m = len(index)
+    denoised = np.asarray(denoised)
+    if denoised.shape[0] != m or int(np.prod(denoised.shape[1:])) != dim:
+        raise ValueError(f"D* array has shape {list(denoised.shape)}; the evaluation set needs [{m}, {dim}] "
+                         f"(M triples × data dims {list(shape)}) — was it made for this eval set and dataset?")
+    if m and (int(index.min()) < 0 or int(index.max()) >= x_data.shape[0]):
+        raise ValueError(f"evaluation set indexes [{int(index.min())}, {int(index.max())}] but the dataset has "
+                         f"{x_data.shape[0]} items — was it made for this dataset?")
+    out = {k: np.empty(m, dtype=np.float64) for k in STATS}
+    for lo in range(0, m, int(batch_size)):
+        hi = min(lo + int(batch_size), m)
+        x0 = x_data[torch.as_tensor(index[lo:hi])].to(torch.float32)
+        s = torch.as_tensor(sigma[lo:hi], dtype=torch.float32)
+        x = x0 + s.view(-1, *([1] * len(shape))) * eval_noise(shape, seeds[lo:hi])
+        lab = None if labels is None else torch.as_tensor(labels)[torch.as_tensor(index[lo:hi])]
+        if device is not None:
+            x, s = x.to(device), s.to(device)
+            lab = None if lab is None else lab.to(device)
+        with torch.no_grad():
+            d = denoise(x, s, lab).detach().to("cpu", torch.float64).reshape(hi - lo, dim)
+        x0 = x0.to(torch.float64).reshape(hi - lo, dim)
+        dstar = torch.as_tensor(denoised[lo:hi], dtype=torch.float64).reshape(hi - lo, dim)
+        out["loss"][lo:hi] = ((d - x0) ** 2).mean(1).numpy()
+        out["optimal_loss"][lo:hi] = ((dstar - x0) ** 2).mean(1).numpy()
+        out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
+    out["gap"] = out["loss"] - out["optimal_loss"]
+    return out
+
+
+def per_sigma_table(errors: dict, sigma) -> pd.DataFrame:
+    """Mean and standard error of each statistic for every σ of the evaluation set (rows in ascending σ)."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    rows = []
+    for s in np.unique(sigma):
+        sel = sigma == s
+        n = int(sel.sum())
+        row = {"sigma": float(s), "n": n}
+        for k in STATS:
+            v = errors[k][sel]
+            row[k] = float(v.mean())
+            row[f"{k}_stderr"] = float(v.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def trapezoid_log_weights(sigmas) -> np.ndarray:
+    """Trapezoid quadrature weights q_k on u = ln σ for an ascending grid (weight 1 for a single σ)."""
+    u = np.log(np.asarray(sigmas, dtype=np.float64))
+    if u.size == 1:
+        return np.ones(1)
+    if np.any(np.diff(u) <= 0):
+        raise ValueError("σ grid must be strictly ascending for the quadrature")
+    du = np.diff(u)
+    q = np.zeros_like(u)
+    q[:-1] += du / 2
+    q[1:] += du / 2
+    return q
+
+
+def weighted_totals(table: pd.DataFrame, sigma_density, loss_weight) -> dict:
+    """Totals of the per-σ table under the training weighting (module docstring): for each statistic S,
+    Σ a_k λ_k S_k / Σ a_k with a_k = q_k·p(ln σ_k), and its standard error.
+
+    sigma_density(σ array) -> density of ln σ; loss_weight(σ array) -> λ(σ) (numpy in, array-likes out)."""
+    sig = table["sigma"].to_numpy(dtype=np.float64)
+    p = np.asarray(sigma_density(sig), dtype=np.float64).reshape(-1)
+    lam = np.asarray(loss_weight(sig), dtype=np.float64).reshape(-1)
+    a = trapezoid_log_weights(sig) * p
+    if not np.all(np.isfinite(a)) or a.sum() <= 0:
+        raise ValueError(f"the training σ distribution puts no mass on the evaluation grid "
+                         f"[{sig.min():.4g}, {sig.max():.4g}]; widen evaluation.sigma_min/sigma_max")
+    c = a * lam / a.sum()
+    out = {"n": int(table["n"].sum())}
+    for k in STATS:
+        out[k] = float(np.sum(c * table[k].to_numpy(dtype=np.float64)))
+        se = table[f"{k}_stderr"].to_numpy(dtype=np.float64)
+        out[f"{k}_stderr"] = float(np.sqrt(np.sum((c * se) ** 2)))
+    return out
+
+
+def _variant_fns(variant):
+    """numpy wrappers of a models.diffusion.Variant's sigma_density and loss_weight (computed in float64)."""
+    import torch
+
+    def density(s):
+        return variant.sigma_density(torch.tensor(np.array(s, dtype=np.float64))).numpy()
+
+    def weight(s):
+        return variant.loss_weight(torch.tensor(np.array(s, dtype=np.float64))).numpy()
+
+    return density, weight
+
+
+def load_rows(dataset, eval_set: dict):
+    """Only the dataset rows the evaluation set uses, as float32 [−1, 1] (models.data's conventions), their labels
+    (or None), and a copy of the evaluation set whose `index` points into those rows. A dataset .npz written by
+    models.data.save_npz is read directly (ImageNet-size data is never converted whole); any other spec goes
+    through models.data.load_dataset."""
+    import torch
+
+    from models import data as mdata
+
+    index = np.asarray(eval_set["index"], dtype=np.int64)
+    rows, inverse = np.unique(index, return_inverse=True)
+    path = Path(str(dataset))
+    x = labels = None
+    if path.suffix == ".npz" and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if "x" in z.files and z["x"].ndim == 4:
+                a = z["x"]
+                if rows.size and rows[-1] >= a.shape[0]:
+                    raise ValueError(f"evaluation set indexes item {rows[-1]} but {path} has {a.shape[0]} items — "
+                                     "was it made for this dataset?")
+                sub = a[rows]
+                x = mdata._uint8_to_unit(sub) if sub.dtype == np.uint8 else torch.from_numpy(
+                    np.ascontiguousarray(sub, dtype=np.float32))
+                labels = torch.from_numpy(z["labels"][rows].astype(np.int64)) if "labels" in z.files else None
+    if x is None:
+        ds = mdata.load_dataset(str(dataset))
+        if rows.size and rows[-1] >= ds.x.shape[0]:
+            raise ValueError(f"evaluation set indexes item {rows[-1]} but {dataset} has {ds.x.shape[0]} items")
+        x = ds.x[torch.as_tensor(rows)]
+        labels = None if ds.labels is None else ds.labels[torch.as_tensor(rows)]
+    return x, labels, {**eval_set, "index": inverse.astype(np.int64)}
+
+
+def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None) -> pd.DataFrame:
+    """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
+    model, arch, params, images_seen and flops on every row."""
+    import torch
+
+    from models.denoiser import Denoiser
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    den = Denoiser.from_snapshot(snapshot, device=device)
+    info = dict(getattr(den, "snapshot_info", {}) or {})
+    meta = torch.load(snapshot, map_location="cpu", weights_only=False, mmap=True)
+    ev = load_eval_set(eval_set) if not isinstance(eval_set, dict) else eval_set
+    x_rows, label_rows, ev = load_rows(dataset, ev)
+    if not isinstance(denoised, np.ndarray):
+        denoised = np.load(denoised, mmap_mode="r")
+    labels = None
+    if den.label_dim > 0:
+        if label_rows is None:
+            raise ValueError(f"{snapshot}: the network is class-conditional but dataset {dataset} has no labels")
+        labels = label_rows
+
+    def denoise(x, s, lab):
+        return den(x, s, lab)
+
+    errors = per_triple_errors(denoise, x_rows, ev, denoised, labels=labels, batch_size=batch_size,
+                               device=device)
+    table = per_sigma_table(errors, ev["sigma"])
+    table["weighting"] = "none"
+    density, weight = _variant_fns(den.variant)
+    total = {"sigma": math.nan, "weighting": "training", **weighted_totals(table, density, weight)}
+    df = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    df.insert(0, "model", info.get("model") or meta.get("model"))
+    df.insert(1, "arch", (meta.get("arch") or {}).get("name"))
+    df.insert(2, "params", int(info.get("params") or meta.get("params")))
+    df.insert(3, "images_seen", int(info.get("images_seen") or meta.get("images_seen")))
+    df.insert(4, "flops", float(info.get("flops") or meta.get("flops")))
+    return df[LOSS_COLUMNS]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collecting every snapshot's CSV into losses.csv, with the invariant check
+# ---------------------------------------------------------------------------------------------------------------
+
+def interp_log_sigma(sigma_grid_, values, sigma) -> np.ndarray:
+    """Linear interpolation in ln σ; NaN outside the grid (no extrapolation)."""
+    sg = np.asarray(sigma_grid_, dtype=np.float64)
+    order = np.argsort(sg)
+    u, v = np.log(sg[order]), np.asarray(values, dtype=np.float64)[order]
+    s = np.asarray(sigma, dtype=np.float64)
+    out = np.full(s.shape, np.nan)
+    ok = np.isfinite(s) & (s > 0)
+    us = np.log(np.where(ok, s, 1.0))
+    inside = ok & (us >= u[0] - 1e-12) & (us <= u[-1] + 1e-12)
+    out[inside] = np.interp(us[inside], u, v)
+    return out
+
+
+def check_invariant(df: pd.DataFrame, k: float = INVARIANT_SIGMAS) -> pd.DataFrame:
+    """Adds `invariant_z` and `invariant_ok` to the per-σ rows (NaN / True on totals).
+
+    Two checks, both must hold: (a) on the same triples, the paired gap L − J* ≥ −k·s.e.(gap) (a significantly
+    negative gap means D* is not the posterior mean of these x_t: wrong σ, labels or data); (b) when the grid
+    J*(σ) of optimal_loss/jstar.csv is known at that σ (`jstar_grid`), L ≥ J*_grid − k·sqrt(s.e.(L)² +
+    s.e.(J*_grid)²). invariant_z is the smaller of the two z-scores."""
+    df = df.copy()
+    per = df["sigma"].notna()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z_same = df["gap"] / df["gap_stderr"].where(df["gap_stderr"] > 0)
+        z = z_same
+        if "jstar_grid" in df:
+            js_se = df["jstar_grid_stderr"].fillna(0.0) if "jstar_grid_stderr" in df else 0.0
+            se = np.sqrt(df["loss_stderr"] ** 2 + js_se ** 2)
+            z_grid = (df["loss"] - df["jstar_grid"]) / se.where(se > 0)
+            z = pd.concat([z_same, z_grid], axis=1).min(axis=1, skipna=True)
+    df["invariant_z"] = np.where(per, z, np.nan)
+    df["invariant_ok"] = ~(per & (df["invariant_z"] < -k))
+    return df
+
+
+def collect(eval_csvs, jstar_csv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Concatenate per-snapshot CSVs into the study's losses table (sorted by params, images seen, σ; totals
+    last), add `jstar_grid` (+ stderr) from jstar.csv, and run the invariant check. Returns (losses, invariant)
+    where `invariant` holds every per-σ row's check (model, images_seen, sigma, loss, optimal_loss, z, ok)."""
+    frames = []
+    for p in eval_csvs:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"evaluation CSV not found: {p}")
+        frames.append(pd.read_csv(p))
+    if not frames:
+        raise ValueError("collect: no evaluation CSVs given")
+    df = pd.concat(frames, ignore_index=True)
+    missing = [c for c in LOSS_COLUMNS if c not in df]
+    if missing:
+        raise ValueError(f"evaluation CSVs lack columns {missing}")
+    if jstar_csv is not None:
+        js = pd.read_csv(jstar_csv)
+        if not {"sigma", "optimal_loss"} <= set(js):
+            raise ValueError(f"{jstar_csv}: needs columns sigma, optimal_loss")
+        df["jstar_grid"] = interp_log_sigma(js["sigma"], js["optimal_loss"], df["sigma"])
+        se = js["stderr"].fillna(0.0) if "stderr" in js else np.zeros(len(js))
+        df["jstar_grid_stderr"] = interp_log_sigma(js["sigma"], se, df["sigma"])
+    df = check_invariant(df)
+    df["_total"] = df["sigma"].isna()
+    df = df.sort_values(["params", "model", "images_seen", "_total", "sigma"]).drop(columns="_total")
+    df = df.reset_index(drop=True)
+    per = df[df["sigma"].notna()]
+    cols = ["model", "params", "images_seen", "sigma", "loss", "loss_stderr", "optimal_loss", "gap",
+            "gap_stderr"] + [c for c in ("jstar_grid",) if c in df] + ["invariant_z", "invariant_ok"]
+    return df, per[cols].reset_index(drop=True)
+
+
+def warn_invariant(invariant: pd.DataFrame, stream=None) -> int:
+    """Print a loud warning listing every violation; returns their number."""
+    stream = stream or sys.stderr
+    bad = invariant[~invariant["invariant_ok"].astype(bool)]
+    if len(bad):
+        print("!" * 100, file=stream)
+        print(f"WARNING: INVARIANT VIOLATED in {len(bad)} of {len(invariant)} (model, snapshot, σ) rows: "
+              f"L(σ) < J*(σ) − {INVARIANT_SIGMAS:g} standard errors. Check that D* (optimal_loss) and the models "
+              "use the same data, σ and labels.", file=stream)
+        for _, r in bad.iterrows():
+            print(f"  model {r['model']} images_seen {int(r['images_seen'])} σ={r['sigma']:.4g}: "
+                  f"L={r['loss']:.6g} J*={r['optimal_loss']:.6g} z={r['invariant_z']:.2f}", file=stream)
+        print("!" * 100, file=stream)
+    return int(len(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def _atomic_csv(df: pd.DataFrame, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    mk = sub.add_parser("make-set", help="draw the fixed (index, σ, noise seed) evaluation triples")
+    src = mk.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", help="dataset .npz (its N is read from the header)")
+    src.add_argument("--n-data", type=int, help="number of training items N")
+    mk.add_argument("--num-sigmas", type=int, default=12)
+    mk.add_argument("--sigma-min", type=float, default=0.002)
+    mk.add_argument("--sigma-max", type=float, default=80.0)
+    mk.add_argument("--samples-per-sigma", type=int, default=256)
+    mk.add_argument("--seed", type=int, default=1234)
+    mk.add_argument("--out", required=True)
+
+    sn = sub.add_parser("snapshot", help="per-σ loss, excess and J* of one snapshot on the evaluation set")
+    sn.add_argument("--snapshot", required=True)
+    sn.add_argument("--dataset", required=True)
+    sn.add_argument("--eval-set", required=True)
+    sn.add_argument("--denoised", required=True, help="D* on the evaluation set (optimal_loss/eval_denoised.npy)")
+    sn.add_argument("--out", required=True)
+    sn.add_argument("--batch-size", type=int, default=512)
+    sn.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+    co = sub.add_parser("collect", help="all snapshot CSVs -> losses.csv, with the L >= J* invariant check")
+    co.add_argument("--eval", nargs="+", required=True, help="per-snapshot CSVs")
+    co.add_argument("--jstar", default=None, help="optimal_loss/jstar.csv (adds jstar_grid)")
+    co.add_argument("--out", required=True, help="losses.csv")
+    co.add_argument("--invariant", required=True, help="per-σ invariant check CSV")
+    args = ap.parse_args(argv)
+
+    try:
+        if args.cmd == "make-set":
+            n = args.n_data if args.n_data is not None else npz_num_items(args.dataset)
+            grid = sigma_grid(args.num_sigmas, args.sigma_min, args.sigma_max)
+            ev = make_eval_set(n, grid, args.samples_per_sigma, args.seed)
+            save_eval_set(ev, args.out)
+            print(f"evaluation set: {len(ev['index'])} triples ({args.num_sigmas} σ in "
+                  f"[{args.sigma_min:g}, {args.sigma_max:g}] × {args.samples_per_sigma}) over N={n} -> {args.out}")
+        elif args.cmd == "snapshot":
+            df = evaluate_snapshot(args.snapshot, args.dataset, args.eval_set, args.denoised,
+                                   batch_size=args.batch_size, device=args.device)
+            _atomic_csv(df, args.out)
+            tot = df[df["sigma"].isna()].iloc[0]
+            print(f"{args.snapshot}: total L={tot['loss']:.5g} J*={tot['optimal_loss']:.5g} "
+                  f"excess={tot['excess']:.5g} -> {args.out}")
+        else:
+            losses, inv = collect(args.eval, args.jstar)
+            _atomic_csv(losses, args.out)
+            _atomic_csv(inv, args.invariant)
+            n_bad = warn_invariant(inv)
+            print(f"{len(losses)} rows ({losses['model'].nunique()} models) -> {args.out}; "
+                  f"invariant violations: {n_bad} -> {args.invariant}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Every figure of a study (matplotlib, Agg backend): one function per figure, and a CLI the report rule calls.
+
+    python -m analysis.plots all --losses losses.csv --exponents exponents.csv --jstar jstar.csv \
+        --estimators estimators.csv --outdir results/<study>/figures
+
+Inputs are the study's tables (docs/internals.md): losses.csv (analysis.evaluate collect: one row per model,
+snapshot and σ, plus totals with σ empty), exponents.csv (analysis.scaling fit_table: quantity × axis × σ),
+jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
+  jstar.png                J*(σ) with every estimator
+  loss_per_sigma.png       per-σ L of every model (last snapshot) over J* on the same triples
+  gap_per_sigma.png        per-σ L − J* and the excess E‖Dθ − D*‖²
+  scaling.png              total L and L − J* against compute with their fits, side by side (the paper's comparison)
+  exponents_per_sigma.png  per-σ compute exponent and |ρ| of both fits
+  residuals.png            residuals of both compute fits of the total
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
+# the two quantities the paper compares, as analysis.scaling names them
+RAW, MINUS = "raw", "minus_jstar"
+LABELS = {RAW: "L", MINUS: "L − J*"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _per_sigma(losses: pd.DataFrame) -> pd.DataFrame:
+    return losses[pd.to_numeric(losses["sigma"], errors="coerce").notna()].copy()
+
+
+def _totals(losses: pd.DataFrame) -> pd.DataFrame:
+    return losses[pd.to_numeric(losses["sigma"], errors="coerce").isna()].copy()
+
+
+def _last_snapshots(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each model's last snapshot."""
+    last = df.groupby("model")["images_seen"].transform("max")
+    return df[df["images_seen"] == last]
+
+
+def _model_colors(losses: pd.DataFrame) -> dict:
+    """Model → colour along viridis, ordered by parameter count."""
+    order = losses.groupby("model")["params"].first().sort_values().index.tolist()
+    cmap = plt.get_cmap("viridis")
+    return {m: cmap(i / max(len(order) - 1, 1)) for i, m in enumerate(order)}
+
+
+def _model_label(losses: pd.DataFrame, model: str) -> str:
+    params = float(losses.loc[losses["model"] == model, "params"].iloc[0])
+    return f"{model} ({params / 1e6:.2g}M)"
+
+
+def _fit_row(exponents: pd.DataFrame | None, quantity: str, sigma=None, axis: str = "compute"):
+    """The exponents.csv row of (quantity, axis, σ) — σ None for the total — or None."""
+    if exponents is None or exponents.empty:
+        return None
+    e = exponents[(exponents["quantity"] == quantity) & (exponents["axis"] == axis)]
+    s = pd.to_numeric(e["sigma"], errors="coerce")
+    e = e[s.isna()] if sigma is None else e[np.isclose(s, float(sigma), rtol=1e-9)]
+    if e.empty or not np.isfinite(float(e.iloc[0].get("exponent", np.nan))):
+        return None
+    return e.iloc[0]
+
+
+def _predict(row, x) -> np.ndarray:
+    off = float(row["offset"]) if np.isfinite(float(row.get("offset", 0.0))) else 0.0
+    return off + float(row["prefactor"]) * np.asarray(x, dtype=np.float64) ** float(row["exponent"])
+
+
+def _quantity(df: pd.DataFrame, quantity: str) -> pd.Series:
+    return df["loss"] if quantity == RAW else df["loss"] - df["optimal_loss"]
+
+
+def _save(fig, out) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the figures
+# ---------------------------------------------------------------------------------------------------------------
+
+def plot_jstar(estimators: pd.DataFrame, out, jstar: pd.DataFrame | None = None) -> Path:
+    """J*(σ) of every estimator in estimators.csv (column `estimator`), ±1 s.e. bands; log-log."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    styles = {"full": ("k", "-"), "dol": ("C0", "--"), "cdol": ("C2", "-."), "snis": ("C3", ":")}
+    est_col = "estimator" if "estimator" in estimators else None
+    groups = estimators.groupby(est_col) if est_col else [("J*", estimators)]
+    for name, g in groups:
+        g = g.sort_values("sigma")
+        color, ls = styles.get(str(name), (None, "-"))
+        sig, y = g["sigma"].to_numpy(dtype=float), g["optimal_loss"].to_numpy(dtype=float)
+        pos = y > 0  # J* is exactly 0 (or rounding noise) far below σ*: a log axis cannot show it
+        ax.plot(sig[pos], y[pos], ls=ls, color=color, label=str(name))
+        if "stderr" in g:
+            se = g["stderr"].fillna(0).to_numpy(dtype=float)
+            ax.fill_between(sig[pos], np.maximum(y - se, y / 10)[pos], (y + se)[pos], color=color, alpha=0.15,
+                            lw=0)
+    if jstar is not None and est_col is None:
+        ax.plot(jstar["sigma"], jstar["optimal_loss"], "k-")
+    ax.set(xscale="log", yscale="log", xlabel="σ (VE)", ylabel="J*(σ)  (per-dim x0-loss)",
+           title="Optimal loss of the training set")
+    ax.legend(title="estimator")
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_loss_per_sigma(losses: pd.DataFrame, out) -> Path:
+    """Per-σ L of every model's last snapshot over J*(σ) on the same triples; log-log."""
+    per = _last_snapshots(_per_sigma(losses)).sort_values("sigma")
+    colors = _model_colors(losses)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m, g in per.groupby("model"):
+        ax.errorbar(g["sigma"], g["loss"], yerr=g["loss_stderr"], color=colors[m], marker="o", ms=3,
+                    label=_model_label(losses, m), capsize=2)
+    js = per.groupby("sigma")["optimal_loss"].mean()
+    ax.plot(js.index, np.clip(js.to_numpy(), 1e-12, None), "k--", lw=2, label="J* (same triples)")
+    ax.set(xscale="log", yscale="log", xlabel="σ (VE)", ylabel="x0-loss per dim",
+           title="Per-σ loss of the last snapshots vs. the optimal loss")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_gap_per_sigma(losses: pd.DataFrame, out) -> Path:
+    """Per-σ gap L − J* (paired, ±1 s.e.) and excess E‖Dθ − D*‖² of every model's last snapshot."""
+    per = _last_snapshots(_per_sigma(losses)).sort_values("sigma")
+    colors = _model_colors(losses)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for m, g in per.groupby("model"):
+        gap = (g["loss"] - g["optimal_loss"]).to_numpy(dtype=float)
+        se = g["gap_stderr"].to_numpy(dtype=float) if "gap_stderr" in g else None
+        pos = gap > 0  # a log axis shows the positive part; negative gaps are within noise (see invariant.csv)
+        axes[0].errorbar(g["sigma"][pos], gap[pos], yerr=None if se is None else se[pos], color=colors[m],
+                         marker="o", ms=3, capsize=2, label=_model_label(losses, m))
+        if "excess" in g:
+            axes[1].errorbar(g["sigma"], g["excess"], yerr=g.get("excess_stderr"), color=colors[m], marker="s",
+                             ms=3, capsize=2, label=_model_label(losses, m))
+    axes[0].set(title="gap L − J* (same triples)", ylabel="per-dim x0-loss")
+    axes[1].set(title="excess E‖Dθ − D*‖² (direct)")
+    for ax in axes:
+        ax.set(xscale="log", yscale="log", xlabel="σ (VE)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_scaling(losses: pd.DataFrame, exponents: pd.DataFrame | None, out, sigma=None) -> Path:
+    """The paper's comparison: total (σ None) or per-σ L against compute (left) and L − J* (right), every
+    snapshot as a point, the compute frontier highlighted, and the fit of exponents.csv drawn over it."""
+    from analysis.scaling import lower_envelope
+
+    df = _totals(losses) if sigma is None else _per_sigma(losses)
+    if sigma is not None:
+        df = df[np.isclose(df["sigma"].astype(float), float(sigma))]
+    colors = _model_colors(losses)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, q in zip(axes, (RAW, MINUS)):
+        y_all = _quantity(df, q).to_numpy(dtype=float)
+        for m, g in df.groupby("model"):
+            y = _quantity(g, q).to_numpy(dtype=float)
+            ok = y > 0
+            ax.plot(g["flops"][ok], y[ok], "o-", color=colors[m], ms=4, alpha=0.8, label=_model_label(losses, m))
+        ok = np.isfinite(y_all) & (y_all > 0)
+        if ok.sum() >= 2:
+            x_ok, y_ok = df["flops"].to_numpy(dtype=float)[ok], y_all[ok]
+            env = lower_envelope(x_ok, y_ok)
+            ax.plot(x_ok[env], y_ok[env], "kx", ms=7, mew=1.5, label="compute frontier")
+        row = _fit_row(exponents, q, sigma)
+        if row is not None and ok.any():
+            xs = np.geomspace(df["flops"].min(), df["flops"].max(), 100)
+            ax.plot(xs, _predict(row, xs), "r-", lw=2,
+                    label=f"fit: exponent {float(row['exponent']):.3g}, ρ = {float(row['rho']):.3f}")
+        where = "total (training weighting)" if sigma is None else f"σ = {float(sigma):.3g}"
+        ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel=LABELS[q],
+               title=f"{LABELS[q]} vs compute — {where}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_exponents_per_sigma(exponents: pd.DataFrame, out, axis: str = "compute") -> Path:
+    """Per-σ fitted exponent (top) and |ρ| (bottom) of the raw loss and of L − J*; the totals as lines."""
+    fig, axes = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=True)
+    for q, marker, color in ((RAW, "o", "C0"), (MINUS, "s", "C3")):
+        e = exponents[(exponents["quantity"] == q) & (exponents["axis"] == axis)].copy()
+        e["sigma"] = pd.to_numeric(e["sigma"], errors="coerce")
+        per = e[e["sigma"].notna()].sort_values("sigma")
+        tot = e[e["sigma"].isna()]
+        if {"exponent_ci_lo", "exponent_ci_hi"} <= set(per) and per["exponent_ci_lo"].notna().any():
+            yerr = np.abs(np.vstack([per["exponent"] - per["exponent_ci_lo"],
+                                     per["exponent_ci_hi"] - per["exponent"]]))
+        else:
+            yerr = None
+        axes[0].errorbar(per["sigma"], per["exponent"], yerr=yerr, marker=marker, color=color, capsize=2,
+                         label=LABELS[q])
+        axes[1].plot(per["sigma"], np.abs(per["rho"]), marker=marker, color=color, label=LABELS[q])
+        if not tot.empty and np.isfinite(float(tot.iloc[0]["exponent"])):
+            axes[0].axhline(float(tot.iloc[0]["exponent"]), color=color, ls=":", lw=1)
+            axes[1].axhline(abs(float(tot.iloc[0]["rho"])), color=color, ls=":", lw=1)
+    axes[0].set(xscale="log", ylabel=f"exponent ({axis})", title="Per-σ power-law fits (dotted: total)")
+    axes[1].set(xscale="log", xlabel="σ (VE)", ylabel="|ρ| of the log-log fit", ylim=(0, 1.05))
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_residuals(losses: pd.DataFrame, exponents: pd.DataFrame | None, out, sigma=None) -> Path:
+    """ln y − ln ŷ of both compute fits of the total (or of one σ), every snapshot, against compute."""
+    df = _totals(losses) if sigma is None else _per_sigma(losses)
+    if sigma is not None:
+        df = df[np.isclose(df["sigma"].astype(float), float(sigma))]
+    colors = _model_colors(losses)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, q in zip(axes, (RAW, MINUS)):
+        row = _fit_row(exponents, q, sigma)
+        if row is None:
+            ax.text(0.5, 0.5, "no fit", transform=ax.transAxes, ha="center")
+        else:
+            for m, g in df.groupby("model"):
+                y = _quantity(g, q).to_numpy(dtype=float)
+                ok = y > 0
+                res = np.log(y[ok]) - np.log(_predict(row, g["flops"].to_numpy(dtype=float)[ok]))
+                ax.plot(g["flops"].to_numpy()[ok], res, "o", color=colors[m], label=_model_label(losses, m))
+        ax.axhline(0, color="k", lw=1)
+        ax.set(xscale="log", xlabel="training compute (FLOPs)", title=f"residuals of the {LABELS[q]} fit")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ln y − ln ŷ")
+    axes[1].legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_all(losses, exponents, jstar, estimators, outdir) -> list[Path]:
+    """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths."""
+    read = lambda t: pd.read_csv(t) if not isinstance(t, pd.DataFrame) and t is not None else t  # noqa: E731
+    losses, exponents, jstar, estimators = map(read, (losses, exponents, jstar, estimators))
+    outdir = Path(outdir)
+    return [
+        plot_jstar(estimators if estimators is not None else jstar, outdir / "jstar.png", jstar),
+        plot_loss_per_sigma(losses, outdir / "loss_per_sigma.png"),
+        plot_gap_per_sigma(losses, outdir / "gap_per_sigma.png"),
+        plot_scaling(losses, exponents, outdir / "scaling.png"),
+        plot_exponents_per_sigma(exponents, outdir / "exponents_per_sigma.png"),
+        plot_residuals(losses, exponents, outdir / "residuals.png"),
+    ]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__.split("\n")[0])
+    ap.add_argument("figure", choices=("all",) + FIGURES)
+    ap.add_argument("--losses", help="analysis/losses.csv")
+    ap.add_argument("--exponents", help="analysis/exponents.csv")
+    ap.add_argument("--jstar", help="optimal_loss/jstar.csv")
+    ap.add_argument("--estimators", help="optimal_loss/estimators.csv")
+    ap.add_argument("--outdir", default=None, help="for `all`: folder of the figures")
+    ap.add_argument("--out", default=None, help="for one figure: its PNG path")
+    ap.add_argument("--sigma", type=float, default=None, help="scaling/residuals at this σ instead of the total")
+    a = ap.parse_args(argv)
+    needs = {"all": ("losses", "exponents", "estimators"), "jstar": ("estimators",),
+             "loss_per_sigma": ("losses",), "gap_per_sigma": ("losses",), "scaling": ("losses", "exponents"),
+             "exponents_per_sigma": ("exponents",), "residuals": ("losses", "exponents")}[a.figure]
+    for key in needs:
+        path = getattr(a, key)
+        if path is None:
+            ap.error(f"{a.figure}: --{key} is required")
+        if not Path(path).is_file():
+            ap.error(f"--{key}: file not found: {path}")
+    if a.figure == "all":
+        outs = plot_all(a.losses, a.exponents, a.jstar, a.estimators, a.outdir or ".")
+    else:
+        out = a.out or f"{a.figure}.png"
+        t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None
+             for k in ("losses", "exponents", "jstar", "estimators")}
+        fn = {"jstar": lambda: plot_jstar(t["estimators"], out, t["jstar"]),
+              "loss_per_sigma": lambda: plot_loss_per_sigma(t["losses"], out),
+              "gap_per_sigma": lambda: plot_gap_per_sigma(t["losses"], out),
+              "scaling": lambda: plot_scaling(t["losses"], t["exponents"], out, a.sigma),
+              "exponents_per_sigma": lambda: plot_exponents_per_sigma(t["exponents"], out),
+              "residuals": lambda: plot_residuals(t["losses"], t["exponents"], out, a.sigma)}[a.figure]
+        outs = [fn()]
+    for p in outs:
+        print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""analysis.evaluate: the fixed evaluation set, per-σ losses against D*, weighted totals, the invariant check."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis import evaluate as ev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the evaluation set
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_eval_set_is_deterministic_and_well_formed():
+    sigmas = ev.sigma_grid(5, 0.01, 10.0)
+    a = ev.make_eval_set(100, sigmas, 20, seed=3)
+    b = ev.make_eval_set(100, sigmas, 20, seed=3)
+    c = ev.make_eval_set(100, sigmas, 20, seed=4)
+    for k in ("index", "sigma", "noise_seed"):
+        np.testing.assert_array_equal(a[k], b[k])
+        assert len(a[k]) == 100
+    assert not np.array_equal(a["index"], c["index"])
+    assert a["index"].dtype == np.int64 and a["noise_seed"].dtype == np.int64 and a["sigma"].dtype == np.float64
+    # samples_per_sigma triples per σ, σ by σ; distinct indices within a σ (20 <= N); one seed per triple
+    np.testing.assert_array_equal(a["sigma"], np.repeat(sigmas, 20))
+    for s in sigmas:
+        idx = a["index"][a["sigma"] == s]
+        assert len(np.unique(idx)) == 20 and idx.min() >= 0 and idx.max() < 100
+    assert len(np.unique(a["noise_seed"])) == 100
+
+
+def test_eval_set_more_samples_than_data_and_bad_sigma():
+    e = ev.make_eval_set(3, [1.0], 10, seed=0)
+    assert e["index"].max() < 3 and len(e["index"]) == 10
+    with pytest.raises(ValueError, match="σ"):
+        ev.make_eval_set(10, [0.5, -1.0], 4, seed=0)
+    with pytest.raises(ValueError, match="samples_per_sigma"):
+        ev.make_eval_set(10, [0.5], 0, seed=0)
+
+
+def test_sigma_grid_geometric():
+    g = ev.sigma_grid(4, 0.1, 100.0)
+    np.testing.assert_allclose(g, [0.1, 1.0, 10.0, 100.0])
+    with pytest.raises(ValueError, match="σ range"):
+        ev.sigma_grid(3, 0.0, 1.0)
+
+
+def test_eval_noise_depends_on_its_own_seed_only():
+    seeds = np.array([5, 17, 99])
+    batch = ev.eval_noise((2, 3), seeds)
+    assert batch.shape == (3, 2, 3) and batch.dtype == torch.float32
+    alone = ev.eval_noise((2, 3), [17])[0]
+    torch.testing.assert_close(batch[1], alone, rtol=0, atol=0)
+    ref = torch.randn((2, 3), generator=torch.Generator().manual_seed(99))
+    torch.testing.assert_close(batch[2], ref, rtol=0, atol=0)
+
+
+def test_save_load_eval_set_and_npz_header(tmp_path):
+    e = ev.make_eval_set(50, [0.1, 1.0], 8, seed=1)
+    p = ev.save_eval_set(e, tmp_path / "ev.npz")
+    back = ev.load_eval_set(p)
+    for k in e:
+        np.testing.assert_array_equal(back[k], e[k])
+    np.savez(tmp_path / "d.npz", x=np.zeros((37, 1, 2, 2), np.float32))
+    assert ev.npz_num_items(tmp_path / "d.npz") == 37
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-triple errors against oracles
+# ---------------------------------------------------------------------------------------------------------------
+
+def _two_point_setup(a=0.7, n_per_sigma=400):
+    """Dataset {−a, +a} (1-D as [2,1,1,1]); D*(x) = a·tanh(a·x/σ²) exactly (SCIENCE.md §2)."""
+    data = torch.tensor([-a, a], dtype=torch.float32).reshape(2, 1, 1, 1)
+    sigmas = np.array([0.05, 0.3, 0.7, 2.0, 10.0])
+    es = ev.make_eval_set(2, sigmas, n_per_sigma, seed=11)
+    # x exactly as the evaluator builds it (float32 x0 + float32 σ·ε), D* of it in float64
+    eps = ev.eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1)
+    s32 = torch.as_tensor(es["sigma"], dtype=torch.float32)
+    x = (data.reshape(-1)[torch.as_tensor(es["index"])] + s32 * eps).double().numpy()
+    s64 = s32.double().numpy()
+    dstar = a * np.tanh(a * x / s64**2)
+
+    def oracle(xb, s, _labels):
+        s = s.to(torch.float64).view(-1, 1, 1, 1)
+        return a * torch.tanh(a * xb.to(torch.float64) / s**2)
+
+    return data, es, dstar, oracle
+
+
+def test_oracle_denoiser_has_zero_excess_and_loss_equal_jstar():
+    data, es, dstar, oracle = _two_point_setup()
+    err = ev.per_triple_errors(oracle, data, es, dstar[:, None], batch_size=128)
+    assert np.max(err["excess"]) < 1e-20
+    np.testing.assert_allclose(err["loss"], err["optimal_loss"], rtol=1e-9, atol=1e-20)
+    table = ev.per_sigma_table(err, es["sigma"])
+    np.testing.assert_allclose(table["loss"], table["optimal_loss"], rtol=1e-9, atol=1e-20)
+    assert np.all(table["excess"] < 1e-20) and np.all(np.abs(table["gap"]) < 1e-10)
+    # J* of the two-point set rises from ≈0 at small σ to a² at large σ (independent closed-form limits)
+    assert table["optimal_loss"].iloc[0] < 1e-6
+    assert abs(table["optimal_loss"].iloc[-1] - 0.7**2) < 0.02
+    assert np.all(np.diff(table["optimal_loss"]) > -1e-3)
+
+
+def test_identity_denoiser_has_loss_sigma_squared():
+    data, es, dstar, _ = _two_point_setup()
+    err = ev.per_triple_errors(lambda x, s, lab: x, data, es, dstar[:, None], batch_size=97)
+    eps = ev.eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1).double().numpy()
+    # exactly (σ·ε)² per triple (float32 rounding of x aside)
+    np.testing.assert_allclose(err["loss"], (es["sigma"] * eps) ** 2, rtol=1e-5, atol=1e-9)
+    table = ev.per_sigma_table(err, es["sigma"])
+    ratio = table["loss"] / table["sigma"] ** 2
+    se = table["loss_stderr"] / table["sigma"] ** 2
+    assert np.all(np.abs(ratio - 1) < 4 * se)  # E ε² = 1
+    # excess = ‖x − D*‖² and gap = L − J* agree in expectation (D* is the conditional mean)
+    z = (table["gap"] - table["excess"]) / np.hypot(table["gap_stderr"], table["excess_stderr"])
+    assert np.all(np.abs(z) < 4)
+
+
+def test_shape_mismatch_is_named():
+    data, es, dstar, oracle = _two_point_setup(n_per_sigma=4)
+    with pytest.raises(ValueError, match="D\\* array has shape"):
+        ev.per_triple_errors(oracle, data, es, dstar[:-1, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# totals under the training weighting
+# ---------------------------------------------------------------------------------------------------------------
+
+def _table(sigmas, values, se):
+    t = pd.DataFrame({"sigma": sigmas, "n": 10})
+    for k in ev.STATS:
+        t[k] = values
+        t[f"{k}_stderr"] = se
+    return t
+
+
+def test_weighted_totals_hand_case():
+    # grid u = ln σ = 0, 1, 2 → trapezoid q = [½, 1, ½]; p = [1, 1, 2] → a = [½, 1, 1], Σa = 2.5;
+    # λ = [1, 2, 1], L = [1, 2, 3] → total = (½·1·1 + 1·2·2 + 1·1·3) / 2.5 = 3.0
+    sig = np.exp([0.0, 1.0, 2.0])
+    t = _table(sig, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
+    density = lambda s: np.interp(np.log(s), [0, 1, 2], [1, 1, 2])  # noqa: E731
+    weight = lambda s: np.interp(np.log(s), [0, 1, 2], [1, 2, 1])  # noqa: E731
+    tot = ev.weighted_totals(t, density, weight)
+    assert tot["loss"] == pytest.approx(3.0)
+    # c = a·λ/Σa = [0.2, 0.8, 0.4] → s.e. = sqrt(0.04 + 0.64 + 0.16)
+    assert tot["loss_stderr"] == pytest.approx(math.sqrt(0.84))
+    assert tot["n"] == 30
+    np.testing.assert_allclose(ev.trapezoid_log_weights(sig), [0.5, 1.0, 0.5])
+    assert ev.trapezoid_log_weights([2.0]).tolist() == [1.0]
+
+
+def test_weighted_totals_match_the_edm_training_integral():
+    """Against an independent float64 quadrature of E[λ(σ)·L(σ) | σ in range] with ln σ ~ N(P_mean, P_std²)."""
+    from scipy import integrate, stats
+
+    from models.diffusion import get_variant
+
+    v = get_variant("edm", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
+    L = lambda s: 0.3 * s**2 / (s**2 + 0.25)  # noqa: E731  (a smooth loss curve, identity-like at small σ)
+    lam = lambda s: (s**2 + 0.25) / (s * 0.5) ** 2  # noqa: E731
+    lo, hi = 0.002, 80.0
+    pdf = lambda u: stats.norm.pdf(u, -1.2, 1.2)  # noqa: E731
+    num = integrate.quad(lambda u: pdf(u) * lam(math.exp(u)) * L(math.exp(u)), math.log(lo), math.log(hi),
+                         limit=200)[0]
+    den = integrate.quad(pdf, math.log(lo), math.log(hi))[0]
+    sig = np.geomspace(lo, hi, 400)
+    t = _table(sig, L(sig), np.zeros_like(sig))
+    density, weight = ev._variant_fns(v)
+    tot = ev.weighted_totals(t, density, weight)
+    assert tot["loss"] == pytest.approx(num / den, rel=1e-3)
+
+
+def test_weighted_totals_no_mass_is_an_error():
+    t = _table([1.0, 2.0], [1.0, 1.0], [0.1, 0.1])
+    with pytest.raises(ValueError, match="no mass"):
+        ev.weighted_totals(t, lambda s: np.zeros_like(s), lambda s: np.ones_like(s))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# collect + invariant
+# ---------------------------------------------------------------------------------------------------------------
+
+def _eval_csv(path, model, params, images, gap_at_1=0.1):
+    rows = []
+    for s, gap in ((0.1, 0.01), (1.0, gap_at_1)):
+        rows.append({"model": model, "arch": model, "params": params, "images_seen": images, "flops": 1e9 * images,
+                     "sigma": s, "weighting": "none", "n": 64, "loss": 0.2 + gap, "loss_stderr": 0.01,
+                     "optimal_loss": 0.2, "optimal_loss_stderr": 0.01, "excess": max(gap, 0), "excess_stderr": 0.001,
+                     "gap": gap, "gap_stderr": 0.005})
+    rows.append({**rows[-1], "sigma": math.nan, "weighting": "training"})
+    pd.DataFrame(rows)[ev.LOSS_COLUMNS].to_csv(path, index=False)
+    return path
+
+
+def test_collect_sorts_and_flags_invariant_violations(tmp_path, capsys):
+    a = _eval_csv(tmp_path / "a.csv", "big", 2000, 10)
+    b = _eval_csv(tmp_path / "b.csv", "small", 100, 20, gap_at_1=-0.05)  # 10 s.e. below J*: a violation
+    c = _eval_csv(tmp_path / "c.csv", "small", 100, 10)
+    js = tmp_path / "jstar.csv"
+    pd.DataFrame({"sigma": [0.01, 0.1, 10.0], "optimal_loss": [0.0, 0.2, 0.2], "stderr": 0.0}).to_csv(js, index=False)
+    losses, inv = ev.collect([a, b, c], js)
+    assert list(losses["model"].unique()) == ["small", "big"]  # ordered by params
+    small = losses[losses["model"] == "small"]
+    assert list(small["images_seen"]) == [10, 10, 10, 20, 20, 20]
+    assert small["sigma"].isna().tolist() == [False, False, True, False, False, True]  # totals last
+    assert losses["jstar_grid"].iloc[0] == pytest.approx(0.2)
+    bad = inv[~inv["invariant_ok"]]
+    assert len(bad) == 1 and bad.iloc[0]["model"] == "small" and bad.iloc[0]["sigma"] == 1.0
+    assert ev.warn_invariant(inv) == 1
+    assert "INVARIANT VIOLATED" in capsys.readouterr().err
+    # the CLI writes both files and says it loudly too
+    out, invp = tmp_path / "losses.csv", tmp_path / "inv.csv"
+    assert ev.main(["collect", "--eval", str(a), str(b), "--jstar", str(js), "--out", str(out),
+                    "--invariant", str(invp)]) == 0
+    assert "INVARIANT VIOLATED" in capsys.readouterr().err
+    assert (~pd.read_csv(invp)["invariant_ok"]).sum() == 1
+
+
+def test_interp_log_sigma_no_extrapolation():
+    out = ev.interp_log_sigma([0.1, 10.0], [0.0, 2.0], [1.0, 100.0, np.nan])
+    assert out[0] == pytest.approx(1.0) and np.isnan(out[1]) and np.isnan(out[2])
+
+
+def test_make_set_cli(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((40, 1, 8, 8), np.float32))
+    out = tmp_path / "ev.npz"
+    assert ev.main(["make-set", "--dataset", str(tmp_path / "d.npz"), "--num-sigmas", "3", "--sigma-min", "0.1",
+                    "--sigma-max", "10", "--samples-per-sigma", "5", "--seed", "2", "--out", str(out)]) == 0
+    e = ev.load_eval_set(out)
+    ref = ev.make_eval_set(40, ev.sigma_grid(3, 0.1, 10), 5, 2)
+    for k in ref:
+        np.testing.assert_array_equal(e[k], ref[k])
+
+
+def test_load_rows_matches_the_full_loader(tmp_path):
+    from models.data import Dataset, load_dataset, save_npz
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randint(0, 256, (30, 1, 4, 4), generator=g).float() / 127.5 - 1)
+    save_npz(Dataset(x=x, labels=torch.arange(30) % 3, name="t"), tmp_path / "d.npz")
+    es = ev.make_eval_set(30, [0.1, 1.0], 12, seed=5)
+    rows, labels, es2 = ev.load_rows(tmp_path / "d.npz", es)
+    full = load_dataset(str(tmp_path / "d.npz"))
+    torch.testing.assert_close(rows[torch.as_tensor(es2["index"])], full.x[torch.as_tensor(es["index"])],
+                               rtol=0, atol=0)
+    torch.testing.assert_close(labels[torch.as_tensor(es2["index"])], full.labels[torch.as_tensor(es["index"])])
+    np.testing.assert_array_equal(es2["sigma"], es["sigma"])

@@ -1,0 +1,264 @@
+"""The Snakemake workflow: dry-runs of every config, the smoke study end to end, incremental model sizes, nothing
+to redo on a finished study, resumption of a killed training job, bad config keys.
+
+Fast tests are dry-runs (`snakemake -n`, no job runs). The @slow ones run real studies in a temporary working
+directory (`snakemake --directory TMP`), so the repository's results/ is never touched."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "workflow" / "config"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def smk(*args, directory, timeout=600, check=True):
+    """Run snakemake from the repository root with its working directory elsewhere."""
+    cmd = SNAKEMAKE + ["--directory", str(directory)] + [str(a) for a in args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}")
+    return p.returncode, out
+
+
+def job_counts(out: str) -> dict:
+    """The 'Job stats' table of a dry-run as {rule: count} (without the total)."""
+    counts, in_table = {}, False
+    for line in out.splitlines():
+        if line.startswith("job ") and "count" in line:
+            in_table = True
+            continue
+        if in_table:
+            m = re.match(r"^(\S+)\s+(\d+)\s*$", line)
+            if m and m.group(1) != "total":
+                counts[m.group(1)] = int(m.group(2))
+            elif m:
+                break
+    return counts
+
+
+def load_cfg(name):
+    with open(CONFIGS / f"{name}.yaml") as f:
+        return yaml.safe_load(f)
+
+
+def write_cfg(cfg, path):
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def marks_of(cfg, model):
+    sys.path.insert(0, str(REPO))
+    from models.config import load_config, model_training, snapshot_marks
+
+    return snapshot_marks(model_training(load_config(cfg), model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dry-runs (fast)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["default", "smoke", "paper-img64", "paper-img512"])
+def test_dry_run_every_config(name, tmp_path):
+    cfg = load_cfg(name)
+    _, out = smk("-n", "-p", "--configfile", CONFIGS / f"{name}.yaml", directory=tmp_path)
+    counts = job_counts(out)
+    models = list(cfg["models"])
+    assert {f"train_{m}" for m in models} <= set(counts), counts
+    assert counts["evaluate"] == sum(len(marks_of(cfg, m)) for m in models)
+    assert counts["model_config"] == len(models)
+    for rule in ("dataset", "eval_set", "optimal_denoiser", "jstar", "collect_losses", "scaling", "figures", "all"):
+        assert counts[rule] == 1, rule
+    assert counts["optimal_loss_estimator"] == len(set(cfg["optimal_loss"]["compare_estimators"])
+                                                   | {cfg["optimal_loss"]["estimator"]})
+    if name.startswith("paper"):
+        check_paper_launch(out, cfg)
+
+
+def test_default_study_spans_the_ladder():
+    cfg = load_cfg("default")
+    archs = [m["arch"] for m in cfg["models"].values()]
+    assert len(archs) >= 5 and cfg["dataset"]["spec"] == "digits"
+    assert all(len(marks_of(cfg, m)) >= 3 for m in cfg["models"])
+    # parameter span from models.family's table (≥ 30×): t0 … t5
+    assert archs[0] == "t0" and "t5" in archs
+
+
+def check_paper_launch(out, cfg):
+    """Paper studies: DDP for xs/s/m, DeepSpeed ZeRO-2 for l/xl/xxl, 8 processes, a rendezvous port per job."""
+    cmds = [line for line in out.splitlines() if "--config results/" in line and "accelerate" in line]
+    assert len(cmds) == 6, cmds
+    for line in cmds:
+        model = re.search(r"configs/(\w+)\.yaml", line).group(1)
+        assert "accelerate launch" in line and "--num_processes 8" in line and "--main_process_port" in line
+        expected = "deepspeed-zero2.yaml" if model in ("l", "xl", "xxl") else "ddp-bf16.yaml"
+        assert expected in line, (model, line)
+    assert cfg["training"]["batch_size"] == 2048 and cfg["variant"]["kwargs"]["sigma_data"] == 0.5
+    expected_noise = {"paper-img64": (-0.8, 1.6), "paper-img512": (-0.4, 1.0)}[cfg["study"]]
+    assert (cfg["variant"]["kwargs"]["P_mean"], cfg["variant"]["kwargs"]["P_std"]) == expected_noise
+
+
+def test_slurm_profile_dry_run_has_gpu_resources(tmp_path):
+    _, out = smk("-n", "--profile", "workflow/profiles/slurm", "--configfile", CONFIGS / "paper-img512.yaml",
+                 directory=tmp_path)
+    blocks = out.split("\nrule ")
+    train = [b for b in blocks if b.startswith("train_xxl")]
+    assert train and re.search(r"gpu=8\b", train[0]) and "cpus_per_gpu=8" in train[0] and "runtime=2880" in train[0]
+    ev = [b for b in blocks if b.startswith("evaluate")]
+    assert ev and re.search(r"gpu=1\b", ev[0])
+
+
+def test_adding_a_model_adds_exactly_its_jobs(tmp_path):
+    cfg = load_cfg("smoke")
+    _, before = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "a.yaml"), directory=tmp_path)
+    cfg["models"]["t3"] = {"arch": "t3"}
+    _, after = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "b.yaml"), directory=tmp_path)
+    a, b = job_counts(before), job_counts(after)
+    diff = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) != a.get(k, 0)}
+    assert diff == {"train_t3": 1, "model_config": 1, "evaluate": len(marks_of(cfg, "t3"))}
+
+
+@pytest.mark.parametrize("where,bad", [("training", "batch_szie"), (None, "trainig"), ("evaluation", "sigmas")])
+def test_bad_config_key_is_named(where, bad, tmp_path):
+    cfg = load_cfg("smoke")
+    (cfg.setdefault(where, {}) if where else cfg)[bad] = 3
+    rc, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "bad.yaml"), directory=tmp_path, check=False)
+    assert rc != 0
+    assert bad in out and "unknown key" in out
+
+
+def test_bad_model_name_is_named(tmp_path):
+    cfg = load_cfg("smoke")
+    cfg["models"]["t-9"] = {"arch": "t0"}
+    rc, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "bad.yaml"), directory=tmp_path, check=False)
+    assert rc != 0 and "t-9" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the smoke study, end to end (slow)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    d = tmp_path_factory.mktemp("smoke")
+    t0 = time.time()
+    smk("--configfile", CONFIGS / "smoke.yaml", "--cores", "2", directory=d, timeout=900)
+    print(f"\nsmoke study wall time: {time.time() - t0:.0f} s")
+    return d
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(smoke_study):
+    cfg = load_cfg("smoke")
+    r = smoke_study / "results" / "smoke"
+    losses = pd.read_csv(r / "analysis" / "losses.csv")
+    required = ["model", "params", "images_seen", "flops", "sigma", "loss", "loss_stderr", "optimal_loss",
+                "optimal_loss_stderr", "excess", "excess_stderr"]
+    assert set(required) <= set(losses.columns)
+    n_snap = sum(len(marks_of(cfg, m)) for m in cfg["models"])
+    assert len(losses) == n_snap * (cfg["evaluation"]["num_sigmas"] + 1)
+    assert losses["sigma"].isna().sum() == n_snap  # one weighted total per snapshot
+    per = losses[losses["sigma"].notna()]
+    assert (per["excess"] >= 0).all() and (per["optimal_loss"] >= 0).all()
+    # every snapshot was evaluated on the same triples: one J* per σ
+    assert per.groupby("sigma")["optimal_loss"].nunique().max() == 1
+    inv = pd.read_csv(r / "analysis" / "invariant.csv")
+    assert len(inv) == len(per) and inv["invariant_ok"].all()
+    ex = pd.read_csv(r / "analysis" / "exponents.csv")
+    assert {"raw", "minus_jstar"} <= set(ex["quantity"])
+    assert (r / "analysis" / "exponents.md").read_text().strip()
+    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals"):
+        assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
+
+
+@pytest.mark.slow
+def test_finished_study_reruns_nothing(smoke_study):
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_study, tmp_path):
+    cfg = load_cfg("smoke")
+    cfg["models"]["t3"] = {"arch": "t3"}
+    _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
+    counts = job_counts(out)
+    assert counts == {"model_config": 1, "train_t3": 1, "evaluate": len(marks_of(cfg, "t3")), "collect_losses": 1,
+                      "scaling": 1, "figures": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_report_html(smoke_study):
+    smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
+    html = (smoke_study / "report.html").read_text(errors="replace")
+    assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a training job killed midway resumes (slow)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_killed_training_resumes(tmp_path):
+    import torch
+
+    cfg = load_cfg("smoke")
+    cfg["study"] = "resume"
+    cfg["models"] = {"t1": {"arch": "t1"}}
+    cfg["training"].update(total_images=3072, batch_size=64, state_every_images=128,
+                           snapshots={"images": [256, 3072]})
+    config = write_cfg(cfg, tmp_path / "resume.yaml")
+    r = tmp_path / "results" / "resume"
+    run, first = r / "runs" / "t1", r / "runs" / "t1" / "snapshots" / "snapshot-000000256.pt"
+    target = "results/resume/runs/t1/done.json"
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while not first.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert first.exists(), "training never reached its first snapshot"
+        time.sleep(2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the trainer: as if the node died
+        proc.wait()
+    assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
+    state_mtime = (run / "state.pt").stat().st_mtime_ns
+    time.sleep(4)
+    assert (run / "state.pt").stat().st_mtime_ns == state_mtime, "the trainer outlived the kill"
+    killed_at = int(torch.load(run / "state.pt", weights_only=False)["images_seen"])
+    assert 256 <= killed_at < 3072
+    # the trainer writes files atomically (temp + rename), so a rewritten snapshot gets a new inode; Snakemake
+    # may touch outputs (mtime), which keeps the inode
+    first_inode, first_bytes = first.stat().st_ino, first.read_bytes()
+
+    smk("--unlock", "--configfile", config, directory=tmp_path)  # a SIGKILLed snakemake leaves its lock
+    smk("--configfile", config, "--cores", "2", target, directory=tmp_path, timeout=600)
+
+    assert (run / "done.json").exists()
+    # resumed, not restarted: the snapshot written before the kill is the same file
+    assert first.stat().st_ino == first_inode and first.read_bytes() == first_bytes
+    for mark in (256, 3072):
+        declared = r / "snapshots" / "t1" / f"snapshot-{mark:09d}.pt"
+        snap = torch.load(declared, weights_only=False)
+        assert snap["images_seen"] == mark and snap["model"] == "t1"
+        assert all(torch.isfinite(v).all() for v in snap["ema"].values() if v.is_floating_point())
+    log = pd.read_json(run / "log.jsonl", lines=True)
+    seen = log["images_seen"].to_numpy()
+    assert (seen[1:] > seen[:-1]).all() and seen[-1] == 3072  # one consistent history, no repeats
+    from models.denoiser import Denoiser
+
+    den = Denoiser.from_snapshot(r / "snapshots" / "t1" / "snapshot-000003072.pt")
+    x = torch.randn(4, 1, 8, 8)
+    assert torch.isfinite(den(x, torch.full((4,), 0.5))).all()

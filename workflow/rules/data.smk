@@ -1,0 +1,43 @@
+# The dataset, materialised once as results/<study>/data/dataset.npz (models.data), and the study's fixed
+# evaluation set of (x0 index, σ, noise seed) triples (analysis.evaluate make-set).
+#
+# The raw data location (config dataset.spec) is a parameter, not an input: a dry-run of a study whose data lives
+# on a cluster file system works anywhere, and a changed spec still reruns the rule (params trigger).
+
+
+rule dataset:
+    output:
+        f"{R}/data/dataset.npz",
+    params:
+        spec=config["dataset"]["spec"],
+        resolution=(
+            f"--resolution {config['dataset']['resolution']}" if config["dataset"].get("resolution") else ""
+        ),
+    threads: step_threads("dataset")
+    resources:
+        gpu=0,
+        runtime=step_resources("dataset")["runtime"],
+        mem_mb=step_resources("dataset")["mem_mb"],
+    log:
+        f"{R}/logs/dataset.log",
+    shell:
+        "{PYTHON} -m models.data {params.spec:q} --out {output:q} {params.resolution} > {log:q} 2>&1"
+
+
+rule eval_set:
+    input:
+        f"{R}/data/dataset.npz",
+    output:
+        f"{R}/data/eval_set.npz",
+    params:
+        ev=config["evaluation"],
+    resources:
+        gpu=0,
+        runtime=10,
+    log:
+        f"{R}/logs/eval_set.log",
+    shell:
+        "{PYTHON} -m analysis.evaluate make-set --dataset {input:q} --num-sigmas {params.ev[num_sigmas]}"
+        " --sigma-min {params.ev[sigma_min]} --sigma-max {params.ev[sigma_max]}"
+        " --samples-per-sigma {params.ev[samples_per_sigma]} --seed {params.ev[seed]} --out {output:q}"
+        " > {log:q} 2>&1"

@@ -1,0 +1,47 @@
+# One evaluation per snapshot on the study's fixed evaluation set (same triples as D*), then losses.csv: one row
+# per (model, snapshot, σ) plus the weighted totals, with the L(σ) ≥ J*(σ) − 3 s.e. invariant checked
+# (analysis/invariant.csv; violations are also printed loudly).
+
+
+def all_evaluations():
+    return [f"{R}/eval/{m}/{k:09d}.csv" for m in MODELS for k in MARKS[m]]
+
+
+rule evaluate:
+    input:
+        snapshot=f"{R}/snapshots/{{model}}/snapshot-{{images}}.pt",
+        data=f"{R}/data/dataset.npz",
+        eval_set=f"{R}/data/eval_set.npz",
+        denoised=f"{R}/optimal_loss/eval_denoised.npy",
+    output:
+        f"{R}/eval/{{model}}/{{images}}.csv",
+    params:
+        batch=config["evaluation"]["batch_size"],
+        device=device_flag("evaluate"),
+    threads: step_threads("evaluate")
+    resources:
+        gpu=step_resources("evaluate")["gpus"],
+        cpus_per_gpu=step_resources("evaluate")["cpus_per_gpu"],
+        runtime=step_resources("evaluate")["runtime"],
+        mem_mb=step_resources("evaluate")["mem_mb"],
+    log:
+        f"{R}/logs/evaluate_{{model}}_{{images}}.log",
+    shell:
+        "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {PYTHON} -m analysis.evaluate snapshot"
+        " --snapshot {input.snapshot:q} --dataset {input.data:q} --eval-set {input.eval_set:q}"
+        " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output:q} > {log:q} 2>&1"
+
+
+rule collect_losses:
+    input:
+        evals=all_evaluations(),
+        jstar=f"{R}/optimal_loss/jstar.csv",
+    output:
+        losses=f"{R}/analysis/losses.csv",
+        invariant=f"{R}/analysis/invariant.csv",
+    log:
+        f"{R}/logs/collect_losses.log",
+    shell:
+        # the invariant warning goes to the log and to the terminal (tee), so nobody misses it
+        "{PYTHON} -m analysis.evaluate collect --eval {input.evals:q} --jstar {input.jstar:q}"
+        " --out {output.losses:q} --invariant {output.invariant:q} 2>&1 | tee {log:q} >&2"

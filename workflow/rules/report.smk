@@ -1,0 +1,36 @@
+# Figures (analysis.plots, matplotlib Agg) marked for `snakemake --report report.html`, each with a caption from
+# workflow/report/.
+
+FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals"]
+FIGURES = [f"{R}/figures/{name}.png" for name in FIGURE_NAMES]
+
+
+rule figures:
+    input:
+        losses=f"{R}/analysis/losses.csv",
+        exponents=f"{R}/analysis/exponents.csv",
+        jstar=f"{R}/optimal_loss/jstar.csv",
+        estimators=f"{R}/optimal_loss/estimators.csv",
+    output:
+        jstar=report(f"{R}/figures/jstar.png", caption="../report/jstar.rst", category="1. Optimal loss"),
+        loss_per_sigma=report(
+            f"{R}/figures/loss_per_sigma.png", caption="../report/loss_per_sigma.rst", category="2. Per-σ loss"
+        ),
+        gap_per_sigma=report(
+            f"{R}/figures/gap_per_sigma.png", caption="../report/gap_per_sigma.rst", category="2. Per-σ loss"
+        ),
+        scaling=report(f"{R}/figures/scaling.png", caption="../report/scaling.rst", category="3. Scaling laws"),
+        exponents_per_sigma=report(
+            f"{R}/figures/exponents_per_sigma.png",
+            caption="../report/exponents_per_sigma.rst",
+            category="3. Scaling laws",
+        ),
+        residuals=report(
+            f"{R}/figures/residuals.png", caption="../report/residuals.rst", category="3. Scaling laws"
+        ),
+    log:
+        f"{R}/logs/figures.log",
+    shell:
+        "MPLBACKEND=Agg {PYTHON} -m analysis.plots all --losses {input.losses:q} --exponents {input.exponents:q}"
+        " --jstar {input.jstar:q} --estimators {input.estimators:q} --outdir $(dirname {output.jstar:q})"
+        " > {log:q} 2>&1"

@@ -1,0 +1,139 @@
+# One training job per model of the config's table (a rule per model: its outputs — the snapshot marks — differ
+# per model). Adding a model adds one rule and its jobs; nothing else reruns, because each model's training is
+# driven by its own resolved config file (results/<study>/configs/<model>.yaml) whose content depends only on that
+# model's settings (params rerun trigger).
+#
+# Resumption. The trainer's run folder results/<study>/runs/<model>/ (state.pt, snapshots/, log.jsonl, done.json)
+# is deliberately NOT a declared output: Snakemake deletes a job's declared outputs before (re)running it and after
+# it fails, which would throw away state.pt and the snapshots already written. The declared outputs are
+# done.json (written last by the trainer; losing it is harmless) and hard links of the snapshots in
+# results/<study>/snapshots/<model>/, made after training finishes. A killed job therefore resumes from state.pt
+# on the next `snakemake`. If the model's settings changed since the run folder was started (its
+# .study-config.yaml differs from the resolved config), the folder is cleared and training starts afresh.
+import yaml
+
+
+def resolved_config(model):
+    """The study config as model's training job sees it: its merged training section, only its model entry,
+    and only the sections training reads. Deterministic YAML text."""
+    entry = config["models"][model]
+    cfg = {
+        "study": STUDY,
+        "dataset": config["dataset"],
+        "variant": entry.get("variant") or config["variant"],  # a model's own variant (issue 5) or the study's
+        "training": TRAINING[model],
+        "models": {model: {"arch": entry["arch"]}},
+    }
+    if TRAINING[model]["schedule"]["name"] == "optimal-loss":
+        cfg["optimal_loss"] = config["optimal_loss"]  # the schedule reads jstar.csv made with these settings
+    return yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False)
+
+
+def snapshot_path(model, images):
+    return f"{R}/snapshots/{model}/snapshot-{int(images):09d}.pt"
+
+
+def _accelerate_distributed_type(path):
+    try:
+        with open(path) as f:
+            return (yaml.safe_load(f) or {}).get("distributed_type", "NO")
+    except OSError:
+        return None
+
+
+def launch_command(model):
+    """`accelerate launch …` (or plain python for one non-DeepSpeed process) up to the module name.
+    Multi-process jobs get a free rendezvous port picked when the job starts, so concurrent jobs on one node
+    never collide."""
+    launch = TRAINING[model]["launch"]
+    n = int(launch["num_processes"])
+    acc_cfg = repo_path(launch["accelerate_config"])
+    if n == 1 and _accelerate_distributed_type(acc_cfg) in ("NO", "no"):
+        return f"{PYTHON} -m models.train"
+    accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
+    accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
+    port = (
+        f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
+    )
+    return (
+        f"{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
+        f" --main_process_port {port} -m models.train"
+    )
+
+
+def train_resources(model):
+    r = step_resources("train", model)
+    n = int(TRAINING[model]["launch"]["num_processes"])
+    explicit = (config["models"][model].get("resources") or {}).get("gpus")
+    gpus = int(explicit) if explicit is not None else (n if r["gpus"] else 0)
+    if gpus and gpus != n:
+        raise WorkflowError(
+            f"models.{model}: resources.gpus = {gpus} but training.launch.num_processes = {n} (one process per GPU)"
+        )
+    return {
+        "gpu": gpus,
+        "cpus_per_gpu": r["cpus_per_gpu"],
+        "runtime": r["runtime"],
+        "mem_mb": r["mem_mb"],
+        "threads": gpus * r["cpus_per_gpu"] if gpus else r["cpus"],
+        # intra-op threads of each training process: its share of the job's CPUs
+        "omp": r["cpus_per_gpu"] if gpus else r["cpus"],
+    }
+
+
+rule model_config:
+    output:
+        f"{R}/configs/{{model}}.yaml",
+    params:
+        text=lambda wc: resolved_config(wc.model),
+    run:
+        with open(output[0], "w") as f:
+            f.write(params.text)
+
+
+for _model in MODELS:
+    _res = train_resources(_model)
+    _jstar = TRAINING[_model]["schedule"]["name"] == "optimal-loss"
+
+    rule:
+        name:
+            f"train_{_model}"
+        input:
+            config=f"{R}/configs/{_model}.yaml",
+            data=f"{R}/data/dataset.npz",
+            jstar=[f"{R}/optimal_loss/jstar.csv"] if _jstar else [],
+        output:
+            done=f"{R}/runs/{_model}/done.json",
+            snapshots=[snapshot_path(_model, k) for k in MARKS[_model]],
+        params:
+            model=_model,
+            rundir=f"{R}/runs/{_model}",
+            launch=launch_command(_model),
+            jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
+            omp=_res["omp"],
+        threads: _res["threads"]
+        resources:
+            gpu=_res["gpu"],
+            cpus_per_gpu=_res["cpus_per_gpu"],
+            runtime=_res["runtime"],
+            mem_mb=_res["mem_mb"],
+        log:
+            f"{R}/logs/train_{_model}.log",
+        shell:
+            """
+            rundir={params.rundir:q}
+            stamp="$rundir/.study-config.yaml"
+            if [ -e "$stamp" ] && ! cmp -s {input.config:q} "$stamp"; then
+                echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
+                rm -rf "$rundir"
+            fi
+            mkdir -p "$rundir"
+            cp {input.config:q} "$stamp"
+            OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp} {params.launch} --config {input.config:q} \
+                --model {params.model} --data {input.data:q} --out "$rundir" {params.jstar} --no-progress \
+                >> {log:q} 2>&1
+            for f in {output.snapshots:q}; do
+                src="$rundir/snapshots/$(basename "$f")"
+                ln -f "$src" "$f" 2>/dev/null || cp -f "$src" "$f"
+            done
+            """
