@@ -115,6 +115,10 @@ def plot_jstar(estimators: pd.DataFrame, out, jstar: pd.DataFrame | None = None)
                             lw=0)
     if jstar is not None and est_col is None:
         ax.plot(jstar["sigma"], jstar["optimal_loss"], "k-")
+    # below σ* J* is 0 up to rounding (1e-30 and less): show six decades under the data variance, no deeper
+    top = float(np.nanmax(estimators["optimal_loss"].to_numpy(dtype=float)))
+    if np.isfinite(top) and top > 0:
+        ax.set_ylim(top * 1e-6, top * 3)
     ax.set(xscale="log", yscale="log", xlabel="σ (VE)", ylabel="J*(σ)  (per-dim x0-loss)",
            title="Optimal loss of the training set")
     ax.legend(title="estimator")

@@ -579,6 +579,9 @@ def _ci(row, key) -> str:
     return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
+_RHO_TIE = 1e-6
+
+
 def exponents_markdown(table: pd.DataFrame) -> str:
     """A readable summary of ``fit_table``'s output: the total-loss fits, then raw vs L − J* per σ."""
     parts = [
@@ -612,7 +615,7 @@ def exponents_markdown(table: pd.DataFrame) -> str:
         mj = sub[sub["quantity"] == "minus_jstar"].set_index("sigma", drop=False)
         if raw.empty or mj.empty:
             continue
-        rows, wins, compared = [], 0, 0
+        rows, wins, ties, compared = [], 0, 0, 0
         for s in raw.index:
             if s not in mj.index:
                 continue
@@ -620,13 +623,18 @@ def exponents_markdown(table: pd.DataFrame) -> str:
             better = "—"
             if np.isfinite(r["rho"]) and np.isfinite(m["rho"]):
                 compared += 1
-                better = "L − J*" if m["rho"] > r["rho"] else "raw"
-                wins += m["rho"] > r["rho"]
+                # where J*(σ) ≈ 0 the two fits are the same fit up to rounding: a tie, not a win
+                if abs(m["rho"] - r["rho"]) < _RHO_TIE:
+                    better, ties = "tie", ties + 1
+                else:
+                    better = "L − J*" if m["rho"] > r["rho"] else "raw"
+                    wins += m["rho"] > r["rho"]
             label = "total" if not np.isfinite(s) else _fmt(s)
             rows.append([label, _fmt(r["rho"]), _fmt(m["rho"]), _fmt(r["exponent"]), _fmt(m["exponent"]),
                          better])
         parts += [f"### x = {axis}", "",
-                  f"L − J* has the higher ρ in {wins} of {compared} fits (σ levels and total).", "",
+                  f"L − J* has the higher ρ in {wins} of {compared} fits (σ levels and total); "
+                  f"{ties} are ties (|Δρ| < {_RHO_TIE:g}: σ where J* ≈ 0, so both are the same fit).", "",
                   _md_table(["σ", "ρ raw", "ρ L − J*", "exponent raw", "exponent L − J*", "higher ρ"], rows), ""]
     return "\n".join(parts)
 

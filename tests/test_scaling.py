@@ -349,6 +349,15 @@ def test_exponents_markdown_summarises_comparison():
     assert md.count("L − J* has the higher ρ in 3 of 3 fits") == 2  # compute and params axes
 
 
+def test_exponents_markdown_calls_identical_fits_a_tie():
+    df = _synthetic_losses()
+    df["loss"] -= df["optimal_loss"]  # J* = 0 everywhere: L − J* is L, so every comparison is the same fit
+    df["optimal_loss"] = 0.0
+    md = exponents_markdown(fit_table(df, quantities=("raw", "minus_jstar"), axes=("compute",)))
+    assert "L − J* has the higher ρ in 0 of 3 fits (σ levels and total); 3 are ties" in md
+    assert "| raw |" not in md.split("higher ρ |")[-1]  # no row names a winner
+
+
 def test_cli_writes_csv_and_markdown(tmp_path, capsys):
     losses = tmp_path / "losses.csv"
     df = _synthetic_losses()
