@@ -31,8 +31,10 @@ import json
 import math
 import os
 import random
+import struct
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +44,138 @@ from models.config import load_config, model_training, snapshot_marks, total_ima
 from models.denoiser import Denoiser
 from models.sigma_bins import SigmaBinTracker
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: state.pt (and done.json) carry `config_fingerprint`
+
+# ZeRO-2 communication tuning, applied unless a DeepSpeed config (e.g. a --deepspeed_config_file) sets the key.
+# Accelerate's inline `deepspeed_config` (workflow/accelerate/deepspeed-zero2.yaml) cannot express these.
+DS_ZERO_TUNING = {"allgather_partitions": True, "allgather_bucket_size": 200_000_000, "overlap_comm": True,
+                  "reduce_scatter": True, "reduce_bucket_size": 200_000_000, "contiguous_gradients": True}
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training loss became NaN/inf; the message names the step and the σ values of the batch."""
+
+
+class RunFolderMismatchError(ValueError):
+    """The run folder's state.pt / done.json was made with other training settings than this run's."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the training set on the host, in its stored dtype
+# ----------------------------------------------------------------------------------------------------------------
+
+class HostData:
+    """The training images as stored — a uint8 or float array (memory-mapped where the file allows) or a float32
+    tensor — kept on the host; `rows(idx, device)` converts only the asked rows to float32 on `device`.
+
+    Paper-scale sets never exist as one float32 array: ImageNet-64 is ~63 GB as float32 but ~16 GB as the uint8
+    that `save_npz(compact=True)` writes, and a memory-mapped file is shared by every rank through the page cache.
+    uint8 rows become `u/127.5 − 1`, the formula of models.data, through a 256-entry table computed on the CPU:
+    the values equal `load_dataset`'s bit for bit on every device (CUDA turns `/ 127.5` into `* (1/127.5)`)."""
+
+    def __init__(self, x, labels: torch.Tensor | None, name: str):
+        self.x = x                     # [N, C, H, W]: np.ndarray / np.memmap (uint8 or float) or torch tensor
+        self.labels = labels           # int64 tensor [N] (host) or None
+        self.name = name
+        self.shape = tuple(int(d) for d in x.shape)
+        self._uint8_table = {}         # device → float32 [256]
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def rows(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """float32 [len(idx), C, H, W] on `device`: only these rows are read, copied and converted."""
+        if isinstance(self.x, torch.Tensor):
+            x = self.x[idx]
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(self.x[idx.numpy()]))
+        if device.type == "cuda":  # page-locked staging buffer: the host→GPU copy runs asynchronously
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True)  # still in the stored dtype: 4× less traffic for uint8
+        if x.dtype == torch.uint8:
+            if device not in self._uint8_table:
+                self._uint8_table[device] = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(device)
+            return self._uint8_table[device][x.long()]
+        return x.to(torch.float32)
+
+
+def _npz_member_memmap(path: Path, key: str):
+    """A read-only np.memmap of the array `key` inside an uncompressed .npz (np.savez stores members
+    uncompressed, so the .npy bytes lie as-is in the file), or None where that is impossible (compressed member,
+    unknown header version, object dtype)."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local file header: fixed part, then name and extra field
+        if local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if dtype.hasobject or 0 in shape:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _open_array_file(path: Path) -> HostData:
+    """A .npy / .npz (models.data's format: keys x/images/latents, labels/y, name, layout) without converting
+    the images: same checks and layout rule as models.data.load_dataset, except the (whole-array) NaN scan — a
+    non-finite value stops training at its first batch with NonFiniteLossError."""
+    from models.data import _LABEL_KEYS, _X_KEYS, DatasetError, _labels, _to_nchw
+
+    labels, name, layout = None, path.stem, None
+    try:
+        if path.suffix == ".npy":
+            x, where = np.load(path, mmap_mode="r", allow_pickle=False), str(path)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                xkey = next((k for k in _X_KEYS if k in z.files), None)
+                if xkey is None:
+                    raise DatasetError(f"{path}: no image array under any of the keys {list(_X_KEYS)} "
+                                       f"(found {z.files})")
+                lkey = next((k for k in _LABEL_KEYS if k in z.files), None)
+                labels = None if lkey is None else z[lkey]
+                name = str(z["name"]) if "name" in z.files and z["name"].ndim == 0 else name
+                layout = str(z["layout"]) if "layout" in z.files else None
+                x = _npz_member_memmap(path, xkey)
+                if x is None:  # a compressed member must be read whole (still in its stored dtype)
+                    x = z[xkey]
+            where = f"{path}[{xkey}]"
+    except DatasetError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot read the array file ({e})") from e
+    x = _to_nchw(x, where, layout)  # a transposed view for NHWC files: rows are still read lazily
+    if x.shape[0] == 0:
+        raise DatasetError(f"{where}: the array holds no samples (shape {x.shape})")
+    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+        raise DatasetError(f"{where}: unsupported dtype {x.dtype} (use uint8 images or float arrays)")
+    return HostData(x, None if labels is None else _labels(labels, x.shape[0], where), name)
+
+
+def open_training_data(data) -> HostData:
+    """`data` as HostData: a models.data.Dataset (used as is), a .npy/.npz file (kept in its stored dtype,
+    memory-mapped where possible), or any other models.data spec (loaded with load_dataset: small sets)."""
+    from models.data import Dataset, load_dataset
+
+    if isinstance(data, Dataset):
+        return HostData(data.x, data.labels, data.name)
+    path = Path(str(data)).expanduser()
+    if path.suffix in (".npy", ".npz") and path.is_file():
+        return _open_array_file(path)
+    ds = load_dataset(str(data))  # digits / CIFAR / image folders, or a missing file: its DatasetError
+    return HostData(ds.x, ds.labels, ds.name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,6 +218,54 @@ def batch_indices(images_seen: int, batch_size: int, n: int, seed: int) -> torch
         sel = (pos // n) == epoch
         out[sel] = epoch_permutation(n, seed, epoch)[pos[sel] % n]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder's settings fingerprint
+# ----------------------------------------------------------------------------------------------------------------
+
+def config_fingerprint(training: dict, arch: dict, variant: dict, data_shape, label_dim: int) -> dict:
+    """What a run folder's state belongs to: the model's merged training section, its net (arch name and the
+    complete kwargs), the diffusion variant, and the dataset's shape and label count. Plain JSON data (lists, not
+    tuples), so it compares equal after a round trip through state.pt or done.json."""
+    fp = {"training": training, "arch": arch, "variant": variant,
+          "dataset": {"shape": list(data_shape), "label_dim": int(label_dim)}}
+    return json.loads(json.dumps(fp))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for every dotted key whose value differs (a key missing on one side shows as <unset>)."""
+    a, b = _flatten(old), _flatten(new)
+
+    def show(d, k):
+        text = repr(d[k]) if k in d else "<unset>"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    missing = object()
+    return [f"{k}: {show(a, k)} → {show(b, k)}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_fingerprint(saved: dict | None, current: dict, what: Path, out: Path) -> None:
+    """Refuse to continue (or report done) a run folder that was made with other settings. Files from before
+    fingerprints (saved None) cannot be checked and are accepted."""
+    if saved is None:
+        return
+    diffs = fingerprint_differences(saved, current)
+    if diffs:
+        raise RunFolderMismatchError(
+            f"{what} was made with other settings than this run's ({len(diffs)} differ: {'; '.join(diffs)}); "
+            f"resuming would mix two configurations. Use a fresh --out, or delete {out} to train afresh.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -214,20 +391,41 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     from accelerate.utils import DistributedType, gather_object
 
     from models import family
-    from models.data import Dataset, load_dataset
     from models.diffusion import get_variant
 
     if not isinstance(cfg, dict) or "training" not in cfg:
         cfg = load_config(cfg)
     training = model_training(cfg, model)
-    arch_name = cfg["models"][model]["arch"]
+    entry = cfg["models"][model]
+    arch_name = entry["arch"]
     out = Path(out)
     total = _total_images(training)
     marks = snapshot_marks(training)
     batch = int(training["batch_size"])
 
+    # ---- data (stays on the host in its stored dtype; each step copies only this rank's rows to the device) ----
+    data_src = open_training_data(data)
+    conditional = bool(cfg["dataset"].get("conditional"))
+    if conditional and data_src.labels is None:
+        raise ValueError(f"dataset.conditional is true but dataset {data_src.name!r} ({data}) has no labels")
+    label_dim = data_src.num_classes if conditional else 0
+    n_data, C, H, W = data_src.shape
+    if H != W:
+        raise ValueError(f"dataset {data_src.name!r}: images must be square, got {H}x{W}")
+    labels_all = data_src.labels if conditional else None
+
+    # ---- what this run is: checked against the run folder before anything is resumed or reported done ----
+    arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
+                                 dropout=float(training["dropout"]))
+    vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant (issue 5) or the study's
+    variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
+    variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
+    fingerprint = config_fingerprint(training, {"name": arch_name, "kwargs": arch_kw}, variant_record,
+                                     data_src.shape, label_dim)
+
     if (out / "done.json").exists():
         done = json.loads((out / "done.json").read_text())
+        check_fingerprint(done.get("config_fingerprint"), fingerprint, out / "done.json", out)
         return {**done, "status": "already-done"}
 
     accelerator = accelerator or Accelerator(mixed_precision=training["mixed_precision"])
@@ -239,33 +437,14 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         raise ValueError(f"training.batch_size = {batch} is not divisible by the {world} processes")
     local = batch // world
 
-    # ---- data ----
-    ds = data if isinstance(data, Dataset) else load_dataset(str(data))
-    conditional = bool(cfg["dataset"].get("conditional"))
-    if conditional and ds.labels is None:
-        raise ValueError(f"dataset.conditional is true but dataset {ds.name!r} ({data}) has no labels")
-    label_dim = ds.num_classes if conditional else 0
-    _, C, H, W = ds.x.shape
-    if H != W:
-        raise ValueError(f"dataset {ds.name!r}: images must be square, got {H}x{W}")
-    # the dataset stays in host memory (ImageNet-size arrays do not fit a GPU); each batch is copied over
-    x_all = ds.x.pin_memory() if device.type == "cuda" else ds.x
-    labels_all = ds.labels if conditional else None
-    n_data = x_all.shape[0]
-
     # ---- net, variant, schedule, optimiser ----
     torch.manual_seed(int(training["seed"]))  # identical initial weights on every rank
-    arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
-                                 dropout=float(training["dropout"]))
     net = family.net_from_kwargs(arch_kw, device="cpu").to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float32)
     if use_ds:
         _promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
     n_params = sum(p.numel() for p in net.parameters())
     arch_record = {"name": arch_name, "resolution": H, "channels": C, "label_dim": label_dim, "kwargs": arch_kw}
-    vcfg = cfg["variant"]
-    variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
-    variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
     schedule = make_schedule(variant, training["schedule"], jstar)
     tracker = SigmaBinTracker(variant.sigma_min, variant.sigma_max, training["sigma_bins"],
                               training["sigma_bin_decay"])
@@ -280,6 +459,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     loaded = None
     if state_path.exists():
         loaded = torch.load(state_path, map_location="cpu", weights_only=False)
+        check_fingerprint(loaded.get("config_fingerprint"), fingerprint, state_path, out)
         if loaded.get("world_size") != world:
             raise ValueError(f"{state_path}: saved with {loaded.get('world_size')} processes, now {world}; "
                              "exact resumption needs the same number")
@@ -298,6 +478,9 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         ds_cfg["train_batch_size"] = batch
         ds_cfg["gradient_accumulation_steps"] = 1
         ds_cfg["gradient_clipping"] = float(training["grad_clip"] or 0.0)
+        zero = ds_cfg.setdefault("zero_optimization", {})
+        for key, value in DS_ZERO_TUNING.items():
+            zero.setdefault(key, value)
     model_p, optimizer_p = accelerator.prepare(net, optimizer)
     if loaded is not None and use_ds:
         accelerator.load_state(str(out / loaded["ds_dir"]))
@@ -343,7 +526,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
             state = {"version": STATE_VERSION, "images_seen": images_seen, "snapshots": written,
                      "world_size": world, "ema": ema.state_dict(), "tracker": tracker.state_dict(), "rng": rngs,
                      "flops_per_image": flops_per_image, "model": model, "ds_dir": ds_dir,
-                     "log_accumulator": (loss_sum, loss_n),
+                     "log_accumulator": (loss_sum, loss_n), "config_fingerprint": fingerprint,
                      "schedule": schedule.state_dict() if schedule is not variant and
                      hasattr(schedule, "state_dict") else None}
             if not use_ds:
@@ -372,7 +555,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     while images_seen < total:
         step = images_seen // batch
         idx = batch_indices(images_seen, batch, n_data, int(training["seed"]))[rank * local:(rank + 1) * local]
-        x0 = x_all[idx].to(device, non_blocking=True)
+        x0 = data_src.rows(idx, device)
         labels = labels_all[idx].to(device) if labels_all is not None else None
         sigma = schedule.sample_sigma(local, generator=noise_gen, device=device).to(torch.float32)
         noise = torch.randn(x0.shape, generator=noise_gen, device=device)
@@ -439,7 +622,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
                "world_size": world, "snapshots": [f"snapshots/{s}" for s in written],
                "snapshot_marks": marks}
     if status == "done" and is_main:
-        atomic_write_text(json.dumps(summary, indent=1) + "\n", out / "done.json")
+        atomic_write_text(json.dumps({**summary, "config_fingerprint": fingerprint}, indent=1) + "\n",
+                          out / "done.json")
     accelerator.wait_for_everyone()
     return {**summary, "status": status}
 
@@ -469,8 +653,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
-    result = train(cfg, args.model, args.data, args.out, jstar=args.jstar,
-                   stop_after_images=args.stop_after_images, progress=not args.no_progress)
+    try:
+        result = train(cfg, args.model, args.data, args.out, jstar=args.jstar,
+                       stop_after_images=args.stop_after_images, progress=not args.no_progress)
+    except RunFolderMismatchError as e:  # a user error, not a crash: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: result[k] for k in ("status", "model", "images_seen", "flops", "world_size")}))
     return 0

@@ -12,6 +12,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +21,9 @@ from models.data import Dataset, load_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
-from models.train import (NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses, train)
+import models.train as train_mod
+from models.train import (HostData, NonFiniteLossError, RunFolderMismatchError, batch_indices, ema_beta,
+                          fingerprint_differences, learning_rate, main, open_training_data, per_example_losses, train)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -278,6 +281,200 @@ def test_optimal_loss_schedule_hook(digits, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the training set stays on the host in its stored dtype
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_u8(digits):
+    """digits rounded onto the uint8 grid u/127.5 − 1, so save_npz(compact=True) stores them as uint8."""
+    u = torch.round((digits.x + 1) * 127.5).clamp(0, 255)
+    return Dataset(x=(u / 127.5 - 1).to(torch.float32), labels=digits.labels, name="digits-u8")
+
+
+def test_npz_files_are_memory_mapped_in_their_stored_dtype(digits, digits_u8, tmp_path):
+    from models.data import save_npz
+
+    idx = torch.tensor([5, 0, 1796, 5, 300])
+    cases = {"u8.npz": (digits_u8, True, np.uint8), "f32.npz": (digits, False, np.float32)}
+    for fname, (ds, compact, dtype) in cases.items():
+        path = save_npz(ds, tmp_path / fname, compact=compact)
+        src = open_training_data(path)
+        assert isinstance(src.x, np.memmap) and src.x.dtype == dtype, fname   # nothing converted or copied yet
+        assert src.shape == tuple(ds.x.shape) and src.name == ds.name
+        assert torch.equal(src.labels, ds.labels)
+        rows = src.rows(idx, torch.device("cpu"))
+        assert rows.dtype == torch.float32
+        assert torch.equal(rows, load_dataset(str(path)).x[idx]), fname      # bit-identical to models.data
+        assert torch.equal(rows, ds.x[idx]), fname
+    # every uint8 value converts exactly as models.data does
+    every = save_npz(Dataset(x=torch.arange(256.0).reshape(4, 1, 8, 8) / 127.5 - 1, labels=None, name="all"),
+                     tmp_path / "all.npz", compact=True)
+    src = open_training_data(every)
+    assert src.x.dtype == np.uint8
+    assert torch.equal(src.rows(torch.arange(4), torch.device("cpu")), load_dataset(str(every)).x)
+    # a compressed member cannot be mapped: read whole, but still uint8 (4× smaller than float32)
+    u8 = np.load(tmp_path / "u8.npz")["x"]
+    np.savez_compressed(tmp_path / "zip.npz", x=u8, labels=digits.labels.numpy())
+    src = open_training_data(tmp_path / "zip.npz")
+    assert not isinstance(src.x, np.memmap) and src.x.dtype == np.uint8
+    assert torch.equal(src.rows(idx, torch.device("cpu")), digits_u8.x[idx])
+    # .npy: memory-mapped; a channels-last array follows models.data's layout rule (a view, rows read lazily)
+    nhwc = np.ascontiguousarray(u8[:, :, :, :, None].repeat(3, axis=4)[:, 0])   # [N, 8, 8, 3]
+    np.save(tmp_path / "nhwc.npy", nhwc)
+    src = open_training_data(tmp_path / "nhwc.npy")
+    assert isinstance(src.x, np.memmap) and src.shape == (1797, 3, 8, 8) and src.labels is None
+    assert torch.equal(src.rows(idx, torch.device("cpu")), load_dataset(str(tmp_path / "nhwc.npy")).x[idx])
+
+
+def test_bad_array_files_name_the_problem(tmp_path):
+    from models.data import DatasetError
+
+    np.savez(tmp_path / "ints.npz", x=np.zeros((4, 1, 8, 8), dtype=np.int32))
+    with pytest.raises(DatasetError, match=r"ints.npz\[x\]: unsupported dtype int32"):
+        open_training_data(tmp_path / "ints.npz")
+    np.savez(tmp_path / "nokey.npz", pixels=np.zeros((4, 1, 8, 8), dtype=np.uint8))
+    with pytest.raises(DatasetError, match="no image array under any of the keys"):
+        open_training_data(tmp_path / "nokey.npz")
+    np.savez(tmp_path / "badlabels.npz", x=np.zeros((4, 1, 8, 8), dtype=np.uint8), labels=np.zeros(3, np.int64))
+    with pytest.raises(DatasetError, match="labels must be 4 integers"):
+        open_training_data(tmp_path / "badlabels.npz")
+    with pytest.raises(DatasetError, match="not found"):
+        open_training_data(tmp_path / "missing.npz")
+
+
+def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_u8, tmp_path, monkeypatch):
+    """A uint8 .npz trains bit-identically to the same images given as a float32 Dataset, without load_dataset
+    ever building the whole float32 array, and each step reads exactly its batch rows from the stored array."""
+    from models.data import save_npz
+
+    path = save_npz(digits_u8, tmp_path / "u8.npz", compact=True)
+    cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=64)
+    train(cfg, "t0", digits_u8, tmp_path / "from-dataset", progress=False)
+
+    reads = []
+    real_rows = HostData.rows
+
+    def recording_rows(self, idx, device):
+        assert isinstance(self.x, np.memmap) and self.x.dtype == np.uint8   # still the stored uint8 on the host
+        reads.append(idx.clone())
+        return real_rows(self, idx, device)
+
+    def no_load_dataset(*a, **k):
+        raise AssertionError("the trainer must not load a .npz as one float32 array")
+
+    monkeypatch.setattr(HostData, "rows", recording_rows)
+    monkeypatch.setattr("models.data.load_dataset", no_load_dataset)
+    train(cfg, "t0", str(path), tmp_path / "from-npz", progress=False)
+    assert [len(i) for i in reads] == [32, 32]
+    torch.testing.assert_close(torch.cat(reads), batch_indices(0, 64, 1797, seed=cfg["training"]["seed"]),
+                               rtol=0, atol=0)
+    a = torch.load(tmp_path / "from-dataset/snapshots/snapshot-000000064.pt", weights_only=False)["ema"]
+    b = torch.load(tmp_path / "from-npz/snapshots/snapshot-000000064.pt", weights_only=False)["ema"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run folder belongs to one configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_fingerprint_differences_name_dotted_keys():
+    old = {"training": {"lr": 0.01, "snapshots": {"count": 2}}, "arch": {"name": "t0"}}
+    new = {"training": {"lr": 0.02, "snapshots": {"count": 2}, "dropout": 0.1}, "arch": {"name": "t0"}}
+    assert fingerprint_differences(old, new) == ["training.dropout: <unset> → 0.1", "training.lr: 0.01 → 0.02"]
+    assert fingerprint_differences(old, old) == []
+
+
+def test_resume_with_other_settings_fails_naming_the_keys(digits, tmp_path):
+    cfg = make_cfg()
+    train(cfg, "t0", digits, tmp_path, stop_after_images=32, progress=False)
+    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    assert state["config_fingerprint"]["training"]["lr"] == cfg["training"]["lr"]
+    assert state["config_fingerprint"]["dataset"] == {"shape": [1797, 1, 8, 8], "label_dim": 0}
+
+    def refused(cfg2, data=digits):
+        with pytest.raises(RunFolderMismatchError) as info:
+            train(cfg2, "t0", data, tmp_path, progress=False)
+        msg = str(info.value)
+        assert "state.pt" in msg and "fresh --out" in msg and str(tmp_path) in msg
+        return msg
+
+    msg = refused(make_cfg(lr=0.02))
+    assert "training.lr: 0.01 → 0.02" in msg and "1 differ" in msg
+    assert "arch.name: 't0' → 't1'" in refused(make_cfg(models={"t0": {"arch": "t1"}}))
+    other_variant = make_cfg()
+    other_variant["variant"] = {"name": "vp-eps", "kwargs": {}}
+    assert "variant.name: 'edm' → 'vp-eps'" in refused(other_variant)
+    smaller = Dataset(x=digits.x[:1000], labels=digits.labels[:1000], name="digits")
+    assert "dataset.shape" in refused(cfg, smaller)
+    # nothing was touched: the same settings still resume
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["images_seen"] == 32
+
+
+def test_finished_run_with_other_settings_is_not_reported_done(full_run, digits):
+    out, _ = full_run
+    assert train(make_cfg(), "t0", digits, out, progress=False)["status"] == "already-done"
+    with pytest.raises(RunFolderMismatchError, match=r"done.json .*training.ema_halflife_images: 100 → 50"):
+        train(make_cfg(ema_halflife_images=50), "t0", digits, out, progress=False)
+
+
+def test_cli_reports_a_mismatched_run_folder_in_one_line(digits, tmp_path, capsys):
+    from models.data import save_npz
+
+    data = str(save_npz(digits, tmp_path / "digits.npz"))
+    args = ["--model", "t0", "--data", data, "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(["--config", str(write_cli_config(tmp_path)), *args, "--stop-after-images", "32"]) == 0
+    (tmp_path / "b").mkdir()
+    assert main(["--config", str(write_cli_config(tmp_path / "b", batch_size=16)), *args]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1   # one line, no traceback
+    assert "training.batch_size: 32 → 16" in errors[0] and "fresh --out" in errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerate configs
+# ---------------------------------------------------------------------------------------------------------------
+
+def deepspeed_yamls():
+    import yaml
+
+    return sorted(p.name for p in (ROOT / "workflow/accelerate").glob("*.yaml")
+                  if yaml.safe_load(p.read_text()).get("distributed_type") == "DEEPSPEED")
+
+
+def test_deepspeed_yaml_is_listed():
+    assert "deepspeed-zero2.yaml" in deepspeed_yamls()
+
+
+@pytest.mark.parametrize("name", deepspeed_yamls())
+def test_deepspeed_config_works_from_any_folder(name, tmp_path, monkeypatch):
+    """Run accelerate launch's own config handling on the YAML (absolute path, as the workflow passes it) from a
+    foreign working directory, then build the DeepSpeed plugin there as the training process would: a file the
+    config names relative to the repository (the old deepspeed_config_file) is not found and fails here."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    monkeypatch.chdir(tmp_path)
+    parser = launch_command_parser()
+    args = parser.parse_args(["--config_file", str(ROOT / "workflow/accelerate" / name), "--num_processes", "1",
+                              "--main_process_port", "29999", "-m", "models.train"])
+    args, defaults, _ = _validate_launch_command(args)
+    assert args.use_deepspeed
+    args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    _, env = prepare_deepspeed_cmd_env(args)
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    plugin = DeepSpeedPlugin()
+    assert plugin.deepspeed_config["zero_optimization"]["stage"] == 2
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # slow: learning, multi-process, DeepSpeed
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -318,9 +515,9 @@ def write_cli_config(tmp_path, **training):
     return path
 
 
-def run_cli(cmd, env_extra, timeout=170):
+def run_cli(cmd, env_extra, timeout=170, cwd=ROOT):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
@@ -357,13 +554,15 @@ def test_deepspeed_zero2_cpu(tmp_path, digits):
     cfg = write_cli_config(tmp_path)
     out = tmp_path / "run"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    cmd = [accelerate, "launch", "--config_file", "workflow/accelerate/deepspeed-zero2.yaml", "--num_processes", "1",
-           "--main_process_port", str(free_port()), "-m", "models.train", "--config", str(cfg), "--model", "t0",
-           "--data", str(data), "--out", str(out), "--no-progress"]
-    run_cli(cmd + ["--stop-after-images", "64"], {})
+    # launched from another folder, as under `snakemake --directory elsewhere`: the config must not depend on cwd
+    cmd = [accelerate, "launch", "--config_file", str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"),
+           "--num_processes", "1", "--main_process_port", str(free_port()), "-m", "models.train",
+           "--config", str(cfg), "--model", "t0", "--data", str(data), "--out", str(out), "--no-progress"]
+    elsewhere = {"PYTHONPATH": str(ROOT)}
+    run_cli(cmd + ["--stop-after-images", "64"], elsewhere, cwd=tmp_path)
     state = torch.load(out / "state.pt", weights_only=False)
     assert state["images_seen"] == 64 and (out / state["ds_dir"]).is_dir()
-    run_cli(cmd, {})
+    run_cli(cmd, elsewhere, cwd=tmp_path)
     assert json.loads((out / "done.json").read_text())["images_seen"] == 128
     assert [r["images_seen"] for r in read_log(out)] == [32, 64, 96, 128]
     den = Denoiser.from_snapshot(out / "snapshots/snapshot-000000128.pt")
