@@ -36,14 +36,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from models.atomic import atomic_path
 
 # the per-σ statistics and their column names in every CSV this module writes
 STATS = ("loss", "optimal_loss", "excess", "gap")
@@ -119,15 +119,8 @@ def save_eval_set(eval_set: dict, path) -> Path:
     """Write the triples to an .npz atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, index=eval_set["index"], sigma=eval_set["sigma"], noise_seed=eval_set["noise_seed"])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, index=eval_set["index"], sigma=eval_set["sigma"], noise_seed=eval_set["noise_seed"])
     return path
 
 
@@ -438,11 +431,8 @@ def warn_invariant(invariant: pd.DataFrame, stream=None) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 def _atomic_csv(df: pd.DataFrame, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
 
 
 def main(argv=None) -> int:

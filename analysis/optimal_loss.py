@@ -74,6 +74,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from models.atomic import atomic_path
+
 __all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")    # the paper's four (the CLI's "all")
@@ -731,10 +733,8 @@ def _estimate_cli(argv) -> int:
     if a.process is not None:
         df = _to_process(df, a.process, a.target)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    df.to_csv(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        df.to_csv(tmp, index=False)
     print(f"wrote {out} ({len(df)} rows: {', '.join(names)} × {sigmas.size} σ)")
     return 0
 
@@ -758,10 +758,8 @@ def _denoise_cli(argv) -> int:
         eval_set = {k: ev[k] for k in ev.files}
     den = denoise_eval_set(x, eval_set, labels=labels if a.conditional else None, device=a.device)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npy")
-    np.save(tmp, den)
-    tmp.replace(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, den)
     print(f"wrote {out} {den.shape}")
     return 0
 

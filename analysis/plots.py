@@ -17,7 +17,6 @@ jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -27,6 +26,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+
+from models.atomic import atomic_path  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
 # the two quantities the paper compares, as analysis.scaling names them
@@ -87,8 +88,8 @@ def _quantity(df: pd.DataFrame, quantity: str) -> pd.Series:
 
 def _save(fig, out) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return out
 

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from models.atomic import atomic_path
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -137,12 +137,9 @@ def _fit(model, opt, x, y, train, epochs, batch_size, gen) -> None:
 
 
 def save_classifier(model: FeatureClassifier, info: dict, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"state_dict": model.state_dict(), "in_dim": model.in_dim, "num_classes": model.num_classes,
-                "hidden": list(model.hidden), "info": info}, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), "in_dim": model.in_dim, "num_classes": model.num_classes,
+                    "hidden": list(model.hidden), "info": info}, tmp)
 
 
 def load_classifier(path) -> FeatureClassifier:
@@ -287,8 +284,8 @@ def main(argv=None) -> None:
     result = {**meta, **score_samples(samples, x, load_classifier(args.classifier), inception=inception,
                                       seed=args.seed)}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
 
 

@@ -29,6 +29,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from models.atomic import atomic_path
+
 NAN_CI = (math.nan, math.nan)
 
 try:  # a transitive dependency (scikit-learn); the fits still run without it, only slower on a busy machine
@@ -655,11 +657,11 @@ def _main_table(argv) -> int:
     if not args.losses.is_file():
         ap.error(f"--losses file not found: {args.losses}")
     table = fit_table(pd.read_csv(args.losses), n_bootstrap=args.n_bootstrap, seed=args.seed)
-    args.out_csv.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out_csv, index=False)
+    with atomic_path(args.out_csv) as tmp:
+        table.to_csv(tmp, index=False)
     if args.out_md is not None:
-        args.out_md.parent.mkdir(parents=True, exist_ok=True)
-        args.out_md.write_text(exponents_markdown(table))
+        with atomic_path(args.out_md) as tmp:
+            tmp.write_text(exponents_markdown(table))
     print(f"wrote {len(table)} fits to {args.out_csv}" + (f" and {args.out_md}" if args.out_md else ""))
     return 0
 

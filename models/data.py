@@ -22,15 +22,15 @@ CLI (what Snakemake's data rule calls):  python -m models.data SPEC --out FILE.n
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from models.atomic import atomic_path
 
 __all__ = ["Dataset", "DatasetError", "load_dataset", "save_npz", "main"]
 
@@ -259,7 +259,7 @@ def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
 
 def save_npz(dataset: Dataset, path, *, compact: bool = False) -> Path:
     """Write `x` (float32 NCHW), `labels` (int64, if any), `name` and `layout` to PATH atomically
-    (temp file in the same folder + os.replace), so `np.load(PATH)["x"]` is the dataset as loaded.
+    (models.atomic), so `np.load(PATH)["x"]` is the dataset as loaded.
 
     compact=True stores images that are exactly uint8/127.5 − 1 (CIFAR, image folders, uint8 arrays) as uint8 —
     4× smaller, and `load_dataset(PATH)` gives back the identical float32 tensor; other data stays float32."""
@@ -276,16 +276,8 @@ def save_npz(dataset: Dataset, path, *, compact: bool = False) -> Path:
         arrays["labels"] = dataset.labels.detach().cpu().to(torch.int64).numpy()
     arrays["name"] = np.array(str(dataset.name))
     arrays["layout"] = np.array("NCHW")  # so the loader never has to guess (e.g. C = 2, W = 3)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)  # a file object, so numpy does not append ".npz" to the temp name
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the file is meant to be shared by every later step
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)  # a file object, so numpy never appends ".npz" to the name
     return path
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.atomic import atomic_path
+
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
                   *, dtype=torch.float64, device=None) -> torch.Tensor:
@@ -116,8 +118,8 @@ def main(argv=None) -> None:
     x = sample_snapshot(args.snapshot, args.num, num_steps=args.steps, sigma_min=args.sigma_min,
                         sigma_max=args.sigma_max, rho=args.rho, seed=args.seed, device=args.device)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, x=x)
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, x=x)
     print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]}")
 
 

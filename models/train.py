@@ -43,6 +43,7 @@ import torch
 from models.config import load_config, model_training, snapshot_marks, total_images as _total_images
 from models.denoiser import Denoiser
 from models.sigma_bins import SigmaBinTracker
+from models.atomic import atomic_path
 
 STATE_VERSION = 2  # 2: state.pt (and done.json) carry `config_fingerprint`
 
@@ -333,17 +334,13 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 def atomic_torch_save(obj, path: Path) -> None:
     """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _promote_scalar_params(net: torch.nn.Module) -> None:
@@ -455,7 +452,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     # ---- resume ----
     state_path = out / "state.pt"
-    images_seen, written, log_offset = 0, [], 0
+    images_seen, written = 0, []
     loaded = None
     if state_path.exists():
         loaded = torch.load(state_path, map_location="cpu", weights_only=False)
