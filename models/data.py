@@ -133,18 +133,24 @@ def _array_to_dataset(a: np.ndarray, labels, name: str, where: str, resolution, 
     return Dataset(x, lab, name)
 
 
+def npz_members(z, path: Path) -> tuple[str, str | None, str, str | None]:
+    """(image key, label key or None, name, layout or None) of an open .npz in this module's format — the one
+    rule the loader here and the trainer's memory-mapped reader share."""
+    xkey = next((k for k in _X_KEYS if k in z.files), None)
+    if xkey is None:
+        raise DatasetError(f"{path}: no image array under any of the keys {list(_X_KEYS)} (found {z.files})")
+    lkey = next((k for k in _LABEL_KEYS if k in z.files), None)
+    name = str(z["name"]) if "name" in z.files and z["name"].ndim == 0 else Path(path).stem
+    layout = str(z["layout"]) if "layout" in z.files else None
+    return xkey, lkey, name, layout
+
+
 def _load_array_file(path: Path, resolution) -> Dataset:
     try:
         if path.suffix == ".npy":
             return _array_to_dataset(np.load(path, allow_pickle=False), None, path.stem, str(path), resolution)
         with np.load(path, allow_pickle=False) as z:
-            xkey = next((k for k in _X_KEYS if k in z.files), None)
-            if xkey is None:
-                raise DatasetError(f"{path}: no image array under any of the keys {list(_X_KEYS)} "
-                                   f"(found {z.files})")
-            lkey = next((k for k in _LABEL_KEYS if k in z.files), None)
-            name = str(z["name"]) if "name" in z.files and z["name"].ndim == 0 else path.stem
-            layout = str(z["layout"]) if "layout" in z.files else None
+            xkey, lkey, name, layout = npz_members(z, path)
             return _array_to_dataset(z[xkey], None if lkey is None else z[lkey], name, f"{path}[{xkey}]",
                                      resolution, layout)
     except DatasetError:

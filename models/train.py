@@ -133,7 +133,7 @@ def _open_array_file(path: Path) -> HostData:
     """A .npy / .npz (models.data's format: keys x/images/latents, labels/y, name, layout) without converting
     the images: same checks and layout rule as models.data.load_dataset, except the (whole-array) NaN scan — a
     non-finite value stops training at its first batch with NonFiniteLossError."""
-    from models.data import _LABEL_KEYS, _X_KEYS, DatasetError, _labels, _to_nchw
+    from models.data import DatasetError, _labels, _to_nchw, npz_members
 
     labels, name, layout = None, path.stem, None
     try:
@@ -141,14 +141,8 @@ def _open_array_file(path: Path) -> HostData:
             x, where = np.load(path, mmap_mode="r", allow_pickle=False), str(path)
         else:
             with np.load(path, allow_pickle=False) as z:
-                xkey = next((k for k in _X_KEYS if k in z.files), None)
-                if xkey is None:
-                    raise DatasetError(f"{path}: no image array under any of the keys {list(_X_KEYS)} "
-                                       f"(found {z.files})")
-                lkey = next((k for k in _LABEL_KEYS if k in z.files), None)
+                xkey, lkey, name, layout = npz_members(z, path)
                 labels = None if lkey is None else z[lkey]
-                name = str(z["name"]) if "name" in z.files and z["name"].ndim == 0 else name
-                layout = str(z["layout"]) if "layout" in z.files else None
                 x = _npz_member_memmap(path, xkey)
                 if x is None:  # a compressed member must be read whole (still in its stored dtype)
                     x = z[xkey]
