@@ -118,7 +118,6 @@ def eval_noise(shape, seeds):
 def save_eval_set(eval_set: dict, path) -> Path:
     """Write the triples to an .npz atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, index=eval_set["index"], sigma=eval_set["sigma"], noise_seed=eval_set["noise_seed"])
     return path
@@ -141,11 +140,13 @@ def load_eval_set(path) -> dict:
 
 def npz_num_items(path) -> int:
     """N of the `x` array of a dataset .npz, read from the array header only (no data loaded)."""
+    from models.data import _X_KEYS  # the image keys the dataset loader accepts
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset not found: {path}")
     with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if n in ("x.npy", "images.npy", "latents.npy")]
+        names = [n for n in zf.namelist() if n in {f"{k}.npy" for k in _X_KEYS}]
         if not names:
             raise ValueError(f"{path}: no 'x' array in the dataset file")
         with zf.open(names[0]) as f:

@@ -74,6 +74,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.evaluate import eval_noise  # the eval set's ε; owned by evaluate.py (docs/internals.md)
 from models.atomic import atomic_path
 
 __all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
@@ -614,23 +615,6 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
 # the study's fixed evaluation set
 # --------------------------------------------------------------------------------------------------------
 
-def _local_eval_noise(shape, seeds) -> torch.Tensor:
-    shape = tuple(int(s) for s in shape)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-                        for s in np.asarray(seeds).reshape(-1)]) if len(np.asarray(seeds).reshape(-1)) else \
-        torch.empty((0, *shape))
-
-
-def eval_noise(shape, seeds) -> torch.Tensor:
-    """ε [M, *shape] of the evaluation set: ε_m = torch.randn(shape, generator=manual_seed(seed_m)).
-    Delegates to analysis.evaluate.eval_noise (the owner, docs/internals.md) when that module provides it."""
-    try:
-        from analysis.evaluate import eval_noise as owner
-    except ImportError:
-        owner = None
-    if owner is not None and owner is not eval_noise:
-        return owner(shape, seeds)
-    return _local_eval_noise(shape, seeds)
 
 
 def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int = 1024) -> np.ndarray:
