@@ -81,6 +81,93 @@ def test_posterior_mean_matches_float64_reference_with_near_duplicates():
     np.testing.assert_allclose(got[small], ref[small], atol=1e-9, rtol=0)
 
 
+# ---- the screen: a cheap low-precision GEMM with a rigorous error bound, then exact float64 candidates --------
+
+def _near_duplicates(seed=3, dim=256, shift=0.0):
+    """[200, dim] float32 values in [−1, 1] (+ shift) whose last 50 rows are near-duplicates of the first 50."""
+    rng = np.random.default_rng(seed)
+    base = rng.uniform(-1, 1, (150, dim)) + shift
+    twins = base[:50] + 0.000125 * rng.standard_normal((50, dim))
+    return np.concatenate([base, twins]).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shift", [0.0, 3.0])
+def test_screen_bound_holds_for_every_entry(dtype, shift):
+    # the bound must cover the worst entry for random data, offsets (a large mean) and σ from 0.002 to 80
+    from analysis.optimal_loss import _Data, _screen_bound
+    data = _Data(torch.from_numpy(_near_duplicates(shift=shift)), torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, data.n, 64)
+    sig = torch.from_numpy(np.geomspace(0.002, 80, 64))
+    xq = data.rows(torch.from_numpy(src), torch.float64) + sig[:, None] * torch.randn(64, data.dim,
+                                                                                       dtype=torch.float64)
+    inv2s2 = 0.5 / sig ** 2
+    x_aug = torch.cat([xq * (2 * inv2s2)[:, None], -inv2s2[:, None]], 1)
+    (_, aug), = list(data.augmented_chunks(dtype, data.n))
+    approx = (aug @ x_aug.to(dtype).T).double()                             # [N, Q], as the screen computes it
+    x0 = data.rows(torch.arange(data.n), torch.float64)
+    exact = (2 * xq @ x0.T - (x0 ** 2).sum(1)[None, :]) * inv2s2[:, None]  # [Q, N] in float64
+    err = (approx.T - exact).abs()
+    bound = _screen_bound(xq, sig, data, dtype)
+    assert bool((err <= bound[:, None]).all()), float((err / bound[:, None]).max())
+    assert float((err / bound[:, None]).max()) > 1e-4   # and is not absurdly loose
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "auto", "off"])
+def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
+    # every mode must give the exact D*; screened rows are refined in float64, so they match to ~1e-12
+    import analysis.optimal_loss as ol
+    monkeypatch.setattr(ol, "_SCREEN", mode)
+    data = _near_duplicates()
+    rng = np.random.default_rng(5)
+    src = rng.integers(0, 50, 70)
+    sigmas = np.array([0.0005, 0.002, 0.01, 0.1, 0.5, 2.0, 80.0]).repeat(10)
+    x = data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256))
+    got = posterior_mean(data, x, torch.from_numpy(sigmas)).numpy()
+    ref = reference_posterior(data, x, sigmas)
+    # the twins really compete at σ = 0.0005 (else the float64 refinement would not be tested)
+    logits = -((x[:10, None, :] - data[None].astype(np.float64)) ** 2).sum(-1) / (2 * 0.0005 ** 2)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    assert np.median(top2[:, 1] - top2[:, 0]) < 20
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    small = sigmas < 0.2
+    np.testing.assert_allclose(got[small], ref[small], atol=1e-10 if mode != "off" else 1e-9, rtol=0)
+
+
+def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones():
+    from analysis.optimal_loss import _Data, _screened_posterior
+    data = _Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    src = torch.from_numpy(rng.integers(0, data.n, 40))
+    sig = torch.tensor([0.01] * 20 + [50.0] * 20, dtype=torch.float64)
+    xq = data.rows(src, torch.float64) + sig[:, None] * torch.randn(40, data.dim, dtype=torch.float64)
+    den, done = _screened_posterior(data, xq, sig, torch.bfloat16, chunk=64, init_max=None, max_candidates=32)
+    assert bool(done[:20].all())          # one-hot posteriors: certified and refined
+    assert not bool(done[20:].any())      # at σ = 50 every point matters: handed to the streaming path
+    ref = reference_posterior(data.rows(torch.arange(data.n), torch.float64), xq[:20], sig[:20])
+    np.testing.assert_allclose(den[:20].numpy(), ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("screen", ["auto", "off"])
+def test_cuda_matches_float64_reference(monkeypatch, screen):
+    import analysis.optimal_loss as ol
+    monkeypatch.setattr(ol, "_SCREEN", screen)
+    data = _near_duplicates()
+    rng = np.random.default_rng(6)
+    src = rng.integers(0, 50, 70)
+    sigmas = np.array([0.0005, 0.002, 0.01, 0.1, 0.5, 2.0, 80.0]).repeat(10)
+    x = data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256))
+    got = posterior_mean(data, x, torch.from_numpy(sigmas), device="cuda").cpu().numpy()
+    ref = reference_posterior(data, x, sigmas)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got[sigmas < 0.2], ref[sigmas < 0.2], atol=1e-9, rtol=0)
+    cpu = estimate_optimal_loss(data, [0.01, 0.3, 3.0], n_samples=256)
+    gpu = estimate_optimal_loss(data, [0.01, 0.3, 3.0], n_samples=256, device="cuda")
+    np.testing.assert_allclose(gpu["optimal_loss"], cpu["optimal_loss"], rtol=1e-5, atol=1e-12)
+
+
 @pytest.mark.parametrize("sigma, tol", [(0.7, 1e-5), (0.01, 1e-11)])
 def test_posterior_mean_chunked_equals_unchunked(sigma, tol):
     # σ = 0.7 takes the float32 GEMM path (summation order differs by chunk: ~1e-6), σ = 0.01 the float64 one
