@@ -51,9 +51,12 @@ Estimators (B = E‖D̂‖², M noisy samples x_m = x0_{n_m} + σ ε_m)
   ‖D̂‖² is corrected by the delta-method estimate of tr Var(D̂) from the subset.  In the bias study
   (benchmarks/estimator_bias.py) it removes most of the large-σ bias (≈ −variance/L for every subset
   estimator) and much of the small-σ one; a bias of ~10% remains near the critical σ at L = N/16.
-* Random numbers: sources, ε and subsets come from CPU generators seeded by (seed, block of 64 samples), so the
-  numbers do not depend on device, chunk or batch size, and the same ε / sources / subsets are reused for every
-  σ and every estimator (common random numbers: smooth, monotone curves and paired estimator comparisons).
+* Random numbers: sources, ε and subsets come from generators seeded by (seed, block of 64 samples), so the
+  numbers do not depend on chunk or batch size, and the same ε / sources / subsets are reused for every σ and
+  every estimator (common random numbers: smooth, monotone curves and paired estimator comparisons).  Sources
+  and subsets are drawn on the CPU; ε on the data's device (on a GPU the CPU generator would cost ~10× the
+  distance GEMM), so a CUDA run draws other ε than a CPU run with the same seed: same numbers per device type,
+  agreement across types within the standard error.
   Subsets are shared by the 64 samples of a block; stderr is the plain std/√M over samples (it ignores that
   sharing, so it is slightly optimistic for the subset estimators).
 * Default M (n_samples): min(max(2N, 1024), max(256, 2^39 / (K·D))) with K = N (full) or L (subsets): the paper's
@@ -215,22 +218,38 @@ class _Data:
             dst[:, self.dim] = torch.linalg.vector_norm(xc, dim=1).square_()
         return out
 
+    @property
+    def augmented_width(self) -> int:
+        """D + 1 (rows plus their squared norm) rounded up to a multiple of 8 with zero columns: cuBLAS takes its
+        tensor-core kernels only for 16-byte-aligned row strides (3,073 bfloat16 values are not)."""
+        return -(-(self.dim + 1) // 8) * 8
+
     def augmented_chunks(self, dtype: torch.dtype, chunk: int):
-        """Yield (start, [c, D+1] centred rows with ‖row‖² appended) over the dataset: views of the cached copy
-        when it fits, else one reused buffer refilled per chunk (memory O(chunk·D))."""
+        """Yield (start, [c, W] centred rows, ‖row‖², zero padding — W = augmented_width) over the dataset: views
+        of the cached copy when it fits, else one reused buffer refilled per chunk (memory O(chunk·D))."""
+        width = self.augmented_width
         cached = self._augmented.get(dtype)
-        if cached is None and self.n * (self.dim + 1) * torch.finfo(dtype).bits // 8 <= _CACHE_BYTES:
-            cached = torch.empty(self.n, self.dim + 1, dtype=dtype, device=self.device)
+        if cached is None and self.n * width * torch.finfo(dtype).bits // 8 <= _CACHE_BYTES:
+            cached = torch.zeros(self.n, width, dtype=dtype, device=self.device)
             self._fill_augmented(0, self.n, cached)
             self._augmented[dtype] = cached
         if cached is not None:
             for start in range(0, self.n, chunk):
                 yield start, cached[start:start + chunk]
             return
-        buf = torch.empty(min(chunk, self.n), self.dim + 1, dtype=dtype, device=self.device)
+        buf = torch.zeros(min(chunk, self.n), width, dtype=dtype, device=self.device)
         for start in range(0, self.n, chunk):
             stop = min(start + chunk, self.n)
             yield start, self._fill_augmented(start, stop, buf[:stop - start])
+
+    def augmented_queries(self, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[Q, W] rows [x/σ², −1/2σ², 0 …]: their product with the augmented data rows is the logit
+        (2⟨x, x0⟩ − ‖x0‖²)/2σ², i.e. −‖x − x0‖²/2σ² up to a per-row constant that the softmax ignores."""
+        inv2s2 = 0.5 / sigma ** 2
+        out = torch.zeros(xq.shape[0], self.augmented_width, dtype=dtype, device=xq.device)
+        out[:, :self.dim] = xq * (2.0 * inv2s2)[:, None]
+        out[:, self.dim] = -inv2s2
+        return out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -265,8 +284,7 @@ def _stream_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype:
     `init_max` (optional, float64 [Q]): the logit, in that convention, of one known data point per row (e.g. the
     source of x): seeding the running max with it lets chunks that hold nothing near x skip the value GEMM."""
     q, dim = xq.shape
-    inv2s2 = 0.5 / sigma ** 2
-    x_aug = torch.cat([xq * (2.0 * inv2s2)[:, None], -inv2s2[:, None]], dim=1).to(dtype)
+    x_aug = data.augmented_queries(xq, sigma, dtype)
     run_max = torch.full((q,), -math.inf, dtype=torch.float64, device=xq.device) if init_max is None else \
         init_max.clone()
     run_sum = torch.zeros(q, dtype=torch.float64, device=xq.device)
@@ -325,12 +343,13 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
     q, dim = xq.shape
     dev = xq.device
     inv2s2 = 0.5 / sigma ** 2
-    x_aug = torch.cat([xq * (2.0 * inv2s2)[:, None], -inv2s2[:, None]], dim=1).to(dtype)
+    x_aug = data.augmented_queries(xq, sigma, dtype)
     bound = _screen_bound(xq, sigma, data, dtype)                            # [Q] float64
     lower = torch.full((q,), -math.inf, dtype=torch.float64, device=dev) if init_max is None else init_max.clone()
     dense = torch.zeros(q, dtype=torch.bool, device=dev)
     empty = torch.empty(0, dtype=torch.int64, device=dev)
     n_idx, q_idx, approx_kept = empty, empty, torch.empty(0, dtype=torch.float64, device=dev)
+    counts = torch.zeros(q, dtype=torch.int64, device=dev)
 
     def survivors(n_idx, q_idx, approx_kept):
         """The candidates that can still matter under the current lower bound (and whose row is not dense)."""
@@ -339,20 +358,25 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
 
     for start, xc_aug in data.augmented_chunks(dtype, chunk):
         with _no_tf32():
-            approx = (xc_aug @ x_aug.T).float()                              # [chunk, Q] screened logits
+            approx = xc_aug @ x_aug.T                                        # [chunk, Q] screened logits
         # the true row maximum is at least max(approx − B); a point can matter only if approx + B ≥ that − 50
         lower = torch.maximum(lower, approx.amax(dim=0).double() - bound)
-        keep = approx >= (lower - _NEGLIGIBLE_NATS - 2.0 * bound).float()[None, :]
-        keep &= ~dense[None, :]
+        threshold = (lower - _NEGLIGIBLE_NATS - 2.0 * bound).masked_fill_(dense, math.inf).float()
+        keep = approx >= threshold[None, :]
+        # rows with too many candidates go to the streaming path before their pairs are materialised (the
+        # limit is loose: without a hint, early chunks keep points that later ones rule out)
+        over = counts + keep.sum(dim=0) > 4 * max_candidates
+        if bool(over.any()):
+            dense |= over
+            keep &= ~over[None, :]
         n_new, q_new = keep.nonzero(as_tuple=True)
         del keep
         # candidates kept against an earlier, weaker lower bound are filtered again with the current one
         n_idx, q_idx, approx_kept = survivors(torch.cat([n_idx, n_new + start]), torch.cat([q_idx, q_new]),
                                               torch.cat([approx_kept, approx[n_new, q_new].double()]))
-        # a memory guard only: without a hint, early chunks keep many points that later ones rule out
-        dense |= torch.bincount(q_idx, minlength=q) > max(4 * max_candidates, 2 * xc_aug.shape[0])
+        counts = torch.bincount(q_idx, minlength=q)
         del approx
-    dense |= torch.bincount(q_idx, minlength=q) > max_candidates
+    dense |= counts > max_candidates
     n_idx, q_idx, _ = survivors(n_idx, q_idx, approx_kept)
     # exact logits of the candidates from float64 differences, in pieces of ≤ 2^22 numbers
     logit = torch.empty(n_idx.numel(), dtype=torch.float64, device=dev)
@@ -499,9 +523,11 @@ def _balanced_sources(n: int, m: int, seed: int) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=g) for _ in range(reps)])[:m]
 
 
-def _block_noise(seed: int, block: int, rows: int, dim: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(_seed_of(seed, block, 1))
-    return torch.randn(rows, dim, generator=g, dtype=torch.float64)
+def _block_noise(seed: int, block: int, rows: int, dim: int, device: torch.device) -> torch.Tensor:
+    """ε of one block of samples, drawn on the data's device: on a GPU the CPU generator would cost ~10× the
+    distance GEMM itself.  CUDA's generator (Philox) draws other numbers than the CPU's from the same seed."""
+    g = torch.Generator(device=device).manual_seed(_seed_of(seed, block, 1))
+    return torch.randn(rows, dim, generator=g, dtype=torch.float64, device=device)
 
 
 def _block_subset(seed: int, block: int, n: int, size: int) -> torch.Tensor:
@@ -606,7 +632,8 @@ def _nn_denoise(data: _Data, xq, eps, src, sigma: float, subset, knn, c_value):
 
 
 def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, seed, chunk, bar):
-    """[len(σ), M] per-sample (direct, A − B) losses (per-dim) for one (class-)dataset."""
+    """[len(σ), M] per-sample (direct, A − B) losses (per-dim) for one (class-)dataset.  The loop runs over
+    groups of samples outside and σ inside, so each group's sources and ε are drawn once for all σ."""
     n, dim = data.n, data.dim
     src_all = _balanced_sources(n, m, seed)
     blocks = [(b, src_all[b * _RNG_BLOCK:(b + 1) * _RNG_BLOCK]) for b in range(-(-m // _RNG_BLOCK))]
@@ -615,29 +642,34 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
     log_c = math.log(c_value) if c_value is not None else 0.0
     group = _FULL_BATCH_BLOCKS if estimator == "full" else 1
     knn = _knn_graph(data, _nn_count(subset_size, n), chunk) if estimator == "cdol-nn" else None
-    for i, sigma in enumerate(sigmas):
-        for g0 in range(0, len(blocks), group):
-            chunk_blocks = blocks[g0:g0 + group]
-            eps = torch.cat([_block_noise(seed, b, len(s), dim) for b, s in chunk_blocks]).to(data.device)
-            src = torch.cat([s for _, s in chunk_blocks]).to(data.device)
-            x_src = data.rows(src, torch.float64)
+    for g0 in range(0, len(blocks), group):
+        chunk_blocks = blocks[g0:g0 + group]
+        eps = torch.cat([_block_noise(seed, b, len(s), dim, data.device) for b, s in chunk_blocks])
+        src = torch.cat([s for _, s in chunk_blocks]).to(data.device)
+        x_src = data.rows(src, torch.float64)
+        a_src = (x_src ** 2).sum(1)
+        subset = None
+        if estimator == "cdol-nn":
+            subset = _block_subset(seed, chunk_blocks[0][0], n, max(1, subset_size - 1 - knn.shape[1]))
+        elif estimator != "full":
+            subset = _block_subset(seed, chunk_blocks[0][0], n, subset_size)
+        subset = None if subset is None else subset.to(data.device)
+        lo = g0 * _RNG_BLOCK
+        for i, sigma in enumerate(sigmas):
             xq = x_src + sigma * eps
             var_tr = None
             if estimator == "full":
                 sig = torch.full((xq.shape[0],), float(sigma), dtype=torch.float64, device=data.device)
                 den = _posterior_centred(data, xq, sig, chunk, hint=src)
             elif estimator == "cdol-nn":
-                rest = max(1, subset_size - 1 - knn.shape[1])
-                subset = _block_subset(seed, chunk_blocks[0][0], n, rest).to(data.device)
                 den, var_tr = _nn_denoise(data, xq, eps, src, float(sigma), subset, knn, c_value)
             else:
-                subset = _block_subset(seed, chunk_blocks[0][0], n, subset_size).to(data.device)
                 den = _subset_denoise(data, estimator, xq, eps, src, float(sigma), subset, log_c)
-            lo = g0 * _RNG_BLOCK
             direct[i, lo:lo + len(src)] = ((den - x_src) ** 2).sum(1).cpu() / dim
-            a_minus_b[i, lo:lo + len(src)] = ((x_src ** 2).sum(1) - (den ** 2).sum(1)).cpu() / dim
-            if estimator == "cdol-nn":
-                a_minus_b[i, lo:lo + len(src)] += var_tr.cpu() / dim
+            ab = a_src - (den ** 2).sum(1)
+            if var_tr is not None:
+                ab += var_tr
+            a_minus_b[i, lo:lo + len(src)] = ab.cpu() / dim
             if bar is not None:
                 bar.update(len(src))
     return direct, a_minus_b
