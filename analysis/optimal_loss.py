@@ -195,6 +195,7 @@ class _Data:
         if not (math.isfinite(self.norm_max) and bool(torch.isfinite(self.mean).all())):
             raise ValueError("data contains NaN or inf")
         self._augmented: dict[torch.dtype, torch.Tensor] = {}
+        self._passes: dict[torch.dtype, int] = {}
 
     def chunk(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return self.raw[start:stop].to(dtype) - self.mean.to(dtype)
@@ -203,19 +204,17 @@ class _Data:
         return self.raw.index_select(0, idx).to(dtype) - self.mean.to(dtype)
 
     def _fill_augmented(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Rows [start, stop) centred in out[:, :D] and their squared norms in out[:, D].  A bfloat16 copy is
-        centred in float32 first and rounded once (so each entry is within one rounding of the centred value,
-        as the screening bound assumes)."""
+        """Rows [start, stop) centred in out[:, :D], their squared norms in out[:, D], zeros after.  Centring
+        runs in float64 for a float64 copy and in float32 otherwise, rounded once into `out` (so each entry is
+        within one rounding of the centred value, as the error bounds assume); a bfloat16 copy's norms are
+        those of its rounded rows (the screen's bound allows for that)."""
         work = torch.float64 if out.dtype == torch.float64 else torch.float32
+        out[:, self.dim + 1:] = 0
         for b0 in range(start, stop, 8192):
             b1 = min(b0 + 8192, stop)
             dst = out[b0 - start:b1 - start]
-            if work == out.dtype:
-                xc = torch.sub(self.raw[b0:b1].to(work), self.mean.to(work), out=dst[:, :self.dim])
-            else:
-                xc = self.raw[b0:b1].to(work) - self.mean.to(work)
-                dst[:, :self.dim] = xc
-            dst[:, self.dim] = torch.linalg.vector_norm(xc, dim=1).square_()
+            xc = torch.sub(self.raw[b0:b1].to(work), self.mean.to(work), out=dst[:, :self.dim])
+            dst[:, self.dim] = torch.linalg.vector_norm(xc, dim=1, dtype=work).square_()
         return out
 
     @property
@@ -225,19 +224,21 @@ class _Data:
         return -(-(self.dim + 1) // 8) * 8
 
     def augmented_chunks(self, dtype: torch.dtype, chunk: int):
-        """Yield (start, [c, W] centred rows, ‖row‖², zero padding — W = augmented_width) over the dataset: views
-        of the cached copy when it fits, else one reused buffer refilled per chunk (memory O(chunk·D))."""
+        """Yield (start, [c, W] centred rows, ‖row‖², zero padding — W = augmented_width) over the dataset.  The
+        first pass refills one buffer per chunk (memory O(chunk·D)); from the second pass in the same dtype on
+        (more query batches, more σ) a centred copy is kept when it fits in _CACHE_BYTES and passes are views."""
         width = self.augmented_width
         cached = self._augmented.get(dtype)
-        if cached is None and self.n * width * torch.finfo(dtype).bits // 8 <= _CACHE_BYTES:
-            cached = torch.zeros(self.n, width, dtype=dtype, device=self.device)
-            self._fill_augmented(0, self.n, cached)
+        if cached is None and self._passes.get(dtype, 0) >= 1 and \
+                self.n * width * torch.finfo(dtype).bits // 8 <= _CACHE_BYTES:
+            cached = self._fill_augmented(0, self.n, torch.empty(self.n, width, dtype=dtype, device=self.device))
             self._augmented[dtype] = cached
+        self._passes[dtype] = self._passes.get(dtype, 0) + 1
         if cached is not None:
             for start in range(0, self.n, chunk):
                 yield start, cached[start:start + chunk]
             return
-        buf = torch.zeros(min(chunk, self.n), width, dtype=dtype, device=self.device)
+        buf = torch.empty(min(chunk, self.n), width, dtype=dtype, device=self.device)
         for start in range(0, self.n, chunk):
             stop = min(start + chunk, self.n)
             yield start, self._fill_augmented(start, stop, buf[:stop - start])
