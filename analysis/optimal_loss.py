@@ -408,10 +408,13 @@ def _screen_dtype(device: torch.device, fast: torch.Tensor) -> tuple[torch.dtype
 
 
 def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk: int | None,
-                       hint: torch.Tensor | None = None) -> torch.Tensor:
+                       hint: torch.Tensor | None = None, screen_log: list | None = None) -> torch.Tensor:
     """Exact D* for a batch of queries: screened rows first (_screened_posterior), then the rest streamed in
     float32 where the precision bound allows and float64 elsewhere (module docstring).
-    `hint` [Q] (optional): the index of a data point near each query (its source), a speed hint only."""
+    `hint` [Q] (optional): the index of a data point near each query (its source), a speed hint only.
+    `screen_log` (optional): a list shared by the batches of one σ; each screened batch appends the fraction of
+    rows the screen finished, and once one finished fewer than 10% (dense posteriors, large σ) the later
+    batches skip the screen (it would only add its GEMM)."""
     out = torch.empty_like(xq, dtype=torch.float64)
     init = None
     if hint is not None:   # exact logit of the hinted point, in _stream_posterior's convention
@@ -420,6 +423,8 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
     fast = _logit_error_bound(xq, sigma, data) <= _F32_LOGIT_TOL
     todo = torch.ones_like(fast)
     screen_dtype, screened = _screen_dtype(data.device, fast)
+    if screen_log and min(screen_log) < 0.1:
+        screened = torch.zeros_like(screened)
     idx = torch.nonzero(screened).squeeze(1)
     if idx.numel() > 0:
         ch = chunk or _default_chunk(data.device, idx.numel(), data.dim, data.n)
@@ -428,6 +433,8 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
                                         None if init is None else init[idx], cap)
         out[idx[done]] = den[done]
         todo[idx[done]] = False
+        if screen_log is not None:
+            screen_log.append(float(done.double().mean()))
     for mask, dtype in ((fast & todo, torch.float32), (~fast & todo, torch.float64)):
         idx = torch.nonzero(mask).squeeze(1)
         if idx.numel() == 0:
@@ -643,6 +650,7 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
     log_c = math.log(c_value) if c_value is not None else 0.0
     group = _FULL_BATCH_BLOCKS if estimator == "full" else 1
     knn = _knn_graph(data, _nn_count(subset_size, n), chunk) if estimator == "cdol-nn" else None
+    screen_logs: dict[int, list] = {}
     for g0 in range(0, len(blocks), group):
         chunk_blocks = blocks[g0:g0 + group]
         eps = torch.cat([_block_noise(seed, b, len(s), dim, data.device) for b, s in chunk_blocks])
@@ -657,11 +665,12 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
         subset = None if subset is None else subset.to(data.device)
         lo = g0 * _RNG_BLOCK
         for i, sigma in enumerate(sigmas):
+            screen_log = screen_logs.setdefault(i, [])
             xq = x_src + sigma * eps
             var_tr = None
             if estimator == "full":
                 sig = torch.full((xq.shape[0],), float(sigma), dtype=torch.float64, device=data.device)
-                den = _posterior_centred(data, xq, sig, chunk, hint=src)
+                den = _posterior_centred(data, xq, sig, chunk, hint=src, screen_log=screen_log)
             elif estimator == "cdol-nn":
                 den, var_tr = _nn_denoise(data, xq, eps, src, float(sigma), subset, knn, c_value)
             else:

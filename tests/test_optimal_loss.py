@@ -148,6 +148,25 @@ def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones():
     np.testing.assert_allclose(den[:20].numpy(), ref, atol=1e-12, rtol=0)
 
 
+def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypatch):
+    import analysis.optimal_loss as ol
+    monkeypatch.setattr(ol, "_SCREEN", "bfloat16")
+    monkeypatch.setattr(ol, "_SCREEN_MIN_CANDIDATES", 16)   # (the default, 256, exceeds this N = 200)
+    data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    log = []
+    for sigma, expect in ((50.0, [0.0]), (50.0, [0.0])):     # dense: logged once, then skipped
+        sig = torch.full((30,), sigma, dtype=torch.float64)
+        xq = data.rows(torch.arange(30), torch.float64) + sigma * torch.randn(30, data.dim, dtype=torch.float64)
+        got = ol._posterior_centred(data, xq, sig, None, screen_log=log)
+        assert log == expect
+        ref = reference_posterior(data.rows(torch.arange(data.n), torch.float64), xq, sig)
+        np.testing.assert_allclose(got.numpy(), ref, atol=1e-6, rtol=0)
+    small = []
+    sig = torch.full((30,), 0.01, dtype=torch.float64)
+    ol._posterior_centred(data, data.rows(torch.arange(30), torch.float64), sig, None, screen_log=small)
+    assert small == [1.0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("screen", ["auto", "off"])
 def test_cuda_matches_float64_reference(monkeypatch, screen):
