@@ -32,6 +32,17 @@ Numerics (how the exact posterior stays exact and fast)
 * The second product, Σ p_n·x0_n, only touches the rows and data points whose weight is within e^-50 of the
   row's running maximum: at small and intermediate σ the posterior is nearly one-hot and this GEMM all but
   vanishes, so the cost is one distance GEMM; at large σ (dense posterior) it is two.
+* The screen (_screened_posterior) makes concentrated posteriors cheaper still: the same augmented GEMM in a
+  cheap precision — bfloat16 on CUDA (tensor cores, ~15× the float32 rate), float32 on the CPU for the rows that
+  would otherwise need float64 — gives every logit within a rigorous bound B (rounding of both operands, of the
+  norm column, of float32 accumulation over D + 1 terms, of the result; tests check it entry by entry).  Points
+  whose logit cannot come within 50 nats of the row maximum are dropped (< e^-50 of the top weight each); the
+  few left get exact logits −‖x − x0‖²/2σ² from float64 differences, with no cancellation at any σ.  Rows with
+  more than max(256, N/32) candidates (dense posteriors, large σ) go to the streaming path; once a batch at some
+  σ finished < 10% of its rows, later batches at that σ skip the screen.  _SCREEN = "off" disables it.
+* The centred data (rows plus their squared norm, padded to a multiple of 8 columns so cuBLAS takes its
+  tensor-core kernels) is refilled chunk by chunk in the first pass and kept from the second pass on when it
+  fits in 2 GiB, so an estimate over many batches and σ centres the data once.
 
 Estimators (B = E‖D̂‖², M noisy samples x_m = x0_{n_m} + σ ε_m)
 ------------------------------------------------------------
@@ -693,7 +704,8 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     One row per σ with columns sigma, optimal_loss, stderr, estimator, n_samples, subset_size, C, conditional,
     direct, direct_stderr, a_minus_b, a_minus_b_stderr.  `optimal_loss` is the direct mean ‖D* − x0‖²/D for
     `full` and the A − B form for the subset estimators (module docstring).  `labels` [N] gives the
-    class-conditional J*.  Deterministic under `seed` (independent of device, chunk and batch sizes)."""
+    class-conditional J*.  Deterministic under `seed` for a device type (independent of chunk and batch sizes;
+    CPU and CUDA draw different ε, so they agree within the standard error)."""
     if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of "
                          f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
