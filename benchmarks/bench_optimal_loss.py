@@ -146,13 +146,18 @@ def run_case(a) -> dict:
     return res
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_shape_args(p: argparse.ArgumentParser) -> None:
+    """--device and the problem's shape (CIFAR-10 by default): shared with profile_optimal_loss.py."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=3_072)
     p.add_argument("--queries", type=int, default=1_024)
     p.add_argument("--sigma", type=float, default=1.0)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_shape_args(p)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--skip-naive", action="store_true")

@@ -19,22 +19,16 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.optimal_loss import estimate_optimal_loss, posterior_mean  # noqa: E402
+from benchmarks.bench_optimal_loss import _make as make_problem, add_shape_args  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--n", type=int, default=50_000)
-    p.add_argument("--dim", type=int, default=3_072)
-    p.add_argument("--queries", type=int, default=1_024)
-    p.add_argument("--sigma", type=float, default=1.0)
+    add_shape_args(p)
     p.add_argument("--rows", type=int, default=15)
     a = p.parse_args(argv)
     dev = torch.device(a.device)
-    g = torch.Generator().manual_seed(0)
-    data = torch.rand(a.n, a.dim, generator=g).mul_(2).sub_(1).to(dev)
-    src = torch.randint(0, a.n, (a.queries,), generator=g)
-    x = data[src.to(dev)].double() + a.sigma * torch.randn(a.queries, a.dim, dtype=torch.float64, generator=g).to(dev)
+    data, x = make_problem(a.n, a.dim, a.queries, a.sigma, dev)
     calls = {
         "posterior_mean": lambda: posterior_mean(data, x, a.sigma, device=dev),
         "estimate_full": lambda: estimate_optimal_loss(data, [a.sigma], estimator="full", n_samples=a.queries,

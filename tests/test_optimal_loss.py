@@ -91,6 +91,15 @@ def _near_duplicates(seed=3, dim=256, shift=0.0):
     return np.concatenate([base, twins]).astype(np.float32)
 
 
+def _twin_queries(seed):
+    """The near-duplicate data and 70 noisy points made from the twinned rows, 10 at each σ from 5e-4 to 80."""
+    data = _near_duplicates()
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 50, 70)
+    sigmas = np.array([0.0005, 0.002, 0.01, 0.1, 0.5, 2.0, 80.0]).repeat(10)
+    return data, data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256)), sigmas
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_screen_bound_holds_for_every_entry(dtype, shift):
@@ -118,11 +127,7 @@ def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
     # every mode must give the exact D*; screened rows are refined in float64, so they match to ~1e-12
     import analysis.optimal_loss as ol
     monkeypatch.setattr(ol, "_SCREEN", mode)
-    data = _near_duplicates()
-    rng = np.random.default_rng(5)
-    src = rng.integers(0, 50, 70)
-    sigmas = np.array([0.0005, 0.002, 0.01, 0.1, 0.5, 2.0, 80.0]).repeat(10)
-    x = data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256))
+    data, x, sigmas = _twin_queries(seed=5)
     got = posterior_mean(data, x, torch.from_numpy(sigmas)).numpy()
     ref = reference_posterior(data, x, sigmas)
     # the twins really compete at σ = 0.0005 (else the float64 refinement would not be tested)
@@ -172,11 +177,7 @@ def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypat
 def test_cuda_matches_float64_reference(monkeypatch, screen):
     import analysis.optimal_loss as ol
     monkeypatch.setattr(ol, "_SCREEN", screen)
-    data = _near_duplicates()
-    rng = np.random.default_rng(6)
-    src = rng.integers(0, 50, 70)
-    sigmas = np.array([0.0005, 0.002, 0.01, 0.1, 0.5, 2.0, 80.0]).repeat(10)
-    x = data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256))
+    data, x, sigmas = _twin_queries(seed=6)
     got = posterior_mean(data, x, torch.from_numpy(sigmas), device="cuda").cpu().numpy()
     ref = reference_posterior(data, x, sigmas)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
