@@ -82,6 +82,7 @@ import argparse
 import contextlib
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -104,7 +105,10 @@ _RNG_BLOCK = 64              # samples per random-number block (fixes the stream
 _FULL_BATCH_BLOCKS = 16      # the full estimator processes 16 blocks (1024 queries) per pass over the data
 _COST_BUDGET = 2 ** 39       # multiply-adds per σ that the default n_samples aims at
 _CACHE_BYTES = 2 ** 31       # the centred copy of the data is kept (per dtype) up to this size
-_SCREEN = "auto"             # screening (_screened_posterior): "auto" (by device), "bfloat16" (forced), "off"
+_SCREEN = "auto"             # screening (_screened_posterior): "auto" (by device), "bfloat16" / "int8" / "float32"
+                             # (forced), "off"
+_INT8_OK: bool | None = None  # fbgemm's int8 GEMM works here (probed on first use)
+_INT8_MIN_GEMM = 2 ** 28     # multiply-adds per batch above which the CPU screens in int8
 _SCREEN_MAX_FRACTION = 32    # a screened row with more than N/32 candidates goes to the streaming path …
 _SCREEN_MIN_CANDIDATES = 256  # … or more than this, whichever is larger
 
@@ -196,17 +200,34 @@ class _Data:
         # the largest centred norm, for the precision bound: ‖r − m‖² = ‖r‖² − 2⟨r, m⟩ + ‖m‖² in two read-only
         # passes; the slack term covers the float32 cancellation (a bound needs no more)
         m32 = self.mean.float()
-        sq_max = 0.0
+        sq_max, raw_sq_max, sq_err = 0.0, 0.0, 0.0
+        centred_sq = []
         for c in self.raw.split(65536):
             c = c.float()
             rr = torch.linalg.vector_norm(c, dim=1).square_()
             val = rr - 2.0 * (c @ m32) + float(m32 @ m32)
-            sq_max = max(sq_max, float(val.max()) + 1e-5 * (float(rr.max()) + float(m32 @ m32)))
+            err = 1e-5 * (float(rr.max()) + float(m32 @ m32))
+            sq_max, sq_err = max(sq_max, float(val.max()) + err), max(sq_err, err)
+            raw_sq_max = max(raw_sq_max, float(rr.max()))
+            centred_sq.append(val)
         self.norm_max = math.sqrt(max(sq_max, 0.0))
         if not (math.isfinite(self.norm_max) and bool(torch.isfinite(self.mean).all())):
             raise ValueError("data contains NaN or inf")
+        # for the int8 screen, which multiplies raw rows: their squared centred norms (float32, within
+        # centred_sq_err), the largest raw norm and (on first use) the largest |entry|
+        self.centred_sq = torch.cat(centred_sq)
+        self.centred_sq_err = sq_err
+        self.raw_norm_max = math.sqrt(raw_sq_max)
+        self._abs_max: float | None = None
         self._augmented: dict[torch.dtype, torch.Tensor] = {}
         self._passes: dict[torch.dtype, int] = {}
+
+    @property
+    def abs_max(self) -> float:
+        """The largest |entry| of the raw data (one pass, on first use)."""
+        if self._abs_max is None:
+            self._abs_max = max(max(abs(float(v)) for v in torch.aminmax(c)) for c in self.raw.split(65536))
+        return self._abs_max
 
     def chunk(self, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
         return self.raw[start:stop].to(dtype) - self.mean.to(dtype)
@@ -343,6 +364,72 @@ def _screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data, dtype: tor
     return (7.0 * u + (data.dim + 1) * 2.0 ** -23) * m
 
 
+def _int8_available() -> bool:
+    """Whether this torch build runs fbgemm's int8 GEMM (torch.ops.quantized.linear_dynamic) on the CPU; probed
+    once on a tiny product.  Where it does not (other builds, a future torch without these ops), the CPU screen
+    falls back to float32."""
+    global _INT8_OK
+    if _INT8_OK is None:
+        try:
+            a = torch.linspace(-1, 1, 64).reshape(4, 16)
+            packed, _ = _int8_pack_queries(a.double()[:2])
+            y = torch.ops.quantized.linear_dynamic(a, packed, True)
+            _INT8_OK = bool(torch.allclose(y, a @ a[:2].T, atol=0.2))
+        except Exception:  # noqa: BLE001 — any failure means: no int8 screen
+            _INT8_OK = False
+    return _INT8_OK
+
+
+def _int8_query_scale(xq: torch.Tensor) -> torch.Tensor:
+    """The per-row symmetric int8 step of the queries, max|x|/127 (float64 [Q])."""
+    return (xq.float().abs().amax(dim=1).double() / 127).clamp_(min=1e-30)
+
+
+def _int8_pack_queries(xq: torch.Tensor):
+    """Queries [Q, D] as fbgemm int8 weights: step _int8_query_scale, round to nearest (error ≤ half a step per
+    entry).  Returns (packed weights, steps [Q] float64)."""
+    x32 = xq.float().contiguous()
+    scale = _int8_query_scale(xq)
+    with warnings.catch_warnings():   # torch marks quantized-tensor constructors deprecated; the ops still run
+        warnings.simplefilter("ignore")
+        wq = torch.quantize_per_channel(x32, scale, torch.zeros(x32.shape[0], dtype=torch.int64), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(wq, None), scale
+
+
+def _int8_screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data, scale: torch.Tensor) -> torch.Tensor:
+    """A rigorous bound (nats) on |screened − exact logit| per query row for the int8 screen, which multiplies raw
+    data rows a (fbgemm quantises them per chunk: 7-bit, so each entry is off by at most one step ≤ 2·max|a|/127,
+    whatever zero point it picks) by the int8 queries x (off by ≤ half their own step) and subtracts the float32
+    centred norms:  |Δ⟨x, a⟩| ≤ e_a‖x‖₁ + (s_x/2)(‖a‖₁ + D·e_a) with ‖a‖₁ ≤ √D‖a‖₂, plus float32 rounding of the
+    dequantised product and of the logit, plus the error of the norms."""
+    inv2s2 = 0.5 / sigma ** 2
+    e_a = 2.0 * data.abs_max / 127
+    half_step = 0.5 * scale * (1 + 1e-5) + _U32 * xq.abs().amax(dim=1)          # + the float32 cast of x
+    l1_a = math.sqrt(data.dim) * data.raw_norm_max
+    d_dot = e_a * xq.abs().sum(dim=1) + half_step * (l1_a + data.dim * e_a)
+    dot_max = (xq.norm(dim=1) + math.sqrt(data.dim) * half_step) * (data.raw_norm_max + math.sqrt(data.dim) * e_a)
+    rounding = 8 * _U32 * (2 * dot_max + data.norm_max ** 2)
+    return inv2s2 * (2 * d_dot + rounding + data.centred_sq_err)
+
+
+def _screen_logits(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int):
+    """Yield (start, [chunk, Q] screened logits) and return nothing; see _screened_posterior.  For bfloat16 /
+    float32 the augmented GEMM of centred rows; for int8 (torch.int8) fbgemm's product of the raw rows with the
+    int8 queries, less the centred norms — those logits are the centred ones plus ⟨x, mean⟩/σ² per row."""
+    if dtype != torch.int8:
+        x_aug = data.augmented_queries(xq, sigma, dtype)
+        for start, xc_aug in data.augmented_chunks(dtype, chunk):
+            with _no_tf32():
+                yield start, xc_aug @ x_aug.T
+        return
+    packed, _ = _int8_pack_queries(xq)
+    inv2s2 = (0.5 / sigma ** 2).float()
+    for start in range(0, data.n, chunk):
+        stop = min(start + chunk, data.n)
+        approx = torch.ops.quantized.linear_dynamic(data.raw[start:stop].float(), packed, True)  # ⟨a_raw, x⟩
+        yield start, approx.mul_(2.0 * inv2s2[None, :]).addr_(data.centred_sq[start:stop], inv2s2, alpha=-1.0)
+
+
 def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int,
                         init_max: torch.Tensor | None, max_candidates: int):
     """Exact D*(x) by screening, for the rows whose posterior is concentrated (most rows at small and
@@ -355,9 +442,12 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
     q, dim = xq.shape
     dev = xq.device
     inv2s2 = 0.5 / sigma ** 2
-    x_aug = data.augmented_queries(xq, sigma, dtype)
-    bound = _screen_bound(xq, sigma, data, dtype)                            # [Q] float64
-    lower = torch.full((q,), -math.inf, dtype=torch.float64, device=dev) if init_max is None else init_max.clone()
+    if dtype == torch.int8:
+        bound = _int8_screen_bound(xq, sigma, data, _int8_query_scale(xq))
+        shift = (xq @ data.mean) / sigma ** 2                                # int8 logits − centred logits
+    else:
+        bound, shift = _screen_bound(xq, sigma, data, dtype), 0.0            # [Q] float64
+    lower = torch.full((q,), -math.inf, dtype=torch.float64, device=dev) if init_max is None else init_max + shift
     dense = torch.zeros(q, dtype=torch.bool, device=dev)
     empty = torch.empty(0, dtype=torch.int64, device=dev)
     n_idx, q_idx, approx_kept = empty, empty, torch.empty(0, dtype=torch.float64, device=dev)
@@ -368,17 +458,16 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
         sel = (approx_kept >= lower[q_idx] - _NEGLIGIBLE_NATS - 2.0 * bound[q_idx]) & ~dense[q_idx]
         return n_idx[sel], q_idx[sel], approx_kept[sel]
 
-    for start, xc_aug in data.augmented_chunks(dtype, chunk):
-        with _no_tf32():
-            approx = xc_aug @ x_aug.T                                        # [chunk, Q] screened logits
+    for start, approx in _screen_logits(data, xq, sigma, dtype, chunk):     # [chunk, Q] screened logits
         # the true row maximum is at least max(approx − B); a point can matter only if approx + B ≥ that − 50
         lower = torch.maximum(lower, approx.amax(dim=0).double() - bound)
         threshold = (lower - _NEGLIGIBLE_NATS - 2.0 * bound).masked_fill_(dense, math.inf).float()
         keep = approx >= threshold[None, :]
         # rows with too many candidates go to the streaming path before their pairs are materialised (the
-        # limit is loose: without a hint, early chunks keep points that later ones rule out)
-        over = counts + keep.sum(dim=0) > 4 * max_candidates
-        if bool(over.any()):
+        # limit is loose: without a hint, early chunks keep points that later ones rule out); the per-row count
+        # costs ~15× the total one, so it runs only when the total says some row may be over
+        if int(torch.count_nonzero(keep)) > 4 * max_candidates:
+            over = counts + torch.count_nonzero(keep, dim=0) > 4 * max_candidates
             dense |= over
             keep &= ~over[None, :]
         n_new, q_new = keep.nonzero(as_tuple=True)
@@ -387,6 +476,7 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
         n_idx, q_idx, approx_kept = survivors(torch.cat([n_idx, n_new + start]), torch.cat([q_idx, q_new]),
                                               torch.cat([approx_kept, approx[n_new, q_new].double()]))
         counts = torch.bincount(q_idx, minlength=q)
+        dense |= counts > 4 * max_candidates
         del approx
     dense |= counts > max_candidates
     n_idx, q_idx, _ = survivors(n_idx, q_idx, approx_kept)
@@ -407,14 +497,21 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
     return num / total.clamp(min=1e-300)[:, None], done
 
 
-def _screen_dtype(device: torch.device, fast: torch.Tensor) -> tuple[torch.dtype | None, torch.Tensor]:
+def _screen_dtype(data: _Data, fast: torch.Tensor) -> tuple[torch.dtype | None, torch.Tensor]:
     """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores: ~15× the
-    float32 rate); on the CPU, where bfloat16 is slow, the rows that would otherwise need a float64 GEMM (a
+    float32 rate); on the CPU every row in int8 when fbgemm is there and the batch's GEMM is large (~1.6× the
+    float32 rate, quantisation included), else the rows that would otherwise need a float64 GEMM in float32 (a
     float32 screen plus float64 candidates beats a float64 GEMM ~2×)."""
+    every = torch.ones_like(fast)
+    forced = {"bfloat16": torch.bfloat16, "int8": torch.int8, "float32": torch.float32}
     if _SCREEN == "off":
         return None, torch.zeros_like(fast)
-    if _SCREEN == "bfloat16" or device.type == "cuda":
-        return torch.bfloat16, torch.ones_like(fast)
+    if _SCREEN in forced:
+        return forced[_SCREEN], every
+    if data.device.type == "cuda":
+        return torch.bfloat16, every
+    if fast.numel() * data.n * data.dim >= _INT8_MIN_GEMM and _int8_available():
+        return torch.int8, every
     return torch.float32, ~fast
 
 
@@ -433,7 +530,7 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
         init = ((xq ** 2).sum(1) - ((xq - x_h) ** 2).sum(1)) * (0.5 / sigma ** 2)
     fast = _logit_error_bound(xq, sigma, data) <= _F32_LOGIT_TOL
     todo = torch.ones_like(fast)
-    screen_dtype, screened = _screen_dtype(data.device, fast)
+    screen_dtype, screened = _screen_dtype(data, fast)
     if screen_log and min(screen_log) < 0.1:
         screened = torch.zeros_like(screened)
     idx = torch.nonzero(screened).squeeze(1)

@@ -100,11 +100,16 @@ def _twin_queries(seed):
     return data, data[src].astype(np.float64) + sigmas[:, None] * rng.standard_normal((70, 256)), sigmas
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+INT8 = pytest.param(torch.int8, marks=pytest.mark.skipif(
+    not __import__("analysis.optimal_loss", fromlist=["_int8_available"])._int8_available(),
+    reason="this torch build has no fbgemm int8 GEMM"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, INT8])
 @pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_screen_bound_holds_for_every_entry(dtype, shift):
     # the bound must cover the worst entry for random data, offsets (a large mean) and σ from 0.002 to 80
-    from analysis.optimal_loss import _Data, _screen_bound
+    from analysis.optimal_loss import _Data, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits
     data = _Data(torch.from_numpy(_near_duplicates(shift=shift)), torch.device("cpu"))
     rng = np.random.default_rng(0)
     src = rng.integers(0, data.n, 64)
@@ -112,17 +117,20 @@ def test_screen_bound_holds_for_every_entry(dtype, shift):
     xq = data.rows(torch.from_numpy(src), torch.float64) + sig[:, None] * torch.randn(64, data.dim,
                                                                                        dtype=torch.float64)
     inv2s2 = 0.5 / sig ** 2
-    (_, aug), = list(data.augmented_chunks(dtype, data.n))
-    approx = (aug @ data.augmented_queries(xq, sig, dtype).T).double()    # [N, Q], as the screen computes it
+    (_, approx), = list(_screen_logits(data, xq, sig, dtype, data.n))       # [N, Q], as the screen computes it
+    approx = approx.double()
+    if dtype == torch.int8:                                                   # int8 logits carry a row shift
+        approx -= ((xq @ data.mean) / sig ** 2)[None, :]
     x0 = data.rows(torch.arange(data.n), torch.float64)
     exact = (2 * xq @ x0.T - (x0 ** 2).sum(1)[None, :]) * inv2s2[:, None]  # [Q, N] in float64
     err = (approx.T - exact).abs()
-    bound = _screen_bound(xq, sig, data, dtype)
+    bound = _int8_screen_bound(xq, sig, data, _int8_pack_queries(xq)[1]) if dtype == torch.int8 else \
+        _screen_bound(xq, sig, data, dtype)
     assert bool((err <= bound[:, None]).all()), float((err / bound[:, None]).max())
     assert float((err / bound[:, None]).max()) > 1e-4   # and is not absurdly loose
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "auto", "off"])
+@pytest.mark.parametrize("mode", ["bfloat16", "float32", pytest.param("int8", marks=INT8.marks), "auto", "off"])
 def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
     # every mode must give the exact D*; screened rows are refined in float64, so they match to ~1e-12
     import analysis.optimal_loss as ol
@@ -139,14 +147,15 @@ def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
     np.testing.assert_allclose(got[small], ref[small], atol=1e-10 if mode != "off" else 1e-9, rtol=0)
 
 
-def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, INT8])
+def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
     from analysis.optimal_loss import _Data, _screened_posterior
     data = _Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     rng = np.random.default_rng(1)
     src = torch.from_numpy(rng.integers(0, data.n, 40))
     sig = torch.tensor([0.01] * 20 + [50.0] * 20, dtype=torch.float64)
     xq = data.rows(src, torch.float64) + sig[:, None] * torch.randn(40, data.dim, dtype=torch.float64)
-    den, done = _screened_posterior(data, xq, sig, torch.bfloat16, chunk=64, init_max=None, max_candidates=32)
+    den, done = _screened_posterior(data, xq, sig, dtype, chunk=64, init_max=None, max_candidates=32)
     assert bool(done[:20].all())          # one-hot posteriors: certified and refined
     assert not bool(done[20:].any())      # at σ = 50 every point matters: handed to the streaming path
     ref = reference_posterior(data.rows(torch.arange(data.n), torch.float64), xq[:20], sig[:20])
