@@ -497,11 +497,13 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
     return num / total.clamp(min=1e-300)[:, None], done
 
 
-def _screen_dtype(data: _Data, fast: torch.Tensor) -> tuple[torch.dtype | None, torch.Tensor]:
+def _screen_dtype(data: _Data, fast: torch.Tensor, hinted: bool) -> tuple[torch.dtype | None, torch.Tensor]:
     """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores: ~15× the
-    float32 rate); on the CPU every row in int8 when fbgemm is there and the batch's GEMM is large (~1.6× the
-    float32 rate, quantisation included), else the rows that would otherwise need a float64 GEMM in float32 (a
-    float32 screen plus float64 candidates beats a float64 GEMM ~2×)."""
+    float32 rate); on the CPU every row in int8 when fbgemm is there, the batch's GEMM is large and each query
+    comes with a hint (~1.6× the float32 rate, quantisation included; without a hint the first chunks of a
+    multi-chunk pass cannot rule out enough points at intermediate σ and the screen would only add its GEMM),
+    else the rows that would otherwise need a float64 GEMM in float32 (a float32 screen plus float64 candidates
+    beats a float64 GEMM ~2×)."""
     every = torch.ones_like(fast)
     forced = {"bfloat16": torch.bfloat16, "int8": torch.int8, "float32": torch.float32}
     if _SCREEN == "off":
@@ -510,7 +512,7 @@ def _screen_dtype(data: _Data, fast: torch.Tensor) -> tuple[torch.dtype | None, 
         return forced[_SCREEN], every
     if data.device.type == "cuda":
         return torch.bfloat16, every
-    if fast.numel() * data.n * data.dim >= _INT8_MIN_GEMM and _int8_available():
+    if hinted and fast.numel() * data.n * data.dim >= _INT8_MIN_GEMM and _int8_available():
         return torch.int8, every
     return torch.float32, ~fast
 
@@ -530,7 +532,7 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
         init = ((xq ** 2).sum(1) - ((xq - x_h) ** 2).sum(1)) * (0.5 / sigma ** 2)
     fast = _logit_error_bound(xq, sigma, data) <= _F32_LOGIT_TOL
     todo = torch.ones_like(fast)
-    screen_dtype, screened = _screen_dtype(data, fast)
+    screen_dtype, screened = _screen_dtype(data, fast, hinted=init is not None)
     if screen_log and min(screen_log) < 0.1:
         screened = torch.zeros_like(screened)
     idx = torch.nonzero(screened).squeeze(1)

@@ -162,6 +162,21 @@ def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
     np.testing.assert_allclose(den[:20].numpy(), ref, atol=1e-12, rtol=0)
 
 
+def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
+    import analysis.optimal_loss as ol
+    data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    fast = torch.tensor([True, False, True])
+    dtype, rows = ol._screen_dtype(data, fast, hinted=True)       # a small batch: float32, the float64 rows only
+    assert dtype == torch.float32 and rows.tolist() == [False, True, False]
+    monkeypatch.setattr(ol, "_INT8_MIN_GEMM", 0)                    # as if the batch were large
+    dtype, rows = ol._screen_dtype(data, fast, hinted=True)
+    if ol._int8_available():
+        assert dtype == torch.int8 and bool(rows.all())
+    assert ol._screen_dtype(data, fast, hinted=False)[0] == torch.float32   # no hint: no int8 screen
+    monkeypatch.setattr(ol, "_SCREEN", "off")
+    assert ol._screen_dtype(data, fast, hinted=True)[0] is None
+
+
 def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypatch):
     import analysis.optimal_loss as ol
     monkeypatch.setattr(ol, "_SCREEN", "bfloat16")
