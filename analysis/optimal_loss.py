@@ -90,7 +90,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.evaluate import eval_noise  # the eval set's ε; owned by evaluate.py (docs/internals.md)
+from analysis.evaluate import eval_noise, load_eval_set  # the eval set's ε and reader: evaluate.py's
 from models.atomic import atomic_path
 
 __all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
@@ -1019,11 +1019,10 @@ def _denoise_cli(argv) -> int:
     x, labels = _load(a.dataset)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")
-    path = Path(a.eval_set)
-    if not path.is_file():
-        p.error(f"--eval-set: file not found: {path}")
-    with np.load(path) as ev:
-        eval_set = {k: ev[k] for k in ev.files}
+    try:
+        eval_set = load_eval_set(a.eval_set)
+    except (FileNotFoundError, ValueError) as err:
+        p.error(f"--eval-set: {err}")
     den = denoise_eval_set(x, eval_set, labels=labels if a.conditional else None, device=a.device)
     out = Path(a.out)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
