@@ -233,19 +233,24 @@ def trapezoid_log_weights(sigmas) -> np.ndarray:
     return q
 
 
-def weighted_totals(table: pd.DataFrame, sigma_density, loss_weight) -> dict:
-    """Totals of the per-σ table under the training weighting (module docstring): for each statistic S,
-    Σ a_k λ_k S_k / Σ a_k with a_k = q_k·p(ln σ_k), and its standard error.
-
-    sigma_density(σ array) -> density of ln σ; loss_weight(σ array) -> λ(σ) (numpy in, array-likes out)."""
-    sig = table["sigma"].to_numpy(dtype=np.float64)
+def total_weights(sigmas, sigma_density, loss_weight) -> np.ndarray:
+    """The weights c_k = a_k·λ_k / Σ a with a_k = q_k·p(ln σ_k): total = Σ_k c_k·S_k for any per-σ statistic S."""
+    sig = np.asarray(sigmas, dtype=np.float64)
     p = np.asarray(sigma_density(sig), dtype=np.float64).reshape(-1)
     lam = np.asarray(loss_weight(sig), dtype=np.float64).reshape(-1)
     a = trapezoid_log_weights(sig) * p
     if not np.all(np.isfinite(a)) or a.sum() <= 0:
         raise ValueError(f"the training σ distribution puts no mass on the evaluation grid "
                          f"[{sig.min():.4g}, {sig.max():.4g}]; widen evaluation.sigma_min/sigma_max")
-    c = a * lam / a.sum()
+    return a * lam / a.sum()
+
+
+def weighted_totals(table: pd.DataFrame, sigma_density, loss_weight) -> dict:
+    """Totals of the per-σ table under the training weighting (module docstring): for each statistic S,
+    Σ a_k λ_k S_k / Σ a_k with a_k = q_k·p(ln σ_k), and its standard error.
+
+    sigma_density(σ array) -> density of ln σ; loss_weight(σ array) -> λ(σ) (numpy in, array-likes out)."""
+    c = total_weights(table["sigma"].to_numpy(dtype=np.float64), sigma_density, loss_weight)
     out = {"n": int(table["n"].sum())}
     for k in STATS:
         out[k] = float(np.sum(c * table[k].to_numpy(dtype=np.float64)))
@@ -300,9 +305,11 @@ def load_rows(dataset, eval_set: dict):
     return x, labels, {**eval_set, "index": inverse.astype(np.int64)}
 
 
-def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None) -> pd.DataFrame:
+def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,
+                      return_triples: bool = False):
     """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
-    model, arch, params, images_seen and flops on every row."""
+    model, arch, params, images_seen and flops on every row. With ``return_triples`` also the per-triple arrays
+    (`triple_arrays`) that the study's bootstrap resamples."""
     import torch
 
     from models.denoiser import Denoiser
@@ -329,6 +336,7 @@ def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int 
     table = per_sigma_table(errors, ev["sigma"])
     table["weighting"] = "none"
     density, weight = _variant_fns(den.variant)
+    weights = total_weights(table["sigma"].to_numpy(dtype=np.float64), density, weight)
     total = {"sigma": math.nan, "weighting": "training", **weighted_totals(table, density, weight)}
     df = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
     df.insert(0, "model", info.get("model") or meta.get("model"))
@@ -336,7 +344,51 @@ def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int 
     df.insert(2, "params", int(info.get("params") or meta.get("params")))
     df.insert(3, "images_seen", int(info.get("images_seen") or meta.get("images_seen")))
     df.insert(4, "flops", float(info.get("flops") or meta.get("flops")))
+    if return_triples:
+        return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
     return df[LOSS_COLUMNS]
+
+
+def triple_arrays(errors: dict, sigma, weights) -> dict:
+    """One snapshot's per-triple errors with the σ level (1..K, ascending) of each triple and its total's weights."""
+    grid, level = np.unique(np.asarray(sigma, dtype=np.float64), return_inverse=True)
+    return {"sigma": grid, "level": level.astype(np.int64) + 1, "loss": errors["loss"],
+            "excess": errors["excess"], "optimal_loss": errors["optimal_loss"],
+            "total_weight": np.asarray(weights, dtype=np.float64)}
+
+
+def _triples_path(eval_csv) -> Path:
+    """Where `snapshot --per-triple` puts a snapshot's per-triple arrays: beside its CSV, same stem."""
+    return Path(eval_csv).with_suffix(".npz")
+
+
+def collect_per_triple(losses: pd.DataFrame, eval_csvs) -> dict:
+    """The study's per-triple arrays (analysis.resample's per_triple.npz) from every snapshot's .npz beside its
+    CSV, in the snapshot order of ``losses``. All snapshots must share the evaluation set."""
+    by_key = {}
+    for p in eval_csvs:
+        t = _triples_path(p)
+        if not t.is_file():
+            raise FileNotFoundError(f"per-triple errors not found: {t} (written by `analysis.evaluate snapshot "
+                                    f"--per-triple`)")
+        head = pd.read_csv(p, usecols=["model", "images_seen"], nrows=1).iloc[0]
+        with np.load(t, allow_pickle=False) as z:
+            by_key[(str(head["model"]), int(head["images_seen"]))] = {k: z[k] for k in z.files}
+    snaps = losses[losses["sigma"].isna()][["model", "params", "images_seen", "flops"]].reset_index(drop=True)
+    first = next(iter(by_key.values()))
+    rows = []
+    for _, r in snaps.iterrows():
+        a = by_key[(str(r["model"]), int(r["images_seen"]))]
+        for k in ("sigma", "level", "optimal_loss"):
+            if a[k].shape != first[k].shape or not np.array_equal(a[k], first[k]):
+                raise ValueError(f"snapshot {r['model']}@{int(r['images_seen'])} was evaluated on another "
+                                 f"evaluation set ({k} differs); re-evaluate every snapshot on one set")
+        rows.append(a)
+    return {"sigma": first["sigma"], "level": first["level"], "optimal_loss": first["optimal_loss"],
+            "loss": np.stack([a["loss"] for a in rows]), "excess": np.stack([a["excess"] for a in rows]),
+            "total_weight": np.stack([a["total_weight"] for a in rows]),
+            "model": snaps["model"].astype(str).to_numpy(), "params": snaps["params"].to_numpy(np.int64),
+            "images_seen": snaps["images_seen"].to_numpy(np.int64), "flops": snaps["flops"].to_numpy(np.float64)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,12 +511,16 @@ def main(argv=None) -> int:
     sn.add_argument("--out", required=True)
     sn.add_argument("--batch-size", type=int, default=512)
     sn.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    sn.add_argument("--per-triple", action="store_true",
+                    help="also write the per-triple errors beside --out (same name, .npz) for the study's bootstrap")
 
     co = sub.add_parser("collect", help="all snapshot CSVs -> losses.csv, with the L >= J* invariant check")
     co.add_argument("--eval", nargs="+", required=True, help="per-snapshot CSVs")
     co.add_argument("--jstar", default=None, help="optimal_loss/jstar.csv (adds jstar_grid)")
     co.add_argument("--out", required=True, help="losses.csv")
     co.add_argument("--invariant", required=True, help="per-σ invariant check CSV")
+    co.add_argument("--per-triple", default=None,
+                    help="write the study's per-triple arrays here (needs each CSV's .npz from `snapshot --per-triple`)")
     args = ap.parse_args(argv)
 
     try:
@@ -476,14 +532,21 @@ def main(argv=None) -> int:
             print(f"evaluation set: {len(ev['index'])} triples ({args.num_sigmas} σ in "
                   f"[{args.sigma_min:g}, {args.sigma_max:g}] × {args.samples_per_sigma}) over N={n} -> {args.out}")
         elif args.cmd == "snapshot":
-            df = evaluate_snapshot(args.snapshot, args.dataset, args.eval_set, args.denoised,
-                                   batch_size=args.batch_size, device=args.device)
+            df, triples = evaluate_snapshot(args.snapshot, args.dataset, args.eval_set, args.denoised,
+                                            batch_size=args.batch_size, device=args.device, return_triples=True)
+            if args.per_triple:  # written first: the CSV (the rule's declared output) marks the job complete
+                with atomic_path(_triples_path(args.out)) as tmp:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **triples)
             _atomic_csv(df, args.out)
             tot = df[df["sigma"].isna()].iloc[0]
             print(f"{args.snapshot}: total L={tot['loss']:.5g} J*={tot['optimal_loss']:.5g} "
                   f"excess={tot['excess']:.5g} -> {args.out}")
         else:
             losses, inv = collect(args.eval, args.jstar)
+            if args.per_triple:
+                from analysis.resample import save_per_triple
+                save_per_triple(args.per_triple, collect_per_triple(losses, args.eval))
             _atomic_csv(losses, args.out)
             _atomic_csv(inv, args.invariant)
             n_bad = warn_invariant(inv)

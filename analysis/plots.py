@@ -12,6 +12,8 @@ jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
   scaling.png              total L and L − J* against compute with their fits, side by side (the paper's comparison)
   exponents_per_sigma.png  per-σ compute exponent and |ρ| of both fits
   residuals.png            residuals of both compute fits of the total
+  offset_profile.png       ρ and extrapolation error against the subtracted constant c, J* and free offset marked
+  compute_optimal.png      iso-loss contours of L(N, D) = J* + A/N^a + B/D^b and the compute-optimal frontier
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import pandas as pd  # noqa: E402
 from models.atomic import atomic_path  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
+STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal")  # the last two from the scaling step's tables
 # the two quantities the paper compares, as analysis.scaling names them
 RAW, MINUS = "raw", "minus_jstar"
 LABELS = {RAW: "L", MINUS: "L − J*"}
@@ -84,6 +87,16 @@ def _predict(row, x) -> np.ndarray:
 
 def _quantity(df: pd.DataFrame, quantity: str) -> pd.Series:
     return df["loss"] if quantity == RAW else df["loss"] - df["optimal_loss"]
+
+
+def _on_frontier(losses: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
+    """For each row, whether its snapshot is on the study's one compute frontier (chosen on the total L)."""
+    from analysis.scaling import lower_envelope
+
+    tot = _totals(losses)
+    env = tot.iloc[lower_envelope(tot["flops"].to_numpy(dtype=float), tot["loss"].to_numpy(dtype=float))]
+    keys = set(zip(env["model"], env["images_seen"]))
+    return np.array([(m, i) in keys for m, i in zip(rows["model"], rows["images_seen"])], dtype=bool)
 
 
 def _save(fig, out) -> Path:
@@ -170,8 +183,6 @@ def plot_gap_per_sigma(losses: pd.DataFrame, out) -> Path:
 def plot_scaling(losses: pd.DataFrame, exponents: pd.DataFrame | None, out, sigma=None) -> Path:
     """The paper's comparison: total (σ None) or per-σ L against compute (left) and L − J* (right), every
     snapshot as a point, the compute frontier highlighted, and the fit of exponents.csv drawn over it."""
-    from analysis.scaling import lower_envelope
-
     df = _totals(losses) if sigma is None else _per_sigma(losses)
     if sigma is not None:
         df = df[np.isclose(df["sigma"].astype(float), float(sigma))]
@@ -184,10 +195,10 @@ def plot_scaling(losses: pd.DataFrame, exponents: pd.DataFrame | None, out, sigm
             ok = y > 0
             ax.plot(g["flops"][ok], y[ok], "o-", color=colors[m], ms=4, alpha=0.8, label=_model_label(losses, m))
         ok = np.isfinite(y_all) & (y_all > 0)
-        if ok.sum() >= 2:
-            x_ok, y_ok = df["flops"].to_numpy(dtype=float)[ok], y_all[ok]
-            env = lower_envelope(x_ok, y_ok)
-            ax.plot(x_ok[env], y_ok[env], "kx", ms=7, mew=1.5, label="compute frontier")
+        on = ok & _on_frontier(losses, df)
+        if on.any():
+            ax.plot(df["flops"].to_numpy(dtype=float)[on], y_all[on], "kx", ms=7, mew=1.5,
+                    label="compute frontier (of the total L)")
         row = _fit_row(exponents, q, sigma)
         if row is not None and ok.any():
             xs = np.geomspace(df["flops"].min(), df["flops"].max(), 100)
@@ -253,12 +264,75 @@ def plot_residuals(losses: pd.DataFrame, exponents: pd.DataFrame | None, out, si
     return _save(fig, out)
 
 
-def plot_all(losses, exponents, jstar, estimators, outdir) -> list[Path]:
-    """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths."""
+def plot_offset_profile(profile: pd.DataFrame, verdict: pd.DataFrame, out) -> Path:
+    """ρ of log(L − c) (top) and the extrapolation error of the offset-c line (bottom) against the subtracted
+    constant c, per axis, with bands from the replicates; J* and the free offset (with its interval) marked."""
+    axes_names = list(profile["axis"].unique())
+    fig, axes = plt.subplots(2, len(axes_names), figsize=(5.5 * len(axes_names), 6.4), squeeze=False,
+                             sharex="col")
+    for j, a in enumerate(axes_names):
+        p = profile[(profile["axis"] == a) & (profile["marker"].fillna("") == "")].sort_values("c")
+        marks = profile[(profile["axis"] == a) & (profile["marker"].fillna("") != "")]
+        v = verdict[(verdict["axis"] == a) & verdict["sigma"].isna()]
+        for i, (key, label) in enumerate((("rho", "ρ of log(L − c) vs log x"),
+                                          ("extrapolation_error", "extrapolation error (largest model)"))):
+            ax = axes[i, j]
+            ax.plot(p["c"], p[key], "C0-", label=label)
+            if p[f"{key}_ci_lo"].notna().any():
+                ax.fill_between(p["c"], p[f"{key}_ci_lo"], p[f"{key}_ci_hi"], color="C0", alpha=0.2,
+                                label="95% interval")
+            for _, m in marks.iterrows():
+                color = "C3" if m["marker"] == "jstar" else "C2"
+                name = "J*" if m["marker"] == "jstar" else "free offset"
+                ax.axvline(m["c"], color=color, ls="--", lw=1.5, label=f"{name} = {m['c']:.3g}")
+            if not v.empty and np.isfinite(v.iloc[0]["free_offset_ci_lo"]):
+                ax.axvspan(v.iloc[0]["free_offset_ci_lo"], v.iloc[0]["free_offset_ci_hi"], color="C2", alpha=0.1,
+                           label="free-offset 95% interval")
+            ax.set(ylabel=label, title=f"x = {a}" if i == 0 else None)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        axes[1, j].set_xlabel("subtracted constant c (total loss)")
+    return _save(fig, out)
+
+
+def plot_compute_optimal(losses: pd.DataFrame, compute_optimal: pd.DataFrame, out) -> Path:
+    """Iso-loss contours of the fitted L(N, D) = J* + A/N^a + B/D^b over (params, images), the snapshots, and the
+    compute-optimal frontier (N_opt, D_opt for compute ∝ N·D)."""
+    tot = _totals(losses)
+    fig, ax = plt.subplots(figsize=(6.6, 5.2))
+    row = compute_optimal[compute_optimal["floor"] == "jstar"]
+    if row.empty or not np.isfinite(float(row.iloc[0].get("E", np.nan))):
+        ax.text(0.5, 0.5, "no compute-optimal fit (too few snapshots)", transform=ax.transAxes, ha="center")
+        return _save(fig, out)
+    r = row.iloc[0]
+    n_lo, n_hi = tot["params"].min() / 2, tot["params"].max() * 2
+    d_lo, d_hi = tot["images_seen"].min() / 2, tot["images_seen"].max() * 2
+    N, D = np.meshgrid(np.geomspace(n_lo, n_hi, 200), np.geomspace(d_lo, d_hi, 200))
+    L = r["E"] + r["A"] / N ** r["a"] + r["B"] / D ** r["b"]
+    cs = ax.contour(N, D, L, levels=np.quantile(tot["loss"], np.linspace(0.05, 0.95, 8)), cmap="viridis")
+    ax.clabel(cs, fontsize=7, fmt="%.3g")
+    sc = ax.scatter(tot["params"], tot["images_seen"], c=tot["loss"], cmap="viridis", edgecolor="k", zorder=3)
+    fig.colorbar(sc, ax=ax, label="total L (measured)")
+    # minimise A/N^a + B/D^b at fixed N·D = K: N_opt = (aA/(bB))^(1/(a+b)) · K^(b/(a+b))
+    k = np.geomspace(n_lo * d_lo, n_hi * d_hi, 100)
+    n_opt = (r["a"] * r["A"] / (r["b"] * r["B"])) ** (1 / (r["a"] + r["b"])) * k ** (r["b"] / (r["a"] + r["b"]))
+    ax.plot(n_opt, k / n_opt, "r-", lw=2,
+            label=f"compute-optimal: N ∝ C^{r['n_opt_exponent']:.2f}, D ∝ C^{r['d_opt_exponent']:.2f}")
+    ax.set(xscale="log", yscale="log", xlim=(n_lo, n_hi), ylim=(d_lo, d_hi), xlabel="parameters N",
+           ylabel="images seen D", title=f"L(N, D) = J* + A/N^{r['a']:.2f} + B/D^{r['b']:.2f}  (J* = {r['E']:.3g})")
+    ax.legend(fontsize=7, loc="upper right")
+    return _save(fig, out)
+
+
+def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict=None,
+             compute_optimal=None) -> list[Path]:
+    """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths; the offset profile and
+    the compute-optimal figure are drawn when their tables are given."""
     read = lambda t: pd.read_csv(t) if not isinstance(t, pd.DataFrame) and t is not None else t  # noqa: E731
-    losses, exponents, jstar, estimators = map(read, (losses, exponents, jstar, estimators))
+    losses, exponents, jstar, estimators, profile, verdict, compute_optimal = map(
+        read, (losses, exponents, jstar, estimators, profile, verdict, compute_optimal))
     outdir = Path(outdir)
-    return [
+    outs = [
         plot_jstar(estimators if estimators is not None else jstar, outdir / "jstar.png", jstar),
         plot_loss_per_sigma(losses, outdir / "loss_per_sigma.png"),
         plot_gap_per_sigma(losses, outdir / "gap_per_sigma.png"),
@@ -266,6 +340,11 @@ def plot_all(losses, exponents, jstar, estimators, outdir) -> list[Path]:
         plot_exponents_per_sigma(exponents, outdir / "exponents_per_sigma.png"),
         plot_residuals(losses, exponents, outdir / "residuals.png"),
     ]
+    if profile is not None and verdict is not None:
+        outs.append(plot_offset_profile(profile, verdict, outdir / "offset_profile.png"))
+    if compute_optimal is not None:
+        outs.append(plot_compute_optimal(losses, compute_optimal, outdir / "compute_optimal.png"))
+    return outs
 
 
 def main(argv=None) -> int:
@@ -275,6 +354,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exponents", help="analysis/exponents.csv")
     ap.add_argument("--jstar", help="optimal_loss/jstar.csv")
     ap.add_argument("--estimators", help="optimal_loss/estimators.csv")
+    ap.add_argument("--profile", help="analysis/offset_profile.csv (with --verdict: offset_profile.png)")
+    ap.add_argument("--verdict", help="analysis/verdict.csv")
+    ap.add_argument("--compute-optimal", help="analysis/compute_optimal.csv (compute_optimal.png)")
     ap.add_argument("--outdir", default=None, help="for `all`: folder of the figures")
     ap.add_argument("--out", default=None, help="for one figure: its PNG path")
     ap.add_argument("--sigma", type=float, default=None, help="scaling/residuals at this σ instead of the total")
@@ -289,7 +371,8 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             ap.error(f"--{key}: file not found: {path}")
     if a.figure == "all":
-        outs = plot_all(a.losses, a.exponents, a.jstar, a.estimators, a.outdir or ".")
+        outs = plot_all(a.losses, a.exponents, a.jstar, a.estimators, a.outdir or ".", a.profile, a.verdict,
+                        a.compute_optimal)
     else:
         out = a.out or f"{a.figure}.png"
         t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None

@@ -359,13 +359,46 @@ def _chin_grid_values(starts, logn, logd, logl, delta):
     return huber(lse - logl, delta).sum(axis=1)
 
 
+_POLISH = 3  # best L-BFGS-B results polished to convergence
+
+
 def _chin_fit_core(logn, logd, logl, delta, starts):
-    best_theta, best_f = None, math.inf
+    """L-BFGS-B from every start, then the best few polished by a trust-region solve of the same Huber objective.
+
+    L-BFGS-B stops on a relative decrease of the objective, which on near-exact data leaves it short of the optimum
+    at a point that depends on rounding (thread count, CPU); the polish converges to the optimum itself, so the
+    result is the same on every machine."""
+    found = []
     for th0 in starts:
         res = minimize(_chin_objective, th0, args=(logn, logd, logl, delta), jac=True, method="L-BFGS-B")
-        if res.fun < best_f:
-            best_theta, best_f = res.x, float(res.fun)
+        found.append((float(res.fun), res.x))
+    found.sort(key=lambda t: t[0])
+    best_theta, best_f = None, math.inf
+    for _, th in found[:_POLISH]:
+        th, f = _chin_polish(th, logn, logd, logl, delta)
+        if f < best_f:
+            best_theta, best_f = th, f
     return best_theta, best_f
+
+
+def _chin_residuals(theta, logn, logd, logl):
+    a, b, e, al, be = theta
+    z = np.stack([a - al * logn, b - be * logd, np.full_like(logn, e)], axis=1)
+    lse, w = _softmax_lse(z, axis=1)
+    jac = np.stack([w[:, 0], w[:, 1], w[:, 2], -w[:, 0] * logn, -w[:, 1] * logd], axis=1)
+    return lse - logl, jac
+
+
+def _chin_polish(theta, logn, logd, logl, delta):
+    """scipy's least_squares with loss='huber' and f_scale=δ minimises Σ huber_δ(r) exactly (its robust cost is
+    f_scale²·ρ(r²/f_scale²)/2), with a trust-region method that converges to machine precision."""
+    from scipy.optimize import least_squares
+    res = least_squares(lambda th: _chin_residuals(th, logn, logd, logl)[0], theta,
+                        jac=lambda th: _chin_residuals(th, logn, logd, logl)[1], loss="huber", f_scale=delta,
+                        method="trf", xtol=1e-15, ftol=1e-15, gtol=1e-15, max_nfev=5000)
+    f = float(huber(res.fun, delta).sum())
+    f0 = _chin_objective(theta, logn, logd, logl, delta)[0]
+    return (res.x, f) if f <= f0 else (np.asarray(theta), f0)
 
 
 def chinchilla_grid() -> np.ndarray:
@@ -453,216 +486,77 @@ def _chin_params(theta) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The study table: every quantity × axis × σ (and the total)
+# The study's tables (analysis.study_stats) and the CLI
 # ----------------------------------------------------------------------------------------------------------------
-# quantity → (how y is built from the tidy losses table, offset, whether noisy y ≤ 0 points are dropped,
-#             whether J* is added back when measuring the extrapolation error on the loss L itself)
-QUANTITIES = {
-    "raw": (lambda df: df["loss"], 0.0, False, False),
-    "minus_jstar": (lambda df: df["loss"] - df["optimal_loss"], 0.0, True, True),
-    "excess": (lambda df: df["excess"], 0.0, True, True),
-    "free_offset": (lambda df: df["loss"], "free", False, False),
-}
-AXES = {"compute": "flops", "params": "params"}
-LOSSES_COLUMNS = ("model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss")
-TABLE_COLUMNS = ["quantity", "axis", "sigma", "exponent", "exponent_ci_lo", "exponent_ci_hi", "prefactor",
-                 "prefactor_ci_lo", "prefactor_ci_hi", "offset", "offset_ci_lo", "offset_ci_hi", "rho", "pearson_r",
-                 "r2", "holdout_error", "n", "n_dropped", "optimal_loss", "note"]
+def fit_table(df: pd.DataFrame, *, quantities=None, axes=None) -> pd.DataFrame:
+    """The study's fit table (analysis.study_stats.study_table) from a tidy losses table alone: point estimates,
+    no intervals (those need the per-triple errors; see ``study_outputs``)."""
+    from analysis.resample import replicates_from_losses
+    from analysis import study_stats
 
-
-def _points_for_axis(group: pd.DataFrame, axis: str, y: pd.Series) -> pd.DataFrame:
-    """(x, y, optimal_loss) points of one σ group: the compute frontier, or each model's final snapshot."""
-    pts = pd.DataFrame({"x": group[AXES[axis]].astype(float), "y": y.astype(float),
-                        "jstar": group["optimal_loss"].astype(float), "model": group["model"],
-                        "images_seen": group["images_seen"]})
-    pts = pts[np.isfinite(pts["x"]) & np.isfinite(pts["y"])]
-    if axis == "compute":
-        idx = lower_envelope(pts["x"].to_numpy(), pts["y"].to_numpy())
-        return pts.iloc[idx]
-    last = pts.sort_values("images_seen").groupby("model", sort=False).tail(1)
-    return last.sort_values("x")
-
-
-def _fit_row(pts: pd.DataFrame, quantity: str, n_bootstrap: int, seed: int, huber_delta: float) -> dict:
-    _, offset, drop, add_jstar = QUANTITIES[quantity]
-    floor = 0.0  # both fixed offsets are 0; a free offset needs y > 0
-    bad = pts["y"] <= floor
-    row = {"n_dropped": int(bad.sum()) if drop else 0, "n": int((~bad).sum() if drop else len(pts)),
-           "optimal_loss": float(pts["jstar"].median()) if len(pts) else math.nan}
-    if drop:
-        pts = pts[~bad]
-    x, y = pts["x"].to_numpy(), pts["y"].to_numpy()
-    f = fit_power_law(x, y, offset=offset, huber_delta=huber_delta, n_bootstrap=n_bootstrap, seed=seed)
-    row.update({k: f[k] for k in ("exponent", "prefactor", "offset", "rho", "pearson_r", "r2")})
-    for k in ("exponent", "prefactor", "offset"):
-        row[f"{k}_ci_lo"], row[f"{k}_ci_hi"] = f[f"{k}_ci"]
-    if len(x) >= 4:
-        shift = float(pts["jstar"].iloc[int(np.argmax(x))]) if add_jstar else 0.0
-        try:
-            row["holdout_error"] = holdout_error(x, y, offset=offset, shift=shift, huber_delta=huber_delta)
-        except ValueError as err:
-            row["note"] = f"holdout: {err}"
-    else:
-        row["note"] = "holdout needs ≥ 4 points"
-    return row
-
-
-@_single_blas_thread
-def fit_table(df: pd.DataFrame, *, quantities=tuple(QUANTITIES), axes=tuple(AXES), n_bootstrap: int = 0,
-              seed: int = 0, huber_delta: float = 1e-3) -> pd.DataFrame:
-    """One row per (quantity, axis, σ or total) of power-law fits to the tidy losses table.
-
-    ``df`` has columns model, params, images_seen, flops, sigma (NaN for total rows), loss, optimal_loss, and
-    optionally excess (and the *_stderr columns, unused by the fits). Quantities: ``raw`` (L, offset 0),
-    ``minus_jstar`` (L − J*, offset 0, points ≤ 0 dropped), ``excess`` (E‖Dθ − D*‖², offset 0), ``free_offset``
-    (L with a fitted offset). Axes: ``compute`` (x = training FLOPs; the lower envelope across sizes of that
-    quantity) and ``params`` (x = parameters; each model's last snapshot). A fit that cannot be made leaves NaNs
-    and says why in ``note``. ``holdout_error`` is measured on the loss L (J* added back for minus_jstar/excess).
-    """
     missing = [c for c in LOSSES_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"losses table is missing columns {missing}; has {list(df.columns)}")
-    for q in quantities:
-        if q not in QUANTITIES:
-            raise ValueError(f"unknown quantity {q!r}; choose from {list(QUANTITIES)}")
-    for a in axes:
-        if a not in AXES:
-            raise ValueError(f"unknown axis {a!r}; choose from {list(AXES)}")
     sig = pd.to_numeric(df["sigma"], errors="coerce")
     if "weighting" in df.columns and df.loc[sig.isna(), "weighting"].nunique() > 1:
         # totals under different weightings are different quantities; fitting them together would mix them
         raise ValueError(f"total rows (sigma empty) come in several weightings "
                          f"{sorted(df.loc[sig.isna(), 'weighting'].unique())}; keep one before fitting")
-    groups = [(math.nan, df[sig.isna()])] + [(float(s), df[sig == s]) for s in sorted(sig.dropna().unique())]
-    rows = []
-    for q, a in itertools.product(quantities, axes):
-        for s, group in groups:
-            if group.empty:
-                continue
-            row = {"quantity": q, "axis": a, "sigma": s}
-            if q == "excess" and ("excess" not in group or group["excess"].isna().all()):
-                rows.append({**row, "note": "no excess column", "n": 0, "n_dropped": 0})
-                continue
-            pts = _points_for_axis(group, a, QUANTITIES[q][0](group))
-            try:
-                row.update(_fit_row(pts, q, n_bootstrap, seed, huber_delta))
-            except ValueError as err:
-                row.update({"note": str(err), "n": len(pts)})
-            rows.append(row)
-    out = pd.DataFrame(rows)
-    for c in TABLE_COLUMNS:
-        if c not in out:
-            out[c] = math.nan if c != "note" else ""
-    out["note"] = out["note"].fillna("")
-    return out[TABLE_COLUMNS]
+    return study_stats.study_table(replicates_from_losses(df), quantities=quantities or study_stats.QUANTITIES,
+                                   axes=axes or study_stats.AXES)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# exponents.md
-# ----------------------------------------------------------------------------------------------------------------
-def _fmt(v, spec=".4g") -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "—" if not math.isfinite(v) else format(v, spec)
+LOSSES_COLUMNS = ("model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss")
+STUDY_OUTPUTS = ("exponents.csv", "exponents.md", "verdict.csv", "offset_profile.csv", "compute_optimal.csv")
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_replicates: int = 1000,
+                  seed: int = 0) -> dict:
+    """Every table of a study's analysis folder: exponents.csv/.md, verdict.csv (with delta_rho and its interval),
+    offset_profile.csv and compute_optimal.csv. With ``per_triple`` (analysis.resample) the intervals come from
+    ``n_replicates`` resamples of the evaluation triples; without it there are none."""
+    from analysis import study_stats
+    from analysis.resample import replicates, replicates_from_losses
+
+    reps = replicates(per_triple, n_replicates, seed) if per_triple is not None else replicates_from_losses(losses)
+    fits = study_stats.StudyFits(reps)
+    tables = {"exponents.csv": study_stats.study_table(fits), "verdict.csv": study_stats.verdict_table(fits),
+              "offset_profile.csv": study_stats.offset_profile(fits),
+              "compute_optimal.csv": study_stats.compute_optimal_table(reps)}
+    md = study_stats.study_markdown(tables["exponents.csv"], tables["verdict.csv"], tables["compute_optimal.csv"],
+                                    reps.n_replicates)
+    out_dir = Path(out_dir)
+    for name, table in tables.items():
+        with atomic_path(out_dir / name) as tmp:
+            table.to_csv(tmp, index=False)
+    with atomic_path(out_dir / "exponents.md") as tmp:
+        tmp.write_text(md)
+    return {**tables, "exponents.md": md}
 
 
-def _ci(row, key) -> str:
-    lo, hi = row.get(f"{key}_ci_lo", math.nan), row.get(f"{key}_ci_hi", math.nan)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return _fmt(row[key])
-    return f"{_fmt(row[key])} [{_fmt(lo)}, {_fmt(hi)}]"
-
-
-_RHO_TIE = 1e-6
-
-
-def exponents_markdown(table: pd.DataFrame) -> str:
-    """A readable summary of ``fit_table``'s output: the total-loss fits, then raw vs L − J* per σ."""
-    parts = [
-        "# Scaling exponents",
-        "",
-        "Fits of y = offset + prefactor·x^exponent (Huber loss, δ = 1e-3, on log-space residuals; L-BFGS-B from a "
-        "grid of starts). Quantities: **raw** = the loss L (offset 0, the paper's J(F) = β·F^α); **minus_jstar** = "
-        "L − J*, the loss above the dataset's optimal loss (offset 0); **excess** = E‖Dθ − D*‖², the same excess "
-        "measured directly; **free_offset** = L with a fitted offset (compare it with J*). Axes: **compute** = "
-        "training FLOPs, using the lower envelope across model sizes; **params** = parameter count, each model's "
-        "final snapshot.",
-        "",
-        "Columns: ρ = |Pearson correlation| of log x vs log(y − offset), the paper's measure of how well a log-log "
-        "line fits (higher is better); R² of the fit in log-y space; holdout = relative error of predicting the "
-        "largest-x point from a fit without it, measured on L (J* added back); n = points fitted (n_dropped = "
-        "points with y ≤ 0 from noise, dropped). Brackets are bootstrap 95% intervals when computed.",
-        "",
-    ]
-    total = table[table["sigma"].isna()]
-    if not total.empty:
-        parts += ["## Total loss", ""]
-        rows = [[r["quantity"], r["axis"], _ci(r, "exponent"), _ci(r, "prefactor"), _ci(r, "offset"),
-                 _fmt(r["optimal_loss"]), _fmt(r["rho"]), _fmt(r["r2"]), _fmt(r["holdout_error"], ".3g"),
-                 f"{int(r['n']) if np.isfinite(r['n']) else '—'}", str(r["note"])] for _, r in total.iterrows()]
-        parts += [_md_table(["quantity", "axis", "exponent", "prefactor", "offset", "J*", "ρ", "R²", "holdout",
-                             "n", "note"], rows), ""]
-    parts += ["## Raw L vs L − J*: which fits a power law better (higher ρ)", ""]
-    for axis in table["axis"].unique():
-        sub = table[table["axis"] == axis]
-        raw = sub[sub["quantity"] == "raw"].set_index("sigma", drop=False)
-        mj = sub[sub["quantity"] == "minus_jstar"].set_index("sigma", drop=False)
-        if raw.empty or mj.empty:
-            continue
-        rows, wins, ties, compared = [], 0, 0, 0
-        for s in raw.index:
-            if s not in mj.index:
-                continue
-            r, m = raw.loc[s], mj.loc[s]
-            better = "—"
-            if np.isfinite(r["rho"]) and np.isfinite(m["rho"]):
-                compared += 1
-                # where J*(σ) ≈ 0 the two fits are the same fit up to rounding: a tie, not a win
-                if abs(m["rho"] - r["rho"]) < _RHO_TIE:
-                    better, ties = "tie", ties + 1
-                else:
-                    better = "L − J*" if m["rho"] > r["rho"] else "raw"
-                    wins += m["rho"] > r["rho"]
-            label = "total" if not np.isfinite(s) else _fmt(s)
-            rows.append([label, _fmt(r["rho"]), _fmt(m["rho"]), _fmt(r["exponent"]), _fmt(m["exponent"]),
-                         better])
-        parts += [f"### x = {axis}", "",
-                  f"L − J* has the higher ρ in {wins} of {compared} fits (σ levels and total); "
-                  f"{ties} are ties (|Δρ| < {_RHO_TIE:g}: σ where J* ≈ 0, so both are the same fit).", "",
-                  _md_table(["σ", "ρ raw", "ρ L − J*", "exponent raw", "exponent L − J*", "higher ρ"], rows), ""]
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# CLI
-# ----------------------------------------------------------------------------------------------------------------
 def _main_table(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.scaling",
-                                 description="Power-law fits of a study's losses table → exponents.csv/.md "
-                                             "(subcommand `chinchilla` fits L(N, D) instead).")
+                                 description="A study's fits, verdict and compute-optimal law → the analysis folder "
+                                             "(subcommand `chinchilla` fits L(N, D) to a CSV instead).")
     ap.add_argument("--losses", required=True, type=Path, help="tidy losses.csv from the evaluate step")
-    ap.add_argument("--out-csv", required=True, type=Path)
-    ap.add_argument("--out-md", type=Path, default=None)
-    ap.add_argument("--n-bootstrap", type=int, default=0)
+    ap.add_argument("--per-triple", type=Path, default=None,
+                    help="per_triple.npz from the evaluate step (intervals; without it: point estimates only)")
+    ap.add_argument("--out-dir", required=True, type=Path, help="writes " + ", ".join(STUDY_OUTPUTS))
+    ap.add_argument("--n-replicates", type=int, default=1000, help="bootstrap replicates of the evaluation set")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if not args.losses.is_file():
         ap.error(f"--losses file not found: {args.losses}")
-    table = fit_table(pd.read_csv(args.losses), n_bootstrap=args.n_bootstrap, seed=args.seed)
-    with atomic_path(args.out_csv) as tmp:
-        table.to_csv(tmp, index=False)
-    if args.out_md is not None:
-        with atomic_path(args.out_md) as tmp:
-            tmp.write_text(exponents_markdown(table))
-    print(f"wrote {len(table)} fits to {args.out_csv}" + (f" and {args.out_md}" if args.out_md else ""))
+    if args.per_triple is not None and not args.per_triple.is_file():
+        ap.error(f"--per-triple file not found: {args.per_triple}")
+    if args.n_replicates < 0:
+        ap.error(f"--n-replicates must be ≥ 0, got {args.n_replicates}")
+    from analysis.resample import load_per_triple
+    per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
+    out = study_outputs(pd.read_csv(args.losses), per_triple, args.out_dir, n_replicates=args.n_replicates,
+                        seed=args.seed)
+    print(f"wrote {len(out['exponents.csv'])} fits, the verdict, the offset profile and the compute-optimal law "
+          f"to {args.out_dir}")
     return 0
 
 

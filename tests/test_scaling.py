@@ -10,12 +10,11 @@ import pytest
 from scipy.optimize import check_grad
 
 from analysis import scaling
-from analysis.scaling import (exponents_markdown, fit_chinchilla, fit_power_law, fit_table, holdout_error,
-                              lower_envelope)
+from analysis import study_stats
+from analysis.scaling import fit_chinchilla, fit_power_law, fit_table, holdout_error, lower_envelope
 
-CHINCHILLA_CSV = Path("/work/shared/data/chinchilla_approach3_points.csv")
-if not CHINCHILLA_CSV.exists():  # a checkout may carry its own copy of the shared data
-    CHINCHILLA_CSV = Path(__file__).resolve().parents[1] / "shared" / "data" / "chinchilla_approach3_points.csv"
+# Epoch AI's points from Hoffmann et al.'s Figure 4 (tests/data/README.md)
+CHINCHILLA_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_approach3_points.csv"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -202,7 +201,6 @@ def test_analytic_gradients_match_finite_differences():
 # ---------------------------------------------------------------------------------------------------------------
 # Chinchilla
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.skipif(not CHINCHILLA_CSV.exists(), reason="shared Chinchilla points not available")
 def test_chinchilla_reproduces_epoch_ai_fit():
     df = pd.read_csv(CHINCHILLA_CSV)
     t0 = time.perf_counter()
@@ -290,38 +288,40 @@ def _synthetic_losses(with_excess=True) -> pd.DataFrame:
 
 def test_fit_table_rows_and_values():
     table = fit_table(_synthetic_losses())
-    assert list(table.columns) == scaling.TABLE_COLUMNS
+    assert list(table.columns) == study_stats.TABLE_COLUMNS
     assert len(table) == 4 * 2 * 3  # quantities × axes × (total + 2 σ)
     keys = set(zip(table["quantity"], table["axis"], table["sigma"].fillna(-1.0)))
-    assert keys == {(q, a, s) for q in scaling.QUANTITIES for a in scaling.AXES for s in (-1.0, 0.1, 1.0)}
+    assert keys == {(q, a, s) for q in study_stats.QUANTITIES for a in study_stats.AXES for s in (-1.0, 0.1, 1.0)}
     mj = table[table["quantity"].isin(["minus_jstar", "excess"])]
-    np.testing.assert_allclose(mj["exponent"], -0.3, atol=1e-5)
+    np.testing.assert_allclose(mj["exponent"], -0.3, atol=1e-9)
     np.testing.assert_allclose(mj["rho"], 1.0, atol=1e-9)
-    np.testing.assert_allclose(mj["holdout_error"], 0.0, atol=1e-5)
+    np.testing.assert_allclose(mj["extrapolation_error"], 0.0, atol=1e-9)
     free = table[table["quantity"] == "free_offset"]
     np.testing.assert_allclose(free["offset"], free["optimal_loss"], rtol=1e-3)  # the free offset finds J*
+    np.testing.assert_allclose(free["exponent"], -0.3, atol=1e-3)
     raw = table[table["quantity"] == "raw"].set_index(["axis", "sigma"])
     mjs = table[table["quantity"] == "minus_jstar"].set_index(["axis", "sigma"])
     assert (raw["rho"] < mjs["rho"]).all()  # L is not a power law; L − J* is
-    # compute axis: excess falls with F, so every distinct compute value is on the frontier once (runs at equal F
-    # tie and only the first counts); params axis: one point per model
+    assert (raw["extrapolation_error"] > mjs["extrapolation_error"]).all()
+    # compute axis: one frontier chosen on the total loss (every distinct compute value once: runs at equal
+    # compute tie and only the lower loss counts); params axis: one point per model
     n_distinct_flops = _synthetic_losses()["flops"].nunique()
     assert n_distinct_flops == 18
     assert (table.loc[table["axis"] == "compute", "n"] == n_distinct_flops).all()
     assert (table.loc[table["axis"] == "params", "n"] == 4).all()
-    assert (table["n_dropped"] == 0).all()
+    assert (table["n_nonpositive"] == 0).all()
     tot = table[table["sigma"].isna() & (table["quantity"] == "minus_jstar") & (table["axis"] == "compute")]
-    assert tot["prefactor"].iloc[0] == pytest.approx(100.0, rel=1e-4)
+    assert tot["prefactor"].iloc[0] == pytest.approx(100.0, rel=1e-9)
 
 
-def test_fit_table_envelope_drops_dominated_snapshots_and_missing_excess():
+def test_fit_table_one_frontier_for_every_sigma_and_missing_excess():
     df = _synthetic_losses(with_excess=False)
-    # make the smallest model's last snapshot worse than a cheaper run of another model: it leaves the frontier
-    worse = (df["model"] == "m0") & (df["images_seen"] == 4e5)
+    # the smallest model's last snapshot gets worse in its total only: it leaves the frontier of every σ
+    worse = (df["model"] == "m0") & (df["images_seen"] == 4e5) & df["sigma"].isna()
     df.loc[worse, "loss"] += 1.0
     table = fit_table(df, axes=("compute",))
     raw = table[table["quantity"] == "raw"]
-    assert (raw["n"] <= 19).all()
+    assert (raw["n"] == 17).all()  # the same 17 points at σ = 0.1, 1 and for the total
     ex = table[table["quantity"] == "excess"]
     assert (ex["note"] == "no excess column").all() and ex["exponent"].isna().all()
 
@@ -338,37 +338,44 @@ def test_fit_table_errors_and_too_few_points():
     df = _synthetic_losses()
     df = df[df["model"].isin(["m0", "m1"])]  # two models: a params fit has 2 points
     table = fit_table(df, axes=("params",), quantities=("raw",))
-    assert table["exponent"].isna().all() and table["note"].str.contains("at least 3 points").all()
+    assert table["exponent"].isna().all() and table["note"].str.contains("need ≥ 3").all()
 
 
-def test_exponents_markdown_summarises_comparison():
-    md = exponents_markdown(fit_table(_synthetic_losses(), quantities=("raw", "minus_jstar")))
-    assert md.startswith("# Scaling exponents")
-    assert "ρ = |Pearson correlation|" in md
-    assert "## Total loss" in md
-    assert md.count("L − J* has the higher ρ in 3 of 3 fits") == 2  # compute and params axes
-
-
-def test_exponents_markdown_calls_identical_fits_a_tie():
+def test_fit_table_names_points_at_or_below_jstar():
     df = _synthetic_losses()
-    df["loss"] -= df["optimal_loss"]  # J* = 0 everywhere: L − J* is L, so every comparison is the same fit
-    df["optimal_loss"] = 0.0
-    md = exponents_markdown(fit_table(df, quantities=("raw", "minus_jstar"), axes=("compute",)))
-    assert "L − J* has the higher ρ in 0 of 3 fits (σ levels and total); 3 are ties" in md
-    assert "| raw |" not in md.split("higher ρ |")[-1]  # no row names a winner
+    sel = (df["sigma"] == 0.1) & (df["model"] == "m3") & (df["images_seen"] == 4e5)
+    df.loc[sel, "loss"] = JSTAR[0.1] - 1e-4  # noise pushed one frontier point below J*
+    table = fit_table(df, axes=("compute",), quantities=("minus_jstar",))
+    row = table[table["sigma"] == 0.1].iloc[0]
+    assert row["n_nonpositive"] == 1 and np.isnan(row["exponent"]) and "y ≤ offset" in row["note"]
 
 
-def test_cli_writes_csv_and_markdown(tmp_path, capsys):
+def test_study_outputs_and_markdown_without_replicates(tmp_path):
+    out = scaling.study_outputs(_synthetic_losses(), None, tmp_path)
+    for name in scaling.STUDY_OUTPUTS:
+        assert (tmp_path / name).is_file()
+    md = out["exponents.md"]
+    assert md.startswith("# Scaling exponents and the verdict on L − J*")
+    assert "No intervals" in md and "L/(L − J*)" in md
+    verdict = pd.read_csv(tmp_path / "verdict.csv")
+    assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
+    assert (verdict["delta_rho"] > 0).all() and (verdict["verdict_rho"] == "no interval").all()
+    co = pd.read_csv(tmp_path / "compute_optimal.csv")
+    assert list(co["floor"]) == ["jstar", "free"]
+    assert {"n_opt_exponent", "d_opt_exponent", "n_opt_exponent_ci_lo", "d_opt_exponent_ci_hi"} <= set(co.columns)
+
+
+def test_cli_writes_the_analysis_folder(tmp_path, capsys):
     losses = tmp_path / "losses.csv"
     df = _synthetic_losses()
-    df[df["sigma"].isna()].to_csv(losses, index=False)  # totals only: 8 fits keep the test quick
-    out_csv, out_md = tmp_path / "a" / "exponents.csv", tmp_path / "a" / "exponents.md"
-    assert scaling.main(["--losses", str(losses), "--out-csv", str(out_csv), "--out-md", str(out_md)]) == 0
-    back = pd.read_csv(out_csv)
-    assert len(back) == 8 and set(back["quantity"]) == set(scaling.QUANTITIES) and back["sigma"].isna().all()
-    assert "Raw L vs L − J*" in out_md.read_text()
+    df[df["sigma"].isna()].to_csv(losses, index=False)  # totals only: keeps the test quick
+    out = tmp_path / "a"
+    assert scaling.main(["--losses", str(losses), "--out-dir", str(out)]) == 0
+    back = pd.read_csv(out / "exponents.csv")
+    assert len(back) == 8 and set(back["quantity"]) == set(study_stats.QUANTITIES) and back["sigma"].isna().all()
+    assert "## Verdict" in (out / "exponents.md").read_text()
     with pytest.raises(SystemExit):
-        scaling.main(["--losses", str(tmp_path / "nope.csv"), "--out-csv", str(out_csv)])
+        scaling.main(["--losses", str(tmp_path / "nope.csv"), "--out-dir", str(out)])
     assert "not found" in capsys.readouterr().err
 
 

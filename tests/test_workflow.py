@@ -177,7 +177,20 @@ def test_smoke_study_end_to_end(smoke_study):
     ex = pd.read_csv(r / "analysis" / "exponents.csv")
     assert {"raw", "minus_jstar"} <= set(ex["quantity"])
     assert (r / "analysis" / "exponents.md").read_text().strip()
-    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals"):
+    # every interval holds its estimate; fits with fewer than 5 points carry no interval and say so
+    for table in ("exponents.csv", "verdict.csv", "compute_optimal.csv"):
+        t = pd.read_csv(r / "analysis" / table)
+        for lo in [c for c in t.columns if c.endswith("_ci_lo")]:
+            key, hi = lo[: -len("_ci_lo")], lo[: -len("_ci_lo")] + "_ci_hi"
+            has = t[lo].notna()
+            assert ((t.loc[has, lo] <= t.loc[has, key] + 1e-12) & (t.loc[has, key] <= t.loc[has, hi] + 1e-12)).all(), \
+                (table, key, t.loc[has, [lo, key, hi]])
+    few = ex[(ex["n"] < 5) & ex["exponent"].notna()]
+    assert few["exponent_ci_lo"].isna().all() and few["note"].str.contains("no interval").all()
+    verdict = pd.read_csv(r / "analysis" / "verdict.csv")
+    assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
+    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
+                 "offset_profile", "compute_optimal"):
         assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
 
 

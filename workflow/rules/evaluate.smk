@@ -14,7 +14,8 @@ rule evaluate:
         eval_set=f"{R}/data/eval_set.npz",
         denoised=f"{R}/optimal_loss/eval_denoised.npy",
     output:
-        f"{R}/eval/{{model}}/{{images}}.csv",
+        csv=f"{R}/eval/{{model}}/{{images}}.csv",
+        triples=f"{R}/eval/{{model}}/{{images}}.npz",  # per-triple errors, for the study's bootstrap
     params:
         batch=config["evaluation"]["batch_size"],
         device=device_flag("evaluate"),
@@ -29,19 +30,21 @@ rule evaluate:
     shell:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {PYTHON} -m analysis.evaluate snapshot"
         " --snapshot {input.snapshot:q} --dataset {input.data:q} --eval-set {input.eval_set:q}"
-        " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output:q} > {log:q} 2>&1"
+        " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output.csv:q} --per-triple > {log:q} 2>&1"
 
 
 rule collect_losses:
     input:
         evals=all_evaluations(),
+        triples=[p[: -len(".csv")] + ".npz" for p in all_evaluations()],
         jstar=f"{R}/optimal_loss/jstar.csv",
     output:
         losses=f"{R}/analysis/losses.csv",
         invariant=f"{R}/analysis/invariant.csv",
+        per_triple=f"{R}/analysis/per_triple.npz",
     log:
         f"{R}/logs/collect_losses.log",
     shell:
         # the invariant warning goes to the log and to the terminal (tee), so nobody misses it
         "{PYTHON} -m analysis.evaluate collect --eval {input.evals:q} --jstar {input.jstar:q}"
-        " --out {output.losses:q} --invariant {output.invariant:q} 2>&1 | tee {log:q} >&2"
+        " --out {output.losses:q} --invariant {output.invariant:q} --per-triple {output.per_triple:q} 2>&1 | tee {log:q} >&2"

@@ -1,7 +1,8 @@
 # Figures (analysis.plots, matplotlib Agg) marked for `snakemake --report report.html`, each with a caption from
 # workflow/report/.
 
-FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals"]
+FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
+                "offset_profile", "compute_optimal"]
 FIGURES = [f"{R}/figures/{name}.png" for name in FIGURE_NAMES]
 
 
@@ -9,6 +10,9 @@ rule figures:
     input:
         losses=f"{R}/analysis/losses.csv",
         exponents=f"{R}/analysis/exponents.csv",
+        verdict=f"{R}/analysis/verdict.csv",
+        profile=f"{R}/analysis/offset_profile.csv",
+        compute_optimal=f"{R}/analysis/compute_optimal.csv",
         jstar=f"{R}/optimal_loss/jstar.csv",
         estimators=f"{R}/optimal_loss/estimators.csv",
     output:
@@ -28,9 +32,16 @@ rule figures:
         residuals=report(
             f"{R}/figures/residuals.png", caption="../report/residuals.rst", category="3. Scaling laws"
         ),
+        offset_profile=report(
+            f"{R}/figures/offset_profile.png", caption="../report/offset_profile.rst", category="3. Scaling laws"
+        ),
+        compute_optimal=report(
+            f"{R}/figures/compute_optimal.png", caption="../report/compute_optimal.rst", category="3. Scaling laws"
+        ),
     log:
         f"{R}/logs/figures.log",
     shell:
         "MPLBACKEND=Agg {PYTHON} -m analysis.plots all --losses {input.losses:q} --exponents {input.exponents:q}"
-        " --jstar {input.jstar:q} --estimators {input.estimators:q} --outdir $(dirname {output.jstar:q})"
+        " --jstar {input.jstar:q} --estimators {input.estimators:q} --profile {input.profile:q}"
+        " --verdict {input.verdict:q} --compute-optimal {input.compute_optimal:q} --outdir $(dirname {output.jstar:q})"
         " > {log:q} 2>&1"

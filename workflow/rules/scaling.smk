@@ -1,17 +1,25 @@
-# Power-law fits of the raw loss L and of L − J* against training compute (and parameters), per σ and for the
-# weighted total: exponents, ρ, R², bootstrap intervals (analysis.scaling).
+# The study's statistics (analysis.scaling → analysis.study_stats): power-law fits of L, L − J*, the direct excess
+# and a free offset against training compute (one frontier) and parameters, per σ and for the weighted total, with
+# intervals from bootstrap replicates of the evaluation triples; the paired verdict on L − J* vs L; the profile over
+# the subtracted constant; and the compute-optimal law L(N, D) = J* + A/N^a + B/D^b.
 
 
 rule scaling:
     input:
-        f"{R}/analysis/losses.csv",
+        losses=f"{R}/analysis/losses.csv",
+        per_triple=f"{R}/analysis/per_triple.npz",
     output:
         csv=f"{R}/analysis/exponents.csv",
         md=f"{R}/analysis/exponents.md",
+        verdict=f"{R}/analysis/verdict.csv",
+        profile=f"{R}/analysis/offset_profile.csv",
+        compute_optimal=f"{R}/analysis/compute_optimal.csv",
     params:
-        n_bootstrap=config["scaling"]["n_bootstrap"],
+        n_replicates=config["scaling"]["n_replicates"],
+        seed=config["scaling"]["seed"],
+        out_dir=f"{R}/analysis",
     log:
         f"{R}/logs/scaling.log",
     shell:
-        "{PYTHON} -m analysis.scaling --losses {input:q} --out-csv {output.csv:q} --out-md {output.md:q}"
-        " --n-bootstrap {params.n_bootstrap} > {log:q} 2>&1"
+        "{PYTHON} -m analysis.scaling --losses {input.losses:q} --per-triple {input.per_triple:q}"
+        " --out-dir {params.out_dir:q} --n-replicates {params.n_replicates} --seed {params.seed} > {log:q} 2>&1"
