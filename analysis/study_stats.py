@@ -4,7 +4,7 @@ compute-optimal law L(N, D) with J* as its floor.
 
 Every number is computed for replicate 0 (the evaluation set) and for R bootstrap replicates of its triples
 (analysis.resample), with everything that depends on the data — the frontier included — recomputed inside each
-replicate. Intervals are percentile intervals of the replicates (95%). They hold the evaluation set's sampling
+replicate. Intervals (95%) are the replicates' percentiles, centred on the estimate (``percentile_ci``). They hold the evaluation set's sampling
 noise, the noise every snapshot shares; a study with one training seed per size carries no seed noise in them.
 
 Fits. A power law with a fixed offset c (0 for L, J* for L − J*) is a least-squares line in log space:
@@ -185,16 +185,23 @@ def extrapolation_error(u, y, loss, c, k, p, w_test) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # intervals
 # ----------------------------------------------------------------------------------------------------------------
-def percentile_ci(draws: np.ndarray) -> tuple[float, float, str]:
-    """95% percentile interval of the replicate values (NaN where more than 2.5% of them are missing)."""
+def percentile_ci(draws: np.ndarray, estimate: float) -> tuple[float, float, str]:
+    """95% interval from the replicate values: their 2.5 and 97.5 percentiles, shifted by estimate − median.
+
+    A replicate carries the evaluation set's noise twice (the set's own, then the resample's), so a statistic the
+    noise biases — ρ, bounded by 1, drops with every bit of noise — sits lower in the replicates than in the
+    estimate, and a plain percentile interval can miss the estimate altogether. Shifting by the replicates' median
+    bias keeps their spread and centres it on the estimate. NaN where more than 2.5% of the replicates have no fit,
+    or where the estimate has none."""
     draws = np.asarray(draws, dtype=np.float64)
-    if draws.size == 0:
+    if draws.size == 0 or not np.isfinite(estimate):
         return math.nan, math.nan, ""
     bad = ~np.isfinite(draws)
     if bad.mean() > MAX_INVALID_FRACTION:
         return math.nan, math.nan, f"no interval: {bad.mean():.0%} of replicates had no fit"
-    lo, hi = np.percentile(draws[~bad], [(100 - LEVEL_CI) / 2, (100 + LEVEL_CI) / 2])
-    return float(lo), float(hi), ""
+    lo, med, hi = np.percentile(draws[~bad], [(100 - LEVEL_CI) / 2, 50.0, (100 + LEVEL_CI) / 2])
+    shift = float(estimate) - med
+    return float(lo + shift), float(hi + shift), ""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,7 +299,7 @@ def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) ->
 
 def _ci_fields(out: dict, name: str, draws: np.ndarray, notes: list, allow: bool) -> None:
     out[name] = float(draws[0])
-    lo, hi, note = percentile_ci(draws[1:]) if allow else (math.nan, math.nan, "")
+    lo, hi, note = percentile_ci(draws[1:], draws[0]) if allow else (math.nan, math.nan, "")
     out[f"{name}_ci_lo"], out[f"{name}_ci_hi"] = lo, hi
     if note and note not in notes:
         notes.append(note)
@@ -573,8 +580,9 @@ def _verdict_sentence(v) -> str:
 def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: pd.DataFrame | None = None,
                    n_replicates: int = 0) -> str:
     """exponents.md: the verdict first, then the total-loss fits, the compute-optimal law, and per-σ tables."""
-    ci_text = (f"Brackets are 95% percentile intervals over {n_replicates} bootstrap replicates of the evaluation "
-               f"triples (resampled within each σ, shared by all snapshots; the frontier re-chosen in each). Fits "
+    ci_text = (f"Brackets are 95% intervals from {n_replicates} bootstrap replicates of the evaluation triples "
+               f"(resampled within each σ, shared by all snapshots; the frontier re-chosen in each): the replicates' "
+               f"2.5–97.5 percentiles, shifted so that their median sits on the estimate. Fits "
                f"with fewer than {MIN_POINTS_FOR_INTERVAL} points get no interval."
                if n_replicates else "No intervals: this table was fitted without the per-triple errors.")
     parts = ["# Scaling exponents and the verdict on L − J*", "",

@@ -155,24 +155,34 @@ def test_weighted_totals_hand_case():
 
 
 def test_weighted_totals_match_the_edm_training_integral():
-    """Against an independent float64 quadrature of E[λ(σ)·L(σ) | σ in range] with ln σ ~ N(P_mean, P_std²)."""
+    """Against an independent float64 quadrature of E[λ(σ)·L(σ) | σ in range] with ln σ ~ N(P_mean, P_std²).
+
+    λ·L is not constant here (a constant would make any density or quadrature agree), the grid is not uniform in
+    ln σ (an equal-weight rule would be wrong), and a density of σ taken for one of ln σ must fail."""
     from scipy import integrate, stats
 
     from models.diffusion import get_variant
 
     v = get_variant("edm", P_mean=-1.2, P_std=1.2, sigma_data=0.5)
-    L = lambda s: 0.3 * s**2 / (s**2 + 0.25)  # noqa: E731  (a smooth loss curve, identity-like at small σ)
+    L = lambda s: 0.3 * s**2 / (s**2 + 0.25) * (1 + 0.5 * np.sin(np.log(s)))  # noqa: E731
     lam = lambda s: (s**2 + 0.25) / (s * 0.5) ** 2  # noqa: E731
     lo, hi = 0.002, 80.0
     pdf = lambda u: stats.norm.pdf(u, -1.2, 1.2)  # noqa: E731
     num = integrate.quad(lambda u: pdf(u) * lam(math.exp(u)) * L(math.exp(u)), math.log(lo), math.log(hi),
                          limit=200)[0]
     den = integrate.quad(pdf, math.log(lo), math.log(hi))[0]
-    sig = np.geomspace(lo, hi, 400)
+    truth = num / den
+    u = math.log(lo) + (math.log(hi) - math.log(lo)) * np.linspace(0, 1, 2000) ** 2  # dense at small σ
+    sig = np.exp(u)
     t = _table(sig, L(sig), np.zeros_like(sig))
     density, weight = ev._variant_fns(v)
-    tot = ev.weighted_totals(t, density, weight)
-    assert tot["loss"] == pytest.approx(num / den, rel=1e-3)
+    assert ev.weighted_totals(t, density, weight)["loss"] == pytest.approx(truth, rel=1e-3)
+    # the checks this test exists for: a wrong density or an equal-weight rule is off by far more than 1e-3
+    wrong_density = ev.weighted_totals(t, lambda s: density(s) / s, weight)["loss"]
+    assert abs(wrong_density / truth - 1) > 0.05
+    c = weight(sig) * density(sig)
+    equal_weights = float(np.sum(c * L(sig)) / np.sum(density(sig)))
+    assert abs(equal_weights / truth - 1) > 0.01
 
 
 def test_weighted_totals_no_mass_is_an_error():
