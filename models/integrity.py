@@ -146,7 +146,11 @@ def publish(src, dst, *, rebuild: str | None = None) -> dict:
 def bad_snapshots(rundir) -> list[str]:
     """The errors of a run folder's snapshots (snapshots/*.pt against their sidecars); empty when all are fine."""
     errors = []
-    for snap in sorted((Path(rundir) / "snapshots").glob("*.pt")):
+    snaps = Path(rundir) / "snapshots"
+    for side in sorted(snaps.glob(f"*.pt{SUFFIX}")):  # a snapshot deleted but still recorded
+        if not side.with_name(side.name[: -len(SUFFIX)]).exists():
+            errors.append(f"{side.with_name(side.name[: -len(SUFFIX)])}: missing (its checksum is recorded)")
+    for snap in sorted(snaps.glob("*.pt")):
         try:
             verify(snap, full=True)
         except IntegrityError as e:

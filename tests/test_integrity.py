@@ -142,3 +142,13 @@ def test_truncated_snapshot_fails_when_loaded(tmp_path):
     with pytest.raises(IntegrityError) as e:
         Denoiser.from_snapshot(snap)
     assert str(snap) in str(e.value) and "--forcerun train_t0" in str(e.value)
+
+
+def test_check_run_flags_a_deleted_snapshot(tmp_path):
+    snaps = tmp_path / "run" / "snapshots"
+    snaps.mkdir(parents=True)
+    a = _file(snaps, name="snapshot-000000064.pt")
+    integrity.stamp(a)
+    a.unlink()
+    (err,) = integrity.bad_snapshots(tmp_path / "run")
+    assert str(a) in err and "missing" in err

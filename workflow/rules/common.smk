@@ -7,7 +7,7 @@ import sys
 from snakemake.utils import validate
 
 sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
-from models.checks import check_study  # noqa: E402
+from models.checks import check_study, known_arch_names  # noqa: E402
 from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
 
 
@@ -22,17 +22,10 @@ config.update(_checked)
 validate(config, os.path.join(BASEDIR, "workflow/schemas/config.schema.yaml"))
 
 
-def _arch_names():
-    """models.family's table of architecture names (imports torch once per parse, ~1 s)."""
-    from models.family import SIZES
-
-    return list(SIZES)
-
-
 # Values only a job would trip over (an unknown arch, an inverted σ range, a missing accelerate config, a batch
 # that does not split over the processes, a bad dataset spec, ...) fail here, every one of them listed.
 try:
-    check_study(config, basedir=BASEDIR, arch_names=_arch_names())
+    check_study(config, basedir=BASEDIR, arch_names=known_arch_names())  # the family's table (imports torch, ~1 s)
 except ConfigError as err:
     raise WorkflowError(f"invalid study config:\n{err}")
 
