@@ -286,6 +286,9 @@ def load_rows(dataset, eval_set: dict):
     path = Path(str(dataset))
     x = labels = None
     if path.suffix == ".npz" and path.is_file():
+        from models.integrity import verify
+
+        verify(path)  # against PATH.sha256 where the dataset rule wrote one
         with np.load(path, allow_pickle=False) as z:
             if "x" in z.files and z["x"].ndim == 4:
                 a = z["x"]

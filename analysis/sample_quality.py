@@ -230,6 +230,9 @@ def _load_npz_x(path):
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"not found: {path}")
+    from models.integrity import verify
+
+    verify(path)
     with np.load(path) as z:
         if "x" not in z:
             raise ValueError(f"{path}: no array 'x' (keys: {list(z.keys())})")
@@ -269,6 +272,9 @@ def main(argv=None) -> None:
     if args.snapshot:
         from models.sampler import sample_snapshot
 
+        from models.integrity import verify
+
+        verify(args.snapshot)
         snap = torch.load(args.snapshot, map_location="cpu", weights_only=False)
         cond = int(snap["arch"].get("label_dim", 0) or 0) > 0
         lab = None

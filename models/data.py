@@ -253,6 +253,9 @@ def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
     if path.suffix in (".npy", ".npz"):
         if not path.is_file():
             raise DatasetError(f"dataset file not found: {path}")
+        from models.integrity import verify
+
+        verify(path)  # against PATH.sha256 where the dataset rule wrote one
         return _load_array_file(path, resolution)
     if path.is_dir():
         if (path / "data_batch_1").is_file():

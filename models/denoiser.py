@@ -76,6 +76,9 @@ class Denoiser(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"snapshot not found: {path}")
+        from models.integrity import verify
+
+        verify(path)  # a truncated / corrupted snapshot: one error naming it and its rebuild command
         snap = torch.load(path, map_location="cpu", weights_only=False)
         missing = [k for k in ("arch", "variant", weights) if k not in snap]
         if missing:

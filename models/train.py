@@ -44,6 +44,7 @@ from models.config import load_config, model_training, snapshot_marks, total_ima
 from models.denoiser import Denoiser
 from models.sigma_bins import SigmaBinTracker
 from models.atomic import atomic_path
+from models import integrity
 
 STATE_VERSION = 2  # 2: state.pt (and done.json) carry `config_fingerprint`
 
@@ -168,6 +169,7 @@ def open_training_data(data) -> HostData:
         return HostData(data.x, data.labels, data.name)
     path = Path(str(data)).expanduser()
     if path.suffix in (".npy", ".npz") and path.is_file():
+        integrity.verify(path)  # against PATH.sha256 where the dataset rule wrote one
         return _open_array_file(path)
     ds = load_dataset(str(data))  # digits / CIFAR / image folders, or a missing file: its DatasetError
     return HostData(ds.x, ds.labels, ds.name)
@@ -539,6 +541,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
                                "images_seen": images_seen, "flops": flops_per_image * images_seen,
                                "params": n_params, "model": model, "training": training,
                                "world_size": world}, path)
+            integrity.stamp(path)  # checksum of the file as written: later readers detect corruption
         written.append(path.name)
 
     # ---- steps ----
@@ -613,8 +616,11 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
                "world_size": world, "snapshots": [f"snapshots/{s}" for s in written],
                "snapshot_marks": marks}
     if status == "done" and is_main:
-        atomic_write_text(json.dumps({**summary, "config_fingerprint": fingerprint}, indent=1) + "\n",
-                          out / "done.json")
+        # done only over snapshots that match their checksums (IntegrityError otherwise: no done.json)
+        sums = {f"snapshots/{s}": (integrity.verify(snap_dir / s, full=True)
+                                   or integrity.stamp(snap_dir / s))["sha256"] for s in written}
+        atomic_write_text(json.dumps({**summary, "snapshot_sha256": sums, "config_fingerprint": fingerprint},
+                                     indent=1) + "\n", out / "done.json")
     accelerator.wait_for_everyone()
     return {**summary, "status": status}
 
@@ -647,7 +653,7 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, args.model, args.data, args.out, jstar=args.jstar,
                        stop_after_images=args.stop_after_images, progress=not args.no_progress)
-    except RunFolderMismatchError as e:  # a user error, not a crash: one line, no traceback
+    except (RunFolderMismatchError, integrity.IntegrityError) as e:  # one line naming the file, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -199,6 +199,16 @@ def test_run_folder_contents(full_run, digits):
     assert den.snapshot_info["images_seen"] == 256
 
 
+def test_done_json_records_each_snapshots_checksum(full_run):
+    from models import integrity
+
+    out, _ = full_run
+    done = json.loads((out / "done.json").read_text())
+    assert set(done["snapshot_sha256"]) == set(done["snapshots"])
+    for rel, sha in done["snapshot_sha256"].items():
+        assert integrity.file_sha256(out / rel) == sha == integrity.verify(out / rel)["sha256"]
+
+
 def test_resume_gives_identical_weights(full_run, digits, tmp_path):
     out_full, _ = full_run
     cfg = make_cfg()

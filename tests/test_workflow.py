@@ -144,6 +144,39 @@ def test_bad_model_name_is_named(tmp_path):
     assert rc != 0 and "t-9" in out
 
 
+@pytest.mark.parametrize("change,named", [
+    (lambda c: c["models"]["t1"].update(arch="t99"), ["models.t1.arch", "'t99'"]),
+    (lambda c: c["evaluation"].update(sigma_min=50), ["evaluation.sigma_min", "50", "40"]),
+    (lambda c: c["training"]["launch"].update(accelerate_config="workflow/accelerate/nope.yaml"),
+     ["training.launch.accelerate_config", "nope.yaml"]),
+    (lambda c: c["training"]["launch"].update(num_processes=3), ["training.batch_size", "64"]),
+], ids=["arch", "sigma", "accelerate", "batch"])
+def test_bad_value_fails_the_dry_run_naming_it(change, named, tmp_path):
+    """A representative few of models/checks.py's checks (tests/test_checks.py has every kind) through `-n`."""
+    cfg = load_cfg("smoke")
+    change(cfg)
+    rc, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "bad.yaml"), directory=tmp_path, check=False)
+    assert rc != 0
+    assert all(s in out for s in named), out[-3000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_plan_reads_no_dataset(tmp_path):
+    """`snakemake plan` on a study whose data is not there: the table, the CSV, nothing trained or read."""
+    cfg = load_cfg("smoke")
+    cfg["dataset"] = {"spec": f"imagefolder:{tmp_path / 'missing'}", "resolution": 8, "conditional": False}
+    cfg["plan"] = {"mfu": 0.25, "peak_tflops": 100}
+    _, out = smk("plan", "--cores", "1", "--configfile", write_cfg(cfg, tmp_path / "p.yaml"), directory=tmp_path)
+    plan = pd.read_csv(tmp_path / "results" / "smoke" / "plan.csv")
+    assert list(plan["model"]) == list(cfg["models"])
+    assert {"model", "arch", "params", "flops_per_image", "total_images", "total_flops", "gpus",
+            "gpu_hours"} <= set(plan.columns)
+    assert list(plan["gpu_hours"] * 3600 * 100e12 * 0.25) == pytest.approx(list(plan["total_flops"]), rel=1e-9)
+    assert "total" in out and "plan of study smoke" in out
+    assert not (tmp_path / "results" / "smoke" / "data").exists()
+    assert not (tmp_path / "results" / "smoke" / "runs").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the smoke study, end to end (slow)
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,6 +248,72 @@ def test_report_html(smoke_study):
     smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
     html = (smoke_study / "report.html").read_text(errors="replace")
     assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+
+
+def _rebuild(out: str, path, directory):
+    """The error names the file and the rebuild command: run that command (with --cores) from the repository."""
+    import shlex
+
+    line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
+    assert str(path) in line, line
+    cmd = shlex.split(line.split("rebuild it with:", 1)[1])
+    assert cmd[0] == "snakemake" and "--forcerun" in cmd
+    p = subprocess.run(SNAKEMAKE + cmd[1:] + ["--cores", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return cmd
+
+
+def _evaluate_cli(r, snapshot):
+    p = subprocess.run([sys.executable, "-m", "analysis.evaluate", "snapshot", "--snapshot", str(snapshot),
+                        "--dataset", str(r / "data" / "dataset.npz"), "--eval-set", str(r / "data" / "eval_set.npz"),
+                        "--denoised", str(r / "optimal_loss" / "eval_denoised.npy"), "--out", str(r / "x.csv")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    return p.returncode, p.stdout + p.stderr
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    os.chmod(path, 0o644)  # published snapshots are read-only
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_truncated_snapshot_named_and_rebuilt_identically(smoke_study):
+    r = smoke_study / "results" / "smoke"
+    losses = (r / "analysis" / "losses.csv").read_bytes()
+    published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
+    in_run = r / "runs" / "t1" / "snapshots" / "snapshot-000000384.pt"
+    # a published snapshot is a copy: truncating it leaves the run folder's intact
+    assert published.stat().st_ino != (r / "runs" / "t1" / "snapshots" / published.name).stat().st_ino
+    _truncate(published)
+    rc, out = _evaluate_cli(r, published)
+    assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
+    cmd = _rebuild(out, published, smoke_study)
+    assert "train_t1" in cmd
+    assert (r / "analysis" / "losses.csv").read_bytes() == losses
+    # a bad snapshot in the run folder (no state left to regenerate it): the model is retrained, identically
+    _truncate(in_run)
+    _truncate(r / "snapshots" / "t1" / in_run.name)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t1" / in_run.name)
+    assert rc == 2
+    _rebuild(out, r / "snapshots" / "t1" / in_run.name, smoke_study)
+    assert "starting afresh" in (r / "logs" / "train_t1.log").read_text()
+    assert (r / "analysis" / "losses.csv").read_bytes() == losses
+    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
+    assert "Nothing to be done" in dry
+
+
+@pytest.mark.slow
+def test_truncated_dataset_named_and_rebuilt_identically(smoke_study):
+    r = smoke_study / "results" / "smoke"
+    losses = (r / "analysis" / "losses.csv").read_bytes()
+    dataset = r / "data" / "dataset.npz"
+    _truncate(dataset)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
+    assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
+    cmd = _rebuild(out, dataset, smoke_study)
+    assert cmd[-1] == "dataset"
+    assert (r / "analysis" / "losses.csv").read_bytes() == losses
 
 
 # ---------------------------------------------------------------------------------------------------------------

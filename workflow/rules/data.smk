@@ -22,6 +22,9 @@ rule dataset:
         f"{R}/logs/dataset.log",
     shell:
         "{PYTHON} -m models.data {params.spec:q} --out {output:q} {params.resolution} > {log:q} 2>&1"
+        # its checksum beside it (dataset.npz.sha256): readers detect a truncated or corrupted copy
+        " && {PYTHON} -m models.integrity stamp {output:q} --rebuild {REBUILD:q}' --forcerun dataset'"
+        " >> {log:q} 2>&1"
 
 
 rule eval_set:

@@ -6,10 +6,13 @@
 # Resumption. The trainer's run folder results/<study>/runs/<model>/ (state.pt, snapshots/, log.jsonl, done.json)
 # is deliberately NOT a declared output: Snakemake deletes a job's declared outputs before (re)running it and after
 # it fails, which would throw away state.pt and the snapshots already written. The declared outputs are
-# done.json (written last by the trainer; losing it is harmless) and hard links of the snapshots in
-# results/<study>/snapshots/<model>/, made after training finishes. A killed job therefore resumes from state.pt
-# on the next `snakemake`. If the model's settings changed since the run folder was started (its
-# .study-config.yaml differs from the resolved config), the folder is cleared and training starts afresh.
+# done.json (written last by the trainer, with each snapshot's sha256; losing it is harmless) and read-only copies
+# of the snapshots in results/<study>/snapshots/<model>/ (each with a .sha256 sidecar naming the command that
+# rebuilds it), made after training finishes: copies, not hard links, so a corrupted published snapshot never
+# corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
+# cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
+# differs from the resolved config), or if one of its snapshots fails its checksum (the state to regenerate an
+# earlier snapshot is gone; training is deterministic, so the retrained model is the same).
 import yaml
 
 
@@ -127,13 +130,17 @@ for _model in MODELS:
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
             fi
+            if [ -d "$rundir" ] && ! {PYTHON} -m models.integrity check-run "$rundir" >> {log:q} 2>&1; then
+                echo "train {params.model}: a snapshot in $rundir fails its checksum: starting afresh" >> {log:q}
+                rm -rf "$rundir"
+            fi
             mkdir -p "$rundir"
             cp {input.config:q} "$stamp"
             OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp} {params.launch} --config {input.config:q} \
                 --model {params.model} --data {input.data:q} --out "$rundir" {params.jstar} --no-progress \
                 >> {log:q} 2>&1
             for f in {output.snapshots:q}; do
-                src="$rundir/snapshots/$(basename "$f")"
-                ln -f "$src" "$f" 2>/dev/null || cp -f "$src" "$f"
+                {PYTHON} -m models.integrity publish "$rundir/snapshots/$(basename "$f")" "$f" \
+                    --rebuild {REBUILD:q}' --forcerun 'train_{params.model} >> {log:q} 2>&1
             done
             """

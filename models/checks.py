@@ -1,0 +1,224 @@
+"""Checks of a study config that the DAG can make before anything runs (no torch import: the Snakefile calls
+`check_study` while it is parsed, so `snakemake -n` fails on them, before any GPU-hour is spent).
+
+Each problem is one line naming the key and the bad value, e.g.
+``models.big.arch: unknown architecture 't99' (known: ...)`` or ``evaluation.sigma_min: 80 must be < sigma_max
+(0.5)``. `check_study` collects every problem and raises one ConfigError listing them all.
+
+Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
+(min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
+mapping), batch_size against num_processes (and training.batch_gpu where set), dataset spec syntax, and the
+optimal-loss subset_size against the dataset size where that size is known without loading the data.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from models.config import ConfigError, model_training, snapshot_marks, total_images
+
+# Dataset sizes known without reading the data (models.data: sklearn's digits set).
+KNOWN_DATASET_SIZES = {"digits": 1797}
+SPEC_FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or an existing DIR"
+
+
+def known_arch_names() -> list[str]:
+    """Every architecture name of models.family's table (imports torch: call it only where that is fine)."""
+    from models import family
+
+    return list(family.SIZES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# single checks: each returns a list of one-line problems (empty when fine)
+# --------------------------------------------------------------------------------------------------------------
+
+def check_archs(models: Mapping, known: Iterable[str]) -> list[str]:
+    known = list(known)
+    return [f"models.{name}.arch: unknown architecture {entry.get('arch')!r} (known: {', '.join(known)})"
+            for name, entry in models.items() if (entry or {}).get("arch") not in known]
+
+
+def _sigma_pairs(node: Any, path: str):
+    """Every mapping below `node` that has a sigma_min or sigma_max key, with its dotted path."""
+    if isinstance(node, Mapping):
+        if "sigma_min" in node or "sigma_max" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _sigma_pairs(value, f"{path}.{key}" if path else str(key))
+
+
+def check_sigma_ranges(cfg: Mapping) -> list[str]:
+    """sigma_min / sigma_max of every section (evaluation, optimal_loss, variant kwargs, ...): positive numbers,
+    min < max."""
+    problems = []
+    for path, node in _sigma_pairs(cfg, ""):
+        lo, hi = node.get("sigma_min"), node.get("sigma_max")
+        bad = False
+        for key, v in (("sigma_min", lo), ("sigma_max", hi)):
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                problems.append(f"{path}.{key}: must be a positive number, got {v!r}")
+                bad = True
+        if not bad and lo is not None and hi is not None and not lo < hi:
+            problems.append(f"{path}.sigma_min: {lo!r} must be < sigma_max ({hi!r})")
+    return problems
+
+
+def _per_model(cfg: Mapping, check) -> list[str]:
+    """Run check(training) -> [line] on every model's merged training section; a line that several models share
+    (a study-wide setting) is reported once with the models it concerns."""
+    found: dict[str, list[str]] = {}
+    for name in cfg.get("models") or {}:
+        try:
+            lines = check(model_training(cfg, name))
+        except ConfigError as e:
+            lines = [str(e)]
+        for line in lines:
+            found.setdefault(line, []).append(name)
+    return [f"{line} [model{'s' if len(names) > 1 else ''} {', '.join(names)}]" for line, names in found.items()]
+
+
+def _snapshot_problems(training: Mapping) -> list[str]:
+    total = total_images(training)
+    for m in (training.get("snapshots") or {}).get("images") or []:
+        if m > total:
+            return [f"training.snapshots.images: mark {m} is beyond total_images ({total})"]
+    snapshot_marks(training)  # raises ConfigError naming the key (e.g. first_images beyond total_images)
+    return []
+
+
+def check_snapshots(cfg: Mapping) -> list[str]:
+    """Every model's snapshot marks are computable and lie within its training length."""
+    return _per_model(cfg, _snapshot_problems)
+
+
+def check_accelerate_config(path: str, key: str, basedir: str | os.PathLike) -> list[str]:
+    full = Path(path) if os.path.isabs(path) else Path(basedir) / path
+    if not full.is_file():
+        return [f"{key}: accelerate config {path!r} not found (looked at {full})"]
+    try:
+        with open(full) as f:
+            parsed = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return [f"{key}: accelerate config {path!r} is not valid YAML ({first})"]
+    if not isinstance(parsed, Mapping):
+        return [f"{key}: accelerate config {path!r} must be a YAML mapping, got {type(parsed).__name__}"]
+    return []
+
+
+def check_batches(training: Mapping) -> list[str]:
+    """batch_size divisible by num_processes; the per-process batch divisible by batch_gpu (where set)."""
+    batch = int(training["batch_size"])
+    n = int((training.get("launch") or {}).get("num_processes", 1))
+    if batch % n:
+        return [f"training.batch_size: {batch} is not divisible by training.launch.num_processes ({n})"]
+    batch_gpu = training.get("batch_gpu")
+    if batch_gpu is not None:
+        local = batch // n
+        if int(batch_gpu) < 1 or local % int(batch_gpu):
+            return [f"training.batch_gpu: {batch_gpu} does not divide the per-process batch "
+                    f"batch_size / num_processes = {batch} / {n} = {local}"]
+    return []
+
+
+def check_launch(cfg: Mapping, basedir: str | os.PathLike) -> list[str]:
+    def accelerate(training):
+        path = (training.get("launch") or {}).get("accelerate_config")
+        return [] if path is None else check_accelerate_config(path, "training.launch.accelerate_config", basedir)
+
+    return _per_model(cfg, check_batches) + _per_model(cfg, accelerate)
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str]:
+    """(kind, path) of a models.data spec: ('digits', ''), ('npy'|'npz', PATH), ('cifar10'|'imagefolder', DIR),
+    ('dir', DIR). Raises ConfigError naming dataset.spec for anything else. Syntax only: paths may be missing
+    here (a dry run of a cluster study works anywhere), except a bare folder, which must exist to be told from
+    a typo."""
+    spec = str(spec)
+    if spec == "digits":
+        return "digits", ""
+    kind, sep, rest = spec.partition(":")
+    if sep and kind in ("cifar10", "imagefolder"):
+        if not rest.strip():
+            raise ConfigError(f"dataset.spec: {spec!r} names no folder after '{kind}:'")
+        return kind, rest
+    suffix = Path(spec).suffix
+    if suffix in (".npy", ".npz"):
+        return suffix[1:], spec
+    if Path(spec).expanduser().is_dir():
+        return "dir", spec
+    raise ConfigError(f"dataset.spec: {spec!r} is not one of {SPEC_FORMS}")
+
+
+def _npy_rows_from_header(f) -> int:
+    import numpy as np  # light; no torch
+
+    version = np.lib.format.read_magic(f)
+    shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0(f))
+    return int(shape[0])
+
+
+def dataset_size(spec: str) -> int | None:
+    """The number of items of a dataset spec where it is known without reading the data: digits, or an existing
+    .npy / .npz (from the array header only); None otherwise."""
+    kind, path = parse_dataset_spec(spec)
+    if kind == "digits":
+        return KNOWN_DATASET_SIZES["digits"]
+    p = Path(path).expanduser()
+    if kind not in ("npy", "npz") or not p.is_file():
+        return None
+    try:
+        if kind == "npy":
+            with open(p, "rb") as f:
+                return _npy_rows_from_header(f)
+        with zipfile.ZipFile(p) as zf:
+            for key in ("x", "images", "latents"):  # models.data's image keys, in its order
+                if f"{key}.npy" in zf.namelist():
+                    with zf.open(f"{key}.npy") as f:
+                        return _npy_rows_from_header(f)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None  # an unreadable file is the dataset job's error to report
+    return None
+
+
+def check_dataset(cfg: Mapping) -> list[str]:
+    ds = cfg.get("dataset") or {}
+    spec = ds.get("spec", "digits")
+    try:
+        n = dataset_size(spec)
+    except ConfigError as e:
+        return [str(e)]
+    ol = cfg.get("optimal_loss") or {}
+    subset = ol.get("subset_size")
+    estimators = {ol.get("estimator", "full"), *(ol.get("compare_estimators") or [])}
+    if n is not None and subset is not None and estimators - {"full"} and not 2 <= int(subset) <= n:
+        return [f"optimal_loss.subset_size: {subset} must be in [2, N = {n}] (the size of dataset {spec!r})"]
+    return []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# all of them
+# --------------------------------------------------------------------------------------------------------------
+
+def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> list[str]:
+    """Every problem of a validated study config (load_config's output), one line each. `arch_names`: the known
+    architectures (default: models.family's table, which imports torch)."""
+    names = list(arch_names) if arch_names is not None else known_arch_names()
+    return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
+            + check_launch(cfg, basedir) + check_dataset(cfg))
+
+
+def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> None:
+    """Raise ConfigError listing every problem of `cfg` (one line each); return None when there is none."""
+    problems = study_problems(cfg, basedir=basedir, arch_names=arch_names)
+    if problems:
+        raise ConfigError("\n".join(problems))

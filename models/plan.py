@@ -1,0 +1,183 @@
+"""The cost of a study before anything runs: per model its parameters, counted training FLOPs per image, training
+length, total FLOPs, GPUs and GPU-hours at a stated throughput (`snakemake plan`, or
+`python -m models.plan --config STUDY.yaml`).
+
+FLOPs per image are counted (models.family.training_flops_per_image: torch's FlopCounterMode over one forward +
+backward on the meta device, 2 FLOPs per multiply-add), not estimated. The data shape comes from the config alone
+(dataset.spec / dataset.resolution / the `plan` section), never from reading the dataset, so the plan works where
+the data is not (yet) reachable. Throughput: GPU-hours = total FLOPs / (plan.peak_tflops × MFU), the MFU of a
+model being its `plan_mfu`, else `plan.mfu` (one study-wide number, or per arch name over MEASURED_MFU), else
+MEASURED_MFU[arch], else plan.default_mfu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Mapping
+
+from models.checks import parse_dataset_spec
+from models.config import ConfigError, load_config, model_training, total_images
+
+# Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
+# GPUs"), the default throughput of the plan.
+MEASURED_MFU = {"xs": 0.170, "s": 0.236, "m": 0.299, "l": 0.317, "xl": 0.359, "xxl": 0.364}
+COLUMNS = ["model", "arch", "params", "flops_per_image", "total_images", "total_flops", "gpus", "gpu_hours",
+           "mfu", "wall_hours"]
+
+
+def data_shape(cfg: Mapping) -> tuple[int, int, int, list[str]]:
+    """(resolution, channels, label_dim, notes) of the study's training images, from the config alone."""
+    ds, plan = cfg.get("dataset") or {}, cfg.get("plan") or {}
+    kind, path = parse_dataset_spec(ds.get("spec", "digits"))
+    resolution, channels = ds.get("resolution") or plan.get("resolution"), plan.get("channels")
+    labels, notes = plan.get("label_dim"), []
+    if kind == "digits":
+        resolution, channels, labels = resolution or 8, channels or 1, 10 if labels is None else labels
+    elif kind == "cifar10":
+        resolution, channels, labels = resolution or 32, channels or 3, 10 if labels is None else labels
+    elif kind in ("imagefolder", "dir"):
+        channels = channels or 3  # models.data converts every image to RGB
+        folder = Path(path).expanduser()
+        if labels is None and folder.is_dir():  # listing the class folders is not reading the data
+            labels = sum(1 for p in folder.iterdir() if p.is_dir()) or None
+    else:  # .npy / .npz: the array header, where the file exists
+        shape = _array_shape(Path(path).expanduser())
+        if shape is not None and len(shape) == 4:
+            c, h = (shape[1], shape[2]) if shape[1] in (1, 2, 3, 4) else (shape[3], shape[1])
+            channels, resolution = channels or int(c), resolution or int(h)
+    if resolution is None:
+        raise ConfigError(f"plan.resolution: needed for the plan of dataset {ds.get('spec')!r} (neither "
+                          "dataset.resolution nor the spec tells it)")
+    if channels is None:
+        raise ConfigError(f"plan.channels: needed for the plan of dataset {ds.get('spec')!r}")
+    if not ds.get("conditional"):
+        labels = 0
+    elif labels is None:
+        labels = 1000
+        notes.append("label count unknown (set plan.label_dim): 1000 assumed; the class embedding is < 0.01% "
+                     "of the FLOPs")
+    return int(resolution), int(channels), int(labels), notes
+
+
+def _array_shape(path: Path):
+    import zipfile
+
+    import numpy as np
+
+    def header(f):
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(f)[0]
+
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                return header(f)
+        with zipfile.ZipFile(path) as zf:
+            for key in ("x", "images", "latents"):
+                if f"{key}.npy" in zf.namelist():
+                    with zf.open(f"{key}.npy") as f:
+                        return header(f)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
+
+
+def model_mfu(cfg: Mapping, model: str, arch: str) -> float:
+    plan = cfg.get("plan") or {}
+    own = (cfg["models"][model] or {}).get("plan_mfu")
+    if own is not None:
+        return float(own)
+    mfu = plan.get("mfu")
+    if isinstance(mfu, (int, float)) and not isinstance(mfu, bool):
+        return float(mfu)
+    table = {**MEASURED_MFU, **(mfu or {})}
+    return float(table.get(arch, plan.get("default_mfu", 0.3)))
+
+
+def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
+    """One row per model (COLUMNS) and notes on the assumptions made."""
+    from models import family
+
+    resolution, channels, label_dim, _ = data_shape(cfg)
+    peak = float((cfg.get("plan") or {}).get("peak_tflops", 989.0)) * 1e12
+    rows = []
+    for model, entry in cfg["models"].items():
+        arch = entry["arch"]
+        training = model_training(cfg, model)
+        net = family.build(arch, resolution=resolution, channels=channels, label_dim=label_dim, device="meta")
+        fpi = int(family.training_flops_per_image(arch, resolution=resolution, channels=channels,
+                                                  label_dim=label_dim))
+        images = total_images(training)
+        gpus = int(training["launch"]["num_processes"])
+        mfu = model_mfu(cfg, model, arch)
+        gpu_hours = fpi * images / (peak * mfu) / 3600
+        rows.append({"model": model, "arch": arch, "params": family.count_params(net), "flops_per_image": fpi,
+                     "total_images": images, "total_flops": float(fpi) * images, "gpus": gpus,
+                     "gpu_hours": gpu_hours, "mfu": mfu, "wall_hours": gpu_hours / gpus})
+    return rows, plan_notes(cfg)
+
+
+def plan_notes(cfg: Mapping) -> list[str]:
+    """The assumptions of a plan, one line each (cheap: no FLOP counting)."""
+    resolution, channels, label_dim, notes = data_shape(cfg)
+    peak = float((cfg.get("plan") or {}).get("peak_tflops", 989.0))
+    return [f"data {channels}×{resolution}×{resolution}, {label_dim} labels; peak {peak:g} TFLOP/s per GPU; "
+            "GPU-hours = total FLOPs / (peak × MFU); wall hours = GPU-hours / GPUs", *notes]
+
+
+def write_plan(cfg: Mapping, out) -> tuple[list[dict], list[str]]:
+    import pandas as pd
+
+    from models.atomic import atomic_path
+
+    rows, notes = plan_rows(cfg)
+    with atomic_path(out) as tmp:
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
+    return rows, notes
+
+
+def format_plan(rows: list[dict], notes: list[str] = (), study: str = "") -> str:
+    head = (f"{'model':<10} {'arch':<6} {'params (M)':>10} {'GFLOP/img':>10} {'images':>15} {'total EFLOP':>12} "
+            f"{'GPUs':>5} {'MFU':>6} {'GPU-hours':>10} {'wall hours':>10}")
+    lines = [f"plan of study {study}" if study else "plan", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<10} {r['arch']:<6} {r['params'] / 1e6:>10.1f} {r['flops_per_image'] / 1e9:>10.2f} "
+                     f"{int(r['total_images']):>15,} {r['total_flops'] / 1e18:>12.2f} {int(r['gpus']):>5} "
+                     f"{r['mfu']:>6.1%} {r['gpu_hours']:>10,.0f} {r['wall_hours']:>10,.1f}")
+    total_flops = sum(r["total_flops"] for r in rows)
+    total_hours = sum(r["gpu_hours"] for r in rows)
+    lines.append("-" * len(head))
+    lines.append(f"{'total':<10} {'':<6} {'':>10} {'':>10} {'':>15} {total_flops / 1e18:>12.2f} {'':>5} {'':>6} "
+                 f"{total_hours:>10,.0f}")
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def read_plan(path) -> list[dict]:
+    import pandas as pd
+
+    return pd.read_csv(path).to_dict("records")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m models.plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True, help="study config YAML")
+    ap.add_argument("--out", default=None, help="write the table as CSV here too")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+        rows, notes = write_plan(cfg, args.out) if args.out else plan_rows(cfg)
+    except (ConfigError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(rows, notes, cfg["study"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

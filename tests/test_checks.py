@@ -1,0 +1,191 @@
+"""DAG-time config checks (models/checks.py): each kind of bad value gives one line naming the key and the value;
+the repository's configs pass. (A representative few also go through `snakemake -n` in test_workflow.py.)"""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from models.checks import check_study, dataset_size, parse_dataset_spec, study_problems
+from models.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "workflow" / "config"
+ARCHS = ["xs", "s", "m", "l", "xl", "xxl", "t0", "t1", "t2", "t3"]
+
+
+def smoke():
+    return load_config(CONFIGS / "smoke.yaml")
+
+
+def problems(cfg):
+    return study_problems(cfg, basedir=REPO, arch_names=ARCHS)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_repository_configs_pass(name):
+    check_study(load_config(CONFIGS / f"{name}.yaml"), basedir=REPO)  # the family's real table
+
+
+def test_arch_names_come_from_the_family_table():
+    from models import family
+    from models.checks import known_arch_names
+
+    assert known_arch_names() == list(family.SIZES)
+
+
+def test_unknown_arch_named_per_model():
+    cfg = smoke()
+    cfg["models"]["t1"]["arch"] = "t99"
+    (line,) = problems(cfg)
+    assert line.startswith("models.t1.arch:") and "'t99'" in line
+
+
+@pytest.mark.parametrize("section", ["evaluation", "optimal_loss"])
+def test_inverted_sigma_range(section):
+    cfg = smoke()
+    cfg[section].update(sigma_min=50.0, sigma_max=40.0)
+    (line,) = problems(cfg)
+    assert line.startswith(f"{section}.sigma_min:") and "50" in line and "40" in line
+
+
+def test_sigma_of_any_section_must_be_positive():
+    cfg = smoke()
+    cfg["variant"]["kwargs"]["sigma_min"] = -0.1  # any section with sigma_min / sigma_max, not a fixed list
+    (line,) = problems(cfg)
+    assert line.startswith("variant.kwargs.sigma_min:") and "-0.1" in line
+
+
+def test_equal_sigma_bounds_fail():
+    cfg = smoke()
+    cfg["evaluation"].update(sigma_min=1.0, sigma_max=1.0)
+    assert len(problems(cfg)) == 1
+
+
+def test_first_snapshot_beyond_total_images():
+    cfg = smoke()
+    cfg["training"]["total_images"] = 256  # first_images 384
+    (line,) = problems(cfg)
+    assert "training.snapshots.first_images" in line and "256" in line and "384" in line
+    assert "models t0, t1, t2" in line  # a study-wide setting: one line, naming the models it concerns
+
+
+def test_explicit_snapshot_mark_beyond_total_images_of_one_model():
+    cfg = smoke()
+    cfg["models"]["t2"]["training"] = {"snapshots": {"images": [512, 4096]}}
+    (line,) = problems(cfg)
+    assert "training.snapshots.images" in line and "4096" in line and line.endswith("[model t2]")
+
+
+def test_missing_accelerate_config(tmp_path):
+    cfg = smoke()
+    cfg["training"]["launch"]["accelerate_config"] = "workflow/accelerate/nope.yaml"
+    (line,) = problems(cfg)
+    assert "training.launch.accelerate_config" in line and "nope.yaml" in line and "not found" in line
+
+
+@pytest.mark.parametrize("text,what", [("a: [1, 2\n", "not valid YAML"), ("- just\n- a list\n", "mapping")])
+def test_unparsable_accelerate_config(tmp_path, text, what):
+    bad = tmp_path / "acc.yaml"
+    bad.write_text(text)
+    cfg = smoke()
+    cfg["models"]["t0"]["training"] = {"launch": {"accelerate_config": str(bad)}}
+    (line,) = problems(cfg)
+    assert str(bad) in line and what in line and line.endswith("[model t0]")
+
+
+def test_batch_not_divisible_by_processes():
+    cfg = smoke()
+    cfg["training"]["launch"]["num_processes"] = 3
+    (line,) = problems(cfg)
+    assert line.startswith("training.batch_size: 64") and "(3)" in line
+
+
+@pytest.mark.parametrize("batch_gpu,ok", [(16, True), (32, True), (12, False), (64, False)])
+def test_batch_gpu_must_divide_the_per_process_batch(batch_gpu, ok):
+    cfg = smoke()
+    cfg["training"]["launch"]["num_processes"] = 2  # per process: 32
+    cfg["training"]["batch_gpu"] = batch_gpu  # checked only when the key exists
+    found = problems(cfg)
+    if ok:
+        assert found == []
+    else:
+        (line,) = found
+        assert line.startswith(f"training.batch_gpu: {batch_gpu}") and "= 32" in line
+
+
+def test_batch_gpu_absent_or_null_is_not_checked():
+    cfg = smoke()
+    assert "batch_gpu" not in cfg["training"] or cfg["training"]["batch_gpu"] is None
+    cfg["training"]["batch_gpu"] = None
+    assert problems(cfg) == []
+
+
+@pytest.mark.parametrize("spec", ["digts", "cifar:/data", "imagefolder:", "images.png", "/no/such/folder"])
+def test_bad_dataset_spec(spec):
+    cfg = smoke()
+    cfg["dataset"]["spec"] = spec
+    (line,) = problems(cfg)
+    assert line.startswith("dataset.spec:") and repr(spec) in line
+
+
+@pytest.mark.parametrize("spec,kind", [("digits", "digits"), ("/missing/x.npz", "npz"), ("a.npy", "npy"),
+                                       ("cifar10:/missing", "cifar10"), ("imagefolder:/missing", "imagefolder")])
+def test_dataset_spec_syntax_only_paths_may_be_missing(spec, kind):
+    assert parse_dataset_spec(spec)[0] == kind  # a dry run of a cluster study works anywhere
+
+
+def test_existing_folder_is_a_spec(tmp_path):
+    assert parse_dataset_spec(str(tmp_path)) == ("dir", str(tmp_path))
+
+
+def test_subset_size_beyond_digits():
+    cfg = smoke()
+    cfg["optimal_loss"]["subset_size"] = 5000
+    (line,) = problems(cfg)
+    assert line.startswith("optimal_loss.subset_size: 5000") and "1797" in line
+
+
+def test_subset_size_of_the_full_estimator_only_is_not_checked():
+    cfg = smoke()
+    cfg["optimal_loss"].update(subset_size=5000, estimator="full", compare_estimators=["full"])
+    assert problems(cfg) == []
+
+
+@pytest.mark.parametrize("container", ["npy", "npz"])
+def test_dataset_size_from_the_array_header(tmp_path, container):
+    x = np.zeros((37, 1, 4, 4), np.uint8)
+    path = tmp_path / f"d.{container}"
+    if container == "npy":
+        np.save(path, x)
+    else:
+        with open(path, "wb") as f:
+            np.savez(f, x=x, labels=np.zeros(37, np.int64))
+    assert dataset_size(str(path)) == 37
+    cfg = smoke()
+    cfg["dataset"]["spec"] = str(path)
+    cfg["optimal_loss"]["subset_size"] = 38
+    (line,) = problems(cfg)
+    assert "N = 37" in line
+
+
+def test_every_problem_is_listed_in_one_error():
+    cfg = smoke()
+    cfg["models"]["t1"]["arch"] = "t99"
+    cfg["evaluation"]["sigma_max"] = 0.001
+    cfg["dataset"]["spec"] = "digts"
+    with pytest.raises(ConfigError) as e:
+        check_study(cfg, basedir=REPO, arch_names=ARCHS)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3 and lines[0].startswith("models.t1.arch")
+
+
+def test_checks_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import models.checks, models.config; "
+            "assert 'torch' not in sys.modules, 'models.checks imported torch'")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)

@@ -1,0 +1,89 @@
+"""`snakemake plan` (models/plan.py): counted FLOPs per training image against EDM2's published cost, GPU-hours
+from the stated throughput, the data shape from the config alone."""
+
+from pathlib import Path
+
+import pytest
+
+from models.config import ConfigError, load_config
+from models.plan import MEASURED_MFU, data_shape, format_plan, model_mfu, plan_rows
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "workflow" / "config"
+
+# EDM2's per-size cost of one forward pass (Gflops, i.e. giga multiply-adds) of its ImageNet models (paper's
+# tables; the EDM2 README has no such table). Training = forward + backward ≈ 3 forward passes = 6 × these FLOPs.
+EDM2_GFLOPS = {"xs": 46, "s": 102, "m": 181, "l": 282, "xl": 406, "xxl": 552}
+
+
+def test_paper_img64_flops_within_5_percent_of_edm2():
+    cfg = load_config(CONFIGS / "paper-img64.yaml")
+    assert data_shape(cfg)[:3] == (64, 3, 1000)
+    rows, _ = plan_rows(cfg)
+    by_arch = {r["arch"]: r for r in rows}
+    assert set(EDM2_GFLOPS) <= set(by_arch)
+    for arch, gflops in EDM2_GFLOPS.items():
+        assert by_arch[arch]["flops_per_image"] == pytest.approx(6 * gflops * 1e9, rel=0.05), arch
+
+
+def test_gpu_hours_follow_the_stated_throughput():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    cfg["plan"].update(peak_tflops=100.0, mfu=0.5)
+    cfg["models"]["t2"]["plan_mfu"] = 0.25
+    rows, notes = plan_rows(cfg)
+    for r in rows:
+        mfu = 0.25 if r["model"] == "t2" else 0.5
+        assert r["mfu"] == mfu
+        assert r["total_flops"] == r["flops_per_image"] * r["total_images"]
+        assert r["gpu_hours"] == pytest.approx(r["total_flops"] / (100e12 * mfu) / 3600, rel=1e-12)
+        assert r["wall_hours"] == pytest.approx(r["gpu_hours"] / r["gpus"])
+    # twice the width: more FLOPs per image, in order along the ladder
+    flops = [r["flops_per_image"] for r in rows]
+    assert flops == sorted(flops) and flops[0] > 0
+    text = format_plan(rows, notes, "smoke")
+    assert "total" in text and text.count("\n") >= len(rows) + 3
+
+
+def test_flops_per_image_match_the_trainers_count():
+    """The plan's count equals what the trainer records per image (models.train.count_step_flops)."""
+    from models import family
+    from models.diffusion import get_variant
+    from models.train import count_step_flops
+
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    (row, *_), _ = plan_rows(cfg)
+    arch = family.arch_kwargs(row["arch"], resolution=8, channels=1)
+    counted = count_step_flops(lambda: family.net_from_kwargs(arch, device="meta").eval(), get_variant("edm"),
+                               (4, 1, 8, 8), 0) / 4
+    assert row["flops_per_image"] == pytest.approx(counted, rel=0.01)
+
+
+def test_mfu_resolution_order():
+    cfg = load_config(CONFIGS / "paper-img64.yaml")
+    assert model_mfu(cfg, "xs", "xs") == MEASURED_MFU["xs"]
+    cfg["plan"]["mfu"] = {"xs": 0.4}
+    assert model_mfu(cfg, "xs", "xs") == 0.4 and model_mfu(cfg, "s", "s") == MEASURED_MFU["s"]
+    cfg["models"]["xs"]["plan_mfu"] = 0.5
+    assert model_mfu(cfg, "xs", "xs") == 0.5
+    cfg["plan"]["mfu"] = 0.2
+    assert model_mfu(cfg, "s", "s") == 0.2
+
+
+def test_schema_validates_plan_values():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    cfg["plan"]["mfu"] = 1.5
+    with pytest.raises(ConfigError, match="plan.mfu"):
+        load_config(cfg)
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    cfg["models"]["t0"]["plan_mfu"] = 0
+    with pytest.raises(ConfigError, match="models.t0.plan_mfu"):
+        load_config(cfg)
+
+
+def test_unknown_shape_is_named():
+    cfg = load_config(CONFIGS / "smoke.yaml")
+    cfg["dataset"]["spec"] = "/missing/latents.npz"
+    with pytest.raises(ConfigError, match="plan.resolution"):
+        data_shape(cfg)
+    cfg["plan"].update(resolution=16, channels=4)
+    assert data_shape(cfg)[:3] == (16, 4, 0)

@@ -1,0 +1,79 @@
+# Shared by every rule file: the validated config, the checks that fail `snakemake -n` before any job runs, the
+# study's layout (R, MODELS, TRAINING, MARKS) and the resource / path helpers. Included first by the Snakefile.
+import os
+import shlex
+import sys
+
+from snakemake.utils import validate
+
+sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
+from models.checks import check_study, known_arch_names  # noqa: E402
+from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
+
+
+# Validate: models.config.load_config first (one line naming the bad key, e.g. "training.batch_szie: unknown
+# key"), then Snakemake's own validation against the same schema (fills the same defaults).
+try:
+    _checked = load_config(dict(config))
+except ConfigError as err:
+    raise WorkflowError(f"invalid study config: {err}")
+config.clear()
+config.update(_checked)
+validate(config, os.path.join(BASEDIR, "workflow/schemas/config.schema.yaml"))
+
+
+# Values only a job would trip over (an unknown arch, an inverted σ range, a missing accelerate config, a batch
+# that does not split over the processes, a bad dataset spec, ...) fail here, every one of them listed.
+try:
+    check_study(config, basedir=BASEDIR, arch_names=known_arch_names())  # the family's table (imports torch, ~1 s)
+except ConfigError as err:
+    raise WorkflowError(f"invalid study config:\n{err}")
+
+PYTHON = sys.executable  # the interpreter running Snakemake (the venv's), also for every job
+STUDY = config["study"]
+R = f"results/{STUDY}"
+MODELS = list(config["models"])
+TRAINING = {m: model_training(config, m) for m in MODELS}
+MARKS = {m: snapshot_marks(TRAINING[m]) for m in MODELS}
+
+
+def repo_path(path):
+    """A config path relative to the repository root (accelerate configs), absolute ones unchanged."""
+    return path if os.path.isabs(path) else os.path.join(BASEDIR, path)
+
+
+def _rebuild_prefix():
+    """`snakemake` with this run's --directory and --configfile: the start of the command that remakes a file
+    of this study (a checksum sidecar records it, so a corrupted file's error names it). Used in shell commands as a
+    global, not a param: another working directory or config path must not rerun finished jobs."""
+    parts = ["snakemake"]
+    here = os.getcwd()
+    if os.path.realpath(here) != os.path.realpath(BASEDIR):
+        parts += ["--directory", here]
+    base = os.path.realpath(BASEDIR)
+    for f in workflow.overwrite_configfiles:
+        f = os.path.realpath(f)
+        parts += ["--configfile", os.path.relpath(f, base) if os.path.commonpath([f, base]) == base else f]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+REBUILD = _rebuild_prefix()
+
+
+def step_resources(step, model=None):
+    """Resources of one rule: built-in defaults < config `resources.<step>` < the model's `resources`."""
+    r = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
+    r.update(config.get("resources", {}).get(step) or {})
+    if model is not None:
+        r.update(config["models"][model].get("resources") or {})
+    return r
+
+
+def step_threads(step, model=None):
+    r = step_resources(step, model)
+    return r["gpus"] * r["cpus_per_gpu"] if r["gpus"] else r["cpus"]
+
+
+def device_flag(step):
+    """--device cuda for GPU steps (the CLIs default to the CPU / autodetect)."""
+    return "--device cuda" if step_resources(step)["gpus"] else ""
