@@ -34,6 +34,7 @@ streamed chunk by chunk into an uncompressed .npz so that it can be memory-mappe
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
 import struct
 import sys
@@ -138,7 +139,8 @@ class DatasetArrays:
 
     Nothing is converted until `rows(idx)` asks for rows; `float32()` converts the whole set once, chunk by chunk."""
 
-    def __init__(self, x: np.ndarray, labels: torch.Tensor | None, name: str, where: str | None = None):
+    def __init__(self, x: np.ndarray, labels: torch.Tensor | None, name: str, where: str | None = None,
+                 read_rows=None):
         self.where = str(where if where is not None else name)
         if x.ndim != 4:
             raise DatasetError(f"{self.where}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
@@ -152,7 +154,14 @@ class DatasetArrays:
         self.labels = labels
         self.name = name
         self.shape = tuple(int(d) for d in x.shape)
+        self._read_rows = read_rows    # idx (int64, in range) -> stored rows [len, C, H, W]; None: index x
         self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def stored_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (int64 array in [0, N)) in the stored dtype, as a private array. A mapped file is read with
+        pread rather than through the mapping: the page cache is shared either way, but faulted-in mapped pages
+        count in the process's RSS (and the kernel maps whole large folios around each fault)."""
+        return self._read_rows(idx) if self._read_rows is not None else np.asarray(self.x[idx])
 
     @classmethod
     def from_dataset(cls, ds: Dataset) -> "DatasetArrays":
@@ -181,7 +190,7 @@ class DatasetArrays:
         if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"{self.where}: row index out of range [0, {len(self)}): "
                              f"min {idx.min()}, max {idx.max()}")
-        a = np.asarray(self.x[idx])
+        a = self.stored_rows(idx % len(self))
         if device.type == "cpu":
             x = _convert(a, torch.empty(a.shape, dtype=torch.float32))
         else:
@@ -200,7 +209,12 @@ class DatasetArrays:
     def float32(self) -> torch.Tensor:
         """The whole set as one float32 tensor [N, C, H, W] (CPU), converted chunk by chunk: one float copy and
         no larger temporary. The same values as rows(arange(N))."""
-        return _convert(self.x, torch.empty(self.shape, dtype=torch.float32))
+        out = torch.empty(self.shape, dtype=torch.float32)
+        step = _chunk_rows(int(np.prod(self.shape[1:])))
+        for lo in range(0, len(self), step):
+            hi = min(lo + step, len(self))
+            _convert(self.stored_rows(np.arange(lo, hi)), out[lo:hi])
+        return out
 
     def to_dataset(self, check_finite: bool = True) -> Dataset:
         x = self.float32()
@@ -236,6 +250,33 @@ def _npz_member_memmap(path: Path, key: str):
         return None
     # np.memmap itself refuses a file shorter than offset + size (a truncated member): DatasetError upstream
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _pread_rows(filename, offset: int, row_shape: tuple, dtype: np.dtype, to_nchw):
+    """A row reader for a C-ordered array stored at `offset` in a file: runs of consecutive rows in one pread."""
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        buf = np.empty((idx.size, *row_shape), dtype=dtype)
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)          # first position of each run
+        ends = np.append(starts[1:], idx.size)
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                want, pos = (b - a) * row_bytes, offset + int(idx[a]) * row_bytes
+                got = os.preadv(fd, [view[a * row_bytes:b * row_bytes]], pos)
+                while 0 < got < want:   # a short read is legal; go on from where it stopped
+                    n = os.preadv(fd, [view[a * row_bytes + got:b * row_bytes]], pos + got)
+                    got += n if n > 0 else want   # 0: end of file, caught below
+                if got != want:
+                    raise DatasetError(f"{filename}: rows {int(idx[a])}..{int(idx[b - 1])} lie beyond the end of "
+                                       "the file (truncated?)")
+        finally:
+            os.close(fd)
+        return to_nchw(buf)
+
+    return read
 
 
 def _to_nchw(a: np.ndarray, where: str, layout: str | None = None) -> np.ndarray:
@@ -281,9 +322,13 @@ def _open_array_file(path: Path) -> DatasetArrays:
         raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
         raise DatasetError(f"{path}: cannot read the array file ({type(e).__name__}: {e})") from e
+    read_rows = None
+    if isinstance(x, np.memmap) and x.flags.c_contiguous and x.ndim in (3, 4):
+        read_rows = _pread_rows(x.filename, x.offset, x.shape[1:], x.dtype,
+                                lambda a: _to_nchw(a, where, layout))
     x = _to_nchw(x, where, layout)
     lab = None if labels is None else _labels(labels, x.shape[0], where)
-    return DatasetArrays(x, lab, name, where)
+    return DatasetArrays(x, lab, name, where, read_rows)
 
 
 # ---- digits ------------------------------------------------------------------------------------------------------
@@ -465,7 +510,7 @@ def write_npz(arrays: DatasetArrays, path, *, compact: bool = True) -> dict:
         for lo in range(0, len(src), step):
             hi = min(lo + step, len(src))
             if src.dtype == np.uint8:
-                u = np.asarray(src.x[lo:hi])
+                u = src.stored_rows(np.arange(lo, hi))
                 stats["min"] = min(stats["min"], float(UINT8_TABLE[int(u.min())]))
                 stats["max"] = max(stats["max"], float(UINT8_TABLE[int(u.max())]))
                 yield u
