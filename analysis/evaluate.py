@@ -182,7 +182,7 @@ def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None,
         with torch.no_grad():
             d = denoise(x, s, lab).detach().to("cpu", torch.float64).reshape(hi - lo, dim)
         x0 = x0.to(torch.float64).reshape(hi - lo, dim)
-        dstar = torch.as_tensor(denoised[lo:hi], dtype=torch.float64).reshape(hi - lo, dim)
+        dstar = torch.from_numpy(np.array(denoised[lo:hi], dtype=np.float64)).reshape(hi - lo, dim)
         out["loss"][lo:hi] = ((d - x0) ** 2).mean(1).numpy()
         out["optimal_loss"][lo:hi] = ((dstar - x0) ** 2).mean(1).numpy()
         out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
