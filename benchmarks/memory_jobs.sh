@@ -45,7 +45,7 @@ $PY -m analysis.evaluate make-set --dataset "$OUT/dataset.npz" --num-sigmas 12 -
     --samples-per-sigma 256 --seed 1234 --out "$OUT/eval_set.npz" > /dev/null
 $PY -m analysis.evaluate make-set --dataset "$OUT/dataset.npz" --num-sigmas "$DSTAR_SIGMAS" --sigma-min 0.002 \
     --sigma-max 80 --samples-per-sigma "$DSTAR_PER_SIGMA" --seed 1234 --out "$OUT/eval_set_small.npz" > /dev/null
-measure "J* (cdol, $JSTAR_SIGMAS σ × $JSTAR_SAMPLES samples)" $PY -m analysis.optimal_loss \
+measure "J* (cdol, $JSTAR_SIGMAS sigmas x $JSTAR_SAMPLES samples)" $PY -m analysis.optimal_loss \
     --dataset "$OUT/dataset.npz" --estimator cdol --num-sigmas "$JSTAR_SIGMAS" --sigma-min 0.002 --sigma-max 80 \
     --n-samples "$JSTAR_SAMPLES" --out "$OUT/cdol.csv"
 measure "D* ($((DSTAR_SIGMAS * DSTAR_PER_SIGMA)) triples)" $PY -m analysis.optimal_loss denoise \
