@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -139,22 +138,10 @@ def load_eval_set(path) -> dict:
 
 
 def npz_num_items(path) -> int:
-    """N of the `x` array of a dataset .npz, read from the array header only (no data loaded)."""
-    from models.data import _X_KEYS  # the image keys the dataset loader accepts
+    """N of a dataset file, from its array header only (models.data.open_dataset maps, it does not read)."""
+    from models.data import open_dataset
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset not found: {path}")
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if n in {f"{k}.npy" for k in _X_KEYS}]
-        if not names:
-            raise ValueError(f"{path}: no 'x' array in the dataset file")
-        with zf.open(names[0]) as f:
-            major, _ = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if major == 1
-                           else np.lib.format.read_array_header_2_0)
-            shape, _, _ = read_header(f)
-    return int(shape[0])
+    return len(open_dataset(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,7 +182,7 @@ def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None,
         with torch.no_grad():
             d = denoise(x, s, lab).detach().to("cpu", torch.float64).reshape(hi - lo, dim)
         x0 = x0.to(torch.float64).reshape(hi - lo, dim)
-        dstar = torch.as_tensor(denoised[lo:hi], dtype=torch.float64).reshape(hi - lo, dim)
+        dstar = torch.from_numpy(np.array(denoised[lo:hi], dtype=np.float64)).reshape(hi - lo, dim)
         out["loss"][lo:hi] = ((d - x0) ** 2).mean(1).numpy()
         out["optimal_loss"][lo:hi] = ((dstar - x0) ** 2).mean(1).numpy()
         out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
@@ -273,39 +260,22 @@ def _variant_fns(variant):
 
 
 def load_rows(dataset, eval_set: dict):
-    """Only the dataset rows the evaluation set uses, as float32 [−1, 1] (models.data's conventions), their labels
-    (or None), and a copy of the evaluation set whose `index` points into those rows. A dataset .npz written by
-    models.data.save_npz is read directly (ImageNet-size data is never converted whole); any other spec goes
-    through models.data.load_dataset."""
+    """Only the dataset rows the evaluation set uses, as float32 (models.data.open_dataset's rows: a dataset file is
+    memory-mapped and only these rows are read and converted), their labels (or None), and a copy of the evaluation
+    set whose `index` points into those rows."""
     import torch
 
-    from models import data as mdata
+    from models.data import open_dataset
 
     index = np.asarray(eval_set["index"], dtype=np.int64)
     rows, inverse = np.unique(index, return_inverse=True)
-    path = Path(str(dataset))
-    x = labels = None
-    if path.suffix == ".npz" and path.is_file():
-        from models.integrity import verify
-
-        verify(path)  # against PATH.sha256 where the dataset rule wrote one
-        with np.load(path, allow_pickle=False) as z:
-            if "x" in z.files and z["x"].ndim == 4:
-                a = z["x"]
-                if rows.size and rows[-1] >= a.shape[0]:
-                    raise ValueError(f"evaluation set indexes item {rows[-1]} but {path} has {a.shape[0]} items — "
-                                     "was it made for this dataset?")
-                sub = a[rows]
-                x = mdata._uint8_to_unit(sub) if sub.dtype == np.uint8 else torch.from_numpy(
-                    np.ascontiguousarray(sub, dtype=np.float32))
-                labels = torch.from_numpy(z["labels"][rows].astype(np.int64)) if "labels" in z.files else None
-    if x is None:
-        ds = mdata.load_dataset(str(dataset))
-        if rows.size and rows[-1] >= ds.x.shape[0]:
-            raise ValueError(f"evaluation set indexes item {rows[-1]} but {dataset} has {ds.x.shape[0]} items")
-        x = ds.x[torch.as_tensor(rows)]
-        labels = None if ds.labels is None else ds.labels[torch.as_tensor(rows)]
-    return x, labels, {**eval_set, "index": inverse.astype(np.int64)}
+    data = open_dataset(dataset)
+    if rows.size and (rows[0] < 0 or rows[-1] >= len(data)):
+        raise ValueError(f"evaluation set indexes items [{rows[0]}, {rows[-1]}] but {dataset} has {len(data)} "
+                         "items — was it made for this dataset?")
+    x = data.rows(rows)
+    labels = None if data.labels is None else data.labels[torch.from_numpy(rows)]
+    return x, labels, {**eval_set, "index": inverse.reshape(-1).astype(np.int64)}
 
 
 def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,

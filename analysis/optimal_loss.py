@@ -825,15 +825,15 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     dev = _resolve_device(device)
 
     if labels is None:
-        parts = [(None, x0)]
-    else:
+        parts = [(None, None)]
+    else:   # members only: a class's rows are copied when its turn comes (never a second copy of the whole set)
         lab = _as_labels(labels, n_total, "labels")
-        parts = [(c, x0[lab == c]) for c in lab.unique().tolist()]
+        parts = [(c, torch.nonzero(lab == c).squeeze(1)) for c in lab.unique().tolist()]
     m_total = int(n_samples) if n_samples is not None else None
 
     plans = []
-    for c, xc in parts:
-        n = xc.shape[0]
+    for c, members in parts:
+        n = n_total if members is None else members.numel()
         size = n if estimator == "full" else min(n, int(subset_size) if subset_size else _default_subset_size(n))
         size = max(size, min(n, 2))
         if m_total is None:
@@ -849,7 +849,7 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
             if size < 3 or n < 3:
                 raise ValueError(f"cdol-nn needs subset_size >= 3 and N >= 3, got {size} and {n}")
             c_val = float(C) if C is not None else None       # None: stratified, per sample
-        plans.append((c, xc, n, size, m, c_val))
+        plans.append((c, members, n, size, m, c_val))
 
     bar = None
     if progress:
@@ -857,13 +857,14 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
         bar = tqdm(total=sum(p[4] for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
     try:
         parts_out = []
-        for c, xc, n, size, m, c_val in plans:
-            d = _Data(xc, dev)
+        for c, members, n, size, m, c_val in plans:
+            d = _Data(x0 if members is None else x0[members], dev)
             part_seed = seed if c is None else _seed_of(seed, int(c), 7)
             gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * n if estimator == "full" else _RNG_BLOCK * size) * d.dim
             with _single_thread_if_small(dev, gemm):
                 direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
             parts_out.append((n / n_total, direct, ab))
+            del d   # this class's copy (and cached centred data) goes before the next class's is made
     finally:
         if bar is not None:
             bar.close()
@@ -935,10 +936,11 @@ def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int 
 # --------------------------------------------------------------------------------------------------------
 
 def _load(spec: str):
-    """(x [N, …] float32 tensor, labels or None) via models.data.load_dataset."""
-    from models.data import load_dataset
-    ds = load_dataset(spec)
-    return ds.x, ds.labels
+    """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset: the exact posterior needs every
+    point, so the whole set is converted — once, chunk by chunk, into one float32 tensor."""
+    from models.data import open_dataset
+    data = open_dataset(spec)
+    return data.float32(), data.labels
 
 
 def _sigma_grid(lo: float, hi: float, k: int) -> np.ndarray:
@@ -971,7 +973,7 @@ def _estimate_cli(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.optimal_loss",
                                 description="J*(σ) of a dataset (per-dim x0-loss, VE coordinates) → CSV. "
                                             "Subcommand `denoise` computes D* on an evaluation set.")
-    p.add_argument("--dataset", required=True, help="dataset spec or .npz (models.data.load_dataset)")
+    p.add_argument("--dataset", required=True, help="dataset spec or .npz (models.data.open_dataset)")
     p.add_argument("--estimator", default="full", choices=ESTIMATORS + EXTRA_ESTIMATORS + ("all",),
                    help="all = the paper's four (full, dol, cdol, snis)")
     p.add_argument("--out", required=True, help="output CSV")

@@ -227,16 +227,12 @@ def score_samples(samples, reference, classifier: FeatureClassifier, *, inceptio
 
 
 def _load_npz_x(path):
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"not found: {path}")
-    from models.integrity import verify
+    """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through models.data's reader
+    (uint8 datasets become u/127.5 − 1, float samples stay as given)."""
+    from models.data import open_dataset
 
-    verify(path)
-    with np.load(path) as z:
-        if "x" not in z:
-            raise ValueError(f"{path}: no array 'x' (keys: {list(z.keys())})")
-        return z["x"], (z["labels"] if "labels" in z and z["labels"].size else None)
+    data = open_dataset(path)
+    return data.float32(), (None if data.labels is None else data.labels.numpy())
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,6 @@
-"""Datasets behind one interface: `load_dataset(spec) -> Dataset(x [N,C,H,W] float32, labels [N] int64 | None, name)`.
+"""Datasets behind one reader: `open_dataset(spec) -> DatasetArrays` (the images as stored, memory-mapped where the
+file allows; `.rows(idx)` converts only the asked rows) and `load_dataset(spec) -> Dataset(x [N,C,H,W] float32,
+labels [N] int64 | None, name)` (the whole set as one float32 tensor, for small sets and tests).
 
 Specs (a string):
 - `digits`                      sklearn's bundled 8×8 digits (1797 images, values 0..16 → [−1, 1], labels 0..9).
@@ -16,14 +18,27 @@ Specs (a string):
 `resolution` also resizes digits, CIFAR and uint8 arrays (antialiased bilinear); float arrays are never resized.
 Every bad input raises `DatasetError` (a ValueError and FileNotFoundError) whose message names the path/shape.
 
-CLI (what Snakemake's data rule calls):  python -m models.data SPEC --out FILE.npz [--resolution R]
+Stored form and conversion. uint8 images are kept as uint8 until a row is asked for; a row then becomes
+`u/127.5 − 1` through a 256-entry float32 table computed with exactly that formula on the CPU (UINT8_TABLE), so every
+reader, on every device, gives the same bits (CUDA would turn `/ 127.5` into `* (1/127.5)`). Float arrays (latents)
+are kept as given and converted to float32 per row. A `.npy`, or a member of an uncompressed `.npz` (np.savez and
+this module's writer never compress), is memory-mapped: opening reads headers only, `rows(idx)` touches only those
+rows, and a memory-mapped file is shared by every process through the page cache.
+
+CLI (what Snakemake's data rule calls):  python -m models.data SPEC --out FILE.npz [--resolution R] [--no-compact]
+writes the compact form: uint8 wherever the images are exactly u/127.5 − 1 (CIFAR, image folders, uint8 arrays
+without resizing), else float32 (digits, whose values k/8 − 1 are not on that grid, resized or float data),
+streamed chunk by chunk into an uncompressed .npz so that it can be memory-mapped.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pickle
+import struct
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +47,8 @@ import torch
 
 from models.atomic import atomic_path
 
-__all__ = ["Dataset", "DatasetError", "load_dataset", "save_npz", "main"]
+__all__ = ["Dataset", "DatasetArrays", "DatasetError", "UINT8_TABLE", "load_dataset", "main", "open_dataset",
+           "save_npz", "write_npz"]
 
 _X_KEYS = ("x", "images", "latents")
 _LABEL_KEYS = ("labels", "y")
@@ -62,11 +78,37 @@ class Dataset:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
 
-# ---- shared conversions ---------------------------------------------------------------------------------------
+# ---- the one uint8 → float conversion -------------------------------------------------------------------------
+
+# u/127.5 − 1 for every uint8 value, computed once on the CPU: a row converted through this table has the same bits
+# whichever reader, device or chunking produced it.
+UINT8_TABLE = torch.arange(256, dtype=torch.float32) / 127.5 - 1
+
+_CHUNK_ELEMENTS = 1 << 22   # values converted per step when a whole set is converted (≤ 32 MB of int64 indices)
+
+
+def _chunk_rows(row_elements: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, row_elements))
+
+
+def _convert(a: np.ndarray, out: torch.Tensor) -> torch.Tensor:
+    """Rows `a` in their stored dtype (uint8 or float) → `out` (float32, same shape, on the CPU), chunk by chunk so
+    that no temporary is larger than a chunk."""
+    step = _chunk_rows(int(np.prod(a.shape[1:], dtype=np.int64)))
+    for lo in range(0, a.shape[0], step):
+        part, dst = np.asarray(a[lo:lo + step]), out[lo:lo + step]
+        if part.dtype == np.uint8:
+            torch.index_select(UINT8_TABLE, 0, torch.from_numpy(part.astype(np.int64).reshape(-1)),
+                               out=dst.view(-1))
+        else:   # float data kept as given: one cast to float32 (numpy's, as load_dataset always did)
+            dst.numpy()[...] = part
+    return out
+
 
 def _uint8_to_unit(u: np.ndarray) -> torch.Tensor:
-    """uint8 0..255 → float32 [−1, 1].  save_npz relies on this being the one formula used everywhere."""
-    return torch.from_numpy(np.ascontiguousarray(u)).to(torch.float32) / 127.5 - 1
+    """uint8 0..255 → float32 [−1, 1] through UINT8_TABLE."""
+    u = np.asarray(u)
+    return _convert(u, torch.empty(u.shape, dtype=torch.float32))
 
 
 def _resize(x: torch.Tensor, resolution: int | None, what: str) -> torch.Tensor:
@@ -88,20 +130,158 @@ def _labels(arr, n: int, where: str) -> torch.Tensor:
     return torch.from_numpy(a.astype(np.int64))
 
 
-# ---- digits ------------------------------------------------------------------------------------------------------
+# ---- the reader ---------------------------------------------------------------------------------------------
 
-def _load_digits(resolution):
-    from sklearn.datasets import load_digits
+class DatasetArrays:
+    """A dataset as stored: `x` [N, C, H, W] a numpy array in its stored dtype (uint8 images, or float such as
+    latents) — an np.memmap (or a transposed view of one) for .npy files and uncompressed .npz members — plus
+    `labels` (int64 tensor [N] or None), `name` and `where` (the path or spec, for messages).
 
-    d = load_digits()
-    x = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0  # 0..16 → [−1, 1]
-    return Dataset(_resize(x, resolution, "digits"), torch.from_numpy(d.target.astype(np.int64)), "digits")
+    Nothing is converted until `rows(idx)` asks for rows; `float32()` converts the whole set once, chunk by chunk."""
+
+    def __init__(self, x: np.ndarray, labels: torch.Tensor | None, name: str, where: str | None = None,
+                 read_rows=None):
+        self.where = str(where if where is not None else name)
+        if x.ndim != 4:
+            raise DatasetError(f"{self.where}: x must be [N, C, H, W], got shape {tuple(x.shape)}")
+        if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+            raise DatasetError(f"{self.where}: unsupported dtype {x.dtype} (use uint8 images or float arrays)")
+        if x.shape[0] == 0:
+            raise DatasetError(f"{self.where}: the array holds no samples (shape {tuple(x.shape)})")
+        if labels is not None and tuple(labels.shape) != (x.shape[0],):
+            raise DatasetError(f"{self.where}: labels shape {tuple(labels.shape)} does not match N = {x.shape[0]}")
+        self.x = x
+        self.labels = labels
+        self.name = name
+        self.shape = tuple(int(d) for d in x.shape)
+        self._read_rows = read_rows    # idx (int64, in range) -> stored rows [len, C, H, W]; None: index x
+        self._tables: dict[torch.device, torch.Tensor] = {}
+
+    def stored_rows(self, idx: np.ndarray) -> np.ndarray:
+        """Rows `idx` (int64 array in [0, N)) in the stored dtype, as a private array. A mapped file is read with
+        pread rather than through the mapping: the page cache is shared either way, but faulted-in mapped pages
+        count in the process's RSS (and the kernel maps whole large folios around each fault)."""
+        return self._read_rows(idx) if self._read_rows is not None else np.asarray(self.x[idx])
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> "DatasetArrays":
+        """A float32 Dataset behind the same interface (its tensor's memory, not a copy)."""
+        return cls(ds.x.detach().cpu().numpy(), ds.labels, ds.name)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.x.dtype
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def rows(self, idx, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """float [len(idx), C, H, W] on `device` (default CPU): only these rows are read, copied and converted
+        (uint8 through UINT8_TABLE, floats by one cast to float32), then cast to `dtype`. On CUDA the rows travel
+        in their stored dtype (4× less traffic for uint8, pinned and asynchronous) and are converted there."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"{self.where}: row index out of range [0, {len(self)}): "
+                             f"min {idx.min()}, max {idx.max()}")
+        a = self.stored_rows(idx % len(self))
+        if device.type == "cpu":
+            x = _convert(a, torch.empty(a.shape, dtype=torch.float32))
+        else:
+            x = torch.from_numpy(np.ascontiguousarray(a))
+            if device.type == "cuda":   # page-locked staging buffer: the host→device copy runs asynchronously
+                x = x.pin_memory()
+            x = x.to(device, non_blocking=True)
+            if x.dtype == torch.uint8:
+                if device not in self._tables:
+                    self._tables[device] = UINT8_TABLE.to(device)
+                x = self._tables[device][x.long()]
+            else:
+                x = x.to(torch.float32)
+        return x if dtype == torch.float32 else x.to(dtype)
+
+    def float32(self) -> torch.Tensor:
+        """The whole set as one float32 tensor [N, C, H, W] (CPU), converted chunk by chunk: one float copy and
+        no larger temporary. The same values as rows(arange(N))."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        step = _chunk_rows(int(np.prod(self.shape[1:])))
+        for lo in range(0, len(self), step):
+            hi = min(lo + step, len(self))
+            _convert(self.stored_rows(np.arange(lo, hi)), out[lo:hi])
+        return out
+
+    def to_dataset(self, check_finite: bool = True) -> Dataset:
+        x = self.float32()
+        if check_finite and self.dtype != np.uint8 and not bool(torch.isfinite(x).all()):
+            raise DatasetError(f"{self.where}: the array contains NaN or inf values")
+        return Dataset(x, self.labels, self.name)
 
 
-# ---- arrays ------------------------------------------------------------------------------------------------------
+def _npz_member_memmap(path: Path, key: str):
+    """A read-only np.memmap of the array `key` inside an uncompressed .npz (the .npy bytes of a stored member lie
+    as-is in the file, after the member's local zip header), or None where that is impossible (compressed member,
+    unknown header version, object dtype). The one place that knows the zip layout."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{key}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the member's local file header: fixed part, then name and extra field
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            return None
+        offset = f.tell()
+    if dtype.hasobject or 0 in shape:
+        return None
+    # np.memmap itself refuses a file shorter than offset + size (a truncated member): DatasetError upstream
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
+
+
+def _pread_rows(filename, offset: int, row_shape: tuple, dtype: np.dtype, to_nchw):
+    """A row reader for a C-ordered array stored at `offset` in a file: runs of consecutive rows in one pread."""
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+
+    def read(idx: np.ndarray) -> np.ndarray:
+        buf = np.empty((idx.size, *row_shape), dtype=dtype)
+        view = memoryview(buf.reshape(-1).view(np.uint8))
+        starts = np.flatnonzero(np.diff(idx, prepend=-2) != 1)          # first position of each run
+        ends = np.append(starts[1:], idx.size)
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            for a, b in zip(starts.tolist(), ends.tolist()):
+                want, pos = (b - a) * row_bytes, offset + int(idx[a]) * row_bytes
+                got = os.preadv(fd, [view[a * row_bytes:b * row_bytes]], pos)
+                while 0 < got < want:   # a short read is legal; go on from where it stopped
+                    n = os.preadv(fd, [view[a * row_bytes + got:b * row_bytes]], pos + got)
+                    got += n if n > 0 else want   # 0: end of file, caught below
+                if got != want:
+                    raise DatasetError(f"{filename}: rows {int(idx[a])}..{int(idx[b - 1])} lie beyond the end of "
+                                       "the file (truncated?)")
+        finally:
+            os.close(fd)
+        return to_nchw(buf)
+
+    return read
+
 
 def _to_nchw(a: np.ndarray, where: str, layout: str | None = None) -> np.ndarray:
-    """NCHW from a 3-D/4-D array; `layout` ("NCHW"/"NHWC", stored by save_npz) overrides the guess."""
+    """NCHW from a 3-D/4-D array (a view: rows of a memmap stay lazy); `layout` ("NCHW"/"NHWC", stored by
+    save_npz) overrides the guess."""
     if a.ndim == 3:
         return a[:, None]
     if a.ndim != 4:
@@ -113,29 +293,8 @@ def _to_nchw(a: np.ndarray, where: str, layout: str | None = None) -> np.ndarray
     return a.transpose(0, 3, 1, 2) if layout == "NHWC" else a
 
 
-def _array_to_dataset(a: np.ndarray, labels, name: str, where: str, resolution, layout=None) -> Dataset:
-    a = _to_nchw(np.asarray(a), where, layout)
-    if a.shape[0] == 0:
-        raise DatasetError(f"{where}: the array holds no samples (shape {a.shape})")
-    if a.dtype == np.uint8:
-        x = _resize(_uint8_to_unit(a), resolution, where)
-    elif np.issubdtype(a.dtype, np.floating):
-        x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-        if not torch.isfinite(x).all():
-            raise DatasetError(f"{where}: the array contains NaN or inf values")
-        if resolution is not None and (x.shape[-2], x.shape[-1]) != (resolution, resolution):
-            # float arrays may be latents, which must not be resampled
-            raise DatasetError(f"{where}: float array of shape {tuple(x.shape)} cannot be resized to "
-                               f"resolution {resolution}; resize it before saving or drop --resolution")
-    else:
-        raise DatasetError(f"{where}: unsupported dtype {a.dtype} (use uint8 images or float arrays)")
-    lab = None if labels is None else _labels(labels, x.shape[0], where)
-    return Dataset(x, lab, name)
-
-
 def npz_members(z, path: Path) -> tuple[str, str | None, str, str | None]:
-    """(image key, label key or None, name, layout or None) of an open .npz in this module's format — the one
-    rule the loader here and the trainer's memory-mapped reader share."""
+    """(image key, label key or None, name, layout or None) of an open .npz in this module's format."""
     xkey = next((k for k in _X_KEYS if k in z.files), None)
     if xkey is None:
         raise DatasetError(f"{path}: no image array under any of the keys {list(_X_KEYS)} (found {z.files})")
@@ -145,23 +304,47 @@ def npz_members(z, path: Path) -> tuple[str, str | None, str, str | None]:
     return xkey, lkey, name, layout
 
 
-def _load_array_file(path: Path, resolution) -> Dataset:
+def _open_array_file(path: Path) -> DatasetArrays:
+    """A .npy / .npz opened without converting (or, where mappable, reading) the images."""
+    labels, name, layout = None, path.stem, None
     try:
         if path.suffix == ".npy":
-            return _array_to_dataset(np.load(path, allow_pickle=False), None, path.stem, str(path), resolution)
-        with np.load(path, allow_pickle=False) as z:
-            xkey, lkey, name, layout = npz_members(z, path)
-            return _array_to_dataset(z[xkey], None if lkey is None else z[lkey], name, f"{path}[{xkey}]",
-                                     resolution, layout)
+            x, where = np.load(path, mmap_mode="r", allow_pickle=False), str(path)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                xkey, lkey, name, layout = npz_members(z, path)
+                labels = None if lkey is None else z[lkey]
+                x = _npz_member_memmap(path, xkey)
+                if x is None:  # a compressed member must be read whole (still in its stored dtype)
+                    x = z[xkey]
+            where = f"{path}[{xkey}]"
     except DatasetError:
         raise
-    except (OSError, ValueError, EOFError) as e:
-        raise DatasetError(f"{path}: cannot read the array file ({e})") from e
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, struct.error) as e:
+        raise DatasetError(f"{path}: cannot read the array file ({type(e).__name__}: {e})") from e
+    read_rows = None
+    if isinstance(x, np.memmap) and x.flags.c_contiguous and x.ndim in (3, 4):
+        read_rows = _pread_rows(x.filename, x.offset, x.shape[1:], x.dtype,
+                                lambda a: _to_nchw(a, where, layout))
+    x = _to_nchw(x, where, layout)
+    lab = None if labels is None else _labels(labels, x.shape[0], where)
+    return DatasetArrays(x, lab, name, where, read_rows)
+
+
+# ---- digits ------------------------------------------------------------------------------------------------------
+
+def _read_digits(resolution) -> DatasetArrays:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(d.images.astype(np.float32))[:, None] / 8.0 - 1.0  # 0..16 → [−1, 1]
+    return DatasetArrays(_resize(x, resolution, "digits").numpy(), torch.from_numpy(d.target.astype(np.int64)),
+                         "digits")
 
 
 # ---- CIFAR-10 python batches ----------------------------------------------------------------------------------
 
-def _load_cifar(folder: Path, resolution) -> Dataset:
+def _read_cifar(folder: Path) -> DatasetArrays:
     files = [folder / f"data_batch_{i}" for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
     if not files:
         raise DatasetError(f"{folder}: no CIFAR-10 batch files data_batch_1..5 found")
@@ -179,8 +362,7 @@ def _load_cifar(folder: Path, resolution) -> Dataset:
             raise DatasetError(f"{f}: b'data' must be uint8 [n, 3072], got shape {data.shape} dtype {data.dtype}")
         xs.append(data.reshape(-1, 3, 32, 32))  # CIFAR stores each image as R plane, G plane, B plane
         ys.append(_labels(np.asarray(d[b"labels"], dtype=np.int64), data.shape[0], str(f)))
-    x = _resize(_uint8_to_unit(np.concatenate(xs)), resolution, str(folder))
-    return Dataset(x, torch.cat(ys), "cifar10")
+    return DatasetArrays(np.concatenate(xs), torch.cat(ys), "cifar10", str(folder))
 
 
 # ---- image folders -------------------------------------------------------------------------------------------
@@ -201,7 +383,7 @@ def _center_crop_resize(img, resolution: int | None):
     return img
 
 
-def _load_image_folder(folder: Path, resolution) -> Dataset:
+def _read_image_folder(folder: Path, resolution) -> DatasetArrays:
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -213,42 +395,59 @@ def _load_image_folder(folder: Path, resolution) -> Dataset:
         raise DatasetError(f"{folder}: no images found (looked for {sorted(_IMAGE_EXTS)} "
                            + (f"in the class folders {classes[:5]}{'…' if len(classes) > 5 else ''})"
                               if classes else "directly in the folder)"))
-    arrays = []
-    for f, _ in items:
+    x = None
+    for i, (f, _) in enumerate(items):
         try:
             with Image.open(f) as im:
                 im = _center_crop_resize(im.convert("RGB"), resolution)
                 arr = np.asarray(im, dtype=np.uint8)
         except (UnidentifiedImageError, OSError) as e:
             raise DatasetError(f"{f}: cannot read the image ({e})") from e
-        if resolution is None:
-            resolution = arr.shape[0]  # the first image fixes the size for the rest
-        arrays.append(arr)
-    x = _uint8_to_unit(np.stack(arrays).transpose(0, 3, 1, 2))
+        if x is None:   # the first image fixes the size for the rest; one uint8 array, filled image by image
+            resolution = arr.shape[0]
+            x = np.empty((len(items), 3, resolution, resolution), dtype=np.uint8)
+        x[i] = arr.transpose(2, 0, 1)
     labels = torch.tensor([k for _, k in items], dtype=torch.int64) if classes else None
-    return Dataset(x, labels, folder.name)
+    return DatasetArrays(x, labels, folder.name, str(folder))
 
 
-# ---- the one entry point -------------------------------------------------------------------------------------
+# ---- the entry points ----------------------------------------------------------------------------------------
 
 _FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or a DIR"
 
 
-def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
-    """Load a dataset from a spec string (see the module docstring for the forms)."""
+def _resized(arrays: DatasetArrays, resolution: int | None) -> DatasetArrays:
+    """uint8 images resized (antialiased bilinear, in float: the result is float32); float arrays never."""
+    h, w = arrays.shape[-2:]
+    if resolution is None or (h, w) == (resolution, resolution):
+        return arrays
+    if arrays.dtype != np.uint8:
+        # float arrays may be latents, which must not be resampled
+        raise DatasetError(f"{arrays.where}: float array of shape {arrays.shape} cannot be resized to "
+                           f"resolution {resolution}; resize it before saving or drop --resolution")
+    x = _resize(arrays.float32(), resolution, arrays.where)
+    return DatasetArrays(x.numpy(), arrays.labels, arrays.name, arrays.where)
+
+
+def open_dataset(spec, *, resolution: int | None = None) -> DatasetArrays:
+    """The dataset of a spec (module docstring) in its stored form: a .npy / .npz memory-mapped where possible
+    (headers and labels read, no image), CIFAR / image folders as one uint8 array, digits as float32.
+    `resolution` resizes (uint8 → float32 result; float arrays raise). Errors: DatasetError naming the path."""
     spec = str(spec)
     if resolution is not None:
         resolution = int(resolution)
         if resolution < 1:
             raise DatasetError(f"dataset {spec!r}: resolution must be >= 1, got {resolution}")
     if spec == "digits":
-        return _load_digits(resolution)
+        return _read_digits(resolution)
     kind, sep, rest = spec.partition(":")
     if sep and kind in ("cifar10", "imagefolder"):
         folder = Path(rest).expanduser()
         if not folder.is_dir():
             raise DatasetError(f"{kind} folder not found: {folder}")
-        return _load_cifar(folder, resolution) if kind == "cifar10" else _load_image_folder(folder, resolution)
+        if kind == "cifar10":
+            return _resized(_read_cifar(folder), resolution)
+        return _read_image_folder(folder, resolution)
     path = Path(spec).expanduser()
     if path.suffix in (".npy", ".npz"):
         if not path.is_file():
@@ -256,58 +455,115 @@ def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
         from models.integrity import verify
 
         verify(path)  # against PATH.sha256 where the dataset rule wrote one
-        return _load_array_file(path, resolution)
+        return _resized(_open_array_file(path), resolution)
     if path.is_dir():
         if (path / "data_batch_1").is_file():
-            return _load_cifar(path, resolution)
-        return _load_image_folder(path, resolution)
+            return _resized(_read_cifar(path), resolution)
+        return _read_image_folder(path, resolution)
     if path.exists():
         raise DatasetError(f"unknown dataset file type {path.suffix!r} for {path}; use one of {_FORMS}")
     raise DatasetError(f"unknown dataset spec {spec!r} (no such file or folder); use one of {_FORMS}")
 
 
-def save_npz(dataset: Dataset, path, *, compact: bool = False) -> Path:
-    """Write `x` (float32 NCHW), `labels` (int64, if any), `name` and `layout` to PATH atomically
-    (models.atomic), so `np.load(PATH)["x"]` is the dataset as loaded.
+def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
+    """The whole dataset of a spec as one float32 tensor (open_dataset(...).to_dataset(): float arrays are checked
+    for NaN / inf). For small sets and tests; large-set jobs use open_dataset and read rows."""
+    return open_dataset(spec, resolution=resolution).to_dataset()
 
-    compact=True stores images that are exactly uint8/127.5 − 1 (CIFAR, image folders, uint8 arrays) as uint8 —
-    4× smaller, and `load_dataset(PATH)` gives back the identical float32 tensor; other data stays float32."""
+
+# ---- the writer ----------------------------------------------------------------------------------------------
+
+def _write_member(zf: zipfile.ZipFile, key: str, shape, dtype, chunks) -> None:
+    """One uncompressed .npy member written from an iterator of C-ordered chunks (never the whole array)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(d) for d in shape)}
+    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+        try:
+            np.lib.format.write_array_header_1_0(f, header)
+        except ValueError:   # a header too long for version 1.0
+            np.lib.format.write_array_header_2_0(f, header)
+        for c in chunks:
+            f.write(np.ascontiguousarray(c, dtype=dtype).data)
+
+
+def _uint8_exact(arrays: DatasetArrays) -> bool:
+    """Whether every value is exactly UINT8_TABLE[u] for some u (one pass, chunk by chunk)."""
+    step = _chunk_rows(int(np.prod(arrays.shape[1:])))
+    for lo in range(0, len(arrays), step):
+        x = arrays.rows(np.arange(lo, min(lo + step, len(arrays))))
+        u = torch.round((x + 1) * 127.5)
+        if not (bool(u.min() >= 0) and bool(u.max() <= 255) and torch.equal(UINT8_TABLE[u.long()], x)):
+            return False
+    return True
+
+
+def write_npz(arrays: DatasetArrays, path, *, compact: bool = True) -> dict:
+    """Write `x` [N,C,H,W], `labels` (int64, if any), `name` and `layout="NCHW"` to an uncompressed .npz
+    atomically (models.atomic), streaming `x` chunk by chunk. `x` is uint8 when stored as uint8, or (compact) when
+    every value is exactly u/127.5 − 1, so that open_dataset(PATH) gives back the same float32 rows; else float32
+    (NaN / inf raise DatasetError). Returns {"dtype", "min", "max"} of the float values written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = dataset.x.detach().cpu().to(torch.float32).contiguous()
-    arrays = {"x": x.numpy()}
-    if compact:
-        u = torch.round((x + 1) * 127.5)
-        if u.numel() and u.min() >= 0 and u.max() <= 255 \
-                and torch.equal(_uint8_to_unit(u.to(torch.uint8).numpy()), x):
-            arrays["x"] = u.to(torch.uint8).numpy()
-    if dataset.labels is not None:
-        arrays["labels"] = dataset.labels.detach().cpu().to(torch.int64).numpy()
-    arrays["name"] = np.array(str(dataset.name))
-    arrays["layout"] = np.array("NCHW")  # so the loader never has to guess (e.g. C = 2, W = 3)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)  # a file object, so numpy never appends ".npz" to the name
-    return path
+    src = arrays
+    as_u8 = src.dtype == np.uint8 or (compact and _uint8_exact(src))
+    step = _chunk_rows(int(np.prod(src.shape[1:])))
+    stats = {"dtype": "uint8" if as_u8 else "float32", "min": np.inf, "max": -np.inf}
+
+    def chunks():
+        for lo in range(0, len(src), step):
+            hi = min(lo + step, len(src))
+            if src.dtype == np.uint8:
+                u = src.stored_rows(np.arange(lo, hi))
+                stats["min"] = min(stats["min"], float(UINT8_TABLE[int(u.min())]))
+                stats["max"] = max(stats["max"], float(UINT8_TABLE[int(u.max())]))
+                yield u
+                continue
+            x = src.rows(np.arange(lo, hi))
+            if not bool(torch.isfinite(x).all()):
+                raise DatasetError(f"{src.where}: the array contains NaN or inf values")
+            stats["min"], stats["max"] = min(stats["min"], float(x.min())), max(stats["max"], float(x.max()))
+            yield torch.round((x + 1) * 127.5).to(torch.uint8).numpy() if as_u8 else x.numpy()
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh, \
+            zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_member(zf, "x", src.shape, np.uint8 if as_u8 else np.float32, chunks())
+        if src.labels is not None:
+            lab = src.labels.detach().cpu().to(torch.int64).numpy()
+            _write_member(zf, "labels", lab.shape, np.int64, [lab])
+        for key, value in (("name", str(src.name)), ("layout", "NCHW")):   # layout: the loader never guesses
+            v = np.array(value)
+            _write_member(zf, key, v.shape, v.dtype, [v])
+    return stats
+
+
+def save_npz(dataset: Dataset, path, *, compact: bool = False) -> Path:
+    """Write a float32 Dataset with write_npz: float32 `x` by default (`np.load(PATH)["x"]` is the dataset);
+    compact=True stores images that are exactly uint8/127.5 − 1 as uint8 (4× smaller; read back with
+    open_dataset / load_dataset, which give the identical float32 values)."""
+    write_npz(DatasetArrays.from_dataset(dataset), path, compact=compact)
+    return Path(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.data",
-                                 description="Materialise a dataset spec as an .npz (x [N,C,H,W], labels).")
+                                 description="Materialise a dataset spec as an uncompressed .npz (x [N,C,H,W], "
+                                             "labels) that open_dataset memory-maps.")
     ap.add_argument("spec", help=f"dataset spec: {_FORMS}")
     ap.add_argument("--out", required=True, help="output .npz path (written atomically)")
     ap.add_argument("--resolution", type=int, default=None, help="resize images to R×R (not float arrays)")
-    ap.add_argument("--compact", action="store_true",
-                    help="store uint8-exact images as uint8 (4x smaller; read back with load_dataset only)")
+    ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                    help="store uint8-exact images as uint8 (default; 4x smaller than float32); --no-compact "
+                         "writes float32")
     args = ap.parse_args(argv)
     try:
-        ds = load_dataset(args.spec, resolution=args.resolution)
+        arrays = open_dataset(args.spec, resolution=args.resolution)
+        stats = write_npz(arrays, args.out, compact=args.compact)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = save_npz(ds, args.out, compact=args.compact)
-    classes = "no labels" if ds.labels is None else f"{ds.num_classes} classes"
-    print(f"{ds.name}: N={ds.x.shape[0]} shape={tuple(ds.x.shape[1:])} "
-          f"range=[{float(ds.x.min()):.4g}, {float(ds.x.max()):.4g}] {classes} -> {out}")
+    classes = "no labels" if arrays.labels is None else f"{arrays.num_classes} classes"
+    print(f"{arrays.name}: N={len(arrays)} shape={arrays.shape[1:]} stored {stats['dtype']} "
+          f"range=[{stats['min']:.4g}, {stats['max']:.4g}] {classes} -> {args.out}")
     return 0
 
 

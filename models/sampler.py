@@ -119,7 +119,7 @@ def main(argv=None) -> None:
                         sigma_max=args.sigma_max, rho=args.rho, seed=args.seed, device=args.device)
     out = Path(args.out)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, x=x)
+        np.savez(fh, x=x, layout=np.array("NCHW"))   # models.data's reader then never guesses the layout
     print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]}")
 
 

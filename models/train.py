@@ -31,15 +31,14 @@ import json
 import math
 import os
 import random
-import struct
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.data import Dataset, DatasetArrays as HostData, open_dataset
 from models.config import load_config, model_training, snapshot_marks, total_images as _total_images
 from models.denoiser import Denoiser
 from models.sigma_bins import SigmaBinTracker
@@ -66,113 +65,13 @@ class RunFolderMismatchError(ValueError):
 # the training set on the host, in its stored dtype
 # ----------------------------------------------------------------------------------------------------------------
 
-class HostData:
-    """The training images as stored — a uint8 or float array (memory-mapped where the file allows) or a float32
-    tensor — kept on the host; `rows(idx, device)` converts only the asked rows to float32 on `device`.
-
-    Paper-scale sets never exist as one float32 array: ImageNet-64 is ~63 GB as float32 but ~16 GB as the uint8
-    that `save_npz(compact=True)` writes, and a memory-mapped file is shared by every rank through the page cache.
-    uint8 rows become `u/127.5 − 1`, the formula of models.data, through a 256-entry table computed on the CPU:
-    the values equal `load_dataset`'s bit for bit on every device (CUDA turns `/ 127.5` into `* (1/127.5)`)."""
-
-    def __init__(self, x, labels: torch.Tensor | None, name: str):
-        self.x = x                     # [N, C, H, W]: np.ndarray / np.memmap (uint8 or float) or torch tensor
-        self.labels = labels           # int64 tensor [N] (host) or None
-        self.name = name
-        self.shape = tuple(int(d) for d in x.shape)
-        self._uint8_table = {}         # device → float32 [256]
-
-    @property
-    def num_classes(self) -> int:
-        return 0 if self.labels is None else int(self.labels.max()) + 1
-
-    def rows(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """float32 [len(idx), C, H, W] on `device`: only these rows are read, copied and converted."""
-        if isinstance(self.x, torch.Tensor):
-            x = self.x[idx]
-        else:
-            x = torch.from_numpy(np.ascontiguousarray(self.x[idx.numpy()]))
-        if device.type == "cuda":  # page-locked staging buffer: the host→GPU copy runs asynchronously
-            x = x.pin_memory()
-        x = x.to(device, non_blocking=True)  # still in the stored dtype: 4× less traffic for uint8
-        if x.dtype == torch.uint8:
-            if device not in self._uint8_table:
-                self._uint8_table[device] = (torch.arange(256, dtype=torch.float32) / 127.5 - 1).to(device)
-            return self._uint8_table[device][x.long()]
-        return x.to(torch.float32)
-
-
-def _npz_member_memmap(path: Path, key: str):
-    """A read-only np.memmap of the array `key` inside an uncompressed .npz (np.savez stores members
-    uncompressed, so the .npy bytes lie as-is in the file), or None where that is impossible (compressed member,
-    unknown header version, object dtype)."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{key}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)  # the member's local file header: fixed part, then name and extra field
-        if local[:4] != b"PK\x03\x04":
-            return None
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        f.seek(info.header_offset + 30 + name_len + extra_len)
-        version = np.lib.format.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        else:
-            return None
-        offset = f.tell()
-    if dtype.hasobject or 0 in shape:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C", offset=offset)
-
-
-def _open_array_file(path: Path) -> HostData:
-    """A .npy / .npz (models.data's format: keys x/images/latents, labels/y, name, layout) without converting
-    the images: same checks and layout rule as models.data.load_dataset, except the (whole-array) NaN scan — a
-    non-finite value stops training at its first batch with NonFiniteLossError."""
-    from models.data import DatasetError, _labels, _to_nchw, npz_members
-
-    labels, name, layout = None, path.stem, None
-    try:
-        if path.suffix == ".npy":
-            x, where = np.load(path, mmap_mode="r", allow_pickle=False), str(path)
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                xkey, lkey, name, layout = npz_members(z, path)
-                labels = None if lkey is None else z[lkey]
-                x = _npz_member_memmap(path, xkey)
-                if x is None:  # a compressed member must be read whole (still in its stored dtype)
-                    x = z[xkey]
-            where = f"{path}[{xkey}]"
-    except DatasetError:
-        raise
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: cannot read the array file ({e})") from e
-    x = _to_nchw(x, where, layout)  # a transposed view for NHWC files: rows are still read lazily
-    if x.shape[0] == 0:
-        raise DatasetError(f"{where}: the array holds no samples (shape {x.shape})")
-    if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-        raise DatasetError(f"{where}: unsupported dtype {x.dtype} (use uint8 images or float arrays)")
-    return HostData(x, None if labels is None else _labels(labels, x.shape[0], where), name)
-
-
 def open_training_data(data) -> HostData:
-    """`data` as HostData: a models.data.Dataset (used as is), a .npy/.npz file (kept in its stored dtype,
-    memory-mapped where possible), or any other models.data spec (loaded with load_dataset: small sets)."""
-    from models.data import Dataset, load_dataset
-
+    """`data` as HostData (models.data.DatasetArrays, the project's one reader: the images in their stored dtype,
+    memory-mapped where the file allows; `rows(idx, device)` converts only a step's batch rows, on the device):
+    a models.data.Dataset (its tensor, not a copy) or any models.data spec (models.data.open_dataset)."""
     if isinstance(data, Dataset):
-        return HostData(data.x, data.labels, data.name)
-    path = Path(str(data)).expanduser()
-    if path.suffix in (".npy", ".npz") and path.is_file():
-        integrity.verify(path)  # against PATH.sha256 where the dataset rule wrote one
-        return _open_array_file(path)
-    ds = load_dataset(str(data))  # digits / CIFAR / image folders, or a missing file: its DatasetError
-    return HostData(ds.x, ds.labels, ds.name)
+        return HostData.from_dataset(data)
+    return open_dataset(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------

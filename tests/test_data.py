@@ -252,3 +252,142 @@ def test_cli_module_entry_point(tmp_path):
                         str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "N=3" in r.stdout and "(3, 5, 5)" in r.stdout
+
+
+# ---- the reader: open_dataset / DatasetArrays ----------------------------------------------------------------
+
+from models.data import DatasetArrays, UINT8_TABLE, open_dataset, write_npz  # noqa: E402
+
+
+def _old_uint8(u: np.ndarray) -> torch.Tensor:
+    """The float32 path every reader used before the reader existed: u/127.5 − 1 on the whole array."""
+    return torch.from_numpy(np.ascontiguousarray(u)).to(torch.float32) / 127.5 - 1
+
+
+def test_uint8_table_is_the_formula_for_every_value():
+    u = np.arange(256, dtype=np.uint8)
+    assert torch.equal(UINT8_TABLE, _old_uint8(u))
+    assert torch.equal(UINT8_TABLE.view(torch.int32), _old_uint8(u).view(torch.int32))   # bits, incl. −0.0
+
+
+@pytest.mark.parametrize("kind", ["npz-u8", "npy-u8-nhwc", "npz-f32", "npy-f64", "npz-f16-nhwc"])
+def test_rows_are_bit_identical_to_the_old_float32_path(tmp_path, kind):
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 5, 40)
+    if "u8" in kind:
+        a = _rand_uint8((40, 6, 6, 3) if "nhwc" in kind else (40, 3, 6, 6), seed=4)
+        a.reshape(-1)[:256] = np.arange(256)          # every uint8 value occurs
+        old = _old_uint8(a.transpose(0, 3, 1, 2) if "nhwc" in kind else a)
+    else:
+        dt = {"f32": np.float32, "f64": np.float64, "f16": np.float16}[kind.split("-")[1]]
+        a = (rng.normal(0, 2.5, (40, 5, 5, 4) if "nhwc" in kind else (40, 4, 5, 5))).astype(dt)
+        old = torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2) if "nhwc" in kind else a,
+                                                    dtype=np.float32))
+    if kind.startswith("npz"):
+        path = tmp_path / "d.npz"
+        np.savez(path, x=a, labels=labels, **({"layout": "NHWC"} if "nhwc" in kind else {}))
+    else:
+        path = tmp_path / "d.npy"
+        np.save(path, a)
+    data = open_dataset(path)
+    assert isinstance(data.x, np.memmap) and data.x.dtype == a.dtype      # mapped, stored dtype, nothing converted
+    assert data.shape == tuple(old.shape) and len(data) == 40
+    idx = np.array([7, 0, 39, 7, 12])
+    got = data.rows(idx)
+    assert got.dtype == torch.float32 and torch.equal(got.view(torch.int32), old[idx].view(torch.int32))
+    assert torch.equal(data.rows(torch.as_tensor(idx), dtype=torch.float64), old[idx].double())
+    assert torch.equal(data.float32(), old)
+    assert torch.equal(load_dataset(str(path)).x, old)
+    if kind.startswith("npz"):
+        assert torch.equal(data.labels, torch.from_numpy(labels))
+    with pytest.raises(IndexError, match="out of range"):
+        data.rows([40])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_reading_rows_does_not_load_the_whole_array(tmp_path):
+    n, row = 4096, 3 * 64 * 64              # 50 MB of uint8
+    x = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(n, 3, 64, 64))
+    x[:] = 7
+    x.flush()
+    del x
+    write_npz(open_dataset(tmp_path / "big.npy"), tmp_path / "big.npz")
+    for name in ("big.npy", "big.npz"):
+        data = open_dataset(tmp_path / name)
+        assert isinstance(data.x, np.memmap)
+        before = _rss_bytes()
+        rows = data.rows(np.arange(0, n, 128))       # 32 rows
+        after_rows = _rss_bytes()
+        assert torch.all(rows == UINT8_TABLE[7])
+        assert after_rows - before < 32 * row * 8 + (8 << 20), name   # the rows, their indices, slack
+        # the control: touching every row does show up, so the bound above can fail
+        assert int(np.asarray(data.x).sum(dtype=np.uint64)) == 7 * n * row
+        assert _rss_bytes() - before > n * row // 2, name
+        del data
+
+
+def test_missing_or_truncated_files_raise_one_error_naming_the_path(tmp_path):
+    with pytest.raises(DatasetError, match="gone.npz"):
+        open_dataset(tmp_path / "gone.npz")
+    write_npz(DatasetArrays(_rand_uint8((50, 3, 8, 8)), torch.arange(50) % 2, "t"), tmp_path / "ok.npz")
+    np.save(tmp_path / "ok.npy", _rand_uint8((50, 3, 8, 8)))
+    for name in ("ok.npz", "ok.npy"):
+        blob = (tmp_path / name).read_bytes()
+        for cut in (len(blob) // 2, len(blob) - 10, 20):
+            bad = tmp_path / f"cut{cut}-{name}"
+            bad.write_bytes(blob[:cut])
+            with pytest.raises(DatasetError, match=bad.name):
+                open_dataset(bad)
+            with pytest.raises(DatasetError, match=bad.name):
+                load_dataset(str(bad))
+
+
+def test_write_npz_streams_the_compact_form(tmp_path, monkeypatch):
+    import models.data as mdata
+
+    monkeypatch.setattr(mdata, "_CHUNK_ELEMENTS", 100)     # many chunks: the streamed file is still one array
+    u = _rand_uint8((23, 3, 5, 5), seed=9)
+    src = DatasetArrays(u, torch.arange(23) % 4, "u8")
+    stats = write_npz(src, tmp_path / "u.npz")
+    assert stats["dtype"] == "uint8"
+    with np.load(tmp_path / "u.npz") as z:
+        assert np.array_equal(z["x"], u) and z["labels"].tolist() == (np.arange(23) % 4).tolist()
+        assert str(z["layout"]) == "NCHW" and str(z["name"]) == "u8"
+    back = open_dataset(tmp_path / "u.npz")
+    assert isinstance(back.x, np.memmap) and torch.equal(back.float32(), _old_uint8(u))
+    # float values on the uint8 grid become uint8 with compact (the default), float32 without; other floats stay
+    on_grid = DatasetArrays(_old_uint8(u).numpy(), None, "grid")
+    assert write_npz(on_grid, tmp_path / "g.npz")["dtype"] == "uint8"
+    assert torch.equal(open_dataset(tmp_path / "g.npz").float32(), _old_uint8(u))
+    assert write_npz(on_grid, tmp_path / "g32.npz", compact=False)["dtype"] == "float32"
+    lat = np.random.default_rng(0).normal(0, 3, (23, 4, 2, 2)).astype(np.float64)
+    assert write_npz(DatasetArrays(lat, None, "lat"), tmp_path / "lat.npz")["dtype"] == "float32"
+    assert torch.equal(open_dataset(tmp_path / "lat.npz").float32(), torch.from_numpy(lat.astype(np.float32)))
+    lat[20, 0, 0, 0] = np.inf
+    with pytest.raises(DatasetError, match="NaN or inf"):
+        write_npz(DatasetArrays(lat, None, "lat"), tmp_path / "inf.npz")
+    assert not (tmp_path / "inf.npz").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_cli_writes_uint8_for_uint8_sources_and_float32_for_digits(tmp_path):
+    (tmp_path / "cif").mkdir()
+    d1, l1 = _write_cifar_batch(tmp_path / "cif" / "data_batch_1", 6, 0)
+    assert main([f"cifar10:{tmp_path / 'cif'}", "--out", str(tmp_path / "c.npz")]) == 0
+    c = open_dataset(tmp_path / "c.npz")
+    assert c.dtype == np.uint8 and isinstance(c.x, np.memmap)
+    assert torch.equal(c.float32(), _old_uint8(d1.reshape(-1, 3, 32, 32)))
+    assert c.labels.tolist() == [int(v) for v in l1]
+    for cls, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        (tmp_path / "img" / cls).mkdir(parents=True)
+        _write_image(tmp_path / "img" / cls / "0.png", (10, 10), colour)
+    assert main([f"imagefolder:{tmp_path / 'img'}", "--out", str(tmp_path / "i.npz"), "--resolution", "8"]) == 0
+    i = open_dataset(tmp_path / "i.npz")
+    assert i.dtype == np.uint8 and torch.equal(i.float32(), load_dataset(f"imagefolder:{tmp_path / 'img'}",
+                                                                         resolution=8).x)
+    assert main(["digits", "--out", str(tmp_path / "d.npz")]) == 0
+    d = open_dataset(tmp_path / "d.npz")   # k/8 − 1 is not on the uint8 grid: kept float32, identical values
+    assert d.dtype == np.float32 and torch.equal(d.float32(), load_dataset("digits").x)

@@ -260,3 +260,75 @@ def test_load_rows_matches_the_full_loader(tmp_path):
                                rtol=0, atol=0)
     torch.testing.assert_close(labels[torch.as_tensor(es2["index"])], full.labels[torch.as_tensor(es["index"])])
     np.testing.assert_array_equal(es2["sigma"], es["sigma"])
+
+
+def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tmp_path, monkeypatch):
+    """A compact uint8 dataset gives the same CSV as the old float32 file, row for row and bit for bit, and the job
+    reads (and converts) only the rows of its triples."""
+    from analysis.optimal_loss import denoise_eval_set
+    from models.config import load_config
+    from models.data import Dataset, DatasetArrays, load_dataset, open_dataset, save_npz
+    from models.train import train
+
+    digits = load_dataset("digits")
+    u = torch.round((digits.x + 1) * 127.5).clamp(0, 255)          # digits on the uint8 grid
+    ds = Dataset(x=(u / 127.5 - 1).to(torch.float32), labels=digits.labels, name="digits-u8")
+    compact, wide = save_npz(ds, tmp_path / "u8.npz", compact=True), save_npz(ds, tmp_path / "f32.npz")
+    assert open_dataset(compact).dtype == np.uint8 and open_dataset(wide).dtype == np.float32
+    cfg = load_config({"study": "t", "models": {"t0": {"arch": "t0"}},
+                       "training": {"total_images": 32, "batch_size": 32, "lr_rampup_images": 0,
+                                    "lr_decay_images": 0, "ema_halflife_images": 100, "snapshots": {"count": 1},
+                                    "log_every_images": 32}})
+    train(cfg, "t0", ds, tmp_path / "run", progress=False)
+    snap = next((tmp_path / "run" / "snapshots").glob("snapshot-*.pt"))
+    es = ev.make_eval_set(1797, ev.sigma_grid(3, 0.05, 5.0), 6, seed=3)
+    dstar = denoise_eval_set(ds.x, es)
+
+    # the old path: the whole float32 array, the triples' own indices
+    from models.denoiser import Denoiser
+    den = Denoiser.from_snapshot(snap, device="cpu")
+    old = ev.per_triple_errors(lambda x, s, lab: den(x, s, lab), ds.x, es, dstar, device="cpu")
+
+    reads = []
+    real = DatasetArrays.stored_rows
+
+    def recording(self, idx):
+        reads.append(np.array(idx))
+        return real(self, idx)
+
+    monkeypatch.setattr(DatasetArrays, "stored_rows", recording)
+    monkeypatch.setattr(DatasetArrays, "float32", lambda self: pytest.fail("evaluation converted the whole set"))
+    tables = {}
+    for name, path in (("u8", compact), ("f32", wide)):
+        reads.clear()
+        tables[name] = ev.evaluate_snapshot(snap, path, es, dstar, device="cpu")
+        assert len(reads) == 1 and np.array_equal(reads[0], np.unique(es["index"]))   # its rows, once
+    pd.testing.assert_frame_equal(tables["u8"], tables["f32"], check_exact=True)
+    table = ev.per_sigma_table(old, es["sigma"])
+    per = tables["u8"][tables["u8"]["sigma"].notna()].reset_index(drop=True)
+    for k in ev.STATS + tuple(f"{k}_stderr" for k in ev.STATS):
+        np.testing.assert_array_equal(per[k].to_numpy(), table[k].to_numpy(), err_msg=k)
+    monkeypatch.undo()
+    csv_a, csv_b = tmp_path / "a.csv", tmp_path / "b.csv"
+    np.save(tmp_path / "dstar.npy", dstar)
+    ev.save_eval_set(es, tmp_path / "es.npz")
+    for path, out in ((compact, csv_a), (wide, csv_b)):
+        assert ev.main(["snapshot", "--snapshot", str(snap), "--dataset", str(path), "--eval-set",
+                        str(tmp_path / "es.npz"), "--denoised", str(tmp_path / "dstar.npy"), "--device", "cpu",
+                        "--out", str(out)]) == 0
+    assert csv_a.read_bytes() == csv_b.read_bytes()
+
+
+def test_evaluation_errors_name_the_dataset_file(tmp_path, capsys):
+    np.savez(tmp_path / "d.npz", x=np.zeros((5, 1, 2, 2), np.uint8))
+    blob = (tmp_path / "d.npz").read_bytes()
+    (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
+    es = ev.make_eval_set(5, [1.0], 2, seed=0)
+    for bad in ("cut.npz", "absent.npz"):
+        with pytest.raises(FileNotFoundError, match=bad):
+            ev.load_rows(tmp_path / bad, es)
+        rc = ev.main(["make-set", "--dataset", str(tmp_path / bad), "--num-sigmas", "1", "--out",
+                      str(tmp_path / "e.npz")])
+        assert rc == 2 and bad in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has 5 items"):
+        ev.load_rows(tmp_path / "d.npz", ev.make_eval_set(9, [1.0], 9, seed=0))

@@ -1,5 +1,7 @@
-# The dataset, materialised once as results/<study>/data/dataset.npz (models.data), and the study's fixed
-# evaluation set of (x0 index, σ, noise seed) triples (analysis.evaluate make-set).
+# The dataset, materialised once as results/<study>/data/dataset.npz (models.data) in its compact form (uint8 where
+# the images are exactly u/127.5 − 1, float32 otherwise; uncompressed, so every later job memory-maps it and reads
+# only its rows), and the study's fixed evaluation set of (x0 index, σ, noise seed) triples (analysis.evaluate
+# make-set).
 #
 # The raw data location (config dataset.spec) is a parameter, not an input: a dry-run of a study whose data lives
 # on a cluster file system works anywhere, and a changed spec still reruns the rule (params trigger).
@@ -21,7 +23,7 @@ rule dataset:
     log:
         f"{R}/logs/dataset.log",
     shell:
-        "{PYTHON} -m models.data {params.spec:q} --out {output:q} {params.resolution} > {log:q} 2>&1"
+        "{PYTHON} -m models.data {params.spec:q} --compact --out {output:q} {params.resolution} > {log:q} 2>&1"
         # its checksum beside it (dataset.npz.sha256): readers detect a truncated or corrupted copy
         " && {PYTHON} -m models.integrity stamp {output:q} --rebuild {REBUILD:q}' --forcerun dataset'"
         " >> {log:q} 2>&1"
