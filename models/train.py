@@ -434,6 +434,11 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     is_main = accelerator.is_main_process
     device = accelerator.device
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
+    launched = int(os.environ.get("WORLD_SIZE", world))
+    if launched != world:  # e.g. DeepSpeed on CPU: Accelerate then sets up no process group of its own
+        raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
+                           f"({accelerator.distributed_type}, {device}); on CPU use DDP (torchrun or "
+                           "workflow/accelerate/cpu.yaml) for several processes, DeepSpeed with one")
     local = batch // world
     batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
     # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
