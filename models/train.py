@@ -437,8 +437,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     launched = int(os.environ.get("WORLD_SIZE", world))
     if launched != world:  # e.g. DeepSpeed on CPU: Accelerate then sets up no process group of its own
         raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
-                           f"({accelerator.distributed_type}, {device}); on CPU use DDP (torchrun or "
-                           "workflow/accelerate/cpu.yaml) for several processes, DeepSpeed with one")
+                           f"({accelerator.distributed_type}, {device}); on CPU run several processes as DDP "
+                           "(ACCELERATE_USE_CPU=1 with torchrun or accelerate launch) and DeepSpeed with one")
     local = batch // world
     batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
     # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
