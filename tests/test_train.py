@@ -535,12 +535,24 @@ def assert_same_step(run_a, run_b, opt_a, opt_b):
 
 
 def test_micro_batches_give_the_same_step(digits, tmp_path):
-    runs = {}
+    from accelerate import Accelerator
+
+    runs, unsynced = {}, []
     for batch_gpu in (None, 32):
+        accelerator = Accelerator()
+        no_sync = accelerator.no_sync
+
+        def counting_no_sync(model, _inner=no_sync):  # DDP's all-reduce is skipped inside it
+            unsynced.append(batch_gpu)
+            return _inner(model)
+
+        accelerator.no_sync = counting_no_sync
         out = tmp_path / f"gpu{batch_gpu}"
-        result = train(make_cfg(batch_gpu=batch_gpu, **TWO_STEPS), "t0", digits, out, progress=False)
+        result = train(make_cfg(batch_gpu=batch_gpu, **TWO_STEPS), "t0", digits, out, progress=False,
+                       accelerator=accelerator)
         runs[batch_gpu] = out
         assert result["status"] == "done"
+    assert unsynced == [32] * 6   # 2 steps × the first 3 of 4 micro-batches; the last one syncs
     sa = torch.load(runs[None] / "state.pt", weights_only=False)
     sb = torch.load(runs[32] / "state.pt", weights_only=False)
     assert_same_step(runs[None], runs[32], sa["optimizer"], sb["optimizer"])
