@@ -55,7 +55,36 @@ def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = 
     _validate(cfg, schema, where)
     _fill_defaults(cfg, schema, schema)
     _validate(cfg, schema, where)  # defaults must themselves be valid (catches a broken schema)
+    _check_batching(cfg, where)
     return cfg
+
+
+def micro_batch(training: Mapping, num_processes: int, key: str = "training") -> tuple[int, int]:
+    """(batch_gpu, accumulation rounds) of one process: the per-process batch batch_size / num_processes is
+    processed `rounds` micro-batches of `batch_gpu` images at a time (EDM2's batch_gpu; null or larger than the
+    per-process batch = the whole of it).  Raises ConfigError naming the key when the batch does not split."""
+    batch, world = int(training["batch_size"]), int(num_processes)
+    if batch % world:
+        raise ConfigError(f"{key}.batch_size: {batch} is not divisible by the {world} processes")
+    local = batch // world
+    gpu = min(int(training.get("batch_gpu") or local), local)
+    if local % gpu:
+        raise ConfigError(f"{key}.batch_gpu: {gpu} does not divide the per-process batch {local} "
+                          f"(batch_size {batch} / {world} processes)")
+    return gpu, local // gpu
+
+
+def _check_batching(cfg: dict, where: str) -> None:
+    """Every model's batch splits over its configured processes and micro-batches (at config time, so a
+    bad study fails before any job runs; train.py checks again with the processes it really has)."""
+    for name, entry in (cfg.get("models") or {}).items():
+        training = model_training(cfg, name)
+        own = (entry or {}).get("training") or {}
+        key = f"models.{name}.training" if {"batch_size", "batch_gpu", "launch"} & set(own) else "training"
+        try:
+            micro_batch(training, training["launch"]["num_processes"], key)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
 
 
 def _validate(cfg: dict, schema: Mapping, where: str) -> None:

@@ -3,16 +3,23 @@
 One Accelerate loop for every launch mode (plain CPU, multi-GPU DDP, DeepSpeed ZeRO-2; see workflow/accelerate/),
 EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.
 
-What one step does (global batch B split evenly over the processes):
+What one step does (global batch B split evenly over the processes, b = B / processes each):
   x0, labels  ← the next B images of a seeded per-epoch permutation (a pure function of images seen, so resuming
-                needs no data-loader state)
-  σ ~ schedule.sample_sigma (the variant's noise distribution, or the optimal-loss schedule), ε ~ N(0, I)
+                needs no data-loader state); this process takes its b of them
+  σ ~ schedule.sample_sigma (the variant's noise distribution, or the optimal-loss schedule), ε ~ N(0, I), drawn
+                for all b at once: micro-batching below does not change them
+  then per micro-batch of training.batch_gpu images (EDM2's gradient accumulation; DDP syncs gradients on the last
+  one only, DeepSpeed counts them as its gradient_accumulation_steps):
   D, logvar   = Denoiser(net, variant)(x0 + σ·ε, σ, labels)        (D = c_skip·x + c_out·F(c_in·x, c_noise))
   x0-loss_i   = mean_dims (D_i − x0_i)²            → the per-σ-bin tracker (all ranks' samples, gathered)
-  loss_i      = schedule.loss_weight(σ_i)·x0-loss_i, and with the learned log-variance (EDM2 uncertainty)
-                loss_i / exp(logvar_i) + logvar_i
-  Adam(β 0.9/0.99, eps 1e-8) on mean_i loss_i with lr(t) = lr·min(t/rampup, 1)/sqrt(max(t/t_ref, 1)) (EDM2),
-  gradient clipping, then the EMA of the weights (half-life in images, EDM-style ramp; see `ema_beta`).
+  loss_i      = schedule.loss_weight(σ_i)·x0-loss_i, and with the learned log-variance (training.logvar, EDM2's
+                uncertainty) loss_i / exp(logvar_i) + logvar_i — per dimension: what log.jsonl reports
+  backward of dims·Σ_i loss_i / B over the global batch: EDM2's gradient scale (its loss.sum() over pixels and
+                images divided by the batch), not the per-dimension mean's, which is dims× smaller and lets
+                Adam's eps damp the update at paper resolution
+  Adam(β 0.9/0.99, eps 1e-8) with lr(t) = lr·min(t/rampup, 1)/sqrt(max(t/t_ref, 1)) (EDM2), gradient clipping
+  (a norm of the per-dimension loss's gradient: grad_clip·dims on this scale), then the EMA of the weights
+  (half-life in images, EDM-style ramp; see `ema_beta`).
 
 Run folder (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights,
 arch, variant, images_seen, flops counted with torch.utils.flop_counter), log.jsonl, done.json (written last).
@@ -26,6 +33,7 @@ length early on.  It is not the EDM2 post-hoc EMA; a study that needs that would
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -39,7 +47,7 @@ import numpy as np
 import torch
 
 from models.data import Dataset, DatasetArrays as HostData, open_dataset
-from models.config import load_config, model_training, snapshot_marks, total_images as _total_images
+from models.config import load_config, micro_batch, model_training, snapshot_marks, total_images as _total_images
 from models.denoiser import Denoiser
 from models.sigma_bins import SigmaBinTracker
 from models.atomic import atomic_path
@@ -123,7 +131,9 @@ def batch_indices(images_seen: int, batch_size: int, n: int, seed: int) -> torch
 def config_fingerprint(training: dict, arch: dict, variant: dict, data_shape, label_dim: int) -> dict:
     """What a run folder's state belongs to: the model's merged training section, its net (arch name and the
     complete kwargs), the diffusion variant, and the dataset's shape and label count. Plain JSON data (lists, not
-    tuples), so it compares equal after a round trip through state.pt or done.json."""
+    tuples), so it compares equal after a round trip through state.pt or done.json.  training.batch_gpu is left
+    out: micro-batching changes no image, σ or noise, so a run may resume with another (e.g. on smaller GPUs)."""
+    training = {k: v for k, v in training.items() if k != "batch_gpu"}
     fp = {"training": training, "arch": arch, "variant": variant,
           "dataset": {"shape": list(data_shape), "label_dim": int(label_dim)}}
     return json.loads(json.dumps(fp))
@@ -308,7 +318,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     # ---- what this run is: checked against the run folder before anything is resumed or reported done ----
     arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
-                                 dropout=float(training["dropout"]))
+                                 logvar=bool(training["logvar"]), dropout=float(training["dropout"]))
     vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant (issue 5) or the study's
     variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
     variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
@@ -325,9 +335,16 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     is_main = accelerator.is_main_process
     device = accelerator.device
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
-    if batch % world:
-        raise ValueError(f"training.batch_size = {batch} is not divisible by the {world} processes")
+    launched = int(os.environ.get("WORLD_SIZE", world))
+    if launched != world:  # e.g. DeepSpeed on CPU: Accelerate then sets up no process group of its own
+        raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
+                           f"({accelerator.distributed_type}, {device}); on CPU run several processes as DDP "
+                           "(ACCELERATE_USE_CPU=1 with torchrun or accelerate launch) and DeepSpeed with one")
     local = batch // world
+    batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
+    # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
+    accelerator.gradient_accumulation_steps = rounds
+    dims = C * H * W
 
     # ---- net, variant, schedule, optimiser ----
     torch.manual_seed(int(training["seed"]))  # identical initial weights on every rank
@@ -366,14 +383,17 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     if use_ds:  # no DataLoader goes through prepare, so DeepSpeed's "auto" batch/clip values are set here
         ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-        ds_cfg["train_micro_batch_size_per_gpu"] = local
+        ds_cfg["train_micro_batch_size_per_gpu"] = batch_gpu
         ds_cfg["train_batch_size"] = batch
-        ds_cfg["gradient_accumulation_steps"] = 1
-        ds_cfg["gradient_clipping"] = float(training["grad_clip"] or 0.0)
+        ds_cfg["gradient_accumulation_steps"] = rounds
+        ds_cfg["gradient_clipping"] = float(training["grad_clip"] or 0.0) * dims
         zero = ds_cfg.setdefault("zero_optimization", {})
         for key, value in DS_ZERO_TUNING.items():
             zero.setdefault(key, value)
     model_p, optimizer_p = accelerator.prepare(net, optimizer)
+    if accelerator.gradient_accumulation_steps != rounds:  # prepare takes DeepSpeed's value: it must be ours
+        raise RuntimeError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} micro-batches, "
+                           f"expected {rounds} (training.batch_gpu = {batch_gpu})")
     if loaded is not None and use_ds:
         accelerator.load_state(str(out / loaded["ds_dir"]))
     if loaded is not None:
@@ -387,7 +407,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         # trace; the counted convolutions / matmuls / attention are those of the training step
         return family.net_from_kwargs(arch_kw, device="meta").eval()
 
-    flops_per_image = count_step_flops(build_meta, variant, (local, C, H, W), label_dim, fallback_net=raw_net) / local
+    flops_per_image = (count_step_flops(build_meta, variant, (batch_gpu, C, H, W), label_dim, fallback_net=raw_net)
+                       / batch_gpu)
 
     # ---- bookkeeping ----
     snap_dir = out / "snapshots"
@@ -456,19 +477,30 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         lr = learning_rate(images_seen + batch, training)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        with accelerator.autocast():
-            loss_ex, x0_loss = per_example_losses(denoiser, schedule, x0, sigma, noise, labels)
-        loss = loss_ex.mean()
-        # every rank needs the same verdict, so the check uses the all-reduced loss
-        loss_global = accelerator.reduce(loss.detach().clone(), reduction="mean")
-        if not torch.isfinite(loss_global):
-            all_sigma = accelerator.gather(sigma.detach())
-            raise NonFiniteLossError(
-                f"non-finite training loss ({float(loss_global)}) at step {step} (images seen {images_seen}) of "
-                f"model {model}; σ of the batch: {[float(f'{s:.4g}') for s in all_sigma.tolist()]}")
-        accelerator.backward(loss)
-        if training["grad_clip"] and accelerator.sync_gradients and not use_ds:
-            accelerator.clip_grad_norm_(model_p.parameters(), float(training["grad_clip"]))
+        x0_loss, loss_global = [], 0.0
+        for r in range(rounds):
+            part = slice(r * batch_gpu, (r + 1) * batch_gpu)
+            last = r == rounds - 1
+            accelerator.sync_gradients = last  # DeepSpeed: its accumulation boundary (and optimizer step)
+            with contextlib.nullcontext() if last else accelerator.no_sync(model_p):  # DDP: all-reduce once
+                with accelerator.autocast():
+                    loss_ex, x0_part = per_example_losses(denoiser, schedule, x0[part], sigma[part], noise[part],
+                                                          None if labels is None else labels[part])
+                # every rank needs the same verdict, so the check uses the all-reduced loss (before a DeepSpeed
+                # backward on the last micro-batch steps the optimizer)
+                loss_part = accelerator.reduce(loss_ex.detach().mean(), reduction="mean")
+                if not torch.isfinite(loss_part):
+                    all_sigma = accelerator.gather(sigma.detach())
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({float(loss_part)}) at step {step} (images seen {images_seen})"
+                        f" of model {model}; σ of the batch: {[float(f'{s:.4g}') for s in all_sigma.tolist()]}")
+                # EDM2's scale: Σ over dims and images / b; backward divides by `rounds`, DDP averages over ranks
+                accelerator.backward(loss_ex.sum() * (dims / batch_gpu))
+            x0_loss.append(x0_part.detach())
+            loss_global += float(loss_part) / rounds
+        x0_loss = torch.cat(x0_loss)
+        if training["grad_clip"] and not use_ds:
+            accelerator.clip_grad_norm_(model_p.parameters(), float(training["grad_clip"]) * dims)
         optimizer_p.step()
         optimizer_p.zero_grad(set_to_none=True)
         images_seen += batch
@@ -480,11 +512,11 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
             for b_ema, b in zip(ema.buffers(), raw_net.buffers()):
                 b_ema.copy_(b)
 
-        tracker.update(accelerator.gather(sigma.detach()), accelerator.gather(x0_loss.detach().float()))
-        loss_sum, loss_n = loss_sum + float(loss_global), loss_n + 1
+        tracker.update(accelerator.gather(sigma.detach()), accelerator.gather(x0_loss.float()))
+        loss_sum, loss_n = loss_sum + loss_global, loss_n + 1
         if bar is not None:
             bar.update(batch)
-            bar.set_postfix(loss=f"{float(loss_global):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{loss_global:.4f}", refresh=False)
         if hasattr(schedule, "set_model_loss") and images_seen // sched_every != (images_seen - batch) // sched_every:
             schedule.set_model_loss(tracker)
         if images_seen // log_every != (images_seen - batch) // log_every or images_seen >= total:

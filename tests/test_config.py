@@ -94,3 +94,37 @@ def test_geometric_default_first_halves():
     tr = {"total_images": 8 * 64, "batch_size": 64, "snapshots": {"count": 4, "spacing": "geometric"}}
     assert snapshot_marks(tr) == [64, 128, 256, 512]
     assert math.isclose(snapshot_marks(tr)[-1] / snapshot_marks(tr)[0], 2 ** 3)
+
+
+# EDM2's presets (NVlabs/edm2 train_edm2.py): duration in images, lr, lr decay reference in batches, dropout,
+# P_mean/P_std; batch 2048 and a 10M-image lr ramp-up (training_loop.learning_rate_schedule) for all of them.
+EDM2_PRESETS = {
+    "paper-img64": dict(decay=35000, P=(-0.8, 1.6), sizes={
+        "xs": (1024 << 20, 0.0120, 0.00), "s": (1024 << 20, 0.0100, 0.00), "m": (2048 << 20, 0.0090, 0.10),
+        "l": (1024 << 20, 0.0080, 0.10), "xl": (640 << 20, 0.0070, 0.10)}),
+    "paper-img512": dict(decay=70000, P=(-0.4, 1.0), sizes={
+        "xs": (2048 << 20, 0.0120, 0.00), "s": (2048 << 20, 0.0100, 0.00), "m": (2048 << 20, 0.0090, 0.10),
+        "l": (1792 << 20, 0.0080, 0.10), "xl": (1280 << 20, 0.0070, 0.10), "xxl": (896 << 20, 0.0065, 0.10)}),
+}
+
+
+@pytest.mark.parametrize("study", sorted(EDM2_PRESETS))
+def test_paper_configs_carry_edm2_numbers(study):
+    from pathlib import Path
+
+    from models.config import micro_batch
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "workflow" / "config" / f"{study}.yaml")
+    preset = EDM2_PRESETS[study]
+    assert (cfg["variant"]["kwargs"]["P_mean"], cfg["variant"]["kwargs"]["P_std"]) == preset["P"]
+    for name in cfg["models"]:
+        tr = model_training(cfg, name)
+        assert tr["batch_size"] == 2048 and tr["lr_rampup_images"] == 10_000_000 and tr["grad_clip"] is None
+        assert tr["lr_decay_images"] == preset["decay"] * 2048
+        # EDM2 has no img64 xxl preset: the config takes its img512 xxl lr/dropout and the img64 xl length
+        duration, lr, dropout = preset["sizes"].get(name) or (640 << 20, 0.0065, 0.10)
+        assert (tr["total_images"], tr["lr"], tr["dropout"]) == (duration, lr, dropout), name
+        marks = snapshot_marks(tr)
+        assert len(marks) == 8 and marks[0] == 1 << 24 and marks[-1] == duration
+        batch_gpu, rounds = micro_batch(tr, tr["launch"]["num_processes"])
+        assert batch_gpu == tr["batch_gpu"] and batch_gpu * rounds == 256

@@ -485,6 +485,230 @@ def test_deepspeed_config_works_from_any_folder(name, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# micro-batching, EDM2's gradient scale, the log-variance switch
+# ---------------------------------------------------------------------------------------------------------------
+
+def adam_moments(state_dict: dict) -> list[torch.Tensor]:
+    """Every Adam first moment (exp_avg) in a (possibly nested) optimizer state: after one step it is
+    (1 − β1)·gradient, so comparing it compares the gradients themselves, scale included (Adam's update alone
+    would hide a constant factor)."""
+    out = []
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                if k == "exp_avg" and isinstance(obj[k], torch.Tensor):
+                    out.append(obj[k].float())
+                else:
+                    walk(obj[k])
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    walk(state_dict)
+    return out
+
+
+# Two optimizer steps of 128 images: EDM2 initialises the output gain at zero, so the first step moves only it
+# (and the log-variance head); the second moves every weight.  The snapshot's EMA is the net (half-life 0).
+TWO_STEPS = dict(total_images=256, batch_size=128, ema_halflife_images=0, snapshots={"count": 1},
+                 log_every_images=128)
+SNAPSHOT = "snapshots/snapshot-000000256.pt"
+
+
+def effective_weights(state: dict) -> dict:
+    """The weights as the net uses them: EDM2's forced normalisation rescales a stored conv/linear weight by
+    (1 + 1e-4)⁻¹-ish at every training forward, so a run with 4 micro-batches stores them a few 1e-4 smaller;
+    its normalised direction (what the net computes with) is what must agree."""
+    from models.edm2 import normalize
+
+    return {k: normalize(v) if k.endswith("weight") and v.ndim >= 2 else v for k, v in state.items()}
+
+
+def assert_same_step(run_a, run_b, opt_a, opt_b):
+    """Same weights after the steps and the same gradients (Adam's first moment), within float32 reduction error;
+    the logged per-dimension loss and the σ tracker agree too."""
+    wa = effective_weights(torch.load(run_a / SNAPSHOT, weights_only=False)["ema"])
+    wb = effective_weights(torch.load(run_b / SNAPSHOT, weights_only=False)["ema"])
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
+    ga, gb = adam_moments(opt_a), adam_moments(opt_b)
+    assert ga and len(ga) == len(gb)
+    scale = max(float(g.abs().max()) for g in ga)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5 * scale)
+    la, lb = read_log(run_a)[-1], read_log(run_b)[-1]
+    assert lb["loss"] == pytest.approx(la["loss"], rel=1e-5)
+    assert lb["sigma_bin_counts"] == la["sigma_bin_counts"]
+    for a, b in zip(la["sigma_bin_x0_loss"], lb["sigma_bin_x0_loss"]):
+        assert (a is None and b is None) or b == pytest.approx(a, rel=1e-4)
+
+
+def test_micro_batches_give_the_same_step(digits, tmp_path):
+    from accelerate import Accelerator
+
+    runs, unsynced = {}, []
+    for batch_gpu in (None, 32):
+        accelerator = Accelerator()
+        no_sync = accelerator.no_sync
+
+        def counting_no_sync(model, _inner=no_sync):  # DDP's all-reduce is skipped inside it
+            unsynced.append(batch_gpu)
+            return _inner(model)
+
+        accelerator.no_sync = counting_no_sync
+        out = tmp_path / f"gpu{batch_gpu}"
+        result = train(make_cfg(batch_gpu=batch_gpu, **TWO_STEPS), "t0", digits, out, progress=False,
+                       accelerator=accelerator)
+        runs[batch_gpu] = out
+        assert result["status"] == "done"
+    assert unsynced == [32] * 6   # 2 steps × the first 3 of 4 micro-batches; the last one syncs
+    sa = torch.load(runs[None] / "state.pt", weights_only=False)
+    sb = torch.load(runs[32] / "state.pt", weights_only=False)
+    assert_same_step(runs[None], runs[32], sa["optimizer"], sb["optimizer"])
+    assert sb["flops_per_image"] == pytest.approx(sa["flops_per_image"])   # FLOPs stay counted per image
+    # micro-batching is not part of the settings: a run may resume with another batch_gpu
+    assert sa["config_fingerprint"] == sb["config_fingerprint"]
+
+
+def test_batch_that_does_not_split_names_the_key():
+    from models.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training\.batch_gpu: 48 does not divide the per-process batch 128"):
+        make_cfg(batch_size=128, batch_gpu=48)
+    with pytest.raises(ConfigError, match=r"models\.t0\.training\.batch_size: 100 is not divisible by the 8"):
+        make_cfg(models={"t0": {"arch": "t0", "training": {"batch_size": 100,
+                                                           "launch": {"num_processes": 8}}}})
+    make_cfg(batch_size=128, batch_gpu=256)   # larger than the per-process batch: the whole of it (as EDM2)
+
+
+def capture_step_inputs(monkeypatch):
+    """Record the real (non-meta) inputs train() gives per_example_losses."""
+    seen = []
+    original = train_mod.per_example_losses
+
+    def spy(denoiser, schedule, x0, sigma, noise, labels):
+        if x0.device.type != "meta":
+            seen.append((x0.clone(), sigma.clone(), noise.clone()))
+        return original(denoiser, schedule, x0, sigma, noise, labels)
+
+    monkeypatch.setattr(train_mod, "per_example_losses", spy)
+    return seen
+
+
+def hand_adam_steps(cfg, steps, reduce):
+    """The t0 net of `cfg` after Adam steps on EDM2's loss (EDM2Loss: (w/e^u)·(D − x0)² + u per element),
+    backpropagated as `reduce` of that element-wise loss; written from the formula, not from train()."""
+    from models import family
+
+    tr = cfg["training"]
+    torch.manual_seed(int(tr["seed"]))
+    net = family.net_from_kwargs(family.arch_kwargs("t0", resolution=8, channels=1, dropout=0.0)).train()
+    variant = get_variant("edm")
+    opt = torch.optim.Adam(net.parameters(), lr=1.0, betas=(0.9, 0.99), eps=1e-8)
+    for i, (x0, sigma, noise) in enumerate(steps):
+        D, u = Denoiser(net, variant)(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, return_logvar=True)
+        w = variant.loss_weight(sigma)
+        per_element = (w / u.exp()).reshape(-1, 1, 1, 1) * (D - x0) ** 2 + u.reshape(-1, 1, 1, 1)
+        for group in opt.param_groups:
+            group["lr"] = learning_rate((i + 1) * x0.shape[0], tr)
+        opt.zero_grad()
+        reduce(per_element).backward()
+        opt.step()
+    return effective_weights({k: v.detach().clone() for k, v in net.state_dict().items()})
+
+
+def test_adam_steps_are_edm2_scaled(digits, tmp_path, monkeypatch):
+    """train()'s steps equal Adam steps on EDM2's backpropagated loss, loss.sum() / batch — and differ measurably
+    from the per-dimension mean's steps, since Adam's eps acts on the 64× smaller gradients."""
+    cfg = make_cfg(grad_clip=None, **TWO_STEPS)
+    seen = capture_step_inputs(monkeypatch)
+    train(cfg, "t0", digits, tmp_path, progress=False)
+    assert len(seen) == 2
+    got = effective_weights(torch.load(tmp_path / SNAPSHOT, weights_only=False)["ema"])
+    edm2 = hand_adam_steps(cfg, seen, lambda e: e.sum() / e.shape[0])
+    mean = hand_adam_steps(cfg, seen, lambda e: e.mean())
+    err = max(float((got[k] - edm2[k]).abs().max()) for k in got)
+    gap = max(float((mean[k] - edm2[k]).abs().max()) for k in got)
+    print(f"EDM2 scale: |train − hand| ≤ {err:.2e}; |EDM2 − per-dimension mean| up to {gap:.2e}")
+    assert err < 1e-5, err
+    assert gap > 100 * max(err, 1e-8), (gap, err)
+
+
+class ConstLogvarNet(torch.nn.Module):
+    """A real tiny U-Net F whose log-variance is one learnable constant u (or no head)."""
+
+    def __init__(self, u=None):
+        super().__init__()
+        from models import family
+
+        torch.manual_seed(0)
+        self.net = family.build("t0", resolution=8, channels=1, logvar=False, device="cpu")
+        self.label_dim = 0
+        self.u = None if u is None else torch.nn.Parameter(torch.tensor(float(u)))
+
+    def forward(self, x, c_noise, class_labels=None):
+        out, _ = self.net(x, c_noise, class_labels)
+        return out, None if self.u is None else self.u.expand(x.shape[0])
+
+
+class ConstWeight:
+    def __init__(self, w):
+        self.w = w
+
+    def loss_weight(self, sigma):
+        return torch.full_like(sigma, self.w)
+
+
+@pytest.mark.parametrize("sigma_value", [0.05, 1.0, 20.0])
+def test_logvar_switch_sets_the_per_sigma_gradient_scale(digits, sigma_value):
+    """At a fixed σ the net's gradient is w_σ·∇L without the log-variance, and (w_σ/e^u)·∇L = ∇L / E[L|σ] with u at
+    its optimum log(w_σ·L): the weight is divided out, whatever it is."""
+    variant = get_variant("edm")
+    g = torch.Generator().manual_seed(1)
+    x0 = digits.x[:64]
+    noise = torch.randn(x0.shape, generator=g)
+    sigma = torch.full((64,), sigma_value)
+
+    def grad_norm(w, logvar):
+        net = ConstLogvarNet(None if not logvar else 0.0)
+        den = Denoiser(net, variant)
+        if logvar:  # the optimum of u for this batch: e^u = w·mean L (per_example_losses' L is the dims mean)
+            with torch.no_grad():
+                _, L = per_example_losses(den, ConstWeight(w), x0, sigma, noise, None)
+                net.u.fill_(math.log(w * float(L.mean())))
+        loss, _ = per_example_losses(den, ConstWeight(w), x0, sigma, noise, None)
+        params = list(net.net.parameters())
+        grads = torch.autograd.grad(loss.mean(), params)
+        return float(torch.sqrt(sum((gr ** 2).sum() for gr in grads)))
+
+    off1, off100 = grad_norm(1.0, False), grad_norm(100.0, False)
+    on1, on100 = grad_norm(1.0, True), grad_norm(100.0, True)
+    assert off100 / off1 == pytest.approx(100.0, rel=1e-4)     # follows w_σ
+    assert on100 / on1 == pytest.approx(1.0, rel=1e-4)         # normalised
+    with torch.no_grad():
+        mean_loss = float(per_example_losses(Denoiser(ConstLogvarNet(), variant), variant, x0, sigma, noise,
+                                             None)[1].mean())
+    assert on1 == pytest.approx(off1 / mean_loss, rel=1e-4)   # ∇L / E[L|σ]
+
+
+def test_logvar_off_builds_no_head_and_is_part_of_the_settings(digits, tmp_path):
+    cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=64,
+                   models={"on": {"arch": "t0"}, "off": {"arch": "t0", "training": {"logvar": False}}})
+    for name in ("on", "off"):
+        train(cfg, name, digits, tmp_path / name, progress=False)
+    snaps = {n: torch.load(tmp_path / n / "snapshots/snapshot-000000064.pt", weights_only=False) for n in ("on", "off")}
+    assert any("logvar" in k for k in snaps["on"]["ema"]) and not any("logvar" in k for k in snaps["off"]["ema"])
+    den = Denoiser.from_snapshot(tmp_path / "off/snapshots/snapshot-000000064.pt")
+    D, logvar = den(digits.x[:2], 1.0, return_logvar=True)
+    assert logvar is None and torch.isfinite(D).all()
+    # the switch is part of the run folder's settings: the other setting neither resumes nor reports done
+    with pytest.raises(RunFolderMismatchError, match=r"training\.logvar: False → True"):
+        train(make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=64), "t0", digits,
+              tmp_path / "off", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # slow: learning, multi-process, DeepSpeed
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -577,3 +801,52 @@ def test_deepspeed_zero2_cpu(tmp_path, digits):
     assert [r["images_seen"] for r in read_log(out)] == [32, 64, 96, 128]
     den = Denoiser.from_snapshot(out / "snapshots/snapshot-000000128.pt")
     assert torch.isfinite(den(digits.x[:2], 1.0)).all()
+
+
+def micro_batch_runs(tmp_path, digits, launcher, env, batch_gpus=(None, 16)):
+    """The same two 128-image steps launched by `launcher(cfg, out)` with and without micro-batching."""
+    from models.data import save_npz
+
+    data = save_npz(digits, tmp_path / "digits.npz")
+    outs = []
+    for batch_gpu in batch_gpus:
+        folder = tmp_path / f"gpu{batch_gpu}"
+        folder.mkdir()
+        cfg = write_cli_config(folder, batch_gpu=batch_gpu, grad_clip=None, **TWO_STEPS)
+        out = folder / "run"
+        run_cli(launcher(cfg, out) + ["-m", "models.train", "--config", str(cfg), "--model", "t0", "--data",
+                                      str(data), "--out", str(out), "--no-progress"],
+                {"PYTHONPATH": str(ROOT), **env}, cwd=tmp_path)
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.slow
+def test_micro_batches_give_the_same_step_in_two_processes(tmp_path, digits):
+    """DDP over 2 CPU ranks: 64 images per process as 1×64 and as 4×16 (gradients all-reduced on the last)."""
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    a, b = micro_batch_runs(tmp_path, digits, lambda cfg, out: [torchrun, "--nproc_per_node", "2",
+                                                                "--master_port", str(free_port())],
+                            {"ACCELERATE_USE_CPU": "1"})
+    sa, sb = (torch.load(r / "state.pt", weights_only=False) for r in (a, b))
+    assert sa["world_size"] == sb["world_size"] == 2
+    assert_same_step(a, b, sa["optimizer"], sb["optimizer"])
+
+
+@pytest.mark.slow
+def test_micro_batches_give_the_same_step_in_deepspeed_zero2(tmp_path, digits):
+    """DeepSpeed ZeRO-2 on CPU: its gradient_accumulation_steps follow batch_gpu (128 as 1×128 and as 4×32)."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    a, b = micro_batch_runs(tmp_path, digits, lambda cfg, out: [
+        accelerate, "launch", "--config_file", str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"),
+        "--num_processes", "1", "--main_process_port", str(free_port())], {}, batch_gpus=(None, 32))
+
+    def optimizer_states(run):  # ZeRO's own checkpoint: the fp32 partition's Adam state, per rank
+        ds_dir = run / torch.load(run / "state.pt", weights_only=False)["ds_dir"]
+        files = sorted(ds_dir.rglob("*optim_states.pt"))
+        assert files, f"no DeepSpeed optimizer state under {ds_dir}"
+        return [torch.load(f, weights_only=False, map_location="cpu") for f in files]
+
+    assert_same_step(a, b, optimizer_states(a), optimizer_states(b))

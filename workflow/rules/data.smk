@@ -7,7 +7,13 @@
 # on a cluster file system works anywhere, and a changed spec still reruns the rule (params trigger).
 
 
+# A study may read the PNG folder that rule digits_imagefolder generates (paper-rehearsal.yaml): then it is an input.
+DIGITS_PNGS = f"{R}/data/digits-png"
+
+
 rule dataset:
+    input:
+        [DIGITS_PNGS] if config["dataset"]["spec"] == f"imagefolder:{DIGITS_PNGS}" else [],
     output:
         f"{R}/data/dataset.npz",
     params:
@@ -46,3 +52,18 @@ rule eval_set:
         " --sigma-min {params.ev[sigma_min]} --sigma-max {params.ev[sigma_max]}"
         " --samples-per-sigma {params.ev[samples_per_sigma]} --seed {params.ev[seed]} --out {output:q}"
         " > {log:q} 2>&1"
+
+
+rule digits_imagefolder:
+    output:
+        directory(DIGITS_PNGS),
+    params:
+        script=repo_path("workflow/scripts/digits_imagefolder.py"),
+        resolution=config["dataset"].get("resolution") or 16,
+    resources:
+        gpu=0,
+        runtime=10,
+    log:
+        f"{R}/logs/digits_imagefolder.log",
+    shell:
+        "{PYTHON} {params.script:q} --out {output:q} --resolution {params.resolution} > {log:q} 2>&1"

@@ -58,8 +58,10 @@ def launch_command(model):
     port = (
         f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
     )
+    # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told
+    cpu = "ACCELERATE_USE_CPU=1 " if not train_resources(model)["gpu"] and n > 1 else ""
     return (
-        f"{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
+        f"{cpu}{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
         f" --main_process_port {port} -m models.train"
     )
 

@@ -1,0 +1,157 @@
+"""The paper rehearsal (workflow/config/paper-rehearsal.yaml): its dry-run (fast), the study end to end on CPU and
+a killed two-process training job that resumes (slow). Real runs go to a temporary working directory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "workflow" / "config" / "paper-rehearsal.yaml"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+sys.path.insert(0, str(REPO))
+
+from models.config import load_config, micro_batch, model_training, snapshot_marks  # noqa: E402
+
+
+def smk(*args, directory, timeout=900):
+    cmd = SNAKEMAKE + ["--directory", str(directory)] + [str(a) for a in args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def test_rehearsal_mirrors_the_paper_config():
+    """Same study shape as paper-img64: conditional image folder, cDOL, the paper's σ distribution, DDP for the
+    small sizes and DeepSpeed ZeRO-2 for the large ones, micro-batching, bf16, resumable state, eight snapshots."""
+    cfg, paper = load_config(CONFIG), load_config(REPO / "workflow" / "config" / "paper-img64.yaml")
+    assert cfg["dataset"]["spec"].startswith("imagefolder:") and cfg["dataset"]["conditional"]
+    assert cfg["variant"] == paper["variant"] and cfg["optimal_loss"]["estimator"] == "cdol"
+    launchers = []
+    for name in cfg["models"]:
+        tr = model_training(cfg, name)
+        launch = tr["launch"]
+        launchers.append((Path(launch["accelerate_config"]).name, launch["num_processes"]))
+        batch_gpu, rounds = micro_batch(tr, launch["num_processes"])
+        assert rounds > 1, f"{name}: micro-batching must be active"
+        assert tr["mixed_precision"] == "bf16" and 0 < tr["state_every_images"] < tr["total_images"]
+        assert len(snapshot_marks(tr)) == 8
+    assert ("ddp-bf16.yaml", 2) in launchers and any(a == "deepspeed-zero2.yaml" for a, _ in launchers)
+
+
+def test_rehearsal_dry_run_generates_the_image_folder_first(tmp_path):
+    out = smk("-n", "--configfile", CONFIG, directory=tmp_path)
+    assert "rule digits_imagefolder:" in out and "rule dataset:" in out
+    assert out.index("rule digits_imagefolder:") < out.index("rule dataset:")
+
+
+def test_digits_imagefolder_script(tmp_path):
+    from models.data import load_dataset
+
+    out = tmp_path / "pngs"
+    subprocess.run([sys.executable, str(REPO / "workflow/scripts/digits_imagefolder.py"), "--out", str(out),
+                    "--resolution", "12"], check=True, capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == [str(k) for k in range(10)]
+    ds = load_dataset(f"imagefolder:{out}")
+    digits = load_dataset("digits", resolution=12)
+    assert tuple(ds.x.shape) == (1797, 3, 12, 12) and ds.num_classes == 10
+    # labels follow the class folders; pixels are the digits' within uint8 rounding, in every channel
+    order = sorted(range(1797), key=lambda i: (int(digits.labels[i]), i))
+    assert ds.labels.tolist() == [int(digits.labels[i]) for i in order]
+    assert float((ds.x[:, 0] - digits.x[order, 0]).abs().max()) <= 1 / 127.5 + 1e-6
+    assert bool((ds.x[:, 0] == ds.x[:, 2]).all())
+
+
+@pytest.mark.slow
+def test_rehearsal_end_to_end(tmp_path):
+    t0 = time.time()
+    smk("--configfile", CONFIG, "--cores", "2", directory=tmp_path, timeout=1200)
+    print(f"\npaper rehearsal wall time: {time.time() - t0:.0f} s")
+    cfg = load_config(CONFIG)
+    r = tmp_path / "results" / cfg["study"]
+    for name in cfg["models"]:
+        tr = model_training(cfg, name)
+        done = json.loads((r / "runs" / name / "done.json").read_text())
+        assert done["world_size"] == tr["launch"]["num_processes"] and done["images_seen"] == tr["total_images"]
+        assert len(done["snapshots"]) == 8 and done["config_fingerprint"]["dataset"]["label_dim"] == 10
+        if "deepspeed" in tr["launch"]["accelerate_config"]:
+            assert any((r / "runs" / name / "state-ds").iterdir())    # ZeRO's own checkpoint was written
+    assert (r / "optimal_loss" / "jstar.csv").read_text().count("cdol") > 0
+    for fig in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling"):
+        assert (r / "figures" / f"{fig}.png").stat().st_size > 1000, fig
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Linux /proc)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.slow
+def test_killed_two_process_training_resumes(tmp_path):
+    """A two-process (DDP) training job of the rehearsal killed after its first snapshot resumes on the rerun."""
+    import torch
+
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["models"] = {"t0": cfg["models"]["t0"]}
+    cfg["training"].update(total_images=4096, state_every_images=128, snapshots={"images": [256, 4096]})
+    config = tmp_path / "resume.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    r = tmp_path / "results" / cfg["study"]
+    run, first = r / "runs" / "t0", r / "runs" / "t0" / "snapshots" / "snapshot-000000256.pt"
+    target = f"results/{cfg['study']}/runs/t0/done.json"
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 500
+        while not first.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert first.exists(), "training never reached its first snapshot"
+        time.sleep(2)
+    finally:
+        # snakemake, the launcher and both ranks, as if the node died; torchrun starts each rank in a session of
+        # its own, so the ranks are found as descendants, not by the process group
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
+    state_mtime = (run / "state.pt").stat().st_mtime_ns
+    time.sleep(4)
+    assert (run / "state.pt").stat().st_mtime_ns == state_mtime, "a rank outlived the kill"
+    state = torch.load(run / "state.pt", weights_only=False)
+    assert state["world_size"] == 2 and 256 <= state["images_seen"] < 4096
+    first_inode = first.stat().st_ino
+
+    smk("--unlock", "--configfile", config, directory=tmp_path)
+    smk("--configfile", config, "--cores", "2", target, directory=tmp_path)
+    done = json.loads((run / "done.json").read_text())
+    assert done["images_seen"] == 4096 and done["world_size"] == 2
+    assert first.stat().st_ino == first_inode    # resumed, not restarted: the first snapshot was kept
+    seen = [json.loads(line)["images_seen"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert seen == sorted(set(seen)) and seen[-1] == 4096
