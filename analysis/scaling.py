@@ -558,6 +558,64 @@ def fit_table(df: pd.DataFrame, *, quantities=tuple(QUANTITIES), axes=tuple(AXES
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# per-family fits: a thin layer over fit_table (one table per group of models, stacked with a `group` column)
+# ----------------------------------------------------------------------------------------------------------------
+POOLED = "all"  # the group of the fits over every model together (what fit_table alone gives)
+
+
+def model_families(df: pd.DataFrame) -> pd.Series:
+    """Each row's architecture family ("edm2", "dit", …) from its `arch` column (models.sizes' table; an arch
+    name the table does not know is its own group). No `arch` column: one group, POOLED."""
+    if "arch" not in df.columns:
+        return pd.Series(POOLED, index=df.index)
+    from models.sizes import FAMILY
+
+    return df["arch"].map(lambda a: FAMILY.get(a, a) if isinstance(a, str) else POOLED)
+
+
+def fit_table_by_family(df: pd.DataFrame, **kwargs) -> pd.DataFrame:
+    """fit_table of a losses table whose models come from one family (returned unchanged), or — several families —
+    the pooled fits (group POOLED) followed by each family's own fits (group = family; its frontier and its
+    exponents of L and L − J* use only its models), with `group` as the first column."""
+    groups = model_families(df)
+    names = sorted(groups.unique())
+    if len(names) <= 1:
+        return fit_table(df, **kwargs)
+    tables = [fit_table(df, **kwargs).assign(group=POOLED)]
+    tables += [fit_table(df[groups == g], **kwargs).assign(group=g) for g in names]
+    out = pd.concat(tables, ignore_index=True)
+    return out[["group"] + TABLE_COLUMNS]
+
+
+def pooled_fits(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of a fit table over every model (drops the per-family rows of fit_table_by_family's output)."""
+    if table is None or "group" not in table.columns:
+        return table
+    return table[table["group"] == POOLED].drop(columns="group").reset_index(drop=True)
+
+
+def exponents_markdown_by_family(table: pd.DataFrame) -> str:
+    """exponents_markdown, with a leading comparison of the families' total-loss exponents when the table is
+    grouped by family, then each group's own summary."""
+    if "group" not in table.columns:
+        return exponents_markdown(table)
+    fams = [g for g in table["group"].unique() if g != POOLED]
+    total = table[table["sigma"].isna() & table["quantity"].isin(["raw", "minus_jstar"])]
+    rows = [[g, r["quantity"], r["axis"], _ci(r, "exponent"), _ci(r, "prefactor"), _fmt(r["rho"]),
+             f"{int(r['n']) if np.isfinite(r['n']) else '—'}", str(r["note"])]
+            for g in fams for _, r in total[total["group"] == g].iterrows()]
+    parts = ["# Scaling exponents by architecture family", "",
+             f"Families: {', '.join(fams)}. Each family's fits use only its own models (its own compute frontier); "
+             f"the '{POOLED}' sections pool every model. Brackets are bootstrap 95% intervals when computed.", "",
+             "## Total loss: L and L − J* per family", "",
+             _md_table(["family", "quantity", "axis", "exponent", "prefactor", "ρ", "n", "note"], rows), ""]
+    for g in [POOLED] + fams:
+        md = exponents_markdown(table[table["group"] == g].drop(columns="group"))
+        parts += [md.replace("# Scaling exponents", f"# Group: {g}", 1), ""]
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # exponents.md
 # ----------------------------------------------------------------------------------------------------------------
 def _fmt(v, spec=".4g") -> str:
@@ -656,12 +714,13 @@ def _main_table(argv) -> int:
     args = ap.parse_args(argv)
     if not args.losses.is_file():
         ap.error(f"--losses file not found: {args.losses}")
-    table = fit_table(pd.read_csv(args.losses), n_bootstrap=args.n_bootstrap, seed=args.seed)
+    # one model family: fit_table's output; several: pooled + per-family fits with a `group` column
+    table = fit_table_by_family(pd.read_csv(args.losses), n_bootstrap=args.n_bootstrap, seed=args.seed)
     with atomic_path(args.out_csv) as tmp:
         table.to_csv(tmp, index=False)
     if args.out_md is not None:
         with atomic_path(args.out_md) as tmp:
-            tmp.write_text(exponents_markdown(table))
+            tmp.write_text(exponents_markdown_by_family(table))
     print(f"wrote {len(table)} fits to {args.out_csv}" + (f" and {args.out_md}" if args.out_md else ""))
     return 0
 

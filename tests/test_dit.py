@@ -253,3 +253,61 @@ def test_deepspeed_zero2_cpu_step(tmp_path, digits):
     # one optimizer step moved the weights away from adaLN-Zero's init (the final layer's zero weight)
     w = snap["ema"]["final_layer.linear.weight"]
     assert w.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-family fits and the families figure
+# ---------------------------------------------------------------------------------------------------------------
+
+def two_family_losses(jstar=0.05):
+    """Totals of two families, each exactly L = J* + β·F^α along its own snapshots (α −0.3 U-Net, −0.5 DiT)."""
+    import numpy as np
+    import pandas as pd
+
+    rows = []
+    for fam_arch, beta, alpha in ((("t0", "t1", "t2", "t3"), 40.0, -0.3), (("d0", "d1", "d2", "d3"), 900.0, -0.5)):
+        for k, arch in enumerate(fam_arch):
+            params = 1e5 * 2 ** k
+            for images in (1000, 2000, 4000, 8000):
+                flops = 100.0 * params * images
+                rows.append(dict(model=arch, arch=arch, params=params, images_seen=images, flops=flops,
+                                 sigma=np.nan, loss=jstar + beta * flops ** alpha, optimal_loss=jstar))
+    return pd.DataFrame(rows)
+
+
+def test_fits_per_family_recover_each_familys_exponent():
+    from analysis.scaling import POOLED, exponents_markdown_by_family, fit_table, fit_table_by_family, pooled_fits
+
+    df = two_family_losses()
+    table = fit_table_by_family(df, quantities=("raw", "minus_jstar"), axes=("compute",))
+    assert list(table.columns[:1]) == ["group"] and set(table["group"]) == {POOLED, "edm2", "dit"}
+    mj = table[(table["quantity"] == "minus_jstar") & table["sigma"].isna()].set_index("group")
+    assert mj.loc["edm2", "exponent"] == pytest.approx(-0.3, abs=1e-3)
+    assert mj.loc["dit", "exponent"] == pytest.approx(-0.5, abs=1e-3)
+    # each family's own frontier: one point per distinct compute (params·images = 1e8·2^0…2^6)
+    assert mj.loc["edm2", "n"] == 7 and mj.loc["dit", "n"] == 7
+    # the pooled rows are exactly fit_table on everything; one family alone gives fit_table's table unchanged
+    pooled = pooled_fits(table)
+    ref = fit_table(df, quantities=("raw", "minus_jstar"), axes=("compute",))
+    assert list(pooled.columns) == list(ref.columns)
+    assert pooled["exponent"].to_numpy() == pytest.approx(ref["exponent"].to_numpy(), nan_ok=True)
+    one = fit_table_by_family(df[df["arch"].str.startswith("t")], quantities=("raw",), axes=("compute",))
+    assert "group" not in one.columns
+    md = exponents_markdown_by_family(table)
+    assert "# Group: dit" in md and "# Group: edm2" in md and "| dit | minus_jstar | compute | -0.5" in md
+
+
+def test_families_figure(tmp_path):
+    from analysis.plots import main as plots_main
+    from analysis.scaling import fit_table_by_family
+
+    df = two_family_losses()
+    losses, exponents = tmp_path / "losses.csv", tmp_path / "exponents.csv"
+    df.to_csv(losses, index=False)
+    fit_table_by_family(df, quantities=("raw", "minus_jstar"), axes=("compute",)).to_csv(exponents, index=False)
+    out = tmp_path / "families.png"
+    assert plots_main(["families", "--losses", str(losses), "--exponents", str(exponents), "--out", str(out)]) == 0
+    assert out.stat().st_size > 10000
+    # the study figures read the pooled rows of a grouped table
+    assert plots_main(["scaling", "--losses", str(losses), "--exponents", str(exponents),
+                       "--out", str(tmp_path / "s.png")]) == 0
