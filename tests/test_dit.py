@@ -311,3 +311,20 @@ def test_families_figure(tmp_path):
     # the study figures read the pooled rows of a grouped table
     assert plots_main(["scaling", "--losses", str(losses), "--exponents", str(exponents),
                        "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_unet_vs_dit_study_dry_run(tmp_path):
+    """The comparison study: both CPU ladders with equal images and one J*, per-family fits and their figure."""
+    from test_workflow import CONFIGS, job_counts, load_cfg, marks_of, smk
+
+    cfg = load_cfg("unet-vs-dit")
+    archs = {m: e["arch"] for m, e in cfg["models"].items()}
+    assert sorted(archs.values()) == sorted(("t0", "t1", "t2", "t3", "t4", "t5") + DIT_TINY_SIZES)
+    assert len({marks_of(cfg, m)[-1] for m in archs}) == 1  # every model trains on the same number of images
+    _, out = smk("-n", "-p", "--configfile", CONFIGS / "unet-vs-dit.yaml", directory=tmp_path)
+    counts = job_counts(out)
+    assert {f"train_{m}" for m in archs} <= set(counts)
+    assert counts["family_figure"] == 1 and counts["scaling"] == 1 and counts["jstar"] == 1
+    # a one-family study has no families figure
+    _, out = smk("-n", "--configfile", CONFIGS / "default.yaml", directory=tmp_path / "default")
+    assert "family_figure" not in job_counts(out)

@@ -4,6 +4,14 @@
 FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals"]
 FIGURES = [f"{R}/figures/{name}.png" for name in FIGURE_NAMES]
 
+# A study whose models come from several architecture families (models.sizes.FAMILY: U-Net "edm2", "dit") also
+# gets per-family fits (analysis.scaling) and their figure.
+from models.sizes import FAMILY as _FAMILY  # noqa: E402  (no torch)
+
+MODEL_FAMILIES = sorted({_FAMILY.get(config["models"][m]["arch"], config["models"][m]["arch"]) for m in MODELS})
+if len(MODEL_FAMILIES) > 1:
+    FIGURES.append(f"{R}/figures/families.png")
+
 
 rule figures:
     input:
@@ -34,3 +42,16 @@ rule figures:
         "MPLBACKEND=Agg {PYTHON} -m analysis.plots all --losses {input.losses:q} --exponents {input.exponents:q}"
         " --jstar {input.jstar:q} --estimators {input.estimators:q} --outdir $(dirname {output.jstar:q})"
         " > {log:q} 2>&1"
+
+
+rule family_figure:
+    input:
+        losses=f"{R}/analysis/losses.csv",
+        exponents=f"{R}/analysis/exponents.csv",
+    output:
+        report(f"{R}/figures/families.png", caption="../report/families.rst", category="3. Scaling laws"),
+    log:
+        f"{R}/logs/family_figure.log",
+    shell:
+        "MPLBACKEND=Agg {PYTHON} -m analysis.plots families --losses {input.losses:q} --exponents {input.exponents:q}"
+        " --out {output:q} > {log:q} 2>&1"
