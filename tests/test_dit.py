@@ -226,19 +226,40 @@ def test_stop_and_resume_give_identical_weights(digits, tmp_path):
     assert isinstance(den.net, DiT) and torch.isfinite(den(digits.x[:2], 1.0)).all()
 
 
+def write_d0_config(tmp_path, **training):
+    import yaml
+
+    tr = dict(total_images=64, batch_size=32, lr=0.002, lr_rampup_images=64, lr_decay_images=128,
+              ema_halflife_images=100, snapshots={"count": 1}, log_every_images=32)
+    tr.update(training)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump({"study": "test", "training": tr, "models": {"d0": {"arch": "d0"}}}))
+    return cfg
+
+
+@pytest.mark.slow
+def test_two_process_cpu_run(tmp_path, digits):
+    from models.data import save_npz
+
+    data = save_npz(digits, tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    run_cli([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "models.train",
+             "--config", str(write_d0_config(tmp_path)), "--model", "d0", "--data", str(data), "--out", str(out),
+             "--no-progress"], {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)})
+    assert all(r["world_size"] == 2 for r in read_log(out))
+    den = Denoiser.from_snapshot(out / "snapshots/snapshot-000000064.pt")
+    assert isinstance(den.net, DiT) and torch.isfinite(den(digits.x[:2], 1.0)).all()
+
+
 @pytest.mark.slow
 def test_deepspeed_zero2_cpu_step(tmp_path, digits):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    import yaml
-
     from models.data import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
-    tr = dict(total_images=32, batch_size=32, lr=0.002, lr_rampup_images=64, lr_decay_images=128,
-              ema_halflife_images=100, snapshots={"count": 1}, log_every_images=32)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump({"study": "test", "training": tr, "models": {"d0": {"arch": "d0"}}}))
+    cfg = write_d0_config(tmp_path, total_images=32)
     out = tmp_path / "run"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     run_cli([accelerate, "launch", "--config_file", str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"),
