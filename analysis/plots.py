@@ -14,6 +14,9 @@ jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
   residuals.png            residuals of both compute fits of the total
   offset_profile.png       ρ and extrapolation error against the subtracted constant c, J* and free offset marked
   compute_optimal.png      iso-loss contours of L(N, D) = J* + A/N^a + B/D^b and the compute-optimal frontier
+and, for a study whose models come from several architecture families (exponents.csv then has a `group` column;
+the figures above use its pooled fits):
+  families.png             total L and L − J* against compute, each family with its own frontier and fit
 """
 
 from __future__ import annotations
@@ -324,13 +327,61 @@ def plot_compute_optimal(losses: pd.DataFrame, compute_optimal: pd.DataFrame, ou
     return _save(fig, out)
 
 
+def plot_families(losses: pd.DataFrame, exponents: pd.DataFrame | None, out) -> Path:
+    """Architecture families side by side: total L (left) and L − J* (right) against compute; each family's
+    snapshots in its own colour map (darker = larger model), its own compute frontier and its own fit from
+    exponents.csv's per-family rows (legend: exponent with its bootstrap 95% interval)."""
+    from analysis.scaling import model_families
+
+    df = _totals(losses)
+    df = df.assign(_family=model_families(df))
+    fams = sorted(df["_family"].unique())
+    cmaps = ["Blues", "Oranges", "Greens", "Purples"]
+    line_colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    for ax, q in zip(axes, (RAW, MINUS)):
+        for i, fam in enumerate(fams):
+            sub = df[df["_family"] == fam]
+            order = sub.groupby("model")["params"].first().sort_values().index.tolist()
+            cmap = plt.get_cmap(cmaps[i % len(cmaps)])
+            for j, m in enumerate(order):
+                g = sub[sub["model"] == m]
+                y = _quantity(g, q).to_numpy(dtype=float)
+                ok = y > 0
+                ax.plot(g["flops"][ok], y[ok], "o-", color=cmap(0.35 + 0.6 * j / max(len(order) - 1, 1)), ms=3,
+                        lw=0.8, alpha=0.8, label=_model_label(losses, m) if q == RAW else None)
+            y_all = _quantity(sub, q).to_numpy(dtype=float)
+            x_all = sub["flops"].to_numpy(dtype=float)
+            ok = np.isfinite(y_all) & (y_all > 0)
+            on = ok & _on_frontier(sub, sub)  # the family's own frontier, chosen on its total L
+            ax.plot(x_all[on], y_all[on], "x", color=line_colors[i % 4], ms=7, mew=1.5)
+            fam_fits = None
+            if exponents is not None and "group" in exponents.columns:
+                fam_fits = exponents[exponents["group"] == fam].drop(columns="group")
+            row = _fit_row(fam_fits, q)
+            if row is not None and ok.any():
+                xs = np.geomspace(x_all[ok].min(), x_all[ok].max(), 100)
+                lo, hi = float(row.get("exponent_ci_lo", np.nan)), float(row.get("exponent_ci_hi", np.nan))
+                ci = f" [{lo:.3g}, {hi:.3g}]" if np.isfinite(lo) and np.isfinite(hi) else ""
+                ax.plot(xs, _predict(row, xs), "-", color=line_colors[i % 4], lw=2.2,
+                        label=f"{fam}: exponent {float(row['exponent']):.3g}{ci}")
+        ax.set(xscale="log", yscale="log", xlabel="training compute (FLOPs)", ylabel=LABELS[q],
+               title=f"{LABELS[q]} vs compute by family (× = frontier)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    return _save(fig, out)
+
+
 def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict=None,
              compute_optimal=None) -> list[Path]:
     """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths; the offset profile and
     the compute-optimal figure are drawn when their tables are given."""
+    from analysis.scaling import pooled_fits
+
     read = lambda t: pd.read_csv(t) if not isinstance(t, pd.DataFrame) and t is not None else t  # noqa: E731
     losses, exponents, jstar, estimators, profile, verdict, compute_optimal = map(
         read, (losses, exponents, jstar, estimators, profile, verdict, compute_optimal))
+    exponents = pooled_fits(exponents)  # per-family rows belong to families.png
     outdir = Path(outdir)
     outs = [
         plot_jstar(estimators if estimators is not None else jstar, outdir / "jstar.png", jstar),
@@ -349,7 +400,7 @@ def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__.split("\n")[0])
-    ap.add_argument("figure", choices=("all",) + FIGURES)
+    ap.add_argument("figure", choices=("all",) + FIGURES + ("families",))
     ap.add_argument("--losses", help="analysis/losses.csv")
     ap.add_argument("--exponents", help="analysis/exponents.csv")
     ap.add_argument("--jstar", help="optimal_loss/jstar.csv")
@@ -363,7 +414,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     needs = {"all": ("losses", "exponents", "estimators"), "jstar": ("estimators",),
              "loss_per_sigma": ("losses",), "gap_per_sigma": ("losses",), "scaling": ("losses", "exponents"),
-             "exponents_per_sigma": ("exponents",), "residuals": ("losses", "exponents")}[a.figure]
+             "exponents_per_sigma": ("exponents",), "residuals": ("losses", "exponents"),
+             "families": ("losses", "exponents")}[a.figure]
     for key in needs:
         path = getattr(a, key)
         if path is None:
@@ -375,14 +427,18 @@ def main(argv=None) -> int:
                         a.compute_optimal)
     else:
         out = a.out or f"{a.figure}.png"
+        from analysis.scaling import pooled_fits
+
         t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None
              for k in ("losses", "exponents", "jstar", "estimators")}
+        grouped, t["exponents"] = t["exponents"], pooled_fits(t["exponents"])
         fn = {"jstar": lambda: plot_jstar(t["estimators"], out, t["jstar"]),
               "loss_per_sigma": lambda: plot_loss_per_sigma(t["losses"], out),
               "gap_per_sigma": lambda: plot_gap_per_sigma(t["losses"], out),
               "scaling": lambda: plot_scaling(t["losses"], t["exponents"], out, a.sigma),
               "exponents_per_sigma": lambda: plot_exponents_per_sigma(t["exponents"], out),
-              "residuals": lambda: plot_residuals(t["losses"], t["exponents"], out, a.sigma)}[a.figure]
+              "residuals": lambda: plot_residuals(t["losses"], t["exponents"], out, a.sigma),
+              "families": lambda: plot_families(t["losses"], grouped, out)}[a.figure]
         outs = [fn()]
     for p in outs:
         print(f"wrote {p}")

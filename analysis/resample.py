@@ -45,6 +45,13 @@ class StudyReplicates:
     def n_replicates(self) -> int:
         return self.loss.shape[0] - 1
 
+    def subset(self, mask) -> "StudyReplicates":
+        """The same replicates restricted to some snapshots (e.g. one architecture family): comparisons between
+        subsets stay paired, since every subset sees the same resample of the triples."""
+        mask = np.asarray(mask, dtype=bool)
+        return StudyReplicates(self.snapshots[mask].reset_index(drop=True), self.sigma, self.loss[:, mask],
+                               self.jstar[:, mask], self.excess[:, mask])
+
     def level_label(self, level: int) -> float:
         """σ of a level (NaN for the total, level 0)."""
         return float("nan") if level == 0 else float(self.sigma[level - 1])

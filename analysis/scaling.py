@@ -510,11 +510,35 @@ LOSSES_COLUMNS = ("model", "params", "images_seen", "flops", "sigma", "loss", "o
 STUDY_OUTPUTS = ("exponents.csv", "exponents.md", "verdict.csv", "offset_profile.csv", "compute_optimal.csv")
 
 
+POOLED = "all"  # the group of the fits over every model together
+
+
+def model_families(df: pd.DataFrame) -> pd.Series:
+    """Each row's architecture family ("edm2", "dit", …) from its `arch` column (models.sizes' table; an arch
+    name the table does not know is its own group). No `arch` column: one group, POOLED."""
+    if "arch" not in df.columns:
+        return pd.Series(POOLED, index=df.index)
+    from models.sizes import FAMILY
+
+    return df["arch"].map(lambda a: FAMILY.get(a, a) if isinstance(a, str) else POOLED)
+
+
+def pooled_fits(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of a fit table over every model (drops the per-family rows of a multi-family study)."""
+    if table is None or "group" not in table.columns:
+        return table
+    return table[table["group"] == POOLED].drop(columns="group").reset_index(drop=True)
+
+
 def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_replicates: int = 1000,
                   seed: int = 0) -> dict:
     """Every table of a study's analysis folder: exponents.csv/.md, verdict.csv (with delta_rho and its interval),
     offset_profile.csv and compute_optimal.csv. With ``per_triple`` (analysis.resample) the intervals come from
-    ``n_replicates`` resamples of the evaluation triples; without it there are none."""
+    ``n_replicates`` resamples of the evaluation triples; without it there are none.
+
+    A study whose models come from several architecture families also gets each family's own fits (exponents.csv
+    then starts with a `group` column: POOLED, then one group per family, each with its own frontier) and
+    family_differences.csv: the difference of the families' exponents, paired on the same replicates."""
     from analysis import study_stats
     from analysis.resample import replicates, replicates_from_losses
 
@@ -523,8 +547,20 @@ def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_r
     tables = {"exponents.csv": study_stats.study_table(fits), "verdict.csv": study_stats.verdict_table(fits),
               "offset_profile.csv": study_stats.offset_profile(fits),
               "compute_optimal.csv": study_stats.compute_optimal_table(reps)}
-    md = study_stats.study_markdown(tables["exponents.csv"], tables["verdict.csv"], tables["compute_optimal.csv"],
-                                    reps.n_replicates)
+    family_of = dict(zip(losses["model"], model_families(losses)))
+    families = reps.snapshots["model"].map(family_of).fillna(POOLED).to_numpy()
+    by_family = {}
+    if len(set(families)) > 1:
+        by_family = {f: study_stats.StudyFits(reps.subset(families == f)) for f in sorted(set(families))}
+        tables["exponents.csv"] = pd.concat(
+            [tables["exponents.csv"].assign(group=POOLED)]
+            + [study_stats.study_table(f).assign(group=g) for g, f in by_family.items()], ignore_index=True)
+        tables["exponents.csv"] = tables["exponents.csv"][["group"] + study_stats.TABLE_COLUMNS]
+        tables["family_differences.csv"] = study_stats.family_difference_table(by_family)
+    md = study_stats.study_markdown(pooled_fits(tables["exponents.csv"]), tables["verdict.csv"],
+                                    tables["compute_optimal.csv"], reps.n_replicates)
+    if by_family:
+        md = study_stats.families_markdown(tables["exponents.csv"], tables["family_differences.csv"]) + "\n" + md
     out_dir = Path(out_dir)
     for name, table in tables.items():
         with atomic_path(out_dir / name) as tmp:

@@ -644,3 +644,54 @@ def _steepening(table: pd.DataFrame):
         ratio = mj["exponent"].iloc[0] / raw["exponent"].iloc[0]
         out.append((axis, ratio))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# several architecture families in one study
+# ----------------------------------------------------------------------------------------------------------------
+FAMILY_DIFFERENCE_COLUMNS = ["family_a", "family_b", "quantity", "axis", "exponent_a", "exponent_b", "difference",
+                             "difference_ci_lo", "difference_ci_hi", "verdict", "note"]
+
+
+def family_difference_table(by_family: dict, *, quantities=("raw", "minus_jstar", "excess"), axes=AXES,
+                            level: int = 0) -> pd.DataFrame:
+    """Exponent of family a minus family b for every pair, quantity and axis (total loss), with a 95% interval
+    from the shared replicates: the answer to "do the families differ in exponent, once J* is removed?"."""
+    names = list(by_family)
+    rows = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            for ax in axes:
+                for q in quantities:
+                    fa, fb = by_family[a].fit(ax, q, level), by_family[b].fit(ax, q, level)
+                    row, notes = {"family_a": a, "family_b": b, "quantity": q, "axis": ax,
+                                  "exponent_a": float(fa["exponent"][0]), "exponent_b": float(fb["exponent"][0])}, []
+                    n = min(int(fa["n"][0]), int(fb["n"][0]))
+                    allow = by_family[a].reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
+                    if by_family[a].reps.n_replicates > 0 and not allow:
+                        notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
+                    _ci_fields(row, "difference", fa["exponent"] - fb["exponent"], notes, allow)
+                    lo, hi = row["difference_ci_lo"], row["difference_ci_hi"]
+                    row["verdict"] = ("no interval" if not (np.isfinite(lo) and np.isfinite(hi)) else
+                                      "differ at 95%" if lo > 0 or hi < 0 else "no difference at 95%")
+                    row["note"] = "; ".join(notes)
+                    rows.append(row)
+    return pd.DataFrame(rows, columns=FAMILY_DIFFERENCE_COLUMNS)
+
+
+def families_markdown(grouped_table: pd.DataFrame, differences: pd.DataFrame) -> str:
+    """The families section of exponents.md: each family's total-loss exponents and their paired differences."""
+    fams = [g for g in grouped_table["group"].unique() if g != "all"]
+    total = grouped_table[grouped_table["sigma"].isna() & grouped_table["group"].isin(fams)
+                          & grouped_table["quantity"].isin(["raw", "minus_jstar", "excess"])]
+    rows = [[r["group"], r["quantity"], r["axis"], _with_ci(r, "exponent"), _with_ci(r, "rho"), str(int(r["n"])),
+             str(r["note"])] for _, r in total.iterrows()]
+    diff_rows = [[f"{d['family_a']} − {d['family_b']}", d["quantity"], d["axis"], _with_ci(d, "difference", ".3g"),
+                  d["verdict"]] for _, d in differences.iterrows()]
+    return "\n".join([
+        "# Architecture families", "",
+        f"Families: {', '.join(fams)}. Each family is fitted on its own models (its own compute frontier, chosen "
+        "on its total L); differences are paired on the same replicates of the evaluation set.", "",
+        _md_table(["family", "quantity", "axis", "exponent", "ρ", "n", "note"], rows), "",
+        "## Differences of exponents (total loss)", "",
+        _md_table(["families", "quantity", "axis", "difference", "verdict"], diff_rows), ""])

@@ -28,10 +28,10 @@ SPEC_FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or 
 
 
 def known_arch_names() -> list[str]:
-    """Every architecture name of models.family's table (imports torch: call it only where that is fine)."""
-    from models import family
+    """Every architecture name of the model table (models.sizes: U-Net and DiT ladders; no torch)."""
+    from models.sizes import SIZES
 
-    return list(family.SIZES)
+    return list(SIZES)
 
 
 # --------------------------------------------------------------------------------------------------------------

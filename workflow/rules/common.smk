@@ -77,3 +77,9 @@ def step_threads(step, model=None):
 def device_flag(step):
     """--device cuda for GPU steps (the CLIs default to the CPU / autodetect)."""
     return "--device cuda" if step_resources(step)["gpus"] else ""
+
+
+# the architecture families of the model table (models.sizes.FAMILY: U-Net "edm2", "dit"); several → per-family fits
+from models.sizes import FAMILY as _FAMILY  # noqa: E402  (no torch)
+
+MODEL_FAMILIES = sorted({_FAMILY.get(config["models"][m]["arch"], config["models"][m]["arch"]) for m in MODELS})

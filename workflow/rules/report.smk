@@ -5,6 +5,11 @@ FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponent
                 "offset_profile", "compute_optimal"]
 FIGURES = [f"{R}/figures/{name}.png" for name in FIGURE_NAMES]
 
+# A study whose models come from several architecture families (MODEL_FAMILIES, common.smk) also gets per-family
+# fits (analysis.scaling) and their figure.
+if len(MODEL_FAMILIES) > 1:
+    FIGURES.append(f"{R}/figures/families.png")
+
 
 rule figures:
     input:
@@ -45,3 +50,16 @@ rule figures:
         " --jstar {input.jstar:q} --estimators {input.estimators:q} --profile {input.profile:q}"
         " --verdict {input.verdict:q} --compute-optimal {input.compute_optimal:q} --outdir $(dirname {output.jstar:q})"
         " > {log:q} 2>&1"
+
+
+rule family_figure:
+    input:
+        losses=f"{R}/analysis/losses.csv",
+        exponents=f"{R}/analysis/exponents.csv",
+    output:
+        report(f"{R}/figures/families.png", caption="../report/families.rst", category="3. Scaling laws"),
+    log:
+        f"{R}/logs/family_figure.log",
+    shell:
+        "MPLBACKEND=Agg {PYTHON} -m analysis.plots families --losses {input.losses:q} --exponents {input.exponents:q}"
+        " --out {output:q} > {log:q} 2>&1"

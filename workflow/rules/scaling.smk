@@ -14,6 +14,8 @@ rule scaling:
         verdict=f"{R}/analysis/verdict.csv",
         profile=f"{R}/analysis/offset_profile.csv",
         compute_optimal=f"{R}/analysis/compute_optimal.csv",
+        # several architecture families (report.smk's MODEL_FAMILIES): their paired exponent differences
+        families=[f"{R}/analysis/family_differences.csv"] if len(MODEL_FAMILIES) > 1 else [],
     params:
         n_replicates=config["scaling"]["n_replicates"],
         seed=config["scaling"]["seed"],
