@@ -308,19 +308,23 @@ def plot_compute_optimal(losses: pd.DataFrame, compute_optimal: pd.DataFrame, ou
         ax.text(0.5, 0.5, "no compute-optimal fit (too few snapshots)", transform=ax.transAxes, ha="center")
         return _save(fig, out)
     r = row.iloc[0]
-    n_lo, n_hi = tot["params"].min() / 2, tot["params"].max() * 2
-    d_lo, d_hi = tot["images_seen"].min() / 2, tot["images_seen"].max() * 2
+    # minimise A/N^a + B/D^b at fixed K = N·D (compute ∝ N·D): N_opt = (aA/(bB))^(1/(a+b)) · K^(b/(a+b)), over the
+    # compute range of the snapshots; the window shows the snapshots and that frontier
+    nd = tot["params"] * tot["images_seen"]
+    k = np.geomspace(nd.min(), nd.max(), 100)
+    n_opt = (r["a"] * r["A"] / (r["b"] * r["B"])) ** (1 / (r["a"] + r["b"])) * k ** (r["b"] / (r["a"] + r["b"]))
+    n_lo, n_hi = min(tot["params"].min(), n_opt.min()) / 2, max(tot["params"].max(), n_opt.max()) * 2
+    d_lo = min(tot["images_seen"].min(), (k / n_opt).min()) / 2
+    d_hi = max(tot["images_seen"].max(), (k / n_opt).max()) * 2
     N, D = np.meshgrid(np.geomspace(n_lo, n_hi, 200), np.geomspace(d_lo, d_hi, 200))
     L = r["E"] + r["A"] / N ** r["a"] + r["B"] / D ** r["b"]
     cs = ax.contour(N, D, L, levels=np.quantile(tot["loss"], np.linspace(0.05, 0.95, 8)), cmap="viridis")
     ax.clabel(cs, fontsize=7, fmt="%.3g")
     sc = ax.scatter(tot["params"], tot["images_seen"], c=tot["loss"], cmap="viridis", edgecolor="k", zorder=3)
     fig.colorbar(sc, ax=ax, label="total L (measured)")
-    # minimise A/N^a + B/D^b at fixed N·D = K: N_opt = (aA/(bB))^(1/(a+b)) · K^(b/(a+b))
-    k = np.geomspace(n_lo * d_lo, n_hi * d_hi, 100)
-    n_opt = (r["a"] * r["A"] / (r["b"] * r["B"])) ** (1 / (r["a"] + r["b"])) * k ** (r["b"] / (r["a"] + r["b"]))
     ax.plot(n_opt, k / n_opt, "r-", lw=2,
-            label=f"compute-optimal: N ∝ C^{r['n_opt_exponent']:.2f}, D ∝ C^{r['d_opt_exponent']:.2f}")
+            label=f"compute-optimal over the studied compute: N ∝ C^{r['n_opt_exponent']:.2f}, "
+                  f"D ∝ C^{r['d_opt_exponent']:.2f}")
     ax.set(xscale="log", yscale="log", xlim=(n_lo, n_hi), ylim=(d_lo, d_hi), xlabel="parameters N",
            ylabel="images seen D", title=f"L(N, D) = J* + A/N^{r['a']:.2f} + B/D^{r['b']:.2f}  (J* = {r['E']:.3g})")
     ax.legend(fontsize=7, loc="upper right")
@@ -400,7 +404,7 @@ def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.plots", description=__doc__.split("\n")[0])
-    ap.add_argument("figure", choices=("all",) + FIGURES + ("families",))
+    ap.add_argument("figure", choices=("all",) + STUDY_FIGURES + ("families",))
     ap.add_argument("--losses", help="analysis/losses.csv")
     ap.add_argument("--exponents", help="analysis/exponents.csv")
     ap.add_argument("--jstar", help="optimal_loss/jstar.csv")
@@ -415,7 +419,8 @@ def main(argv=None) -> int:
     needs = {"all": ("losses", "exponents", "estimators"), "jstar": ("estimators",),
              "loss_per_sigma": ("losses",), "gap_per_sigma": ("losses",), "scaling": ("losses", "exponents"),
              "exponents_per_sigma": ("exponents",), "residuals": ("losses", "exponents"),
-             "families": ("losses", "exponents")}[a.figure]
+             "families": ("losses", "exponents"), "offset_profile": ("profile", "verdict"),
+             "compute_optimal": ("losses", "compute_optimal")}[a.figure]
     for key in needs:
         path = getattr(a, key)
         if path is None:
@@ -430,7 +435,7 @@ def main(argv=None) -> int:
         from analysis.scaling import pooled_fits
 
         t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None
-             for k in ("losses", "exponents", "jstar", "estimators")}
+             for k in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal")}
         grouped, t["exponents"] = t["exponents"], pooled_fits(t["exponents"])
         fn = {"jstar": lambda: plot_jstar(t["estimators"], out, t["jstar"]),
               "loss_per_sigma": lambda: plot_loss_per_sigma(t["losses"], out),
@@ -438,7 +443,9 @@ def main(argv=None) -> int:
               "scaling": lambda: plot_scaling(t["losses"], t["exponents"], out, a.sigma),
               "exponents_per_sigma": lambda: plot_exponents_per_sigma(t["exponents"], out),
               "residuals": lambda: plot_residuals(t["losses"], t["exponents"], out, a.sigma),
-              "families": lambda: plot_families(t["losses"], grouped, out)}[a.figure]
+              "families": lambda: plot_families(t["losses"], grouped, out),
+              "offset_profile": lambda: plot_offset_profile(t["profile"], t["verdict"], out),
+              "compute_optimal": lambda: plot_compute_optimal(t["losses"], t["compute_optimal"], out)}[a.figure]
         outs = [fn()]
     for p in outs:
         print(f"wrote {p}")

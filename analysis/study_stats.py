@@ -527,6 +527,8 @@ def compute_optimal_table(reps: StudyReplicates) -> pd.DataFrame:
         for key in ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent"):
             vals = np.array([row[key]] + [dr[key] for dr in draws])
             _ci_fields(row, key, vals, notes, reps.n_replicates > 0)
+        if floor == "free" and row["E"] < 1e-6 * float(np.min(total[0])):
+            notes.append("free floor at 0: these snapshots do not identify a floor")
         at_bound = [k for k in ("a", "b") if not 1e-6 < row[k] < _CO_MAX_EXPONENT - 1e-6]
         if at_bound:
             notes.append(f"{' and '.join(at_bound)} at the bound [0, {_CO_MAX_EXPONENT:g}]: not identified by "
