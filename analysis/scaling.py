@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import special
 from scipy.optimize import minimize
 
 from models.atomic import atomic_path
@@ -58,9 +59,8 @@ def _single_blas_thread(fn):
 # Huber loss and log-sum-exp helpers
 # ----------------------------------------------------------------------------------------------------------------
 def huber(r: np.ndarray, delta: float) -> np.ndarray:
-    """Elementwise Huber loss: r²/2 inside |r| ≤ δ, δ(|r| − δ/2) outside (scipy.special.huber's convention)."""
-    a = np.abs(r)
-    return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
+    """Elementwise Huber loss: r²/2 inside |r| ≤ δ, δ(|r| − δ/2) outside (scipy.special.huber)."""
+    return special.huber(delta, r)
 
 
 def huber_grad(r: np.ndarray, delta: float) -> np.ndarray:
@@ -69,12 +69,8 @@ def huber_grad(r: np.ndarray, delta: float) -> np.ndarray:
 
 
 def _softmax_lse(z: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
-    """Log-sum-exp of z along ``axis`` and the softmax weights (the LSE's gradient), computed stably."""
-    m = np.max(z, axis=axis, keepdims=True)
-    ez = np.exp(z - m)
-    s = np.sum(ez, axis=axis, keepdims=True)
-    lse = np.squeeze(m + np.log(s), axis=axis)
-    return lse, ez / s
+    """Log-sum-exp of z along ``axis`` and the softmax weights (the LSE's gradient), computed stably by scipy."""
+    return special.logsumexp(z, axis=axis), special.softmax(z, axis=axis)
 
 
 # ----------------------------------------------------------------------------------------------------------------

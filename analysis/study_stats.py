@@ -31,6 +31,7 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import special
 
 from analysis.resample import StudyReplicates
 
@@ -443,11 +444,8 @@ def _co_residuals(theta, n, d, logl, log_floor):
     la, lb, a, b = theta[:4]
     le = theta[4] if len(theta) == 5 else log_floor
     t = np.stack([la - a * n, lb - b * d, np.full_like(n, le)], axis=1)
-    m = t.max(axis=1, keepdims=True)
-    e = np.exp(t - m)
-    s = e.sum(axis=1)
-    wgt = e / s[:, None]
-    r = m[:, 0] + np.log(s) - logl
+    wgt = special.softmax(t, axis=1)  # d LSE / d t
+    r = special.logsumexp(t, axis=1) - logl
     cols = [wgt[:, 0], wgt[:, 1], -wgt[:, 0] * n, -wgt[:, 1] * d] + ([wgt[:, 2]] if len(theta) == 5 else [])
     return r, np.stack(cols, axis=1)
 
@@ -488,16 +486,27 @@ def fit_compute_optimal(params, images, loss, floor=None) -> dict:
         th, f = _co_solve(th0, n, d, logl, log_floor)
         if f < best_f - 1e-15:
             best, best_f = th, f
+    if floor is None:
+        best, best_f = _co_snap_floor(best, best_f, n, d, logl)
     out = _co_params(best, ns, ds, log_floor)
     out.update({"rmse_log": math.sqrt(best_f / len(L)), "n": len(L), "theta": best, "scale": (ns, ds)})
     return out
+
+
+def _co_snap_floor(theta, f, n, d, logl):
+    """A free floor that the data drive towards 0 has no optimum (its gradient vanishes, so where the solver stops
+    depends on rounding): below 1e-6 of the smallest loss it is set to exactly 0 and the rest refitted."""
+    if theta[4] > float(np.min(logl)) + math.log(1e-6):
+        return theta, f
+    th4, f4 = _co_solve(theta[:4], n, d, logl, -math.inf)
+    return np.r_[th4, -math.inf], f4
 
 
 def _co_params(theta, ns, ds, log_floor) -> dict:
     la, lb, a, b = (float(v) for v in theta[:4])
     e = float(theta[4]) if len(theta) == 5 else log_floor
     # A'·(N/ns)^−a = A'·ns^a · N^−a
-    return {"E": math.exp(e), "A": math.exp(la + a * math.log(ns)), "B": math.exp(lb + b * math.log(ds)),
+    return {"E": math.exp(e) if e > -math.inf else 0.0, "A": math.exp(la + a * math.log(ns)), "B": math.exp(lb + b * math.log(ds)),
             "a": a, "b": b, "n_opt_exponent": b / (a + b) if a + b > 0 else math.nan,
             "d_opt_exponent": a / (a + b) if a + b > 0 else math.nan}
 
@@ -520,14 +529,17 @@ def compute_optimal_table(reps: StudyReplicates) -> pd.DataFrame:
         draws = []
         for r in range(1, reps.n_replicates + 1):
             log_floor = math.log(js[r]) if floor == "jstar" else None
-            th, _ = _co_solve(fit["theta"], n, d, np.log(total[r]), log_floor)
+            start = fit["theta"] if np.isfinite(fit["theta"]).all() else np.r_[fit["theta"][:4], math.log(js[r])]
+            th, f = _co_solve(start, n, d, np.log(total[r]), log_floor)
+            if floor == "free":
+                th, _ = _co_snap_floor(th, f, n, d, np.log(total[r]))
             draws.append(_co_params(th, ns, ds, log_floor))
         row = {"floor": floor, **{k: fit[k] for k in COMPUTE_OPTIMAL_COLUMNS if k in fit}}
         notes = []
         for key in ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent"):
             vals = np.array([row[key]] + [dr[key] for dr in draws])
             _ci_fields(row, key, vals, notes, reps.n_replicates > 0)
-        if floor == "free" and row["E"] < 1e-6 * float(np.min(total[0])):
+        if floor == "free" and row["E"] == 0:
             notes.append("free floor at 0: these snapshots do not identify a floor")
         at_bound = [k for k in ("a", "b") if not 1e-6 < row[k] < _CO_MAX_EXPONENT - 1e-6]
         if at_bound:

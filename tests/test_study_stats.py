@@ -241,3 +241,13 @@ def test_numbers_do_not_depend_on_the_thread_count():
     num = lambda t: t.select_dtypes("number").to_numpy(dtype=float)  # noqa: E731
     np.testing.assert_allclose(num(outs[0][0]), num(outs[1][0]), rtol=1e-9, equal_nan=True)
     np.testing.assert_allclose(num(outs[0][1]), num(outs[1][1]), rtol=1e-6, equal_nan=True)
+
+
+def test_a_free_floor_the_data_drive_to_zero_is_exactly_zero():
+    """Without a floor in the data the free E has no optimum (its gradient vanishes): it is reported as exactly 0,
+    the same on every machine, and the rest of the law is still recovered."""
+    model, params, images = study_shape(6, 4)
+    loss = 40.0 / params ** 0.35 + 90.0 / images ** 0.45
+    f = st.fit_compute_optimal(params, images, loss, floor=None)
+    assert f["E"] == 0.0
+    assert f["a"] == pytest.approx(0.35, rel=1e-6) and f["b"] == pytest.approx(0.45, rel=1e-6)
