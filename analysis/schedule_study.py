@@ -186,21 +186,15 @@ def comparison_markdown(comp: pd.DataFrame, level: float = 0.95) -> str:
                      f"{r0['schedule']} | {_setting(r0)} | {int(r0['seeds'])} | " + " | ".join(cells) + " |")
     per = comp[comp["sigma"].notna() & comp["diff"].notna()]
     if not per.empty:
-        lines += ["", f"Per-σ gap: Δ excess (arm − baseline, paired by seed, {pct} t-interval) and the baseline's "
-                  "mean excess:", ""]
+        lines += ["", f"Per-σ gap: Δ excess = arm − its baseline, paired by seed ({pct} t-interval; relative to "
+                  "the baseline's mean excess at that σ):", ""]
         arms = list(dict.fromkeys(per["arm"]))
-        lines += ["| σ | " + " | ".join(f"{a} (Δ) | {per[per['arm'] == a]['baseline'].iloc[0]}" for a in arms) + " |",
-                  "|---|" + "---|---|" * len(arms)]
-        base_mean = comp[comp["sigma"].notna()].set_index(["arm", "sigma"])["mean"]
+        lines += ["| σ | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
         for s in sorted(per["sigma"].unique()):
             cells = []
             for a in arms:
                 r = per[(per["arm"] == a) & (per["sigma"] == s)]
-                if r.empty:
-                    cells += ["", ""]
-                    continue
-                r = r.iloc[0]
-                cells += [_diff(r), f"{base_mean.get((r['baseline'], s), math.nan):.3g}"]
+                cells.append(_diff(r.iloc[0]) if len(r) else "")
             lines.append(f"| {s:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
