@@ -7,8 +7,7 @@ never negative).  This module turns them into
 
   diagnose          per variant: where the gap peaks (absolute, and relative to J*), the total excess under two
                     variant-independent weightings, a figure of the gap curves, a table, and a markdown summary.
-  compare-schedules per (variant, schedule, seed): the same per-σ gap, totals and the sample-quality FD, and the
-                    optimal-loss-schedule − baseline differences against the seed-to-seed spread.
+The schedule study (analysis/schedule_study.py) builds on the same per-σ tables and totals.
 
 Totals.  The variants train under different σ-weightings, so their own "training" totals are not comparable.
 Two common ones are reported: `excess_logsigma`, the mean of the excess over ln σ on the evaluation grid
@@ -18,16 +17,13 @@ Two common ones are reported: `excess_logsigma`, the mean of the excess over ln 
 CLI:
   python -m analysis.diagnose diagnose --eval M1.csv M2.csv … --meta models.json --jstar jstar.csv \
       --out diagnosis.csv --summary diagnosis_summary.csv --markdown diagnosis.md --figure gap.png
-  python -m analysis.diagnose compare-schedules --eval … --scores S1.json … --meta models.json --jstar jstar.csv \
-      --out schedule_comparison.csv --summary schedule_summary.csv --markdown schedule_comparison.md --figure F.png
-models.json maps model → {"variant": …, "schedule": …, "seed": …} (written by the workflow from the config).
+models.json maps model → {"variant": …, …} (written by the workflow from the config).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -221,129 +217,6 @@ def _save_fig(fig, path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the schedule comparison
-# --------------------------------------------------------------------------------------------------------------
-
-def compare_schedules(eval_csvs, score_jsons, meta) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(schedule_comparison: per-σ rows + one total row per model, summary per variant and schedule with
-    mean/sd over seeds and the optimal-loss − baseline difference)."""
-    meta = read_meta(meta)
-    scores = {}
-    for js in score_jsons:
-        d = json.loads(Path(js).read_text())
-        scores[str(d.get("model") or Path(js).stem)] = d
-    rows = []
-    for csv in eval_csvs:
-        t = read_eval(csv)
-        model = str(t["model"].iloc[0]) if "model" in t.columns else Path(csv).parent.name
-        info = meta.get(model)
-        if info is None:
-            raise ValueError(f"model {model!r} of {csv} is not in the model table")
-        sc = scores.get(model, {})
-        base = {"variant": info["variant"], "schedule": info["schedule"], "seed": int(info["seed"]), "model": model}
-        for r in t.itertuples():
-            rows.append({**base, "sigma": r.sigma, "loss": r.loss, "optimal_loss": r.optimal_loss,
-                         "excess": r.excess, "excess_stderr": r.excess_stderr,
-                         "relative_excess": r.excess / max(r.optimal_loss, 1e-300)})
-        g = gap_summary(t)
-        rows.append({**base, "sigma": math.nan, "loss": g["loss_logsigma"], "optimal_loss": g["optimal_loss_logsigma"],
-                     "excess": g["excess_logsigma"], "excess_edm": g["excess_edm"], "peak_sigma": g["peak_sigma"],
-                     "fd_classifier": sc.get("fd_classifier", math.nan),
-                     "fd_split_floor": sc.get("fd_classifier_split_floor", math.nan),
-                     "fid_inception": sc.get("fid_inception", math.nan)})
-    comp = pd.DataFrame(rows)
-    totals = comp[comp["sigma"].isna()]
-    summ = []
-    for (variant, schedule), g in totals.groupby(["variant", "schedule"], sort=True):
-        rec = {"variant": variant, "schedule": schedule, "seeds": len(g)}
-        for k in ("excess", "excess_edm", "fd_classifier"):
-            rec[f"{k}_mean"] = float(g[k].mean())
-            rec[f"{k}_sd"] = float(g[k].std(ddof=1)) if len(g) > 1 else math.nan
-        summ.append(rec)
-    summ = pd.DataFrame(summ)
-    return comp, summ
-
-
-def schedule_effect(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per variant: optimal-loss − baseline for each measure, with the seed spread (pooled sd) for scale."""
-    out = []
-    for variant, g in summary.groupby("variant"):
-        arms = {r.schedule: r for r in g.itertuples()}
-        if not {"baseline", "optimal-loss"} <= set(arms):
-            continue
-        b, o = arms["baseline"], arms["optimal-loss"]
-        rec = {"variant": variant}
-        for k in ("excess", "excess_edm", "fd_classifier"):
-            rec[f"{k}_diff"] = getattr(o, f"{k}_mean") - getattr(b, f"{k}_mean")
-            rec[f"{k}_rel_diff"] = rec[f"{k}_diff"] / getattr(b, f"{k}_mean")
-            rec[f"{k}_seed_sd"] = math.sqrt(0.5 * (getattr(o, f"{k}_sd") ** 2 + getattr(b, f"{k}_sd") ** 2))
-        out.append(rec)
-    return pd.DataFrame(out)
-
-
-def schedule_markdown(summary: pd.DataFrame, effect: pd.DataFrame) -> str:
-    lines = ["# Baseline vs optimal-loss schedule (equal compute)", "",
-             "Totals: excess = mean over ln σ of J_σ(θ) − J*_σ on the evaluation grid; excess_edm = the same under "
-             "EDM's training weighting; FD = Fréchet distance of Heun samples to the training set in the feature "
-             "space of the study's digit classifier.  mean ± sd over seeds.", "",
-             "| variant | schedule | seeds | excess | excess (EDM wt.) | FD |", "|---|---|---|---|---|---|"]
-    f = lambda m, s: f"{m:.4g} ± {s:.2g}" if not math.isnan(s) else f"{m:.4g}"
-    for r in summary.itertuples():
-        lines.append(f"| {r.variant} | {r.schedule} | {r.seeds} | {f(r.excess_mean, r.excess_sd)} | "
-                     f"{f(r.excess_edm_mean, r.excess_edm_sd)} | {f(r.fd_classifier_mean, r.fd_classifier_sd)} |")
-    if not effect.empty:
-        lines += ["", "Effect of the schedule (optimal-loss − baseline; negative = better), vs the seed-to-seed "
-                  "sd:", "", "| variant | Δ excess (rel.) | seed sd | Δ excess EDM wt. (rel.) | seed sd | Δ FD (rel.) "
-                  "| seed sd |", "|---|---|---|---|---|---|---|"]
-        for r in effect.itertuples():
-            lines.append(f"| {r.variant} | {r.excess_diff:+.3g} ({r.excess_rel_diff:+.1%}) | {r.excess_seed_sd:.2g} | "
-                         f"{r.excess_edm_diff:+.3g} ({r.excess_edm_rel_diff:+.1%}) | {r.excess_edm_seed_sd:.2g} | "
-                         f"{r.fd_classifier_diff:+.3g} ({r.fd_classifier_rel_diff:+.1%}) | "
-                         f"{r.fd_classifier_seed_sd:.2g} |")
-    return "\n".join(lines) + "\n"
-
-
-def plot_schedules(comp: pd.DataFrame, path, sigma_star=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    variants = sorted(comp["variant"].unique())
-    fig, axes = plt.subplots(1, len(variants) + 1, figsize=(4.6 * (len(variants) + 1), 4.0))
-    colors = {"baseline": "tab:blue", "optimal-loss": "tab:red"}
-    per_sigma = comp[comp["sigma"].notna()]
-    for ax, variant in zip(axes, variants):
-        for (schedule, seed), t in per_sigma[per_sigma["variant"] == variant].groupby(["schedule", "seed"]):
-            ax.plot(t["sigma"], t["excess"], marker="o", ms=2.5, lw=1, color=colors.get(schedule, "k"),
-                    alpha=0.8, label=f"{schedule}" if seed == per_sigma["seed"].min() else None)
-        if sigma_star is not None:
-            ax.axvline(sigma_star, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("σ (VE)")
-        ax.set_ylabel("excess J_σ(θ) − J*_σ")
-        ax.set_title(f"{variant}: one line per seed")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
-    ax = axes[-1]
-    totals = comp[comp["sigma"].isna()]
-    for i, variant in enumerate(variants):
-        for j, schedule in enumerate(["baseline", "optimal-loss"]):
-            v = totals[(totals["variant"] == variant) & (totals["schedule"] == schedule)]["fd_classifier"]
-            x = i * 3 + j
-            ax.scatter(np.full(len(v), x), v, color=colors[schedule], zorder=3)
-            if len(v):
-                ax.hlines(v.mean(), x - 0.3, x + 0.3, color=colors[schedule])
-    ax.set_xticks([i * 3 + 0.5 for i in range(len(variants))], variants)
-    ax.set_ylabel("FD to the training set (classifier features)")
-    ax.set_title("sample quality (blue: baseline, red: optimal-loss)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _save_fig(fig, path)
-
-
-# --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 
@@ -360,7 +233,7 @@ def _write_text(text: str, path) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m analysis.diagnose", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("diagnose", "compare-schedules"):
+    for name in ("diagnose",):
         p = sub.add_parser(name)
         p.add_argument("--eval", nargs="+", required=True, help="evaluation CSVs (one per model, final snapshot)")
         p.add_argument("--meta", required=True, help="models.json: model → {variant, schedule, seed}")
@@ -369,26 +242,14 @@ def main(argv=None) -> None:
         p.add_argument("--summary", required=True)
         p.add_argument("--markdown", required=True)
         p.add_argument("--figure", required=True)
-        if name == "compare-schedules":
-            p.add_argument("--scores", nargs="+", required=True, help="sample-quality JSONs (one per model)")
     args = ap.parse_args(argv)
     s_star = sigma_star_of(args.jstar) if args.jstar else None
-    if args.cmd == "diagnose":
-        long_df, summ = diagnose(args.eval, args.meta, args.jstar)
-        _write_csv(long_df, args.out)
-        _write_csv(summ, args.summary)
-        _write_text(diagnosis_markdown(summ), args.markdown)
-        plot_diagnosis(long_df, args.jstar, args.figure, s_star)
-        print(diagnosis_markdown(summ))
-    else:
-        comp, summ = compare_schedules(args.eval, args.scores, args.meta)
-        effect = schedule_effect(summ)
-        _write_csv(comp, args.out)
-        _write_csv(summ, args.summary)
-        md = schedule_markdown(summ, effect)
-        _write_text(md, args.markdown)
-        plot_schedules(comp, args.figure, s_star)
-        print(md)
+    long_df, summ = diagnose(args.eval, args.meta, args.jstar)
+    _write_csv(long_df, args.out)
+    _write_csv(summ, args.summary)
+    _write_text(diagnosis_markdown(summ), args.markdown)
+    plot_diagnosis(long_df, args.jstar, args.figure, s_star)
+    print(diagnosis_markdown(summ))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ The paper leaves a, w*, μ, ς and the rule for σ* open.  Our choices (all over
        density of ln σ, peak 1/(ς√2π)) is on the same scale — it raises the weight by 40 % at μ for ς = 1.  An
        overall constant on w does not change what Adam learns (only gradient clipping sees it).
   ς    1.0 (one e-fold of σ);  μ = ln σ* − ς, so the bump sits one e-fold below σ*, inside the region it is cut to.
+  bump true; `bump: false` drops the second term (w = a·min(1/J*, w*) alone), to test whether it helps.
 Sampling (`sample_sigma`): p lives on the trainer's σ bins (models.sigma_bins.SigmaBinTracker, log-spaced).  A bin
 b is drawn with probability p_b = (1 − floor)·q_b + floor/B, q_b ∝ w̄_b·max(J_b(θ) − J̄*_b, 0), then ln σ is uniform
 inside the bin.  w̄_b and J̄*_b are the averages of w and J* over the bin in ln σ (J* changes by orders of magnitude
@@ -161,13 +162,15 @@ def normal_pdf(x, mu: float, std: float):
 
 
 def schedule_weight(sigma, jstar_of_sigma, *, a: float, w_max: float, mu: float, std: float,
-                    sigma_star: float) -> np.ndarray:
-    """w_σ = a·min(1/J*_σ, w*) + N(ln σ; μ, ς²)·1[σ < σ*] (float64 numpy).  `jstar_of_sigma` is J* at `sigma`."""
+                    sigma_star: float, bump: bool = True) -> np.ndarray:
+    """w_σ = a·min(1/J*_σ, w*) + N(ln σ; μ, ς²)·1[σ < σ*] (float64 numpy; without the second term when `bump` is
+    false).  `jstar_of_sigma` is J* at `sigma`."""
     s = np.asarray(sigma, np.float64)
     j = np.asarray(jstar_of_sigma, np.float64)
     with np.errstate(divide="ignore"):
         inv = np.where(j > 0, 1.0 / np.where(j > 0, j, 1.0), np.inf)
-    return a * np.minimum(inv, w_max) + normal_pdf(np.log(s), mu, std) * (s < sigma_star)
+    base = a * np.minimum(inv, w_max)
+    return base + normal_pdf(np.log(s), mu, std) * (s < sigma_star) if bump else base
 
 
 def bin_probabilities(weight, model_loss, jstar, *, floor: float) -> np.ndarray:
@@ -195,13 +198,13 @@ class OptimalLossSchedule:
                  mu: float | None = None, std: float = 1.0, sigma_star: float | None = None,
                  sigma_star_rule: str = "fraction", sigma_star_fraction: float = 0.01,
                  data_variance: float | None = None, floor: float = 0.1, warmup_samples: int = 5000,
-                 name: str = "optimal-loss", kwargs: dict | None = None, **ignored):
+                 bump: bool = True, name: str = "optimal-loss", kwargs: dict | None = None, **ignored):
         if name != "optimal-loss":
             raise ValueError(f"OptimalLossSchedule: training.schedule.name must be 'optimal-loss', got {name!r}")
         if kwargs:  # the config's free-form `training.schedule.kwargs`: same keys as the named arguments
             named = dict(a=a, w_max=w_max, mu=mu, std=std, sigma_star=sigma_star, sigma_star_rule=sigma_star_rule,
                          sigma_star_fraction=sigma_star_fraction, data_variance=data_variance, floor=floor,
-                         warmup_samples=warmup_samples)
+                         warmup_samples=warmup_samples, bump=bump)
             named.update(kwargs)
             self.__init__(variant, jstar_csv, **named, **ignored)
             return
@@ -224,6 +227,9 @@ class OptimalLossSchedule:
         self.mu = float(mu) if mu is not None else math.log(self.sigma_star) - self.std
         self.a = float(a) if a is not None else 1.0 / self.w_max
         self.floor = float(floor)
+        if not isinstance(bump, bool):
+            raise ValueError(f"training.schedule bump must be true or false, got {bump!r}")
+        self.bump = bump
         self.warmup_samples = int(warmup_samples)
         self.tracker = None
         self._table = None  # bin table in use; None = warm-up (the variant's distribution)
@@ -232,7 +238,7 @@ class OptimalLossSchedule:
     def weight_np(self, sigma) -> np.ndarray:
         s = np.asarray(sigma, np.float64)
         return schedule_weight(s, self.curve(s), a=self.a, w_max=self.w_max, mu=self.mu, std=self.std,
-                               sigma_star=self.sigma_star)
+                               sigma_star=self.sigma_star, bump=self.bump)
 
     def loss_weight(self, sigma) -> torch.Tensor:
         """w_σ as a tensor like `sigma` (same device and float dtype)."""
@@ -316,5 +322,5 @@ class OptimalLossSchedule:
     def describe(self) -> dict:
         """The resolved constants (for logs and the README)."""
         return {"sigma_star": self.sigma_star, "w_max": self.w_max, "a": self.a, "mu": self.mu, "std": self.std,
-                "floor": self.floor, "warmup_samples": self.warmup_samples,
+                "floor": self.floor, "bump": self.bump, "warmup_samples": self.warmup_samples,
                 "data_variance": self.curve.data_variance}

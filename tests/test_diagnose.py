@@ -1,6 +1,5 @@
-"""analysis/diagnose.py: gap summaries and the schedule comparison on synthetic evaluation CSVs."""
+"""analysis/diagnose.py: gap summaries and the diagnosis on synthetic evaluation CSVs."""
 
-import json
 import math
 
 import numpy as np
@@ -50,27 +49,6 @@ def test_diagnose_finds_the_peak(tmp_path):
     assert list(summ["peak_sigma"]) == pytest.approx([s[3], s[-1]])
     assert list(summ["variant"]) == ["edm", "vp-eps"]
     assert len(long_df) == 18
-
-
-def test_schedule_comparison_differences(tmp_path):
-    from analysis.diagnose import compare_schedules, schedule_effect
-
-    s = np.geomspace(0.01, 50, 5)
-    j = np.full(5, 0.1)
-    evals, scores, meta = [], [], {}
-    for sched, level in (("baseline", 0.02), ("optimal-loss", 0.01)):
-        for seed, jitter in ((0, 0.0), (1, 0.002)):
-            m = f"{sched[:2]}_{seed}"
-            evals.append(fake_eval(tmp_path / f"{m}.csv", m, s, np.full(5, level + jitter), j))
-            (tmp_path / f"{m}.json").write_text(json.dumps({"model": m, "fd_classifier": 10 * level + jitter}))
-            scores.append(tmp_path / f"{m}.json")
-            meta[m] = {"variant": "edm", "schedule": sched, "seed": seed}
-    comp, summ = compare_schedules(evals, scores, meta)
-    eff = schedule_effect(summ).iloc[0]
-    assert eff["excess_diff"] == pytest.approx(-0.01)
-    assert eff["excess_seed_sd"] == pytest.approx(np.std([0, 0.002], ddof=1))
-    assert eff["fd_classifier_diff"] == pytest.approx(-0.1)
-    assert comp["sigma"].isna().sum() == 4
 
 
 def test_local_peaks():

@@ -89,6 +89,14 @@ def test_weight_hand_computed(tmp_path):
     assert bump(0.5) == pytest.approx(1 / (0.5 * math.sqrt(2 * math.pi)))
     # dtype follows the input
     assert sch.loss_weight(torch.tensor([2.0])).dtype == torch.float32
+    # bump off (through the config's free-form kwargs): the first term alone, everywhere
+    off = OptimalLossSchedule(LogNormalVariant(), path, a=2.0, w_max=10.0, mu=math.log(0.5), std=0.5,
+                              sigma_star=1.0, kwargs={"bump": False})
+    got = off.loss_weight(torch.tensor(list(expected), dtype=torch.float64)).numpy()
+    assert got == pytest.approx([0.5, 2.0, 8.0, 20.0], rel=1e-9)
+    assert off.describe()["bump"] is False
+    with pytest.raises(ValueError, match="bump"):
+        OptimalLossSchedule(LogNormalVariant(), path, bump="no")
 
 
 def test_defaults_follow_the_documented_rules(tmp_path):

@@ -85,6 +85,41 @@ def test_dry_run_every_config(name, tmp_path):
         check_paper_launch(out, cfg)
 
 
+@pytest.mark.parametrize("name,target,min_seeds", [("diagnose", "diagnose", 1), ("schedule", "schedule", 3),
+                                                   ("schedule-sweep", "schedule_sweep", 2)])
+def test_dry_run_diagnose_and_schedule_studies(name, target, min_seeds, tmp_path):
+    """The diagnosis and schedule studies: every model trained, evaluated once (final snapshot) and, for the schedule
+    studies, scored; every arm has its seeds and a baseline of the same arch, variant and logvar to pair with."""
+    sys.path.insert(0, str(REPO))
+    from analysis.schedule_study import arm_of
+    from models.config import load_config, model_training
+
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    models = list(cfg["models"])
+    _, out = smk(target, "-n", "--configfile", CONFIGS / f"{name}.yaml", directory=tmp_path)
+    counts = job_counts(out)
+    assert {f"train_{m}" for m in models} <= set(counts), counts
+    assert counts["evaluate"] == len(models)
+    assert counts.get("sample_quality", 0) == (0 if name == "diagnose" else len(models))
+    assert counts[{"diagnose": "diagnosis"}.get(name, "schedule_comparison")] == 1
+    training = {m: model_training(cfg, m) for m in models}
+    if name == "diagnose":   # the paper's baselines have no learned log-variance
+        assert not any(t["logvar"] for t in training.values())
+        return
+    arms = {}
+    for m, t in training.items():
+        key = (cfg["models"][m]["arch"], cfg["models"][m]["variant"]["name"], t["logvar"])
+        arms.setdefault(arm_of(m), {"key": key, "schedule": t["schedule"]["name"], "seeds": set()})
+        assert arms[arm_of(m)]["key"] == key and arms[arm_of(m)]["schedule"] == t["schedule"]["name"], m
+        arms[arm_of(m)]["seeds"].add(t["seed"])
+    base_seeds = {a["key"]: a["seeds"] for a in arms.values() if a["schedule"] == "baseline"}
+    for arm, a in arms.items():
+        assert len(a["seeds"]) >= min_seeds, arm
+        assert a["seeds"] <= base_seeds[a["key"]], f"{arm}: no baseline seed to pair with"
+    if name == "schedule":   # both blocks, logvar off and on, for EDM and FM
+        assert {(v, lv) for _, v, lv in base_seeds} == {(v, lv) for v in ("edm", "fm-velocity") for lv in (False, True)}
+
+
 def test_default_study_spans_the_ladder():
     cfg = load_cfg("default")
     archs = [m["arch"] for m in cfg["models"].values()]

@@ -15,13 +15,23 @@ def final_eval(model):
     return f"{R}/eval/{model}/{MARKS[model][-1]:09d}.csv"
 
 
+def schedule_settings(schedule):
+    """A model's schedule settings beyond its name: the named keys and the free-form kwargs, as one dict."""
+    named = {k: v for k, v in schedule.items() if k not in ("name", "kwargs", "update_every_images")}
+    return {**named, **(schedule.get("kwargs") or {})}
+
+
 def model_table():
-    """model → {variant, schedule, seed}: what the analysis groups by (a model's own variant, else the study's)."""
+    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs}: what the analyses group by (a model's own
+    variant, else the study's)."""
     return {
         m: {
             "variant": (config["models"][m].get("variant") or config["variant"])["name"],
             "schedule": TRAINING[m]["schedule"]["name"],
             "seed": int(TRAINING[m]["seed"]),
+            "arch": config["models"][m]["arch"],
+            "logvar": bool(TRAINING[m].get("logvar", True)),
+            "schedule_kwargs": schedule_settings(TRAINING[m]["schedule"]),
         }
         for m in MODELS
     }

@@ -1,10 +1,12 @@
 # Issue 5, use 2 of J*: the optimal-loss training schedule (models/schedule.py) against each variant's own
 # (baseline) schedule, at equal compute, over seeds (workflow/config/schedule.yaml: EDM and FM × baseline /
-# optimal-loss × 2 seeds). Per model: the final snapshot's per-σ gap (evaluate rules) and the Fréchet distance of
-# its Heun samples to the training set in the feature space of a small classifier trained on the dataset's labels
-# (analysis.sample_quality; FID too when sample_quality.inception points at local weights).
+# optimal-loss × logvar off/on; workflow/config/schedule-sweep.yaml: the schedule's open choices). Per model: the
+# final snapshot's per-σ gap (evaluate rules) and the Fréchet distance of its Heun samples to the training set in
+# the feature space of a small classifier trained on the dataset's labels (analysis.sample_quality; FID too when
+# sample_quality.inception points at local weights). analysis.schedule_study compares the arms, paired by seed.
 #
 #   snakemake schedule --configfile workflow/config/schedule.yaml
+#   snakemake schedule_sweep --configfile workflow/config/schedule-sweep.yaml
 #
 # Include after diagnose.smk (uses its models_table rule and final_eval).
 
@@ -54,18 +56,25 @@ rule schedule_comparison:
         meta=f"{R}/analysis/models.json",
         jstar=f"{R}/optimal_loss/jstar.csv",
     output:
+        models=f"{R}/analysis/schedule_models.csv",
         table=f"{R}/analysis/schedule_comparison.csv",
-        summary=f"{R}/analysis/schedule_summary.csv",
         markdown=f"{R}/analysis/schedule_comparison.md",
         figure=f"{R}/figures/schedule_comparison.png",
     log:
         f"{R}/logs/schedule_comparison.log",
     shell:
-        "{PYTHON} -m analysis.diagnose compare-schedules --eval {input.evals:q} --scores {input.scores:q}"
-        " --meta {input.meta:q} --jstar {input.jstar:q} --out {output.table:q} --summary {output.summary:q}"
+        "{PYTHON} -m analysis.schedule_study --eval {input.evals:q} --scores {input.scores:q}"
+        " --meta {input.meta:q} --jstar {input.jstar:q} --models {output.models:q} --out {output.table:q}"
         " --markdown {output.markdown:q} --figure {output.figure:q} > {log:q} 2>&1"
 
 
 rule schedule:
+    input:
+        rules.schedule_comparison.output,
+
+
+# The sweep of the schedule's open choices (workflow/config/schedule-sweep.yaml) is the same comparison over more
+# optimal-loss arms; its own name only so the command says what it runs.
+rule schedule_sweep:
     input:
         rules.schedule_comparison.output,
