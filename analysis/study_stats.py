@@ -275,9 +275,13 @@ def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) ->
     y, c, loss, js = _quantity_values(reps, quantity, level)
     w = ax.mask.astype(np.float64)
     u = ax.u_rows
+    at_bound = np.zeros(len(y), dtype=bool)
     if quantity == "free_offset":
         k, p, c, valid = free_offset_fit(u, y, w)
         kf, pf, cf, _ = free_offset_fit(u, y, ax.fit.astype(np.float64))
+        # an offset at 0 or just below the smallest used loss is a boundary, not an estimate of a floor
+        ymin = np.where(w > 0, y, np.inf).min(-1)
+        at_bound = valid & ((c <= 0) | (c >= ymin * (1 - 1e-6)))
     else:
         k, p, _, valid = loglinear_fit(u, y, c, w)
         kf, pf, _, _ = loglinear_fit(u, y, c, ax.fit.astype(np.float64))
@@ -295,7 +299,7 @@ def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) ->
     offset = np.where(valid, c, np.nan) if quantity == "free_offset" else np.where(valid, 0.0, np.nan)
     return {"exponent": k, "log_prefactor": p, "offset": offset, "c": c, "rho": np.abs(r), "r2": r2,
             "extrapolation_error": extrapolation_error(u, y, loss, cf, kf, pf, ax.test.astype(np.float64)),
-            "n": w.sum(-1), "n_nonpositive": nonpos, "optimal_loss": js}
+            "n": w.sum(-1), "n_nonpositive": nonpos, "optimal_loss": js, "at_bound": at_bound}
 
 
 def _ci_fields(out: dict, name: str, draws: np.ndarray, notes: list, allow: bool) -> None:
@@ -339,6 +343,8 @@ def _table_row(fits: StudyFits, axis, quantity, level) -> dict:
     allow = reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
     if reps.n_replicates > 0 and n < MIN_POINTS_FOR_INTERVAL:
         notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
+    if f["at_bound"][0]:
+        notes.append("free offset at its bound (0 or the smallest loss): the data do not identify a floor")
     _ci_fields(row, "exponent", f["exponent"], notes, allow)
     _ci_fields(row, "prefactor", np.exp(f["log_prefactor"]), notes, allow)
     _ci_fields(row, "offset", f["offset"], notes, allow and quantity == "free_offset")
@@ -392,8 +398,9 @@ def verdict_table(reps: StudyReplicates, *, axes=AXES, levels=None) -> pd.DataFr
                 notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
             row["verdict_rho"] = _paired_verdict(row["delta_rho_ci_lo"], row["delta_rho_ci_hi"], True)
             row["verdict_extrap"] = _paired_verdict(row["delta_extrap_ci_lo"], row["delta_extrap_ci_hi"], False)
-            row["jstar_vs_free_offset"] = _jstar_position(row["optimal_loss"], row["free_offset_ci_lo"],
-                                                          row["free_offset_ci_hi"])
+            row["jstar_vs_free_offset"] = ("free offset at a bound" if fr["at_bound"][0] else
+                                           _jstar_position(row["optimal_loss"], row["free_offset_ci_lo"],
+                                                           row["free_offset_ci_hi"]))
             row["note"] = "; ".join(notes)
             rows.append(row)
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
@@ -585,7 +592,9 @@ def _verdict_sentence(v) -> str:
              "below": "J* lies below the free-offset interval — the data prefer a higher floor, so a higher ρ "
                       "after subtracting J* shows only that some positive constant helps, not that J* is the floor",
              "above": "J* lies above the free-offset interval — the data prefer a lower floor than J*",
-             "no interval": "the free offset has no interval"}[v["jstar_vs_free_offset"]]
+             "no interval": "the free offset has no interval",
+             "free offset at a bound": "the free offset sits at a bound (0 or the smallest loss), so the data do "
+                                       "not place a floor to compare J* with"}[v["jstar_vs_free_offset"]]
     return (f"For {what} against {v['axis']}, L − J* {rho}: Δρ = {_with_ci(v, 'delta_rho', '.3g')}; it {ext}: "
             f"Δ(extrapolation error) = {_with_ci(v, 'delta_extrap', '.3g')}. {floor[0].upper() + floor[1:]} "
             f"(J* = {_fmt(v['optimal_loss'])}, free offset {_with_ci(v, 'free_offset')}).")

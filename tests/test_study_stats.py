@@ -251,3 +251,18 @@ def test_a_free_floor_the_data_drive_to_zero_is_exactly_zero():
     f = st.fit_compute_optimal(params, images, loss, floor=None)
     assert f["E"] == 0.0
     assert f["a"] == pytest.approx(0.35, rel=1e-6) and f["b"] == pytest.approx(0.45, rel=1e-6)
+
+
+def test_a_free_offset_at_its_bound_is_not_compared_with_jstar():
+    """A last point far below the trend makes the free offset fall to its bound (0): a boundary, which the verdict
+    must not read as a floor (the simulated law's own floor is interior)."""
+    pt, _ = simulate(np.random.default_rng(9), n_sizes=4, n_snapshots=3)
+    reps = replicates(pt, 50, seed=0)
+    assert not st.StudyFits(reps).fit("compute", "free_offset", 0)["at_bound"][0]
+    loss = reps.loss.copy()
+    loss[:, np.argmax(reps.snapshots["flops"].to_numpy()), :] *= 0.6
+    fits = st.StudyFits(StudyReplicates(reps.snapshots, reps.sigma, loss, reps.jstar, reps.excess))
+    assert fits.fit("compute", "free_offset", 0)["at_bound"][0]
+    table = st.study_table(fits, axes=("compute",), quantities=("free_offset",), levels=[0]).iloc[0]
+    v = st.verdict_table(fits, axes=("compute",), levels=[0]).iloc[0]
+    assert "at its bound" in table["note"] and v["jstar_vs_free_offset"] == "free offset at a bound"
