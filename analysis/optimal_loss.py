@@ -1,4 +1,4 @@
-"""The optimal diffusion loss J*(σ) of a dataset and its optimal denoiser D*(x) (SCIENCE.md §2–3).
+"""The optimal diffusion loss J*(σ) of a dataset and its optimal denoiser D*(x) (docs/science.md, "The formulas").
 
 Everything is in VE-x0 coordinates: a noisy point is x = x0 + σ·ε and the loss is the per-dimension mean
 ‖D(x) − x0‖²/D, so one curve J*(σ) serves every process and target (see models.diffusion.to_process_curve).
@@ -9,7 +9,7 @@ posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None) -> tenso
     The exact posterior mean D*(x) = Σ_n softmax_n(−‖x − x0_n‖²/2σ²)·x0_n of the empirical distribution.
 estimate_optimal_loss(data, sigmas, *, estimator="full", labels=None, n_samples=None, subset_size=None, C=None,
                       seed=0, device=None) -> pandas.DataFrame
-    J*(σ) on a σ grid with one of the estimators `full`, `dol`, `cdol`, `snis` (SCIENCE.md §3).
+    J*(σ) on a σ grid with one of the estimators `full`, `dol`, `cdol`, `snis` (docs/science.md).
 eval_noise(shape, seeds) -> tensor
     The ε of the study's fixed evaluation set (docs/internals.md).
 
@@ -51,7 +51,7 @@ Estimators (B = E‖D̂‖², M noisy samples x_m = x0_{n_m} + σ ε_m)
   and lower variance than A − B; both agree in expectation because E⟨x0, D*⟩ = E‖D*‖²; both are reported).
 * `snis`: D̂ is the softmax over a random subset of L points (the source is usually missing at small σ).
 * `dol`: the source plus L − 1 other random points.  Biased: overestimates B, underestimates J*.
-* `cdol`: DOL with log C added to the non-source logits (SCIENCE.md §3's reading of the paper's Eq. 11):
+* `cdol`: DOL with log C added to the non-source logits (our reading of the paper's Eq. 11):
   C = 1 is DOL, C → ∞ is SNIS on L − 1 points; default C = 4N/L (the paper's).
   For the subset estimators J* = mean_m (‖x0_m‖² − ‖D̂_m‖²)/D, the paper's A − B form, with A paired per sample
   (the sources are balanced: every point is used ⌊M/N⌋ or ⌈M/N⌉ times, so when N divides M the paired A is the

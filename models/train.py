@@ -319,7 +319,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     # ---- what this run is: checked against the run folder before anything is resumed or reported done ----
     arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
                                  logvar=bool(training["logvar"]), dropout=float(training["dropout"]))
-    vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant (issue 5) or the study's
+    vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant or the study's
     variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
     variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
     fingerprint = config_fingerprint(training, {"name": arch_name, "kwargs": arch_kw}, variant_record,

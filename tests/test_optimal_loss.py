@@ -1,5 +1,5 @@
 """Tests of analysis.optimal_loss against analytic oracles, limits, an independent float64 reference and
-invariants (SCIENCE.md §2–3)."""
+invariants (docs/science.md)."""
 
 import math
 

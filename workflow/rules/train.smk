@@ -23,7 +23,7 @@ def resolved_config(model):
     cfg = {
         "study": STUDY,
         "dataset": config["dataset"],
-        "variant": entry.get("variant") or config["variant"],  # a model's own variant (issue 5) or the study's
+        "variant": entry.get("variant") or config["variant"],  # a model's own variant or the study's
         "training": TRAINING[model],
         "models": {model: {"arch": entry["arch"]}},
     }
