@@ -1,4 +1,4 @@
-# A scaling-law study of diffusion models, measured against the dataset's optimal loss J* .
+# A scaling-law study of diffusion models, measured against the dataset's optimal loss J*.
 #
 #   snakemake                                           # the embedded default study, on the CPU (profile default)
 #   snakemake --configfile workflow/config/smoke.yaml   # another study (replaces the default config entirely)

@@ -52,35 +52,6 @@ def open_training_data(data) -> HostData:
 # pieces of the set-up
 # ----------------------------------------------------------------------------------------------------------------
 
-def count_step_flops(build_meta, variant, x_shape, label_dim: int, fallback_net=None) -> int:
-    """Training FLOPs of one forward+backward of the actual per-process batch, counted by
-    torch.utils.flop_counter.FlopCounterMode.  Runs on the meta device (shapes only: exact and free); falls back
-    to a throw-away copy of the real net when the meta run fails."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    def run(net, device):
-        b = x_shape[0]
-        den = Denoiser(net, variant, label_dim=label_dim)
-        x0 = torch.zeros(x_shape, device=device)
-        sigma = torch.ones(b, device=device)
-        noise = torch.zeros(x_shape, device=device)
-        labels = torch.zeros(b, label_dim, device=device) if label_dim else None
-        counter = FlopCounterMode(display=False)
-        with counter:
-            loss, _ = per_example_losses(den, variant, x0, sigma, noise, labels)
-            loss.mean().backward()
-        return int(counter.get_total_flops())
-
-    try:
-        return run(build_meta(), "meta")
-    except Exception:  # noqa: BLE001 - any op without a meta kernel: count on a real copy instead
-        if fallback_net is None:
-            raise
-        device = next(fallback_net.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return run(copy.deepcopy(fallback_net).train(), device)
-
-
 def _promote_scalar_params(net: torch.nn.Module) -> None:
     """DeepSpeed broadcasts each parameter as `p.view(torch.uint8)`, which fails for 0-dim tensors (EDM2's scalar
     gains).  Give those a shape of [1] for the DeepSpeed run; every use of them broadcasts the same way.  The EMA
@@ -221,14 +192,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         run_folder.set_rng_state(loaded["rng"][rank], noise_gen)
     raw_net = accelerator.unwrap_model(model_p)
 
-    # FLOPs of one training step of this process's batch, counted once (×world per global step)
-    def build_meta():
-        # eval(): skips the EDM2 forced weight renormalisation (elementwise, not counted) — twice as fast to
-        # trace; the counted convolutions / matmuls / attention are those of the training step
-        return family.net_from_kwargs(arch_kw, device="meta").eval()
-
-    flops_per_image = (count_step_flops(build_meta, variant, (batch_gpu, C, H, W), label_dim, fallback_net=raw_net)
-                       / batch_gpu)
+    # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
+    flops_per_image = float(family.training_flops_of(arch_kw))
 
     run = Run(accelerator=accelerator, model_p=model_p, optimizer=optimizer, optimizer_p=optimizer_p,
               raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=label_dim), variant=variant,
