@@ -1,4 +1,4 @@
-"""models/train.py, models/denoiser.py, models/sigma_bins.py.
+"""The trainer (models/train.py, models/loop.py, models/run_folder.py), models/denoiser.py, models/sigma_bins.py.
 
 Fast tests run the real loop in-process on the tiny t0 net and 8×8 digits for a few steps; the multi-process
 (torchrun, 2 CPU ranks), DeepSpeed ZeRO-2 (CPU) and learning tests are marked slow."""
