@@ -1,4 +1,6 @@
-"""`python -m models.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR`: set up a run, then loop.
+"""Training entry point: the CLI and `train()`, which sets up a run and hands it to the step loop (models/loop.py).
+
+    python -m models.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR
 
 One Accelerate loop for every launch mode (plain CPU, multi-GPU DDP, DeepSpeed ZeRO-2; see workflow/accelerate/),
 EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` reads
