@@ -1,4 +1,4 @@
-# A scaling-law study of diffusion models, measured against the dataset's optimal loss J* (issue #4).
+# A scaling-law study of diffusion models, measured against the dataset's optimal loss J*.
 #
 #   snakemake                                           # the embedded default study, on the CPU (profile default)
 #   snakemake --configfile workflow/config/smoke.yaml   # another study (replaces the default config entirely)
@@ -43,8 +43,8 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
-include: "workflow/rules/diagnose.smk"  # issue 5: `snakemake diagnose` (diagnosis of the variants)
-include: "workflow/rules/schedule.smk"  # issue 5: `snakemake schedule` (optimal-loss schedule study)
+include: "workflow/rules/diagnose.smk"  # `snakemake diagnose` (diagnosis of the variants)
+include: "workflow/rules/schedule.smk"  # `snakemake schedule` (optimal-loss schedule study)
 include: "workflow/rules/plan.smk"  # `snakemake plan`: parameters, FLOPs and GPU-hours of every model
 
 

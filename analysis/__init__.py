@@ -1,0 +1,1 @@
+"""What a study measures: J* and D* (optimal_loss, posterior), per-σ losses (evaluate), the statistics and figures."""

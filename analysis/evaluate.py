@@ -1,4 +1,4 @@
-"""Per-σ loss and excess of a checkpoint on the study's fixed evaluation set (SCIENCE.md §5).
+"""Per-σ loss and excess of a checkpoint on the study's fixed evaluation set (docs/science.md, "Same footing").
 
 A study fixes one evaluation set of (x0 index, σ, ε-seed) triples drawn from the training set. Every snapshot and
 the optimal denoiser D* are evaluated on exactly those triples, so for every σ of the grid

@@ -1,10 +1,10 @@
 """Scaling-law fits: power laws with and without an offset, and the Chinchilla L(N, D) form.
 
-SCIENCE.md §4 (the paper fits J(F) = β·F^α against J(F) − J* = β·F^α and compares the correlation ρ of the log-log
-fits) and §6 (fitting practice: Hoffmann et al. approach 3 as replicated by Epoch AI — a Huber loss with δ = 1e-3
-on log-space residuals, L-BFGS-B from a grid of starts, bootstrap for intervals).
+The paper fits J(F) = β·F^α against J(F) − J* = β·F^α and compares the correlation ρ of the log-log fits; the
+Chinchilla fits follow Hoffmann et al.'s approach 3 as replicated by Epoch AI (a Huber loss with δ = 1e-3 on
+log-space residuals, L-BFGS-B from a grid of starts, bootstrap for intervals); see docs/science.md.
 
-Public interface (ARCHITECTURE.md):
+Public interface:
 - ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent
 - ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β
 - ``holdout_error``, ``lower_envelope``, ``fit_table``, ``exponents_markdown`` for the study DAG.

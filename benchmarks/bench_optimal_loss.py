@@ -6,7 +6,7 @@ In one run on one machine it times, each case in its own subprocess (so peak mem
   exact    the exact estimator, estimate_optimal_loss(estimator="full", n_samples=Q) at one σ: the streaming,
            chunked, precision-checked D* for Q noisy points (it knows each point's source and seeds the running
            max with it, so chunks far from x skip the value GEMM), plus ‖D* − x0‖²; on CUDA with its bfloat16
-           screen (analysis.optimal_loss._screened_posterior), on the CPU screened only where float64 is needed
+           screen (analysis.posterior._screened_posterior), on the CPU screened only where float64 is needed
   exact-noscreen  the same with the screen switched off (every row through the float32/float64 streaming GEMM)
   exact-amortised (--amortised K) K·Q samples in one call, time per Q: the steady state of a real run
   posterior  posterior_mean(data, x, σ) on the same Q points without that hint
@@ -103,7 +103,7 @@ def run_case(a) -> dict:
             torch.set_float32_matmul_precision("highest")
             fn = _faster_orientation(lambda: x32 @ data.T, lambda: data @ x32.T, device)
         elif a.case in ("exact", "exact-noscreen"):
-            import analysis.optimal_loss as ol
+            import analysis.posterior as ol
             ol._SCREEN = "off" if a.case == "exact-noscreen" else "auto"
             fn = lambda: estimate_optimal_loss(data, [a.sigma], estimator="full", n_samples=a.queries,
                                                device=device)

@@ -158,13 +158,31 @@ def parse_dataset_spec(spec: str) -> tuple[str, str]:
     raise ConfigError(f"dataset.spec: {spec!r} is not one of {SPEC_FORMS}")
 
 
-def _npy_rows_from_header(f) -> int:
+def array_shape(path: Path) -> tuple | None:
+    """The shape of the image array of a .npy / .npz file (for .npz the first of models.data's image keys x,
+    images, latents), from its header only; None when the file is missing or unreadable (the dataset job's error
+    to report)."""
     import numpy as np  # light; no torch
 
-    version = np.lib.format.read_magic(f)
-    shape, _, _ = (np.lib.format.read_array_header_1_0(f) if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0(f))
-    return int(shape[0])
+    def header(f):
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(f)[0]
+
+    if not path.is_file():
+        return None
+    try:
+        if path.suffix == ".npy":
+            with open(path, "rb") as f:
+                return header(f)
+        with zipfile.ZipFile(path) as zf:
+            for key in ("x", "images", "latents"):  # models.data's image keys, in its order
+                if f"{key}.npy" in zf.namelist():
+                    with zf.open(f"{key}.npy") as f:
+                        return header(f)
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return None
 
 
 def dataset_size(spec: str) -> int | None:
@@ -173,21 +191,10 @@ def dataset_size(spec: str) -> int | None:
     kind, path = parse_dataset_spec(spec)
     if kind == "digits":
         return KNOWN_DATASET_SIZES["digits"]
-    p = Path(path).expanduser()
-    if kind not in ("npy", "npz") or not p.is_file():
+    if kind not in ("npy", "npz"):
         return None
-    try:
-        if kind == "npy":
-            with open(p, "rb") as f:
-                return _npy_rows_from_header(f)
-        with zipfile.ZipFile(p) as zf:
-            for key in ("x", "images", "latents"):  # models.data's image keys, in its order
-                if f"{key}.npy" in zf.namelist():
-                    with zf.open(f"{key}.npy") as f:
-                        return _npy_rows_from_header(f)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None  # an unreadable file is the dataset job's error to report
-    return None
+    shape = array_shape(Path(path).expanduser())
+    return int(shape[0]) if shape else None
 
 
 def check_dataset(cfg: Mapping) -> list[str]:

@@ -3,8 +3,9 @@
 No torch import here: the Snakefile imports this module to build the DAG, and it must stay cheap.
 
 The format is fixed in docs/internals.md ("The study config"); the JSON schema lives in
-workflow/schemas/config.schema.yaml.  `load_config` validates against it, fills the schema's defaults, and
-turns jsonschema's error into one line that names the key path, e.g. ``training.batch_szie: unknown key``.
+workflow/schemas/config.schema.yaml.  `load_config` validates against it, fills the schema's defaults through
+jsonschema's own validator (extended to insert each missing property's `default`), and turns jsonschema's error
+into one line that names the key path, e.g. ``training.batch_szie: unknown key``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import yaml
 
@@ -53,7 +54,8 @@ def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = 
             raise ConfigError(f"{where}: top level must be a mapping, got {type(cfg).__name__}")
     schema = dict(schema) if schema is not None else load_schema()
     _validate(cfg, schema, where)
-    _fill_defaults(cfg, schema, schema)
+    for _ in _validator(schema, fill_defaults=True).iter_errors(cfg):  # fills the schema's defaults in place
+        pass
     _validate(cfg, schema, where)  # defaults must themselves be valid (catches a broken schema)
     _check_batching(cfg, where)
     return cfg
@@ -87,12 +89,28 @@ def _check_batching(cfg: dict, where: str) -> None:
             raise ConfigError(f"{where}: {e}") from None
 
 
-def _validate(cfg: dict, schema: Mapping, where: str) -> None:
+def _validator(schema: Mapping, *, fill_defaults: bool = False):
+    """jsonschema's validator for the schema's dialect; with fill_defaults, one that inserts each missing
+    property's `default` (a deep copy) before validating it, so nested defaults fill in too."""
     import jsonschema  # local: only needed when validating
 
-    validator_cls = jsonschema.validators.validator_for(schema)
-    validator = validator_cls(schema)
-    errors = list(validator.iter_errors(cfg))
+    cls = jsonschema.validators.validator_for(schema)
+    if fill_defaults:
+        check_properties = cls.VALIDATORS["properties"]
+
+        def properties(validator, props, instance, sub_schema):
+            if isinstance(instance, dict):
+                for key, sub in props.items():
+                    if key not in instance and isinstance(sub, Mapping) and "default" in sub:
+                        instance[key] = copy.deepcopy(sub["default"])
+            yield from check_properties(validator, props, instance, sub_schema)
+
+        cls = jsonschema.validators.extend(cls, {"properties": properties})
+    return cls(schema)
+
+
+def _validate(cfg: dict, schema: Mapping, where: str) -> None:
+    errors = list(_validator(schema).iter_errors(cfg))
     if not errors:
         return
     # report the deepest error first: it names the most specific key ("training.batch_size", not "training")
@@ -118,38 +136,6 @@ def _describe(error) -> str:
         key = ".".join(filter(None, [path, missing]))
         return f"{key}: required key missing"
     return f"{path or '<top level>'}: {error.message}"
-
-
-def _resolve(schema: Mapping, root: Mapping) -> Mapping:
-    """Follow a local '$ref' (#/definitions/x or #/$defs/x)."""
-    while isinstance(schema, Mapping) and "$ref" in schema:
-        ref = schema["$ref"]
-        if not ref.startswith("#/"):
-            raise ConfigError(f"schema: only local $ref supported, got {ref}")
-        node: Any = root
-        for part in ref[2:].split("/"):
-            node = node[part]
-        schema = node
-    return schema
-
-
-def _fill_defaults(instance: Any, schema: Mapping, root: Mapping) -> None:
-    """Insert the schema's `default` for every missing property, recursively (into given and default dicts)."""
-    schema = _resolve(schema, root)
-    if not isinstance(instance, dict) or not isinstance(schema, Mapping):
-        return
-    props = schema.get("properties", {})
-    for key, sub in props.items():
-        sub_r = _resolve(sub, root)
-        if key not in instance and isinstance(sub_r, Mapping) and "default" in sub_r:
-            instance[key] = copy.deepcopy(sub_r["default"])
-        if key in instance:
-            _fill_defaults(instance[key], sub_r, root)
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, Mapping):
-        for key, value in instance.items():
-            if key not in props:
-                _fill_defaults(value, extra, root)
 
 
 # --------------------------------------------------------------------------------------------------------------

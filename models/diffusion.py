@@ -1,6 +1,6 @@
 """The unified diffusion formulation: where σ enters, and where it is sampled.
 
-Every diffusion model here is described by three things (SCIENCE.md §1):
+Every diffusion model here is described by three things (docs/science.md, "The formulas"):
 
 1. a **process** (α_t, σ_t): x_t = α_t·x0 + σ_t·ε.  Dividing by α_t gives x_t/α_t = x0 + σ_VE·ε with
    σ_VE = σ_t/α_t, so every process is a re-parametrised VE process.  All code outside this file works in
@@ -246,7 +246,7 @@ def _edm_c_out(sigma_ve, sigma_data):
 
 
 def x0_loss_factor(target: str, process, t, *, sigma_data: float | None = None) -> torch.Tensor:
-    """Factor f(t) with (loss of `target`) = f(t)·‖x̂0 − x0‖² at process time t (SCIENCE.md §1 table).
+    """Factor f(t) with (loss of `target`) = f(t)·‖x̂0 − x0‖² at process time t (the table in docs/science.md).
 
     Derivation: from x_t = αx0 + σε, a prediction x̂0 implies ε̂ = (x_t − αx̂0)/σ, so ε̂ − ε = −(α/σ)(x̂0 − x0);
     score = −ε/σ; v = αε − σx0; velocity u = α̇x0 + σ̇ε; EDM-F: D = c_skip·x + c_out·F in VE coords.
@@ -273,7 +273,7 @@ def x0_loss_factor(target: str, process, t, *, sigma_data: float | None = None) 
 def to_process_curve(sigma_ve, x0_loss, process, target: str = "x0"):
     """Turn a VE-x0 curve J(σ_VE) into `process`'s time axis and `target`'s loss.
 
-    The x0-loss of any process at time t equals the VE x0-loss at σ_VE(t) (SCIENCE.md §1), so
+    The x0-loss of any process at time t equals the VE x0-loss at σ_VE(t) (docs/science.md), so
     loss(t) = x0_loss_factor(target, process, t)·J(σ_VE(t)).  Points whose t falls outside the process's
     nominal t-range (e.g. σ_VE > 152 for linear VP, where t > 1) are dropped.  Returns numpy float64 arrays
     (t, loss) sorted by t."""

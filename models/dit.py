@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.edm2 import MPConv, MPFourier
+from models.edm2 import MPConv, MPFourier, check_net_inputs, label_matrix
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -209,33 +209,10 @@ class DiT(nn.Module):
     # -- input handling (the same rules as EDM2UNet) ---------------------------------------------------------------
 
     def _check_inputs(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        expect = (self.img_channels, self.img_resolution, self.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expect:
-            raise ValueError(f"DiT input x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], "
-                             f"got {list(x.shape)}")
-        c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
-        if c_noise.numel() == 1:
-            c_noise = c_noise.expand(x.shape[0])
-        if c_noise.shape[0] != x.shape[0]:
-            raise ValueError(f"c_noise must have one value per image ([{x.shape[0]}]), got {c_noise.shape[0]}")
-        return c_noise
+        return check_net_inputs(x, c_noise, (self.img_channels, self.img_resolution, self.img_resolution), "DiT")
 
     def _label_matrix(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """One-hot float labels [B, label_dim]; None -> zeros ('no label'); integer indices [B] are one-hot encoded."""
-        b = x.shape[0]
-        if class_labels is None:
-            return torch.zeros(b, self.label_dim, device=x.device, dtype=torch.float32)
-        if not class_labels.is_floating_point():
-            if class_labels.ndim != 1 or class_labels.shape[0] != b:
-                raise ValueError(f"integer class_labels must have shape [{b}], got {list(class_labels.shape)}")
-            if b and class_labels.device.type != "meta" and (class_labels.min() < 0
-                                                              or class_labels.max() >= self.label_dim):
-                raise ValueError(f"class_labels must lie in [0, {self.label_dim}), got "
-                                 f"[{int(class_labels.min())}, {int(class_labels.max())}]")
-            return F.one_hot(class_labels, self.label_dim).to(torch.float32)
-        if tuple(class_labels.shape) != (b, self.label_dim):
-            raise ValueError(f"class_labels must be one-hot [{b}, {self.label_dim}], got {list(class_labels.shape)}")
-        return class_labels
+        return label_matrix(class_labels, x, self.label_dim)
 
 
 def count_params_closed_form(*, img_resolution: int, img_channels: int, label_dim: int = 0, patch_size: int = 2,

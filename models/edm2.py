@@ -299,34 +299,43 @@ class EDM2UNet(nn.Module):
     # -- input handling ------------------------------------------------------------------------------------------
 
     def _check_inputs(self, x: torch.Tensor, c_noise: torch.Tensor) -> torch.Tensor:
-        expect = (self.img_channels, self.img_resolution, self.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expect:
-            raise ValueError(f"EDM2UNet input x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], "
-                             f"got {list(x.shape)}")
-        c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
-        if c_noise.numel() == 1:
-            c_noise = c_noise.expand(x.shape[0])
-        if c_noise.shape[0] != x.shape[0]:
-            raise ValueError(f"c_noise must have one value per image ([{x.shape[0]}]), got {c_noise.shape[0]}")
-        return c_noise
+        return check_net_inputs(x, c_noise, (self.img_channels, self.img_resolution, self.img_resolution), "EDM2UNet")
 
     def _label_matrix(self, class_labels: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        """One-hot float labels [B, label_dim]. None means 'no label': zeros, as EDM2 does for its unconditional
-        fallback. Integer class indices [B] are accepted too and one-hot encoded."""
-        b = x.shape[0]
-        if class_labels is None:
-            return torch.zeros(b, self.label_dim, device=x.device, dtype=torch.float32)
-        if not class_labels.is_floating_point():
-            if class_labels.ndim != 1 or class_labels.shape[0] != b:
-                raise ValueError(f"integer class_labels must have shape [{b}], got {list(class_labels.shape)}")
-            checkable = b and class_labels.device.type != "meta"  # meta tensors have no values to check
-            if checkable and (class_labels.min() < 0 or class_labels.max() >= self.label_dim):
-                raise ValueError(f"class_labels must lie in [0, {self.label_dim}), got "
-                                 f"[{int(class_labels.min())}, {int(class_labels.max())}]")
-            return F.one_hot(class_labels, self.label_dim).to(torch.float32)
-        if tuple(class_labels.shape) != (b, self.label_dim):
-            raise ValueError(f"class_labels must be one-hot [{b}, {self.label_dim}], got {list(class_labels.shape)}")
-        return class_labels.to(torch.float32)
+        return label_matrix(class_labels, x, self.label_dim).to(torch.float32)
+
+
+def check_net_inputs(x: torch.Tensor, c_noise, expect: tuple, who: str) -> torch.Tensor:
+    """Check a raw net's input x [B, C, H, W] against `expect` (C, H, W); c_noise as one value per image [B]."""
+    if x.ndim != 4 or tuple(x.shape[1:]) != expect:
+        raise ValueError(f"{who} input x must have shape [B, {expect[0]}, {expect[1]}, {expect[2]}], "
+                         f"got {list(x.shape)}")
+    c_noise = torch.as_tensor(c_noise, device=x.device).reshape(-1)
+    if c_noise.numel() == 1:
+        c_noise = c_noise.expand(x.shape[0])
+    if c_noise.shape[0] != x.shape[0]:
+        raise ValueError(f"c_noise must have one value per image ([{x.shape[0]}]), got {c_noise.shape[0]}")
+    return c_noise
+
+
+def label_matrix(class_labels: torch.Tensor | None, x: torch.Tensor, label_dim: int) -> torch.Tensor:
+    """One-hot labels [B, label_dim] for a batch like x. None means 'no label': zeros (float32), as EDM2 does for
+    its unconditional fallback. Integer class indices [B] are one-hot encoded (float32); one-hot input is checked
+    and returned as given."""
+    b = x.shape[0]
+    if class_labels is None:
+        return torch.zeros(b, label_dim, device=x.device, dtype=torch.float32)
+    if not class_labels.is_floating_point():
+        if class_labels.ndim != 1 or class_labels.shape[0] != b:
+            raise ValueError(f"integer class_labels must have shape [{b}], got {list(class_labels.shape)}")
+        checkable = b and class_labels.device.type != "meta"  # meta tensors have no values to check
+        if checkable and (class_labels.min() < 0 or class_labels.max() >= label_dim):
+            raise ValueError(f"class_labels must lie in [0, {label_dim}), got "
+                             f"[{int(class_labels.min())}, {int(class_labels.max())}]")
+        return F.one_hot(class_labels, label_dim).to(torch.float32)
+    if tuple(class_labels.shape) != (b, label_dim):
+        raise ValueError(f"class_labels must be one-hot [{b}, {label_dim}], got {list(class_labels.shape)}")
+    return class_labels
 
 
 def _check_shape_args(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks, dropout):

@@ -111,6 +111,12 @@ def training_flops_per_image(name: str, *, resolution: int, channels: int, label
     (the optimizer step is elementwise and not counted). Cached per architecture."""
     kwargs = arch_kwargs(name, resolution=resolution, channels=channels, label_dim=label_dim, logvar=logvar,
                          **overrides)
+    return training_flops_of(kwargs)
+
+
+def training_flops_of(kwargs: dict) -> int:
+    """training_flops_per_image of a net given by its complete kwargs (a snapshot's / the trainer's arch kwargs):
+    the one FLOP counter, used by the plan and recorded by the trainer."""
     return _counted_flops(_freeze(kwargs), training=True)
 
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
-from models.checks import parse_dataset_spec
+from models.checks import array_shape, parse_dataset_spec
 from models.config import ConfigError, load_config, model_training, total_images
 
 # Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
@@ -43,7 +43,7 @@ def data_shape(cfg: Mapping) -> tuple[int, int, int, list[str]]:
         if labels is None and folder.is_dir():  # listing the class folders is not reading the data
             labels = sum(1 for p in folder.iterdir() if p.is_dir()) or None
     else:  # .npy / .npz: the array header, where the file exists
-        shape = _array_shape(Path(path).expanduser())
+        shape = array_shape(Path(path).expanduser())
         if shape is not None and len(shape) == 4:
             c, h = (shape[1], shape[2]) if shape[1] in (1, 2, 3, 4) else (shape[3], shape[1])
             channels, resolution = channels or int(c), resolution or int(h)
@@ -59,32 +59,6 @@ def data_shape(cfg: Mapping) -> tuple[int, int, int, list[str]]:
         notes.append("label count unknown (set plan.label_dim): 1000 assumed; the class embedding is < 0.01% "
                      "of the FLOPs")
     return int(resolution), int(channels), int(labels), notes
-
-
-def _array_shape(path: Path):
-    import zipfile
-
-    import numpy as np
-
-    def header(f):
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return read(f)[0]
-
-    if not path.is_file():
-        return None
-    try:
-        if path.suffix == ".npy":
-            with open(path, "rb") as f:
-                return header(f)
-        with zipfile.ZipFile(path) as zf:
-            for key in ("x", "images", "latents"):
-                if f"{key}.npy" in zf.namelist():
-                    with zf.open(f"{key}.npy") as f:
-                        return header(f)
-    except (OSError, ValueError, zipfile.BadZipFile):
-        return None
-    return None
 
 
 def model_mfu(cfg: Mapping, model: str, arch: str) -> float:

@@ -1,6 +1,6 @@
 """Running mean of the training x0-loss per σ bin — the trainer's estimate of J_σ(θ).
 
-The optimal-loss schedule (SCIENCE.md §4) samples σ in proportion to w_σ·(J_σ(θ) − J*_σ); the natural reading of
+The optimal-loss schedule (docs/science.md) samples σ in proportion to w_σ·(J_σ(θ) − J*_σ); the natural reading of
 "how J_σ(θ) is tracked" is a running per-bin mean of the (unweighted, per-dim) x0-loss of the training batches.
 
 Bins are log-spaced between sigma_min and sigma_max (σ outside the range counts in the end bins).  Each update

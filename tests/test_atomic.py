@@ -1,3 +1,5 @@
+"""models/atomic.py: atomic_path publishes a file only when its writer finishes, and leaves nothing on failure."""
+
 import pytest
 
 from models.atomic import atomic_path

@@ -73,7 +73,7 @@ def test_save_load_eval_set_and_npz_header(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def _two_point_setup(a=0.7, n_per_sigma=400):
-    """Dataset {−a, +a} (1-D as [2,1,1,1]); D*(x) = a·tanh(a·x/σ²) exactly (SCIENCE.md §2)."""
+    """Dataset {−a, +a} (1-D as [2,1,1,1]); D*(x) = a·tanh(a·x/σ²) exactly (docs/science.md)."""
     data = torch.tensor([-a, a], dtype=torch.float32).reshape(2, 1, 1, 1)
     sigmas = np.array([0.05, 0.3, 0.7, 2.0, 10.0])
     es = ev.make_eval_set(2, sigmas, n_per_sigma, seed=11)

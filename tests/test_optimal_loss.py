@@ -1,5 +1,5 @@
 """Tests of analysis.optimal_loss against analytic oracles, limits, an independent float64 reference and
-invariants (SCIENCE.md §2–3)."""
+invariants (docs/science.md)."""
 
 import math
 
@@ -101,7 +101,7 @@ def _twin_queries(seed):
 
 
 INT8 = pytest.param(torch.int8, marks=pytest.mark.skipif(
-    not __import__("analysis.optimal_loss", fromlist=["_int8_available"])._int8_available(),
+    not __import__("analysis.posterior", fromlist=["_int8_available"])._int8_available(),
     reason="this torch build has no fbgemm int8 GEMM"))
 
 
@@ -109,7 +109,7 @@ INT8 = pytest.param(torch.int8, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_screen_bound_holds_for_every_entry(dtype, shift):
     # the bound must cover the worst entry for random data, offsets (a large mean) and σ from 0.002 to 80
-    from analysis.optimal_loss import _Data, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits
+    from analysis.posterior import _Data, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits
     data = _Data(torch.from_numpy(_near_duplicates(shift=shift)), torch.device("cpu"))
     rng = np.random.default_rng(0)
     src = rng.integers(0, data.n, 64)
@@ -133,7 +133,7 @@ def test_screen_bound_holds_for_every_entry(dtype, shift):
 @pytest.mark.parametrize("mode", ["bfloat16", "float32", pytest.param("int8", marks=INT8.marks), "auto", "off"])
 def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
     # every mode must give the exact D*; screened rows are refined in float64, so they match to ~1e-12
-    import analysis.optimal_loss as ol
+    import analysis.posterior as ol
     monkeypatch.setattr(ol, "_SCREEN", mode)
     data, x, sigmas = _twin_queries(seed=5)
     got = posterior_mean(data, x, torch.from_numpy(sigmas)).numpy()
@@ -149,7 +149,7 @@ def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, INT8])
 def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
-    from analysis.optimal_loss import _Data, _screened_posterior
+    from analysis.posterior import _Data, _screened_posterior
     data = _Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     rng = np.random.default_rng(1)
     src = torch.from_numpy(rng.integers(0, data.n, 40))
@@ -163,7 +163,7 @@ def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
 
 
 def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
-    import analysis.optimal_loss as ol
+    import analysis.posterior as ol
     data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     fast = torch.tensor([True, False, True])
     dtype, rows = ol._screen_dtype(data, fast, hinted=True)       # a small batch: float32, the float64 rows only
@@ -178,7 +178,7 @@ def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
 
 
 def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypatch):
-    import analysis.optimal_loss as ol
+    import analysis.posterior as ol
     monkeypatch.setattr(ol, "_SCREEN", "bfloat16")
     monkeypatch.setattr(ol, "_SCREEN_MIN_CANDIDATES", 16)   # (the default, 256, exceeds this N = 200)
     data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
@@ -199,7 +199,7 @@ def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("screen", ["auto", "off"])
 def test_cuda_matches_float64_reference(monkeypatch, screen):
-    import analysis.optimal_loss as ol
+    import analysis.posterior as ol
     monkeypatch.setattr(ol, "_SCREEN", screen)
     data, x, sigmas = _twin_queries(seed=6)
     got = posterior_mean(data, x, torch.from_numpy(sigmas), device="cuda").cpu().numpy()

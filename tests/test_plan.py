@@ -4,6 +4,7 @@ from the stated throughput, the data shape from the config alone."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from models.config import ConfigError, load_config
 from models.plan import MEASURED_MFU, data_shape, format_plan, model_mfu, plan_rows
@@ -45,17 +46,27 @@ def test_gpu_hours_follow_the_stated_throughput():
 
 
 def test_flops_per_image_match_the_trainers_count():
-    """The plan's count equals what the trainer records per image (models.train.count_step_flops)."""
+    """The plan's count equals a count of one whole training step per image (the Denoiser's loss on a batch of
+    4, forward + backward), which the trainer records through the same counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from models import family
+    from models.denoiser import Denoiser
     from models.diffusion import get_variant
-    from models.train import count_step_flops
+    from models.loop import per_example_losses
 
     cfg = load_config(CONFIGS / "smoke.yaml")
     (row, *_), _ = plan_rows(cfg)
     arch = family.arch_kwargs(row["arch"], resolution=8, channels=1)
-    counted = count_step_flops(lambda: family.net_from_kwargs(arch, device="meta").eval(), get_variant("edm"),
-                               (4, 1, 8, 8), 0) / 4
+    variant = get_variant("edm")
+    den = Denoiser(family.net_from_kwargs(arch, device="meta").eval(), variant)
+    x0 = torch.zeros(4, 1, 8, 8, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = per_example_losses(den, variant, x0, torch.ones(4, device="meta"), torch.zeros_like(x0), None)
+        loss.mean().backward()
+    counted = counter.get_total_flops() / 4
     assert row["flops_per_image"] == pytest.approx(counted, rel=0.01)
+    assert family.training_flops_of(arch) == row["flops_per_image"]   # what the trainer records
 
 
 def test_mfu_resolution_order():

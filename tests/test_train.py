@@ -1,4 +1,4 @@
-"""models/train.py, models/denoiser.py, models/sigma_bins.py.
+"""The trainer (models/train.py, models/loop.py, models/run_folder.py), models/denoiser.py, models/sigma_bins.py.
 
 Fast tests run the real loop in-process on the tiny t0 net and 8×8 digits for a few steps; the multi-process
 (torchrun, 2 CPU ranks), DeepSpeed ZeRO-2 (CPU) and learning tests are marked slow."""
@@ -21,7 +21,7 @@ from models.data import Dataset, load_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
-import models.train as train_mod
+import models.loop as loop_mod
 from models.train import (HostData, NonFiniteLossError, RunFolderMismatchError, batch_indices, ema_beta,
                           fingerprint_differences, learning_rate, main, open_training_data, per_example_losses, train)
 
@@ -585,14 +585,14 @@ def test_batch_that_does_not_split_names_the_key():
 def capture_step_inputs(monkeypatch):
     """Record the real (non-meta) inputs train() gives per_example_losses."""
     seen = []
-    original = train_mod.per_example_losses
+    original = loop_mod.per_example_losses
 
     def spy(denoiser, schedule, x0, sigma, noise, labels):
         if x0.device.type != "meta":
             seen.append((x0.clone(), sigma.clone(), noise.clone()))
         return original(denoiser, schedule, x0, sigma, noise, labels)
 
-    monkeypatch.setattr(train_mod, "per_example_losses", spy)
+    monkeypatch.setattr(loop_mod, "per_example_losses", spy)
     return seen
 
 

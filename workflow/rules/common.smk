@@ -4,22 +4,20 @@ import os
 import shlex
 import sys
 
-from snakemake.utils import validate
-
 sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
 from models.checks import check_study, known_arch_names  # noqa: E402
 from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
 
 
-# Validate: models.config.load_config first (one line naming the bad key, e.g. "training.batch_szie: unknown
-# key"), then Snakemake's own validation against the same schema (fills the same defaults).
+# Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
+# the schema's defaults (jsonschema's validator, as snakemake.utils.validate would) and reports one line naming the
+# bad key, e.g. "training.batch_szie: unknown key".
 try:
     _checked = load_config(dict(config))
 except ConfigError as err:
     raise WorkflowError(f"invalid study config: {err}")
 config.clear()
 config.update(_checked)
-validate(config, os.path.join(BASEDIR, "workflow/schemas/config.schema.yaml"))
 
 
 # Values only a job would trip over (an unknown arch, an inverted σ range, a missing accelerate config, a batch
@@ -67,6 +65,15 @@ def step_resources(step, model=None):
     if model is not None:
         r.update(config["models"][model].get("resources") or {})
     return r
+
+
+def rule_resources(step, model=None, *, gpus=None, keys=("gpu", "cpus_per_gpu", "runtime", "mem_mb")):
+    """A rule's Snakemake resources (the SLURM executor plugin's names) from step_resources: `resources:
+    **rule_resources("evaluate")`. `gpus` overrides the count (the train rule's processes; 0 for CPU-only steps)."""
+    r = step_resources(step, model)
+    full = {"gpu": r["gpus"] if gpus is None else gpus, "cpus_per_gpu": r["cpus_per_gpu"], "runtime": r["runtime"],
+            "mem_mb": r["mem_mb"]}
+    return {k: full[k] for k in keys}
 
 
 def step_threads(step, model=None):

@@ -23,9 +23,7 @@ rule dataset:
         ),
     threads: step_threads("dataset")
     resources:
-        gpu=0,
-        runtime=step_resources("dataset")["runtime"],
-        mem_mb=step_resources("dataset")["mem_mb"],
+        **rule_resources("dataset", gpus=0, keys=("gpu", "runtime", "mem_mb")),
     log:
         f"{R}/logs/dataset.log",
     shell:

@@ -21,10 +21,7 @@ rule evaluate:
         device=device_flag("evaluate"),
     threads: step_threads("evaluate")
     resources:
-        gpu=step_resources("evaluate")["gpus"],
-        cpus_per_gpu=step_resources("evaluate")["cpus_per_gpu"],
-        runtime=step_resources("evaluate")["runtime"],
-        mem_mb=step_resources("evaluate")["mem_mb"],
+        **rule_resources("evaluate"),
     log:
         f"{R}/logs/evaluate_{{model}}_{{images}}.log",
     shell:

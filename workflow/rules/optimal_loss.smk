@@ -33,10 +33,7 @@ rule optimal_loss_estimator:
         flags=optimal_loss_flags(),
     threads: step_threads("optimal_loss")
     resources:
-        gpu=step_resources("optimal_loss")["gpus"],
-        cpus_per_gpu=step_resources("optimal_loss")["cpus_per_gpu"],
-        runtime=step_resources("optimal_loss")["runtime"],
-        mem_mb=step_resources("optimal_loss")["mem_mb"],
+        **rule_resources("optimal_loss"),
     log:
         f"{R}/logs/optimal_loss_{{est}}.log",
     shell:
@@ -75,10 +72,7 @@ rule optimal_denoiser:
         device=device_flag("optimal_loss"),
     threads: step_threads("optimal_loss")
     resources:
-        gpu=step_resources("optimal_loss")["gpus"],
-        cpus_per_gpu=step_resources("optimal_loss")["cpus_per_gpu"],
-        runtime=step_resources("optimal_loss")["runtime"],
-        mem_mb=step_resources("optimal_loss")["mem_mb"],
+        **rule_resources("optimal_loss"),
     log:
         f"{R}/logs/optimal_denoiser.log",
     shell:

@@ -23,7 +23,7 @@ def resolved_config(model):
     cfg = {
         "study": STUDY,
         "dataset": config["dataset"],
-        "variant": entry.get("variant") or config["variant"],  # a model's own variant (issue 5) or the study's
+        "variant": entry.get("variant") or config["variant"],  # a model's own variant or the study's
         "training": TRAINING[model],
         "models": {model: {"arch": entry["arch"]}},
     }
@@ -77,9 +77,6 @@ def train_resources(model):
         )
     return {
         "gpu": gpus,
-        "cpus_per_gpu": r["cpus_per_gpu"],
-        "runtime": r["runtime"],
-        "mem_mb": r["mem_mb"],
         "threads": gpus * r["cpus_per_gpu"] if gpus else r["cpus"],
         # intra-op threads of each training process: its share of the job's CPUs
         "omp": r["cpus_per_gpu"] if gpus else r["cpus"],
@@ -118,10 +115,7 @@ for _model in MODELS:
             omp=_res["omp"],
         threads: _res["threads"]
         resources:
-            gpu=_res["gpu"],
-            cpus_per_gpu=_res["cpus_per_gpu"],
-            runtime=_res["runtime"],
-            mem_mb=_res["mem_mb"],
+            **rule_resources("train", _model, gpus=_res["gpu"]),
         log:
             f"{R}/logs/train_{_model}.log",
         shell:

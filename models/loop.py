@@ -1,0 +1,267 @@
+"""The training step loop: what one step does, its schedules, and the snapshots and state it writes on the way.
+
+What one step does (global batch B split evenly over the processes, b = B / processes each):
+  x0, labels  ← the next B images of a seeded per-epoch permutation (a pure function of images seen, so resuming
+                needs no data-loader state); this process takes its b of them
+  σ ~ schedule.sample_sigma (the variant's noise distribution, or the optimal-loss schedule), ε ~ N(0, I), drawn
+                for all b at once: micro-batching below does not change them
+  then per micro-batch of training.batch_gpu images (EDM2's gradient accumulation; DDP syncs gradients on the last
+  one only, DeepSpeed counts them as its gradient_accumulation_steps):
+  D, logvar   = Denoiser(net, variant)(x0 + σ·ε, σ, labels)        (D = c_skip·x + c_out·F(c_in·x, c_noise))
+  x0-loss_i   = mean_dims (D_i − x0_i)²            → the per-σ-bin tracker (all ranks' samples, gathered)
+  loss_i      = schedule.loss_weight(σ_i)·x0-loss_i, and with the learned log-variance (training.logvar, EDM2's
+                uncertainty) loss_i / exp(logvar_i) + logvar_i — per dimension: what log.jsonl reports
+  backward of dims·Σ_i loss_i / B over the global batch: EDM2's gradient scale (its loss.sum() over pixels and
+                images divided by the batch), not the per-dimension mean's, which is dims× smaller and lets
+                Adam's eps damp the update at paper resolution
+  Adam(β 0.9/0.99, eps 1e-8) with lr(t) = lr·min(t/rampup, 1)/sqrt(max(t/t_ref, 1)) (EDM2), gradient clipping
+  (a norm of the per-dimension loss's gradient: grad_clip·dims on this scale), then the EMA of the weights
+  (half-life in images, EDM-style ramp; see `ema_beta`).
+
+EMA choice: EDM2 uses a "power" EMA (σ_rel profiles, reconstructable post hoc).  We keep EDM's (2022) classic
+exponential EMA with a half-life in images and its ramp-up (half-life ≤ ema_rampup_ratio·images seen): one
+buffer instead of two, and every snapshot of a scaling study is then averaged the same way relative to its own
+length early on.  It is not the EDM2 post-hoc EMA; a study that needs that would add it here.
+
+models/train.py builds a `Run` (net, optimiser, data, schedule, resumed state) and calls `run_steps`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models import run_folder
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training loss became NaN/inf; the message names the step and the σ values of the batch."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# schedules (pure functions, tested on their own)
+# ----------------------------------------------------------------------------------------------------------------
+
+def learning_rate(images_seen: float, training: dict) -> float:
+    """EDM2's schedule in images: linear ramp-up over lr_rampup_images, then lr/sqrt(t/t_ref) after t_ref."""
+    lr = float(training["lr"])
+    decay = float(training.get("lr_decay_images") or 0)
+    rampup = float(training.get("lr_rampup_images") or 0)
+    if decay > 0:
+        lr /= math.sqrt(max(images_seen / decay, 1.0))
+    if rampup > 0:
+        lr *= min(images_seen / rampup, 1.0)
+    return lr
+
+
+def ema_beta(images_seen: float, batch_size: int, training: dict) -> float:
+    """Per-step EMA decay for a half-life in images: β = 0.5^(B / h); h ramps as min(h, ratio·images seen)."""
+    halflife = float(training.get("ema_halflife_images") or 0)
+    ratio = training.get("ema_rampup_ratio")
+    if ratio:
+        halflife = min(halflife, float(ratio) * images_seen)
+    if halflife <= 0:
+        return 0.0
+    return 0.5 ** (batch_size / halflife)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch) + 17)
+    return torch.randperm(n, generator=g)
+
+
+def batch_indices(images_seen: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Dataset indices of the global batch that starts at `images_seen` in the endless stream of seeded epochs."""
+    pos = torch.arange(images_seen, images_seen + batch_size)
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in torch.unique(pos // n).tolist():
+        sel = (pos // n) == epoch
+        out[sel] = epoch_permutation(n, seed, epoch)[pos[sel] % n]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one step's loss
+# ----------------------------------------------------------------------------------------------------------------
+
+def per_example_losses(denoiser, schedule, x0, sigma, noise, labels):
+    """(training loss per example, unweighted x0-loss per example) for one batch."""
+    view = (-1,) + (1,) * (x0.ndim - 1)
+    x = x0 + sigma.reshape(view) * noise
+    D, logvar = denoiser(x, sigma, labels, return_logvar=True)
+    x0_loss = ((D - x0) ** 2).flatten(1).mean(1)
+    loss = schedule.loss_weight(sigma).to(x0_loss) * x0_loss
+    if logvar is not None:
+        logvar = logvar.to(torch.float32).reshape(-1)
+        loss = loss / torch.exp(logvar) + logvar
+    return loss, x0_loss
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Everything the step loop reads and updates, built by models.train.train."""
+    accelerator: Any
+    model_p: Any                 # the prepared (DDP / DeepSpeed) net
+    optimizer: torch.optim.Optimizer
+    optimizer_p: Any             # the prepared optimizer
+    raw_net: torch.nn.Module     # the unwrapped net (its weights feed the EMA)
+    ema: torch.nn.Module
+    denoiser: Any                # Denoiser(model_p, variant)
+    variant: Any                 # models.diffusion.Variant
+    schedule: Any                # draws σ and weights the loss (the variant, or the optimal-loss schedule)
+    tracker: Any                 # models.sigma_bins.SigmaBinTracker
+    data: Any                    # models.data.DatasetArrays
+    labels: torch.Tensor | None  # all labels (conditional runs) or None
+    noise_gen: torch.Generator
+    training: dict
+    model: str
+    out: Path
+    marks: list
+    total: int
+    batch_gpu: int
+    rounds: int
+    use_ds: bool
+    flops_per_image: float
+    fingerprint: dict
+    arch_record: dict            # {name, resolution, channels, label_dim, kwargs}: rebuilds the net
+    variant_record: dict         # {name, kwargs}: rebuilds the variant
+    n_params: int
+    images_seen: int = 0
+    written: list = field(default_factory=list)
+    loss_sum: float = 0.0        # the open log interval's running loss
+    loss_n: int = 0
+
+
+def save_state(run: Run) -> None:
+    """state.pt (every rank takes part: the RNG states are gathered, DeepSpeed's checkpoint is collective)."""
+    from accelerate.utils import gather_object
+
+    acc = run.accelerator
+    rngs = gather_object([run_folder.rng_state(run.noise_gen)])
+    ds_dir = None
+    if run.use_ds:  # ZeRO partitions optimizer state over ranks: DeepSpeed's own (collective) checkpoint
+        ds_dir = f"state-ds/{run.images_seen:09d}"
+        acc.save_state(str(run.out / ds_dir))
+    if acc.is_main_process:
+        schedule = run.schedule
+        own_schedule = schedule is not run.variant and hasattr(schedule, "state_dict")
+        state = {"images_seen": run.images_seen, "snapshots": run.written, "world_size": acc.num_processes,
+                 "ema": run.ema.state_dict(), "tracker": run.tracker.state_dict(), "rng": rngs,
+                 "flops_per_image": run.flops_per_image, "model": run.model,
+                 "log_accumulator": (run.loss_sum, run.loss_n), "config_fingerprint": run.fingerprint,
+                 "schedule": schedule.state_dict() if own_schedule else None}
+        if not run.use_ds:
+            state["net"] = run.raw_net.state_dict()
+            state["optimizer"] = run.optimizer.state_dict()
+        run_folder.write_state(run.out, state, ds_dir)
+    acc.wait_for_everyone()
+
+
+def save_snapshot(run: Run) -> None:
+    if run.accelerator.is_main_process:
+        run_folder.write_snapshot(run.out, run.images_seen, {
+            "ema": run.ema.state_dict(), "arch": run.arch_record, "variant": run.variant_record,
+            "images_seen": run.images_seen, "flops": run.flops_per_image * run.images_seen, "params": run.n_params,
+            "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes})
+    run.written.append(run_folder.snapshot_path(run.out, run.images_seen).name)
+
+
+def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> str:
+    """Train until total_images ("done") or stop_after_images ("stopped", state saved as if killed)."""
+    acc, training, schedule = run.accelerator, run.training, run.schedule
+    world, rank = acc.num_processes, acc.process_index
+    device = acc.device
+    batch = int(training["batch_size"])
+    local = batch // world
+    dims = math.prod(run.data.shape[1:])
+    log_every = int(training["log_every_images"])
+    sched_every = int(training["schedule"].get("update_every_images") or log_every)
+    state_every = int(training.get("state_every_images") or 0)
+    t_start, img_start = time.time(), run.images_seen
+
+    def crossed(every):  # did the last step pass a multiple of `every` images?
+        return run.images_seen // every != (run.images_seen - batch) // every
+
+    while run.images_seen < run.total:
+        step = run.images_seen // batch
+        idx = batch_indices(run.images_seen, batch, run.data.shape[0],
+                            int(training["seed"]))[rank * local:(rank + 1) * local]
+        x0 = run.data.rows(idx, device)
+        labels = run.labels[idx].to(device) if run.labels is not None else None
+        sigma = schedule.sample_sigma(local, generator=run.noise_gen, device=device).to(torch.float32)
+        noise = torch.randn(x0.shape, generator=run.noise_gen, device=device)
+
+        lr = learning_rate(run.images_seen + batch, training)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        x0_loss, loss_global = [], 0.0
+        for r in range(run.rounds):
+            part = slice(r * run.batch_gpu, (r + 1) * run.batch_gpu)
+            last = r == run.rounds - 1
+            acc.sync_gradients = last  # DeepSpeed: its accumulation boundary (and optimizer step)
+            with contextlib.nullcontext() if last else acc.no_sync(run.model_p):  # DDP: all-reduce once
+                with acc.autocast():
+                    loss_ex, x0_part = per_example_losses(run.denoiser, schedule, x0[part], sigma[part], noise[part],
+                                                          None if labels is None else labels[part])
+                # every rank needs the same verdict, so the check uses the all-reduced loss (before a DeepSpeed
+                # backward on the last micro-batch steps the optimizer)
+                loss_part = acc.reduce(loss_ex.detach().mean(), reduction="mean")
+                if not torch.isfinite(loss_part):
+                    all_sigma = acc.gather(sigma.detach())
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({float(loss_part)}) at step {step} (images seen "
+                        f"{run.images_seen}) of model {run.model}; σ of the batch: "
+                        f"{[float(f'{s:.4g}') for s in all_sigma.tolist()]}")
+                # EDM2's scale: Σ over dims and images / b; backward divides by `rounds`, DDP averages over ranks
+                acc.backward(loss_ex.sum() * (dims / run.batch_gpu))
+            x0_loss.append(x0_part.detach())
+            loss_global += float(loss_part) / run.rounds
+        x0_loss = torch.cat(x0_loss)
+        if training["grad_clip"] and not run.use_ds:
+            acc.clip_grad_norm_(run.model_p.parameters(), float(training["grad_clip"]) * dims)
+        run.optimizer_p.step()
+        run.optimizer_p.zero_grad(set_to_none=True)
+        run.images_seen += batch
+
+        beta = ema_beta(run.images_seen, batch, training)
+        with torch.no_grad():
+            for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
+                p_ema.lerp_(p.detach().to(torch.float32).reshape(p_ema.shape), 1.0 - beta)
+            for b_ema, b in zip(run.ema.buffers(), run.raw_net.buffers()):
+                b_ema.copy_(b)
+
+        run.tracker.update(acc.gather(sigma.detach()), acc.gather(x0_loss.float()))
+        run.loss_sum, run.loss_n = run.loss_sum + loss_global, run.loss_n + 1
+        if bar is not None:
+            bar.update(batch)
+            bar.set_postfix(loss=f"{loss_global:.4f}", refresh=False)
+        if hasattr(schedule, "set_model_loss") and crossed(sched_every):
+            schedule.set_model_loss(run.tracker)
+        if crossed(log_every) or run.images_seen >= run.total:
+            if acc.is_main_process:
+                elapsed = max(time.time() - t_start, 1e-9)
+                run_folder.append_log(run.out, {
+                    "images_seen": run.images_seen, "step": step + 1, "loss": run.loss_sum / max(run.loss_n, 1),
+                    "lr": lr, "ema_beta": beta, "flops": run.flops_per_image * run.images_seen,
+                    "images_per_s": (run.images_seen - img_start) / elapsed, "world_size": world,
+                    **run.tracker.summary()})
+            run.loss_sum, run.loss_n = 0.0, 0
+        is_mark = any(run.images_seen == m for m in run.marks)
+        if is_mark:
+            save_snapshot(run)
+        stop = stop_after_images is not None and stop_after_images <= run.images_seen < run.total
+        if is_mark or stop or (state_every and crossed(state_every)):
+            save_state(run)
+        if stop:
+            return "stopped"
+    return "done"

@@ -1,0 +1,176 @@
+"""A training run folder's state: the settings fingerprint, state.pt / done.json / snapshot I/O and the log.
+
+Layout (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights, arch,
+variant, images_seen, flops), log.jsonl, done.json (written last: its presence means the run finished).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import integrity
+from models.atomic import atomic_path
+
+STATE_VERSION = 2  # 2: state.pt (and done.json) carry `config_fingerprint`
+
+
+class RunFolderMismatchError(ValueError):
+    """The run folder's state.pt / done.json was made with other training settings than this run's."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the settings fingerprint
+# ----------------------------------------------------------------------------------------------------------------
+
+def config_fingerprint(training: dict, arch: dict, variant: dict, data_shape, label_dim: int) -> dict:
+    """What a run folder's state belongs to: the model's merged training section, its net (arch name and the
+    complete kwargs), the diffusion variant, and the dataset's shape and label count. Plain JSON data (lists, not
+    tuples), so it compares equal after a round trip through state.pt or done.json.  training.batch_gpu is left
+    out: micro-batching changes no image, σ or noise, so a run may resume with another (e.g. on smaller GPUs)."""
+    training = {k: v for k, v in training.items() if k != "batch_gpu"}
+    fp = {"training": training, "arch": arch, "variant": variant,
+          "dataset": {"shape": list(data_shape), "label_dim": int(label_dim)}}
+    return json.loads(json.dumps(fp))
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """'key: old → new' for every dotted key whose value differs (a key missing on one side shows as <unset>)."""
+    a, b = _flatten(old), _flatten(new)
+
+    def show(d, k):
+        text = repr(d[k]) if k in d else "<unset>"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    missing = object()
+    return [f"{k}: {show(a, k)} → {show(b, k)}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def check_fingerprint(saved: dict | None, current: dict, what: Path, out: Path) -> None:
+    """Refuse to continue (or report done) a run folder that was made with other settings. Files from before
+    fingerprints (saved None) cannot be checked and are accepted."""
+    if saved is None:
+        return
+    diffs = fingerprint_differences(saved, current)
+    if diffs:
+        raise RunFolderMismatchError(
+            f"{what} was made with other settings than this run's ({len(diffs)} differ: {'; '.join(diffs)}); "
+            f"resuming would mix two configurations. Use a fresh --out, or delete {out} to train afresh.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files
+# ----------------------------------------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_done(out: Path, fingerprint: dict) -> dict | None:
+    """done.json of a finished run (checked against this run's fingerprint), or None."""
+    path = out / "done.json"
+    if not path.exists():
+        return None
+    done = json.loads(path.read_text())
+    check_fingerprint(done.get("config_fingerprint"), fingerprint, path, out)
+    return done
+
+
+def read_state(out: Path, fingerprint: dict, world: int) -> dict | None:
+    """state.pt of an interrupted run (checked against this run's settings and process count), or None."""
+    path = out / "state.pt"
+    if not path.exists():
+        return None
+    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    check_fingerprint(loaded.get("config_fingerprint"), fingerprint, path, out)
+    if loaded.get("world_size") != world:
+        raise ValueError(f"{path}: saved with {loaded.get('world_size')} processes, now {world}; "
+                         "exact resumption needs the same number")
+    return loaded
+
+
+def write_state(out: Path, state: dict, ds_dir: str | None) -> None:
+    """state.pt, atomically; with DeepSpeed (`ds_dir` its checkpoint) the older checkpoints are removed."""
+    atomic_torch_save({"version": STATE_VERSION, **state, "ds_dir": ds_dir}, out / "state.pt")
+    if ds_dir is not None:  # older DeepSpeed checkpoints are no longer referenced
+        for old in (out / "state-ds").iterdir():
+            if old.name != Path(ds_dir).name:
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def snapshot_path(out: Path, images_seen: int) -> Path:
+    return out / "snapshots" / f"snapshot-{images_seen:09d}.pt"
+
+
+def write_snapshot(out: Path, images_seen: int, record: dict) -> None:
+    """One snapshot file, atomically, with its checksum stamped as written (later readers detect corruption)."""
+    path = snapshot_path(out, images_seen)
+    atomic_torch_save(record, path)
+    integrity.stamp(path)
+
+
+def write_done(out: Path, summary: dict, written: list[str], fingerprint: dict) -> None:
+    """done.json, only over snapshots that match their checksums (IntegrityError otherwise: no done.json)."""
+    snap_dir = out / "snapshots"
+    sums = {f"snapshots/{s}": (integrity.verify(snap_dir / s, full=True)
+                               or integrity.stamp(snap_dir / s))["sha256"] for s in written}
+    atomic_write_text(json.dumps({**summary, "snapshot_sha256": sums, "config_fingerprint": fingerprint},
+                                 indent=1) + "\n", out / "done.json")
+
+
+def append_log(out: Path, record: dict) -> None:
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, images_seen: int) -> None:
+    """On resume, drop log lines written after the saved state (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["images_seen"] <= images_seen]
+    atomic_write_text("".join(line + "\n" for line in keep), path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# random-number state (exact resumption)
+# ----------------------------------------------------------------------------------------------------------------
+
+def rng_state(generator: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "noise": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["noise"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
