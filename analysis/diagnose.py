@@ -1,4 +1,4 @@
-"""Diagnosis (SCIENCE.md §4): every variant in one coordinate system — VE-x0 — and its per-σ distance from J*.
+"""Diagnosis: every variant in one coordinate system — VE-x0 — and its per-σ distance from J*.
 
 Every model's denoiser already outputs x̂0 in VE coordinates (models.denoiser), so the evaluation CSVs of
 analysis/evaluate.py (one per snapshot, on the study's fixed (x0, σ, ε) triples) hold for each σ the model's
@@ -83,21 +83,15 @@ def log_sigma_mean(sigma, values) -> float:
     return float(np.trapezoid(v, u) / (u[-1] - u[0]))
 
 
-def edm_weighted(sigma, values) -> float:
-    """Σ a_k λ_k v_k / Σ a_k with EDM's training density and weight (analysis.evaluate.weighted_totals' rule)."""
+def edm_weighted(sigma, values, variant=None) -> float:
+    """Σ_k c_k v_k under a variant's training density and weight (EDM's by default): the rule of
+    analysis.evaluate.total_weights, whose trapezoid in ln σ and weights this reuses."""
+    from analysis.evaluate import _variant_fns, total_weights
+    from models.diffusion import get_variant
+
+    density, weight = _variant_fns(variant if variant is not None else get_variant("edm"))
     s = np.asarray(sigma, np.float64)
-    v = np.asarray(values, np.float64)
-    z = (np.log(s) + 1.2) / 1.2
-    p = np.exp(-0.5 * z**2)
-    lam = (s**2 + 0.25) / (s * 0.5) ** 2
-    if s.size == 1:
-        return float(lam[0] * v[0])
-    u = np.log(s)
-    q = np.zeros_like(u)
-    q[:-1] += np.diff(u) / 2
-    q[1:] += np.diff(u) / 2
-    a = q * p
-    return float(np.sum(a * lam * v) / a.sum())
+    return float(np.sum(total_weights(s, density, weight) * np.asarray(values, np.float64)))
 
 
 def local_peaks(sigma, values) -> list[tuple[float, float]]:

@@ -1,4 +1,4 @@
-"""The optimal-loss training schedule (SCIENCE.md §4): a loss weight and a noise distribution built from J*.
+"""The optimal-loss training schedule: a loss weight and a noise distribution built from J*.
 
     w_σ  = a·min(1/J*_σ, w*) + N(ln σ; μ, ς²)·1[σ < σ*]          (loss weight on the per-dim x0-loss)
     p(σ) ∝ w_σ·(J_σ(θ) − J*_σ)                                     (density of ln σ, piecewise constant on bins)

@@ -1,4 +1,4 @@
-# Issue 5, use 1 of J*: diagnosis. Every model of the study (in workflow/config/diagnose.yaml: VP-ε, VE-ε,
+# Use 1 of J*: diagnosis. Every model of the study (in workflow/config/diagnose.yaml: VP-ε, VE-ε,
 # FM-velocity and EDM-F, one size, equal training images) is evaluated on the study's fixed triples in VE-x0
 # coordinates; analysis.diagnose turns the final snapshots' per-σ rows into the gap curves J_σ(θ) − J*_σ, where
 # each peaks, a table and a figure.

@@ -1,4 +1,4 @@
-# Issue 5, use 2 of J*: the optimal-loss training schedule (models/schedule.py) against each variant's own
+# Use 2 of J*: the optimal-loss training schedule (models/schedule.py) against each variant's own
 # (baseline) schedule, at equal compute, over seeds (workflow/config/schedule.yaml: EDM and FM × baseline /
 # optimal-loss × logvar off/on; workflow/config/schedule-sweep.yaml: the schedule's open choices). Per model: the
 # final snapshot's per-σ gap (evaluate rules) and the Fréchet distance of its Heun samples to the training set in
