@@ -21,19 +21,7 @@ DIGITS = dict(resolution=8, channels=1)
 LATENT = dict(resolution=32, channels=4, label_dim=1000)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    from models.data import load_dataset
-
-    return load_dataset("digits")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(name="d0", seed=0, **shape):

@@ -2,8 +2,6 @@
 a killed two-process training job that resumes (slow). Real runs go to a temporary working directory."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,18 +12,10 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "workflow" / "config" / "paper-rehearsal.yaml"
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 sys.path.insert(0, str(REPO))
 
 from models.config import load_config, micro_batch, model_training, snapshot_marks  # noqa: E402
-
-
-def smk(*args, directory, timeout=900):
-    cmd = SNAKEMAKE + ["--directory", str(directory)] + [str(a) for a in args]
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    out = p.stdout + p.stderr
-    assert p.returncode == 0, f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}"
-    return out
+from test_workflow import SNAKEMAKE, kill_when_written, smk  # noqa: E402  (tests/ is on sys.path under pytest)
 
 
 def test_rehearsal_mirrors_the_paper_config():
@@ -47,7 +37,7 @@ def test_rehearsal_mirrors_the_paper_config():
 
 
 def test_rehearsal_dry_run_generates_the_image_folder_first(tmp_path):
-    out = smk("-n", "--configfile", CONFIG, directory=tmp_path)
+    _, out = smk("-n", "--configfile", CONFIG, directory=tmp_path)
     assert "rule digits_imagefolder:" in out and "rule dataset:" in out
     assert out.index("rule digits_imagefolder:") < out.index("rule dataset:")
 
@@ -88,25 +78,6 @@ def test_rehearsal_end_to_end(tmp_path):
         assert (r / "figures" / f"{fig}.png").stat().st_size > 1000, fig
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (Linux /proc)."""
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 @pytest.mark.slow
 def test_killed_two_process_training_resumes(tmp_path):
     """A two-process (DDP) training job of the rehearsal killed after its first snapshot resumes on the rerun."""
@@ -121,25 +92,7 @@ def test_killed_two_process_training_resumes(tmp_path):
     run, first = r / "runs" / "t0", r / "runs" / "t0" / "snapshots" / "snapshot-000000256.pt"
     target = f"results/{cfg['study']}/runs/t0/done.json"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 500
-        while not first.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert first.exists(), "training never reached its first snapshot"
-        time.sleep(2)
-    finally:
-        # snakemake, the launcher and both ranks, as if the node died; torchrun starts each rank in a session of
-        # its own, so the ranks are found as descendants, not by the process group
-        tree = descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+    kill_when_written(cmd, first, timeout=500)  # snakemake, the launcher and both ranks, as if the node died
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)

@@ -31,6 +31,49 @@ def smk(*args, directory, timeout=600, check=True):
     return p.returncode, out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of `pid` (Linux /proc)."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_when_written(cmd, path, *, timeout):
+    """Start `cmd` (snakemake) in a session of its own, wait until `path` exists, then SIGKILL it and every
+    descendant, as if the node died (torchrun starts each rank in a session of its own, so the ranks are found as
+    descendants, not by the process group)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not path.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert path.exists(), "training never reached its first snapshot"
+        time.sleep(2)
+    finally:
+        tree = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+
+
 def job_counts(out: str) -> dict:
     """The 'Job stats' table of a dry-run as {rule: count} (without the total)."""
     counts, in_table = {}, False
@@ -369,17 +412,7 @@ def test_killed_training_resumes(tmp_path):
     run, first = r / "runs" / "t1", r / "runs" / "t1" / "snapshots" / "snapshot-000000256.pt"
     target = "results/resume/runs/t1/done.json"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 400
-        while not first.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert first.exists(), "training never reached its first snapshot"
-        time.sleep(2)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # snakemake and the trainer: as if the node died
-        proc.wait()
+    kill_when_written(cmd, first, timeout=400)  # snakemake and the trainer: as if the node died
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
