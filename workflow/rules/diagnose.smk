@@ -6,35 +6,9 @@
 #   snakemake diagnose --configfile workflow/config/diagnose.yaml
 #
 # Works with any study config (it diagnoses that study's models). Needs the Snakefile's R, MODELS, MARKS,
-# TRAINING, PYTHON and the evaluate/optimal_loss rules; schedule.smk uses models_table and final_eval from here.
+# TRAINING, PYTHON and the evaluate/optimal_loss rules; schedule.smk uses its models_table rule.
+# Helpers (final_eval, schedule_settings, model_table): workflow/rules/common.smk.
 import json
-
-
-def final_eval(model):
-    """The evaluation CSV of a model's last snapshot."""
-    return f"{R}/eval/{model}/{MARKS[model][-1]:09d}.csv"
-
-
-def schedule_settings(schedule):
-    """A model's schedule settings beyond its name: the named keys and the free-form kwargs, as one dict."""
-    named = {k: v for k, v in schedule.items() if k not in ("name", "kwargs", "update_every_images")}
-    return {**named, **(schedule.get("kwargs") or {})}
-
-
-def model_table():
-    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs}: what the analyses group by (a model's own
-    variant, else the study's)."""
-    return {
-        m: {
-            "variant": (config["models"][m].get("variant") or config["variant"])["name"],
-            "schedule": TRAINING[m]["schedule"]["name"],
-            "seed": int(TRAINING[m]["seed"]),
-            "arch": config["models"][m]["arch"],
-            "logvar": bool(TRAINING[m].get("logvar", True)),
-            "schedule_kwargs": schedule_settings(TRAINING[m]["schedule"]),
-        }
-        for m in MODELS
-    }
 
 
 rule models_table:

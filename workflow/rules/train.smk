@@ -13,74 +13,7 @@
 # cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
 # differs from the resolved config), or if one of its snapshots fails its checksum (the state to regenerate an
 # earlier snapshot is gone; training is deterministic, so the retrained model is the same).
-import yaml
-
-
-def resolved_config(model):
-    """The study config as model's training job sees it: its merged training section, only its model entry,
-    and only the sections training reads. Deterministic YAML text."""
-    entry = config["models"][model]
-    cfg = {
-        "study": STUDY,
-        "dataset": config["dataset"],
-        "variant": entry.get("variant") or config["variant"],  # a model's own variant or the study's
-        "training": TRAINING[model],
-        "models": {model: {"arch": entry["arch"]}},
-    }
-    if TRAINING[model]["schedule"]["name"] == "optimal-loss":
-        cfg["optimal_loss"] = config["optimal_loss"]  # the schedule reads jstar.csv made with these settings
-    return yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False)
-
-
-def snapshot_path(model, images):
-    return f"{R}/snapshots/{model}/snapshot-{int(images):09d}.pt"
-
-
-def _accelerate_distributed_type(path):
-    try:
-        with open(path) as f:
-            return (yaml.safe_load(f) or {}).get("distributed_type", "NO")
-    except OSError:
-        return None
-
-
-def launch_command(model):
-    """`accelerate launch …` (or plain python for one non-DeepSpeed process) up to the module name.
-    Multi-process jobs get a free rendezvous port picked when the job starts, so concurrent jobs on one node
-    never collide."""
-    launch = TRAINING[model]["launch"]
-    n = int(launch["num_processes"])
-    acc_cfg = repo_path(launch["accelerate_config"])
-    if n == 1 and _accelerate_distributed_type(acc_cfg) in ("NO", "no"):
-        return f"{PYTHON} -m models.train"
-    accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
-    accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
-    port = (
-        f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
-    )
-    # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told
-    cpu = "ACCELERATE_USE_CPU=1 " if not train_resources(model)["gpu"] and n > 1 else ""
-    return (
-        f"{cpu}{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
-        f" --main_process_port {port} -m models.train"
-    )
-
-
-def train_resources(model):
-    r = step_resources("train", model)
-    n = int(TRAINING[model]["launch"]["num_processes"])
-    explicit = (config["models"][model].get("resources") or {}).get("gpus")
-    gpus = int(explicit) if explicit is not None else (n if r["gpus"] else 0)
-    if gpus and gpus != n:
-        raise WorkflowError(
-            f"models.{model}: resources.gpus = {gpus} but training.launch.num_processes = {n} (one process per GPU)"
-        )
-    return {
-        "gpu": gpus,
-        "threads": gpus * r["cpus_per_gpu"] if gpus else r["cpus"],
-        # intra-op threads of each training process: its share of the job's CPUs
-        "omp": r["cpus_per_gpu"] if gpus else r["cpus"],
-    }
+# Helpers (resolved_config, snapshot_path, launch_command, train_resources): workflow/rules/common.smk.
 
 
 rule model_config:
