@@ -76,11 +76,10 @@ def sigma_star_of(jstar_csv) -> float:
 
 def log_sigma_mean(sigma, values) -> float:
     """Trapezoid mean of `values` over ln σ on the (ascending) grid; the value itself for one σ."""
-    u = np.log(np.asarray(sigma, np.float64))
-    v = np.asarray(values, np.float64)
-    if u.size == 1:
-        return float(v[0])
-    return float(np.trapezoid(v, u) / (u[-1] - u[0]))
+    from analysis.evaluate import trapezoid_log_weights
+
+    q = trapezoid_log_weights(sigma)  # the study's one quadrature in ln σ
+    return float(np.sum(q * np.asarray(values, np.float64)) / q.sum())
 
 
 def edm_weighted(sigma, values, variant=None) -> float:
