@@ -14,7 +14,7 @@ from models.dit import DiT, count_params_closed_form, sincos_pos_embed_2d
 from models.family import (DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, arch_kwargs, build, count_params,
                            forward_flops_per_image, training_flops_per_image)
 from models.train import train
-from test_train import free_port, make_cfg, read_log, run_cli
+from test_train import free_port, make_cfg, read_log, run_cli, snapshot_x0_loss
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = dict(resolution=8, channels=1)
@@ -181,15 +181,7 @@ def test_tiny_dit_lowers_its_loss(digits, tmp_path):
     train(cfg, "d0", digits, tmp_path, progress=False)  # 32 steps
     log = read_log(tmp_path)
     assert log[-1]["loss"] < log[0]["loss"] - 0.2, [r["loss"] for r in log]
-    g = torch.Generator().manual_seed(5)
-    x0 = digits.x[:256]
-    x = x0 + 0.5 * torch.randn(x0.shape, generator=g)
-
-    def x0_loss(name):
-        with torch.no_grad():
-            return float(((Denoiser.from_snapshot(tmp_path / "snapshots" / name)(x, 0.5) - x0) ** 2).mean())
-
-    assert x0_loss("snapshot-000002048.pt") < 0.8 * x0_loss("snapshot-000000064.pt")
+    assert snapshot_x0_loss(tmp_path, 2048, digits) < 0.8 * snapshot_x0_loss(tmp_path, 64, digits)
 
 
 def test_stop_and_resume_give_identical_weights(digits, tmp_path):

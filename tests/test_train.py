@@ -710,15 +710,17 @@ def test_tiny_model_lowers_its_loss(digits, tmp_path):
     log = read_log(tmp_path)
     assert log[-1]["loss"] < log[0]["loss"] - 0.3
     # the EMA denoiser improved too, on a fixed held-in set at σ = 0.5 (x0-loss, independent of the weighting)
+    assert snapshot_x0_loss(tmp_path, 3072, digits) < 0.8 * snapshot_x0_loss(tmp_path, 64, digits)
+
+
+def snapshot_x0_loss(run_dir, images, digits) -> float:
+    """x0-loss at σ = 0.5 of a run's snapshot on a fixed noisy copy of the first 256 digits."""
     g = torch.Generator().manual_seed(5)
     x0 = digits.x[:256]
     x = x0 + 0.5 * torch.randn(x0.shape, generator=g)
-
-    def x0_loss(name):
-        with torch.no_grad():
-            return float(((Denoiser.from_snapshot(tmp_path / "snapshots" / name)(x, 0.5) - x0) ** 2).mean())
-
-    assert x0_loss("snapshot-000003072.pt") < 0.8 * x0_loss("snapshot-000000064.pt")
+    with torch.no_grad():
+        den = Denoiser.from_snapshot(Path(run_dir) / "snapshots" / f"snapshot-{images:09d}.pt")
+        return float(((den(x, 0.5) - x0) ** 2).mean())
 
 
 def free_port():
