@@ -1,4 +1,5 @@
-"""Scaling-law fits: power laws with and without an offset, and the Chinchilla L(N, D) form.
+"""Scaling-law fitting primitives and the study's CLI: power laws with and without an offset, the Chinchilla
+L(N, D) form, the compute frontier; the study tables themselves are analysis.study_stats'.
 
 The paper fits J(F) = β·F^α against J(F) − J* = β·F^α and compares the correlation ρ of the log-log fits; the
 Chinchilla fits follow Hoffmann et al.'s approach 3 as replicated by Epoch AI (a Huber loss with δ = 1e-3 on
@@ -7,11 +8,12 @@ log-space residuals, L-BFGS-B from a grid of starts, bootstrap for intervals); s
 Public interface:
 - ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent
 - ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β
-- ``holdout_error``, ``lower_envelope``, ``fit_table``, ``exponents_markdown`` for the study DAG.
+- ``holdout_error``, ``lower_envelope``; ``fit_table`` (point estimates from losses.csv alone) and
+  ``study_outputs`` (the whole analysis folder, with intervals from per_triple.npz) for the study DAG.
 
 CLI::
 
-    python -m analysis.scaling --losses losses.csv --out-csv exponents.csv --out-md exponents.md [--n-bootstrap 200]
+    python -m analysis.scaling --losses losses.csv --per-triple per_triple.npz --out-dir analysis/ [--n-replicates 1000]
     python -m analysis.scaling chinchilla --csv FILE --drop-highest 5 [--n-bootstrap 0]
 """
 
