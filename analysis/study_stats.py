@@ -282,11 +282,11 @@ def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) ->
         # an offset at 0 or just below the smallest used loss is a boundary, not an estimate of a floor
         ymin = np.where(w > 0, y, np.inf).min(-1)
         at_bound = valid & ((c <= 0) | (c >= ymin * (1 - 1e-6)))
+        _, _, r, _ = loglinear_fit(u, y, np.where(np.isfinite(c), c, 0.0), w)  # ρ of the line log(y − ĉ)
     else:
-        k, p, _, valid = loglinear_fit(u, y, c, w)
+        k, p, r, valid = loglinear_fit(u, y, c, w)
         kf, pf, _, _ = loglinear_fit(u, y, c, ax.fit.astype(np.float64))
         cf = c
-    _, _, r, _ = loglinear_fit(u, y, np.where(np.isfinite(c), c, 0.0), w)
     pred_log = p[:, None] + k[:, None] * u
     fitted = np.where(np.isfinite(c), c, 0.0)[:, None] + np.exp(pred_log)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -297,7 +297,7 @@ def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) ->
     nonpos = ((w > 0) & ~(y - c[:, None] > 0)).sum(-1)
     # the reported offset is the one of y = offset + A·x^k for the quantity itself (L − J* and the excess have 0)
     offset = np.where(valid, c, np.nan) if quantity == "free_offset" else np.where(valid, 0.0, np.nan)
-    return {"exponent": k, "log_prefactor": p, "offset": offset, "c": c, "rho": np.abs(r), "r2": r2,
+    return {"exponent": k, "log_prefactor": p, "offset": offset, "rho": np.abs(r), "r2": r2,
             "extrapolation_error": extrapolation_error(u, y, loss, cf, kf, pf, ax.test.astype(np.float64)),
             "n": w.sum(-1), "n_nonpositive": nonpos, "optimal_loss": js, "at_bound": at_bound}
 
