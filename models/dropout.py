@@ -49,13 +49,18 @@ def image_keys(seed: int, layer: int, positions: torch.Tensor) -> tuple[torch.Te
 
 
 def keep_mask(seed: int, layer: int, positions: torch.Tensor, numel: int, p: float) -> torch.Tensor:
-    """Bool [B, numel]: which elements of each image's activation survive dropout with probability p."""
-    if numel >= 1 << 32:
-        raise ValueError(f"StreamDropout: {numel} elements per image exceed the hash's 2^32 counter")
+    """Bool [B, numel]: which elements of each image's activation survive dropout with probability p.  One 32-bit
+    hash decides two neighbouring elements (16 bits each: p is applied to within 2^-16), which halves the
+    hashing, the part of the cost that grows with the activations."""
+    pairs = (numel + 1) // 2
+    if pairs >= 1 << 32:
+        raise ValueError(f"StreamDropout: {numel} elements per image exceed the hash's counter")
     k1, k2 = image_keys(seed, layer, positions)
-    element = torch.arange(numel, dtype=torch.int64, device=positions.device)
-    u = mix32(mix32(element[None] ^ k1[:, None]) ^ k2[:, None])
-    return u >= round(p * 2.0 ** 32)
+    counter = torch.arange(pairs, dtype=torch.int64, device=positions.device)
+    u = mix32(mix32(counter[None] ^ k1[:, None]) ^ k2[:, None])
+    threshold = round(p * 65536)
+    keep = torch.stack([(u & 0xFFFF) >= threshold, (u >> 16) >= threshold], dim=2)
+    return keep.reshape(positions.shape[0], 2 * pairs)[:, :numel]
 
 
 class StreamDropout(nn.Module):
