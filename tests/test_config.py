@@ -41,6 +41,7 @@ def test_load_from_yaml_file(tmp_path):
     (base(models={"t0": {}}), "models.t0.arch: required key missing"),
     (base(training={"schedule": {"name": "cosine"}}), "training.schedule.name:"),
     (base(variant={"name": "edm", "kwrgs": {}}), "variant.kwrgs: unknown key"),
+    (base(training={"mixed_precision": "fp16"}), "training.mixed_precision: 'fp16' is not one of"),  # no scaler
 ])
 def test_errors_name_the_key(cfg, message):
     with pytest.raises(ConfigError) as info:
