@@ -5,7 +5,8 @@
 
 Run it with --threads 1 to get the per-job rate of a `snakemake --cores 2` study (two 1-thread jobs in parallel).
 One step = what models/train.py does per batch: noise, forward through the preconditioned denoiser, EDM loss with
-the learned log-variance, backward, gradient clipping, Adam, EMA update.  The first `--warmup` steps are not timed.
+the learned log-variance, backward, gradient clipping, Adam, EMA update, forced weight normalisation.  The first
+`--warmup` steps are not timed.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ def bench(name: str, x_all: torch.Tensor, batch: int, steps: int, warmup: int) -
     from models.denoiser import Denoiser
     from models.diffusion import get_variant
     from models.train import per_example_losses
+    from models.weight_norm import forced_weights, normalize_forced_weights_
 
     _, c, h, _ = x_all.shape
     net = family.build(name, resolution=h, channels=c, device="cpu").train()
     ema = copy.deepcopy(net).requires_grad_(False)
+    forced = forced_weights(net)
     variant = get_variant("edm")
     den = Denoiser(net, variant)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
@@ -44,6 +47,7 @@ def bench(name: str, x_all: torch.Tensor, batch: int, steps: int, warmup: int) -
         with torch.no_grad():
             for pe, p in zip(ema.parameters(), net.parameters()):
                 pe.lerp_(p, 0.01)
+        normalize_forced_weights_(forced)
 
     for _ in range(warmup):
         step()

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from models.family import SIZES, build, count_params, training_flops_per_image  # noqa: E402
+from models.weight_norm import forced_weights, normalize_forced_weights_  # noqa: E402
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -0.4, 1.0  # EDM2's ImageNet-512 latent settings
 
@@ -59,6 +60,7 @@ def bench_size(name, args, device) -> dict:
     flops = training_flops_per_image(name, resolution=args.resolution, channels=args.channels,
                                      label_dim=args.label_dim)
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+    forced = forced_weights(net)
     model = torch.compile(net) if args.compile else net
     b = args.batch
     x0 = SIGMA_DATA * torch.randn(b, args.channels, args.resolution, args.resolution, device=device)
@@ -72,6 +74,7 @@ def bench_size(name, args, device) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        normalize_forced_weights_(forced)
         return loss
 
     for _ in range(args.warmup):

@@ -7,16 +7,21 @@ Each problem is one line naming the key and the bad value, e.g.
 
 Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
 (min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
-mapping), batch_size against num_processes (and training.batch_gpu where set), dataset spec syntax, and the
-optimal-loss subset_size against the dataset size where that size is known without loading the data.
+mapping), batch_size against num_processes (and training.batch_gpu where set), dataset spec syntax, the
+optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
+packages each configured path needs beyond the core install (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate
+config, Pillow for an image folder), looked up without importing them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -99,8 +104,22 @@ def check_snapshots(cfg: Mapping) -> list[str]:
     return _per_model(cfg, _snapshot_problems)
 
 
+def _accelerate_config_path(path: str, basedir: str | os.PathLike) -> Path:
+    return Path(path) if os.path.isabs(path) else Path(basedir) / path
+
+
+def accelerate_distributed_type(path: str, basedir: str | os.PathLike) -> str | None:
+    """The `distributed_type` of an accelerate config file ("NO" when unset), None when it cannot be read."""
+    try:
+        with open(_accelerate_config_path(path, basedir)) as f:
+            parsed = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    return str(parsed.get("distributed_type", "NO")) if isinstance(parsed, Mapping) else None
+
+
 def check_accelerate_config(path: str, key: str, basedir: str | os.PathLike) -> list[str]:
-    full = Path(path) if os.path.isabs(path) else Path(basedir) / path
+    full = _accelerate_config_path(path, basedir)
     if not full.is_file():
         return [f"{key}: accelerate config {path!r} not found (looked at {full})"]
     try:
@@ -213,6 +232,75 @@ def check_dataset(cfg: Mapping) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# packages each configured path needs
+# --------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PathPackages:
+    """A path through the pipeline that imports packages beyond the core install.  `selected_by(cfg, training,
+    basedir)` names the setting that takes the path (e.g. 'training.launch.accelerate_config X'), or returns None;
+    it is asked for each model's merged training section, or with per_model False once for the study (training
+    None)."""
+    what: str                   # the path, as the error names it
+    selected_by: Callable[[Mapping, Mapping | None, Any], str | None]
+    modules: tuple[str, ...]    # import names that must be installed
+    install: str                # the command that installs them
+    per_model: bool = True
+
+
+def _deepspeed_launch(cfg: Mapping, training: Mapping, basedir) -> str | None:
+    path = (training.get("launch") or {}).get("accelerate_config")
+    if path is not None and accelerate_distributed_type(path, basedir) == "DEEPSPEED":
+        return f"training.launch.accelerate_config {path}"
+    return None
+
+
+def _image_folder(cfg: Mapping, training: None, basedir) -> str | None:
+    spec = (cfg.get("dataset") or {}).get("spec", "digits")
+    try:
+        kind, _ = parse_dataset_spec(spec)
+    except ConfigError:
+        return None  # check_dataset reports it
+    return f"dataset.spec {spec!r}" if kind in ("imagefolder", "dir") else None
+
+
+# One row per path; a path that needs another package (a tracker, say) adds its row here.
+PATH_PACKAGES = [
+    PathPackages("DeepSpeed", _deepspeed_launch, ("deepspeed", "transformers"), 'pip install -e ".[deepspeed]"'),
+    PathPackages("Pillow (the image reader)", _image_folder, ("PIL",), "pip install pillow", per_model=False),
+]
+
+
+def module_missing(name: str) -> bool:
+    """Whether `import name` would fail for want of the package (looked up, not imported)."""
+    if name in sys.modules:
+        return sys.modules[name] is None
+    try:
+        return importlib.util.find_spec(name) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def check_packages(cfg: Mapping, basedir: str | os.PathLike, table=None) -> list[str]:
+    """One line per configured path whose packages are not installed, naming the setting that selects it, the
+    missing modules and the install command (the models that share the line are listed after it)."""
+
+    def lines(row, training):
+        setting = row.selected_by(cfg, training, basedir)
+        missing = [m for m in row.modules if module_missing(m)] if setting else []
+        if not missing:
+            return []
+        return [f"{setting} needs {row.what}, which is not installed here (no module "
+                f"{', '.join(repr(m) for m in missing)}): {row.install}"]
+
+    problems = []
+    for row in PATH_PACKAGES if table is None else table:
+        problems += _per_model(cfg, lambda training, row=row: lines(row, training)) if row.per_model \
+            else lines(row, None)
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------------
 # all of them
 # --------------------------------------------------------------------------------------------------------------
 
@@ -221,7 +309,7 @@ def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iter
     architectures (default: models.family's table, which imports torch)."""
     names = list(arch_names) if arch_names is not None else known_arch_names()
     return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
-            + check_launch(cfg, basedir) + check_dataset(cfg))
+            + check_launch(cfg, basedir) + check_dataset(cfg) + check_packages(cfg, basedir))
 
 
 def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> None:

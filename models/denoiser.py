@@ -58,8 +58,8 @@ class Denoiser(nn.Module):
         x32 = x.to(torch.float32)
         c_skip, c_out, c_in, c_noise = (c.to(torch.float32) for c in self.variant.precond(sigma))
         view = (b,) + (1,) * (x.ndim - 1)
-        # the net's input in its own parameter dtype (bf16 under DeepSpeed bf16, which does not autocast);
-        # c_skip·x and the output combination stay in float32
+        # the net's input in its own parameter dtype (float32 in training, where bf16 is autocast; a net cast to
+        # half precision for evaluation gets half-precision inputs); c_skip·x and the output stay in float32
         net_in = (c_in.reshape(view) * x32).to(self._param_dtype())
         F_x, logvar = self.net(net_in, c_noise.reshape(b), self.one_hot(labels, b, x.device))
         D = c_skip.reshape(view) * x32 + c_out.reshape(view) * F_x.to(torch.float32)

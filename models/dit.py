@@ -20,6 +20,7 @@ Differences from the reference implementation, each for this pipeline:
   * labels arrive one-hot (the Denoiser's convention), so the label table is a bias-free linear map of the one-hot
     vector — the same numbers as DiT's nn.Embedding; an all-zero row ("no label") embeds to 0. No class-dropout
     token: this trainer does no classifier-free guidance;
+  * the MLP's dropout draws its masks from the images' stream positions (models/dropout.py), like the U-Net's;
   * no learned-σ output channels: the uncertainty is EDM2's per-σ log-variance head (logvar_channels Fourier
     features -> one linear unit), the same module the U-Net uses, so both families train with the same loss.
 """
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.dropout import StreamDropout
 from models.edm2 import MPConv, MPFourier, check_net_inputs, label_matrix
 
 
@@ -108,7 +110,7 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         mlp_hidden = int(hidden_size * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate="tanh"),
-                                 nn.Dropout(dropout), nn.Linear(mlp_hidden, hidden_size))
+                                 StreamDropout(dropout), nn.Linear(mlp_hidden, hidden_size))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 Diffusion Models", arXiv 2312.02696), written from the paper's design (its Fig. 21 and Appendix B).
 
 Every layer is built so that unit-magnitude inputs give unit-magnitude outputs at init and throughout training:
-  * MPConv   — conv / linear with no bias; its weight is renormalised to unit norm per output channel (forced
-               weight normalisation) and scaled by 1/sqrt(fan_in), so the layer preserves the magnitude.
+  * MPConv   — conv / linear with no bias; its weight is normalised to unit norm per output channel in the graph
+               (and kept there by the trainer: forced weight normalisation) and scaled by 1/sqrt(fan_in), so the
+               layer preserves the magnitude.
   * mp_silu  — SiLU divided by its output RMS under a unit Gaussian (0.596).
   * mp_sum   — a weighted sum (lerp) rescaled so that two independent unit-magnitude inputs give unit magnitude.
   * mp_cat   — concatenation whose two halves are weighted so the result has unit magnitude and the given balance.
@@ -16,9 +17,10 @@ Preconditioning (c_skip, c_out, c_in, c_noise) is NOT here: this module is the r
 and models/diffusion.py + models/denoiser.py wrap it (docs/internals.md). `logvar` [B] is EDM2's learned per-σ
 log-variance u(σ) (the uncertainty head), or None when built with logvar_channels=0.
 
-Caveat of forced weight normalisation (as in EDM2): in training mode the forward pass rewrites each weight in place,
-so run backward() after each forward() before the next forward of the same net (no interleaved forwards with
-graphs kept alive); eval mode never writes.
+Forced weight normalisation (EDM2's unit-norm stored weights) is not done here: the forward only normalises in the
+graph and never writes a weight.  The trainer renormalises the weights the optimizer owns after every step
+(models/weight_norm.py), which under DeepSpeed ZeRO are its fp32 master partitions, not these parameters.
+Dropout draws its masks from the images' positions in the training stream (models/dropout.py).
 """
 
 from __future__ import annotations
@@ -29,22 +31,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from models.dropout import StreamDropout
+
 SILU_RMS = 0.596  # sqrt(E[silu(z)^2]) for z ~ N(0, 1): dividing by it keeps unit magnitude (paper Eq. 81)
+NORM_EPS = 1e-4   # normalize()'s eps: keeps an all-zero slice finite
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Magnitude-preserving primitives
 
 
-def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
-    """Scale x to unit RMS over `dim` (default: all but the first). The norm is taken in float32 even under
-    autocast, and eps keeps an all-zero slice finite."""
+def rms_norm(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
+    """eps + the RMS of x over `dim` (default: all but the first), kept as size-1 dims, in float32 even under
+    autocast: what `normalize` divides by."""
     if dim is None:
         dim = list(range(1, x.ndim))
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
     # vector_norm is sqrt(n)·RMS; dividing by sqrt(n) turns it into the RMS, so the result has unit RMS.
-    norm = eps + norm * math.sqrt(norm.numel() / x.numel())
-    return x / norm.to(x.dtype)
+    return eps + norm * math.sqrt(norm.numel() / x.numel())
+
+
+def normalize(x: torch.Tensor, dim=None, eps: float = NORM_EPS) -> torch.Tensor:
+    """Scale x to unit RMS over `dim` (default: all but the first); eps keeps an all-zero slice finite."""
+    return x / rms_norm(x, dim, eps).to(x.dtype)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -102,13 +111,10 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
-        if self.training:
-            # Forced weight normalisation: keep the stored weight on the unit sphere so Adam's updates change its
-            # direction, never its size — the effective learning rate then does not decay as norms grow.
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))
-        w = normalize(w)  # still normalise in the graph, so gradients are those of a normalised weight
+        # Normalised in the graph, so gradients are those of a normalised weight (projected onto the sphere's
+        # tangent).  Keeping the stored weight itself on the unit sphere (forced weight normalisation, so the
+        # effective learning rate does not decay as norms grow) is the trainer's job: models/weight_norm.py.
+        w = normalize(self.weight.to(torch.float32))
         w = w * (gain / math.sqrt(w[0].numel()))  # 1/sqrt(fan_in): unit-RMS input -> unit-RMS output
         w = w.to(x.dtype)
         if w.ndim == 2:
@@ -139,7 +145,6 @@ class Block(nn.Module):
         if self.num_heads and out_channels % self.num_heads:
             raise ValueError(f"attention: {out_channels} channels do not split into {self.num_heads} heads "
                              f"(channels_per_head={channels_per_head})")
-        self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
@@ -152,6 +157,7 @@ class Block(nn.Module):
         self.conv_skip = MPConv(in_channels, out_channels, kernel=(1, 1)) if in_channels != out_channels else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=(1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, kernel=(1, 1)) if self.num_heads else None
+        self.drop = StreamDropout(dropout)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # Main branch.
@@ -165,8 +171,7 @@ class Block(nn.Module):
         y = self.conv_res0(mp_silu(x))
         c = self.emb_linear(emb, gain=self.emb_gain) + 1
         y = mp_silu(y * c[:, :, None, None].to(y.dtype))
-        if self.training and self.dropout:
-            y = F.dropout(y, p=self.dropout)
+        y = self.drop(y)
         y = self.conv_res1(y)
 
         if self.flavor == "dec" and self.conv_skip is not None:

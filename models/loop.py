@@ -4,10 +4,13 @@ What one step does (global batch B split evenly over the processes, b = B / proc
   x0, labels  ← the next B images of a seeded per-epoch permutation (a pure function of images seen, so resuming
                 needs no data-loader state); this process takes its b of them
   σ ~ schedule.sample_sigma (the variant's noise distribution, or the optimal-loss schedule), ε ~ N(0, I), drawn
-                for all b at once: micro-batching below does not change them
+                for all B at once from one seeded stream, alike on every rank, which keeps its b: neither the
+                number of processes nor the micro-batching below changes an image's draws
   then per micro-batch of training.batch_gpu images (EDM2's gradient accumulation; DDP syncs gradients on the last
-  one only, DeepSpeed counts them as its gradient_accumulation_steps):
+  one only, DeepSpeed counts them as its gradient_accumulation_steps), under bf16 autocast where
+  training.mixed_precision says so (weights, gradients and their accumulation stay fp32 under every engine):
   D, logvar   = Denoiser(net, variant)(x0 + σ·ε, σ, labels)        (D = c_skip·x + c_out·F(c_in·x, c_noise))
+                with dropout masks a hash of (seed, each image's position in the stream, layer, element)
   x0-loss_i   = mean_dims (D_i − x0_i)²            → the per-σ-bin tracker (all ranks' samples, gathered)
   loss_i      = schedule.loss_weight(σ_i)·x0-loss_i, and with the learned log-variance (training.logvar, EDM2's
                 uncertainty) loss_i / exp(logvar_i) + logvar_i — per dimension: what log.jsonl reports
@@ -16,7 +19,8 @@ What one step does (global batch B split evenly over the processes, b = B / proc
                 Adam's eps damp the update at paper resolution
   Adam(β 0.9/0.99, eps 1e-8) with lr(t) = lr·min(t/rampup, 1)/sqrt(max(t/t_ref, 1)) (EDM2), gradient clipping
   (a norm of the per-dimension loss's gradient: grad_clip·dims on this scale), then the EMA of the weights
-  (half-life in images, EDM-style ramp; see `ema_beta`).
+  (half-life in images, EDM-style ramp; see `ema_beta`), then EDM2's forced weight normalisation of the weights
+  the optimizer owns (models/weight_norm.py; also once before the first step).
 
 EMA choice: EDM2 uses a "power" EMA (σ_rel profiles, reconstructable post hoc).  We keep EDM's (2022) classic
 exponential EMA with a half-life in images and its ramp-up (half-life ≤ ema_rampup_ratio·images seen): one
@@ -38,6 +42,8 @@ from typing import Any
 import torch
 
 from models import run_folder
+from models.dropout import dropout_stream
+from models.weight_norm import normalize_forced_weights_
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -86,6 +92,14 @@ def batch_indices(images_seen: int, batch_size: int, n: int, seed: int) -> torch
     return out
 
 
+def forward_precision(training: dict, device: torch.device):
+    """The forward's autocast: bf16 under training.mixed_precision = bf16 (weights, gradients and the optimizer
+    stay fp32 under every engine), none otherwise."""
+    if training["mixed_precision"] == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # one step's loss
 # ----------------------------------------------------------------------------------------------------------------
@@ -122,6 +136,7 @@ class Run:
     tracker: Any                 # models.sigma_bins.SigmaBinTracker
     data: Any                    # models.data.DatasetArrays
     labels: torch.Tensor | None  # all labels (conditional runs) or None
+    forced_weights: list         # the MPConv weights the forced weight normalisation keeps at unit norm
     noise_gen: torch.Generator
     training: dict
     model: str
@@ -187,6 +202,7 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
     log_every = int(training["log_every_images"])
     sched_every = int(training["schedule"].get("update_every_images") or log_every)
     state_every = int(training.get("state_every_images") or 0)
+    seed = int(training["seed"])
     t_start, img_start = time.time(), run.images_seen
 
     def crossed(every):  # did the last step pass a multiple of `every` images?
@@ -194,23 +210,27 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
 
     while run.images_seen < run.total:
         step = run.images_seen // batch
-        idx = batch_indices(run.images_seen, batch, run.data.shape[0],
-                            int(training["seed"]))[rank * local:(rank + 1) * local]
+        mine = slice(rank * local, (rank + 1) * local)
+        idx = batch_indices(run.images_seen, batch, run.data.shape[0], seed)[mine]
         x0 = run.data.rows(idx, device)
         labels = run.labels[idx].to(device) if run.labels is not None else None
-        sigma = schedule.sample_sigma(local, generator=run.noise_gen, device=device).to(torch.float32)
-        noise = torch.randn(x0.shape, generator=run.noise_gen, device=device)
+        # σ and ε of the whole global batch, drawn alike on every rank from one stream; each rank keeps its slice,
+        # so an image's draws depend on its place in the stream, not on the number of processes
+        sigma = schedule.sample_sigma(batch, generator=run.noise_gen, device=device).to(torch.float32)[mine]
+        noise = torch.randn((batch,) + tuple(x0.shape[1:]), generator=run.noise_gen, device=device)[mine]
 
         lr = learning_rate(run.images_seen + batch, training)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        # the stream positions of this process's images: dropout masks are a function of them (models/dropout.py)
+        positions = torch.arange(local, device=device) + (run.images_seen + rank * local)
         x0_loss, loss_global = [], 0.0
         for r in range(run.rounds):
             part = slice(r * run.batch_gpu, (r + 1) * run.batch_gpu)
             last = r == run.rounds - 1
             acc.sync_gradients = last  # DeepSpeed: its accumulation boundary (and optimizer step)
             with contextlib.nullcontext() if last else acc.no_sync(run.model_p):  # DDP: all-reduce once
-                with acc.autocast():
+                with forward_precision(training, device), dropout_stream(run.raw_net, seed, positions[part]):
                     loss_ex, x0_part = per_example_losses(run.denoiser, schedule, x0[part], sigma[part], noise[part],
                                                           None if labels is None else labels[part])
                 # every rank needs the same verdict, so the check uses the all-reduced loss (before a DeepSpeed
@@ -233,12 +253,15 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
         run.optimizer_p.zero_grad(set_to_none=True)
         run.images_seen += batch
 
+        # the EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under
+        # ZeRO), before they are renormalised, as EDM2's does
         beta = ema_beta(run.images_seen, batch, training)
         with torch.no_grad():
             for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
                 p_ema.lerp_(p.detach().to(torch.float32).reshape(p_ema.shape), 1.0 - beta)
             for b_ema, b in zip(run.ema.buffers(), run.raw_net.buffers()):
                 b_ema.copy_(b)
+        normalize_forced_weights_(run.forced_weights)
 
         run.tracker.update(acc.gather(sigma.detach()), acc.gather(x0_loss.float()))
         run.loss_sum, run.loss_n = run.loss_sum + loss_global, run.loss_n + 1

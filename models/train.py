@@ -30,6 +30,7 @@ from models.loop import (NonFiniteLossError, Run, batch_indices, ema_beta, learn
                          per_example_losses, run_steps)
 from models.run_folder import RunFolderMismatchError, config_fingerprint, fingerprint_differences  # noqa: F401
 from models.sigma_bins import SigmaBinTracker
+from models.weight_norm import forced_weights, normalize_forced_weights_
 
 # ZeRO-2 communication tuning, applied unless a DeepSpeed config (e.g. a --deepspeed_config_file) sets the key.
 # Accelerate's inline `deepspeed_config` (workflow/accelerate/deepspeed-zero2.yaml) cannot express these.
@@ -64,6 +65,36 @@ def _promote_scalar_params(net: torch.nn.Module) -> None:
                 module._parameters[name] = torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
 
 
+def make_accelerator():
+    """The Accelerator of a training process.  mixed_precision "no" whatever the launch config says: the engine
+    (DDP or DeepSpeed) keeps fp32 weights, fp32 gradients and their accumulation, and training.mixed_precision
+    only turns on autocast around the forward (models/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
+    finds no device backend and would count one process whatever the launcher started; naming gloo makes it set
+    up DeepSpeed's process group over all of them."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    handlers = []
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    return Accelerator(mixed_precision="no", kwargs_handlers=handlers)
+
+
+def check_fp32_engine(ds_cfg: dict) -> None:
+    """DeepSpeed must run its engine in fp32: its bf16/fp16 modes make the module weights, the averaged weights
+    and the gradient accumulation half precision.  ZeRO stage 3 partitions the parameters themselves, which the
+    forced weight normalisation does not handle."""
+    for mode in ("bf16", "fp16"):
+        if str((ds_cfg.get(mode) or {}).get("enabled", False)).lower() == "true":
+            raise ValueError(f"the DeepSpeed config enables {mode}; remove it: the engine keeps fp32 weights and "
+                             "training.mixed_precision sets the forward's autocast")
+    stage = int((ds_cfg.get("zero_optimization") or {}).get("stage", 0))
+    if stage > 2:
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported (forced weight normalisation needs "
+                         "whole parameters on every rank): use stage 1 or 2")
+
+
 def make_schedule(variant, schedule_cfg: dict, jstar):
     """The object that draws σ and weights the loss: the variant (baseline) or models.schedule's
     OptimalLossSchedule (imported only when asked: another module, written later)."""
@@ -95,7 +126,6 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     Returns a summary dict {status: "done" | "stopped" | "already-done", images_seen, flops, snapshots, ...}.
     `stop_after_images` (debug) stops after that many images seen, with the state saved — as if killed."""
-    from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     from models import family
@@ -134,16 +164,16 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if done is not None:
         return {**done, "status": "already-done"}
 
-    accelerator = accelerator or Accelerator(mixed_precision=training["mixed_precision"])
+    accelerator = accelerator or make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     device = accelerator.device
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
     launched = int(os.environ.get("WORLD_SIZE", world))
-    if launched != world:  # e.g. DeepSpeed on CPU: Accelerate then sets up no process group of its own
+    if launched != world:
         raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
-                           f"({accelerator.distributed_type}, {device}); on CPU run several processes as DDP "
-                           "(ACCELERATE_USE_CPU=1 with torchrun or accelerate launch) and DeepSpeed with one")
+                           f"({accelerator.distributed_type}, {device}); on CPU launch DDP with "
+                           "ACCELERATE_USE_CPU=1 and DeepSpeed without it (models.train.make_accelerator)")
     batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
     # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
     accelerator.gradient_accumulation_steps = rounds
@@ -162,7 +192,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if hasattr(schedule, "set_model_loss"):
         schedule.set_model_loss(tracker)
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(batch, training), betas=(0.9, 0.99), eps=1e-8)
-    noise_gen = torch.Generator(device=device).manual_seed(int(training["seed"]) * 1000 + 7919 * (rank + 1))
+    # σ and ε: one stream for the global batch, the same on every rank (models/loop.py takes each rank's slice)
+    noise_gen = torch.Generator(device=device).manual_seed(int(training["seed"]) * 1000 + 7919)
 
     # ---- resume ----
     loaded = run_folder.read_state(out, fingerprint, world)
@@ -177,6 +208,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     if use_ds:  # no DataLoader goes through prepare, so DeepSpeed's "auto" batch/clip values are set here
         ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+        check_fp32_engine(ds_cfg)
         ds_cfg["train_micro_batch_size_per_gpu"] = batch_gpu
         ds_cfg["train_batch_size"] = batch
         ds_cfg["gradient_accumulation_steps"] = rounds
@@ -193,6 +225,13 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if loaded is not None:
         run_folder.set_rng_state(loaded["rng"][rank], noise_gen)
     raw_net = accelerator.unwrap_model(model_p)
+    not_fp32 = sorted({str(p.dtype) for p in raw_net.parameters() if p.dtype != torch.float32})
+    if not_fp32:  # the EMA, Adam and gradient accumulation must see fp32 weights, as EDM2's
+        raise RuntimeError(f"the prepared net holds {', '.join(not_fp32)} weights; training keeps them float32 "
+                           "(training.mixed_precision only sets the forward's autocast)")
+    forced = forced_weights(raw_net)
+    if loaded is None:  # a resumed state holds weights normalised after their last step
+        normalize_forced_weights_(forced)
 
     # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
     flops_per_image = float(family.training_flops_of(arch_kw))
@@ -200,8 +239,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     run = Run(accelerator=accelerator, model_p=model_p, optimizer=optimizer, optimizer_p=optimizer_p,
               raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=label_dim), variant=variant,
               schedule=schedule, tracker=tracker, data=data_src, labels=data_src.labels if conditional else None,
-              noise_gen=noise_gen, training=training, model=model, out=out, marks=marks, total=total,
-              batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds, flops_per_image=flops_per_image,
+              forced_weights=forced, noise_gen=noise_gen, training=training, model=model, out=out, marks=marks,
+              total=total, batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds, flops_per_image=flops_per_image,
               fingerprint=fingerprint, arch_record=arch_record, variant_record=variant_record, n_params=n_params)
     if loaded is not None:
         run.images_seen, run.written = int(loaded["images_seen"]), list(loaded["snapshots"])

@@ -2,6 +2,7 @@
 the repository's configs pass. (A representative few also go through `snakemake -n` in test_workflow.py.)"""
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -189,3 +190,53 @@ def test_checks_module_does_not_import_torch():
     code = ("import sys; import models.checks, models.config; "
             "assert 'torch' not in sys.modules, 'models.checks imported torch'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+# -- packages each configured path needs ------------------------------------------------------------------------
+
+def test_deepspeed_missing_is_one_line_naming_the_models_config_and_install(monkeypatch):
+    cfg = load_config(CONFIGS / "paper-img64.yaml")
+    assert problems(cfg) == []                                 # DeepSpeed is installed (the test extra)
+    monkeypatch.setitem(sys.modules, "deepspeed", None)        # `import deepspeed` now fails
+    (line,) = problems(cfg)
+    assert "training.launch.accelerate_config workflow/accelerate/deepspeed-zero2.yaml" in line
+    assert "'deepspeed'" in line and 'pip install -e ".[deepspeed]"' in line and line.endswith("[models l, xl, xxl]")
+
+
+def test_image_folder_needs_pillow(monkeypatch):
+    cfg = load_config(CONFIGS / "paper-rehearsal.yaml")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    (line,) = problems(cfg)
+    assert line.startswith("dataset.spec 'imagefolder:") and "'PIL'" in line and "pip install pillow" in line
+
+
+def test_a_path_adds_its_packages_in_one_row():
+    """A new path (here a made-up tracker) needs only its row: the setting that selects it, its modules, the
+    install command; only the models that select it are named."""
+    from models.checks import PathPackages, check_packages
+
+    cfg = smoke()
+    cfg["models"]["t1"]["training"] = {"seed": 7}
+    row = PathPackages("the made-up tracker", lambda cfg, training, basedir: "training.seed 7"
+                       if training["seed"] == 7 else None, ("json", "no_module_of_this_name"), "pip install it")
+    (line,) = check_packages(cfg, REPO, table=[row])
+    assert line == ("training.seed 7 needs the made-up tracker, which is not installed here (no module "
+                    "'no_module_of_this_name'): pip install it [model t1]")
+
+
+def test_snakemake_dry_run_fails_while_the_dag_is_built_without_deepspeed(tmp_path):
+    """The real `snakemake -n` of a paper study, in a Python where `import deepspeed` fails (sitecustomize)."""
+    import os
+    import subprocess
+
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
+    p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "run"),
+                        "--configfile", str(CONFIGS / "paper-img512.yaml")], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(hide)})
+    assert p.returncode != 0
+    lines = [line for line in (p.stdout + p.stderr).splitlines() if "needs DeepSpeed" in line]
+    assert len(lines) == 1 and "deepspeed-zero2.yaml" in lines[0] and "[models l, xl, xxl]" in lines[0]
+    assert 'pip install -e ".[deepspeed]"' in lines[0]
+    assert not (tmp_path / "run" / "results").exists()         # nothing ran

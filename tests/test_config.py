@@ -41,6 +41,7 @@ def test_load_from_yaml_file(tmp_path):
     (base(models={"t0": {}}), "models.t0.arch: required key missing"),
     (base(training={"schedule": {"name": "cosine"}}), "training.schedule.name:"),
     (base(variant={"name": "edm", "kwrgs": {}}), "variant.kwrgs: unknown key"),
+    (base(training={"mixed_precision": "fp16"}), "training.mixed_precision: 'fp16' is not one of"),  # no scaler
 ])
 def test_errors_name_the_key(cfg, message):
     with pytest.raises(ConfigError) as info:
@@ -128,3 +129,16 @@ def test_paper_configs_carry_edm2_numbers(study):
         assert len(marks) == 8 and marks[0] == 1 << 24 and marks[-1] == duration
         batch_gpu, rounds = micro_batch(tr, tr["launch"]["num_processes"])
         assert batch_gpu == tr["batch_gpu"] and batch_gpu * rounds == 256
+
+
+@pytest.mark.parametrize("study, own", [("paper-img64", ["Pixels:"]), ("paper-img512", ["Fixed latents:", "J*"])])
+def test_paper_configs_list_their_differences_from_edm2(study, own):
+    """Each paper config carries one comment block naming every deliberate difference from EDM2."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "workflow" / "config" / f"{study}.yaml").read_text()
+    head = text[:text.index("\nstudy:")]
+    assert head.count("What differs from EDM2 on purpose") == 1
+    block = head[head.index("What differs from EDM2 on purpose"):]
+    for item in ["EMA:", "Precision:", "Non-finite values:", "lr schedule:", "Random draws:", "Engine:", *own]:
+        assert item in block, (study, item)

@@ -254,6 +254,14 @@ def test_deepspeed_zero2_cpu_step(tmp_path, digits):
     # one optimizer step moved the weights away from adaLN-Zero's init (the final layer's zero weight)
     w = snap["ema"]["final_layer.linear.weight"]
     assert w.abs().sum() > 0
+    # the DiT's one forced-normalised weight (the log-variance head) has unit RMS where ZeRO keeps it: its fp32
+    # master partition (the module's copy of it is saved with DeepSpeed's checkpoint)
+    from models.weight_norm import channel_rms
+
+    state = torch.load(out / "state.pt", weights_only=False)
+    (model_file,) = (out / state["ds_dir"]).rglob("mp_rank_00_model_states.pt")
+    head = torch.load(model_file, weights_only=False, map_location="cpu")["module"]["logvar_linear.weight"]
+    assert float((channel_rms(head) - 1).abs().max()) < 2e-4
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -145,8 +145,16 @@ def test_mpconv_weight_scale_invariant_and_forced_normalisation():
     scaled = conv.weight.detach().clone()
     assert torch.allclose(conv(x), ref, atol=1e-3)  # eval: weight scale has no effect (up to eps)
     assert torch.equal(conv.weight, scaled)  # and eval never writes the weight
-    conv.train()(x)  # train: the stored weight is renormalised in place to unit RMS per output channel
-    assert torch.allclose(conv.weight.square().mean(dim=(1, 2, 3)).sqrt(), torch.ones(4), atol=1e-3)
+    conv.train()(x).square().sum().backward()
+    assert torch.equal(conv.weight, scaled)  # nor does a training forward: the trainer owns the stored weight
+    # the gradient is that of a normalised weight: orthogonal to each output channel's weight vector
+    radial = (conv.weight.grad * conv.weight).flatten(1).sum(1) / conv.weight.grad.flatten(1).norm(dim=1)
+    assert radial.abs().max() < 1e-4 * conv.weight.flatten(1).norm(dim=1).max()
+    from models.weight_norm import channel_rms, forced_weights, normalize_forced_weights_
+
+    normalize_forced_weights_(forced_weights(conv))  # forced weight normalisation: unit RMS per output channel
+    assert torch.allclose(channel_rms(conv.weight), torch.ones(4), atol=2e-4)
+    assert torch.equal(conv.weight, edm2.normalize(scaled))   # each channel rescaled, its direction kept
 
 
 def test_class_labels_change_output():

@@ -2,6 +2,7 @@
 a killed two-process training job that resumes (slow). Real runs go to a temporary working directory."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +21,8 @@ from test_workflow import SNAKEMAKE, kill_when_written, smk  # noqa: E402  (test
 
 def test_rehearsal_mirrors_the_paper_config():
     """Same study shape as paper-img64: conditional image folder, cDOL, the paper's σ distribution, DDP for the
-    small sizes and DeepSpeed ZeRO-2 for the large ones, micro-batching, bf16, resumable state, eight snapshots."""
+    small sizes and DeepSpeed ZeRO-2 for the large ones (both over two processes), micro-batching, bf16,
+    resumable state, eight snapshots."""
     cfg, paper = load_config(CONFIG), load_config(REPO / "workflow" / "config" / "paper-img64.yaml")
     assert cfg["dataset"]["spec"].startswith("imagefolder:") and cfg["dataset"]["conditional"]
     assert cfg["variant"] == paper["variant"] and cfg["optimal_loss"]["estimator"] == "cdol"
@@ -33,13 +35,21 @@ def test_rehearsal_mirrors_the_paper_config():
         assert rounds > 1, f"{name}: micro-batching must be active"
         assert tr["mixed_precision"] == "bf16" and 0 < tr["state_every_images"] < tr["total_images"]
         assert len(snapshot_marks(tr)) == 8
-    assert ("ddp-bf16.yaml", 2) in launchers and any(a == "deepspeed-zero2.yaml" for a, _ in launchers)
+    assert ("ddp-bf16.yaml", 2) in launchers and ("deepspeed-zero2.yaml", 2) in launchers
 
 
 def test_rehearsal_dry_run_generates_the_image_folder_first(tmp_path):
-    _, out = smk("-n", "--configfile", CONFIG, directory=tmp_path)
+    _, out = smk("-n", "-p", "--configfile", CONFIG, directory=tmp_path)
     assert "rule digits_imagefolder:" in out and "rule dataset:" in out
     assert out.index("rule digits_imagefolder:") < out.index("rule dataset:")
+    # two processes each; on CPU DDP is told so (ACCELERATE_USE_CPU), DeepSpeed must not be (it would run as DDP)
+    launches = {re.search(r"configs/(\w+)\.yaml", line).group(1): line for line in out.splitlines()
+                if "accelerate launch" in line and "--config results/" in line}
+    assert sorted(launches) == ["t0", "t1", "t2", "t3"]
+    for model, line in launches.items():
+        deepspeed = model in ("t2", "t3")
+        assert "--num_processes 2" in line and ("deepspeed-zero2.yaml" in line) == deepspeed, line
+        assert ("ACCELERATE_USE_CPU=1" in line) != deepspeed, line
 
 
 def test_digits_imagefolder_script(tmp_path):

@@ -5,7 +5,7 @@ import shlex
 import sys
 
 sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
-from models.checks import check_study, known_arch_names  # noqa: E402
+from models.checks import accelerate_distributed_type, check_study, known_arch_names  # noqa: E402
 from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
 
 
@@ -116,14 +116,6 @@ def snapshot_path(model, images):
     return f"{R}/snapshots/{model}/snapshot-{int(images):09d}.pt"
 
 
-def _accelerate_distributed_type(path):
-    try:
-        with open(path) as f:
-            return (yaml.safe_load(f) or {}).get("distributed_type", "NO")
-    except OSError:
-        return None
-
-
 def launch_command(model):
     """`accelerate launch …` (or plain python for one non-DeepSpeed process) up to the module name.
     Multi-process jobs get a free rendezvous port picked when the job starts, so concurrent jobs on one node
@@ -131,15 +123,18 @@ def launch_command(model):
     launch = TRAINING[model]["launch"]
     n = int(launch["num_processes"])
     acc_cfg = repo_path(launch["accelerate_config"])
-    if n == 1 and _accelerate_distributed_type(acc_cfg) in ("NO", "no"):
+    distributed = accelerate_distributed_type(acc_cfg, BASEDIR)
+    if n == 1 and distributed in ("NO", "no"):
         return f"{PYTHON} -m models.train"
     accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
     accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
     port = (
         f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
     )
-    # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told
-    cpu = "ACCELERATE_USE_CPU=1 " if not train_resources(model)["gpu"] and n > 1 else ""
+    # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told; a
+    # DeepSpeed job must not be told (it would run as DDP): models.train.make_accelerator sets it up on gloo
+    cpu_ddp = not train_resources(model)["gpu"] and n > 1 and distributed != "DEEPSPEED"
+    cpu = "ACCELERATE_USE_CPU=1 " if cpu_ddp else ""
     return (
         f"{cpu}{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
         f" --main_process_port {port} -m models.train"
