@@ -150,27 +150,50 @@ def _free_offset_block(u, y, w):
     ymin = np.where(w > 0, y, np.inf).min(-1)
     cmax = ymin * (1 - 1e-9)
     valid = (w.sum(-1) >= 3) & (ymin > 0) & np.isfinite(ymin)
-    y_ = np.where(w > 0, y, 1.0)[:, None, :]
-    w_ = w[:, None, :]
-    cm = cmax[:, None]
+    # weights w/y² of relative least squares and the moments of y that do not depend on k
+    om = np.where(w > 0, w / np.where(w > 0, y, 1.0) ** 2, 0.0)
+    y0 = np.where(w > 0, y, 0.0)
+    so, sy, syy = om.sum(-1), (om * y0).sum(-1), (om * y0 * y0).sum(-1)
+    omy = (om * y0)[:, :, None]
+    # u centred per row: exp(k·u) is then O(1) for every k of the grid (better conditioned moments); A is
+    # rescaled back below
+    ub = (om * u).sum(-1) / np.where(so > 0, so, 1.0)
+    uc = np.where(w > 0, u - ub[:, None], 0.0)
 
     def best_on(grid):                                       # grid [R, G]
-        z = np.exp(grid[:, :, None] * u[:, None, :])
-        c, a, sse = _offset_fits(z, y_, w_, cm)
+        z = np.exp(grid[:, :, None] * uc[:, None, :])
+        c, a, sse = _offset_moments(z @ om[:, :, None], (z * z) @ om[:, :, None], z @ omy, so, sy, syy,
+                                    cmax[:, None])
         j = np.argmin(sse, axis=1)
         rows = np.arange(len(j))
-        return grid[rows, j], c[rows, j], a[rows, j], j
+        return grid[rows, j], c[rows, j], a[rows, j]
 
     grid = np.broadcast_to(_K_GRID, (len(y), _K_GRID.size))
     step = _K_GRID[1] - _K_GRID[0]
-    k, c, a, _ = best_on(grid)
+    k, c, a = best_on(grid)
     for _ in range(_REFINE_LEVELS):
         grid = k[:, None] + np.linspace(-step, step, _REFINE)[None, :]
         step = 2 * step / (_REFINE - 1)
-        k, c, a, _ = best_on(grid)
+        k, c, a = best_on(grid)
     valid &= np.isfinite(k) & (a > 0)
     nan = np.where(valid, 1.0, np.nan)
-    return k * nan, np.log(np.where(a > 0, a, 1.0)) * nan, c * nan, valid
+    log_a = np.log(np.where(a > 0, a, 1.0)) - k * ub          # A·exp(k·(u − ū)) = A·exp(−k·ū)·exp(k·u)
+    return k * nan, log_a * nan, c * nan, valid
+
+
+def _offset_moments(sz, szz, szy, so, sy, syy, cmax):
+    """``_offset_fits`` from the weighted moments Σω·z, Σω·z², Σω·z·y ([R, G, 1] or [R, G]) and Σω, Σω·y, Σω·y²
+    ([R]): the best (c, A) with 0 ≤ c ≤ cmax and its weighted sum of squares, for every grid point."""
+    sz, szz, szy = (np.reshape(v, v.shape[:2]) for v in (sz, szz, szy))
+    so, sy, syy = so[:, None], sy[:, None], syy[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a = (so * szy - sz * sy) / (so * szz - sz * sz)
+        c = (sy - a * sz) / so
+        clipped = (c < 0) | (c > cmax)
+        c = np.clip(c, 0.0, cmax)
+        a = np.where(clipped, (szy - c * sz) / szz, a)
+        sse = syy - 2 * c * sy - 2 * a * szy + c * c * so + 2 * a * c * sz + a * a * szz
+    return c, a, np.where(np.isfinite(sse), sse, np.inf)
 
 
 def extrapolation_error(u, y, loss, c, k, p, w_test) -> np.ndarray:
@@ -448,24 +471,118 @@ COMPUTE_OPTIMAL_COLUMNS = ["floor", "E", "A", "B", "a", "b", "n_opt_exponent", "
 
 def _co_residuals(theta, n, d, logl, log_floor):
     """Residuals log(model) − log L and their Jacobian; θ = (log A', log B', a, b[, log E]) on normalised N, D."""
-    la, lb, a, b = theta[:4]
-    le = theta[4] if len(theta) == 5 else log_floor
-    t = np.stack([la - a * n, lb - b * d, np.full_like(n, le)], axis=1)
-    wgt = special.softmax(t, axis=1)  # d LSE / d t
-    r = special.logsumexp(t, axis=1) - logl
-    cols = [wgt[:, 0], wgt[:, 1], -wgt[:, 0] * n, -wgt[:, 1] * d] + ([wgt[:, 2]] if len(theta) == 5 else [])
-    return r, np.stack(cols, axis=1)
+    theta = np.asarray(theta, dtype=np.float64)
+    r, jac = _co_batch_residuals(theta[None], n, d, logl[None], np.array([log_floor if len(theta) == 4 else 0.0]))
+    return r[0], jac[0]
+
+
+def _co_bounds(k: int):
+    lo = [-50.0, -50.0, 0.0, 0.0] + ([-50.0] if k == 5 else [])
+    hi = [50.0, 50.0, _CO_MAX_EXPONENT, _CO_MAX_EXPONENT] + ([50.0] if k == 5 else [])
+    return np.array(lo), np.array(hi)
 
 
 def _co_solve(theta0, n, d, logl, log_floor):
     from scipy.optimize import least_squares
-    free = len(theta0) == 5
-    lo = [-50, -50, 0.0, 0.0] + ([-50] if free else [])
-    hi = [50, 50, _CO_MAX_EXPONENT, _CO_MAX_EXPONENT] + ([50] if free else [])
+    lo, hi = _co_bounds(len(theta0))
     res = least_squares(lambda th: _co_residuals(th, n, d, logl, log_floor)[0], np.clip(theta0, lo, hi),
                         jac=lambda th: _co_residuals(th, n, d, logl, log_floor)[1], bounds=(lo, hi),
                         method="trf", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
     return res.x, float(np.sum(res.fun ** 2))
+
+
+def _co_batch_residuals(theta, n, d, logl, log_floor, curvature=False):
+    """Rows of θ [P, k] at once: residuals r [P, S] = log(model) − log L and their Jacobian [P, S, k] (closed-form
+    log-sum-exp of three terms); ``log_floor`` [P] is the fixed log E of each row when k = 4 (−inf: no floor).
+    With ``curvature`` also the softmax weights (w_A, w_B, w_E) [P, S] that make up the model's second
+    derivatives: ∇²log(model) = Σ_j w_j x_j x_jᵀ − ∇∇ᵀ with x_A = ∂t_A/∂θ, ….)"""
+    ta = theta[:, 0:1] - theta[:, 2:3] * n
+    tb = theta[:, 1:2] - theta[:, 3:4] * d
+    te = theta[:, 4:5] if theta.shape[1] == 5 else log_floor[:, None]
+    lse = np.logaddexp(np.logaddexp(ta, tb), te)
+    wa, wb = np.exp(ta - lse), np.exp(tb - lse)
+    we = np.exp(te - lse)
+    cols = [wa, wb, -wa * n, -wb * d] + ([we] if theta.shape[1] == 5 else [])
+    r, jac = lse - logl, np.stack(cols, axis=2)
+    return (r, jac, (wa, wb, we)) if curvature else (r, jac)
+
+
+def _co_newton_system(theta, n, d, logl, lf):
+    """Σr², its half-gradient Jᵀr and half-Hessian JᵀJ + Σ_s r_s·∇²r_s (the exact one: the residuals of these fits
+    are not small enough for Gauss–Newton's JᵀJ alone, which then converges slowly), for every row."""
+    r, jac, (wa, wb, we) = _co_batch_residuals(theta, n, d, logl, lf, curvature=True)
+    jt = jac.transpose(0, 2, 1)
+    g = np.matmul(jt, r[:, :, None])[:, :, 0]
+    h = np.matmul(jt * r[:, None, :], -jac) + np.matmul(jt, jac)
+    ra, rb = r * wa, r * wb
+    h[:, 0, 0] += ra.sum(1)
+    h[:, 1, 1] += rb.sum(1)
+    h[:, 0, 2] -= ra @ n
+    h[:, 2, 0] -= ra @ n
+    h[:, 2, 2] += ra @ (n * n)
+    h[:, 1, 3] -= rb @ d
+    h[:, 3, 1] -= rb @ d
+    h[:, 3, 3] += rb @ (d * d)
+    if theta.shape[1] == 5:
+        h[:, 4, 4] += (r * we).sum(1)
+    return np.einsum("ps,ps->p", r, r), g, h, np.einsum("pkk->pk", np.matmul(jt, jac))
+
+
+_LM_MAX_ITER = 200
+_POLISH_STARTS = 3  # best batched solutions of the point estimate's grid of starts polished by the bounded solve
+
+
+def _co_solve_batch(theta0, n, d, logl, log_floor=None, stop_floor_below=None):
+    """Damped Newton (Levenberg–Marquardt on the exact Hessian) on every row at once — the replicates' refits and
+    the grid of starts: returns (θ [P, k], Σr² [P], ok [P]).
+
+    ``ok`` marks rows that converged to an interior point (no bound active, remaining Newton step negligible); the
+    others are left to the bounded trust-region solve (``_co_solve``). A free floor (k = 5) whose log falls below
+    ``stop_floor_below`` [P] stops there: it is set to 0 anyway (``_co_snap_floor``)."""
+    theta0 = np.atleast_2d(np.asarray(theta0, dtype=np.float64))
+    p, k = theta0.shape
+    lo, hi = _co_bounds(k)
+    lf = np.zeros(p) if log_floor is None else np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (p,))
+    theta = np.clip(theta0, lo, hi)
+    f, g, h, scale = _co_newton_system(theta, n, d, logl, lf)
+    lam = np.full(p, 1e-3)
+    done = np.zeros(p, dtype=bool)
+    eye = np.eye(k)
+    for _ in range(_LM_MAX_ITER):
+        i = np.flatnonzero(~done)
+        if i.size == 0:
+            break
+        damp = (lam[i, None] * np.maximum(scale[i], 1e-12))[:, :, None] * eye
+        with np.errstate(all="ignore"):
+            step = -np.linalg.solve(h[i] + damp, g[i][:, :, None])[:, :, 0]
+        new = np.clip(theta[i] + np.nan_to_num(step), lo, hi)
+        fn, gn, hn, sn = _co_newton_system(new, n, d, logl[i], lf[i])
+        better = fn < f[i]
+        moved = np.abs(new - theta[i]).max(axis=1)
+        a = i[better]
+        theta[a], f[a], g[a], h[a], scale[a] = new[better], fn[better], gn[better], hn[better], sn[better]
+        lam[i] = np.where(better, np.maximum(lam[i] * 0.1, 1e-12), lam[i] * 10.0)
+        # converged: the step no longer changes θ (to rounding), or no step improves on it
+        done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
+        if stop_floor_below is not None:
+            done[i] |= theta[i, 4] < stop_floor_below[i]
+    # Near the optimum Σr² changes by less than its rounding, so the acceptance test above stops a little short;
+    # two plain Newton steps (which use the gradient, not Σr²) settle on the stationary point.
+    for _ in range(2):
+        new = theta - _newton_step(h, g)
+        fn, gn, hn, sn = _co_newton_system(new, n, d, logl, lf)
+        take = done & np.isfinite(fn) & (fn <= f * (1 + 1e-12))
+        theta[take], f[take], g[take], h[take], scale[take] = new[take], fn[take], gn[take], hn[take], sn[take]
+    interior = ((theta > lo + 1e-9) & (theta < hi - 1e-9)).all(axis=1)
+    left = np.abs(_newton_step(h, g)).max(axis=1)
+    ok = done & interior & (left <= 1e-9 * (1.0 + np.abs(theta).max(axis=1)))
+    return theta, f, ok
+
+
+def _newton_step(h, g):
+    with np.errstate(all="ignore"):
+        step = np.linalg.solve(h, g[:, :, None])[:, :, 0]
+    return np.where(np.isfinite(step), step, np.inf)
 
 
 def _co_starts(logl, free: bool):
@@ -488,11 +605,15 @@ def fit_compute_optimal(params, images, loss, floor=None) -> dict:
     ns, ds = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
     n, d, logl = np.log(N / ns), np.log(D / ds), np.log(L)
     log_floor = None if floor is None else math.log(max(float(floor), 1e-300))
+    starts = _co_starts(logl, floor is None)
+    # every start at once, then the best few polished by the bounded solve (which also settles bounds)
+    th, f, _ = _co_solve_batch(starts, n, d, np.broadcast_to(logl, (len(starts), len(logl))),
+                               None if floor is None else np.full(len(starts), log_floor))
     best, best_f = None, math.inf
-    for th0 in _co_starts(logl, floor is None):
-        th, f = _co_solve(th0, n, d, logl, log_floor)
-        if f < best_f - 1e-15:
-            best, best_f = th, f
+    for i in np.argsort(f, kind="stable")[:_POLISH_STARTS]:
+        t, fi = _co_solve(th[i], n, d, logl, log_floor)
+        if fi < best_f - 1e-15:
+            best, best_f = t, fi
     if floor is None:
         best, best_f = _co_snap_floor(best, best_f, n, d, logl)
     out = _co_params(best, ns, ds, log_floor)
@@ -507,6 +628,35 @@ def _co_snap_floor(theta, f, n, d, logl):
         return theta, f
     th4, f4 = _co_solve(theta[:4], n, d, logl, -math.inf)
     return np.r_[th4, -math.inf], f4
+
+
+def _co_refit_replicates(theta, n, d, logl, log_js, fixed_floor: bool) -> np.ndarray:
+    """Every replicate's law refitted from the point estimate θ (the free floor starting at the replicate's J* when
+    the estimate's floor is 0), all at once; rows the batched solve leaves unconverged or at a bound are solved one
+    by one with the bounded trust-region method. Returns θ [R, k]."""
+    r = len(logl)
+    if fixed_floor:
+        th, f, ok = _co_solve_batch(np.broadcast_to(theta, (r, 4)), n, d, logl, log_js)
+        for i in np.flatnonzero(~ok):
+            th[i], f[i] = _co_solve(theta, n, d, logl[i], log_js[i])
+        return th
+    start = (np.broadcast_to(theta, (r, 5)) if np.isfinite(theta).all()
+             else np.column_stack([np.broadcast_to(theta[:4], (r, 4)), log_js]))
+    # a floor driven towards 0 is set to exactly 0 and the rest refitted (_co_snap_floor, for every row at once);
+    # rows the batched solve drives below that line need no bounded solve of the five-parameter law
+    snap_at = logl.min(axis=1) + math.log(1e-6)
+    th, f, ok = _co_solve_batch(start, n, d, logl, None, stop_floor_below=snap_at)
+    for i in np.flatnonzero(~ok & (th[:, 4] > snap_at)):
+        th[i], f[i] = _co_solve(start[i], n, d, logl[i], None)
+    snap = th[:, 4] <= snap_at
+    out = th.copy()
+    if snap.any():
+        i = np.flatnonzero(snap)
+        th4, f4, ok4 = _co_solve_batch(th[i, :4], n, d, logl[i], np.full(i.size, -math.inf))
+        for j in np.flatnonzero(~ok4):
+            th4[j], f4[j] = _co_solve(th[i[j], :4], n, d, logl[i[j]], -math.inf)
+        out[i, :4], out[i, 4] = th4, -math.inf
+    return out
 
 
 def _co_params(theta, ns, ds, log_floor) -> dict:
@@ -533,14 +683,9 @@ def compute_optimal_table(reps: StudyReplicates) -> pd.DataFrame:
     n, d = np.log(N / ns), np.log(D / ds)
     for floor in ("jstar", "free"):
         fit = fit_compute_optimal(N, D, total[0], floor=js[0] if floor == "jstar" else None)
-        draws = []
-        for r in range(1, reps.n_replicates + 1):
-            log_floor = math.log(js[r]) if floor == "jstar" else None
-            start = fit["theta"] if np.isfinite(fit["theta"]).all() else np.r_[fit["theta"][:4], math.log(js[r])]
-            th, f = _co_solve(start, n, d, np.log(total[r]), log_floor)
-            if floor == "free":
-                th, _ = _co_snap_floor(th, f, n, d, np.log(total[r]))
-            draws.append(_co_params(th, ns, ds, log_floor))
+        thetas = _co_refit_replicates(fit["theta"], n, d, np.log(total[1:]), np.log(js[1:]), floor == "jstar")
+        draws = [_co_params(th, ns, ds, math.log(js[r + 1]) if floor == "jstar" else None)
+                 for r, th in enumerate(thetas)]
         row = {"floor": floor, **{k: fit[k] for k in COMPUTE_OPTIMAL_COLUMNS if k in fit}}
         notes = []
         for key in ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent"):
