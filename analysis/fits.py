@@ -60,7 +60,7 @@ def power_law_fixed(u: np.ndarray, y: np.ndarray, c, w: np.ndarray):
 # exponents: enumerated on a grid, then refined around the best (step 0.05 → 1.6e-5)
 _K_GRID = np.linspace(-3.0, 3.0, 121)
 _REFINE, _REFINE_LEVELS = 11, 5
-_CHUNK = 256                           # rows per vectorised block (bounds memory: chunk × grid × points)
+_CHUNK = 1024                          # rows per vectorised block (bounds memory: chunk × grid × points)
 
 
 def power_law_free(u: np.ndarray, y: np.ndarray, w: np.ndarray):
@@ -333,16 +333,22 @@ def joint_starts(logl, free: bool) -> np.ndarray:
 
 
 def joint_fit(n, d, logl, *, log_floor=None, free=None, weights=None, huber_delta=None, starts=None,
-              polish=_POLISH):
+              polish=_POLISH, max_starts=None):
     """The best fit of one data set from a grid of starts: every start solved at once, the best ``polish`` by the
-    bounded solve. A free floor (``free`` True, or ``log_floor`` None) below FLOOR_AT_ZERO of the smallest loss is
-    set to exactly 0 and the rest refitted: the data then drive it towards 0, where its gradient vanishes and
-    where a solver stops would depend on rounding. Returns (θ [k], objective); a floor set to 0 has θ[4] = −inf."""
+    bounded solve (``max_starts``: only the first start and the best others by their initial objective are
+    solved). A free floor (``free`` True, or ``log_floor`` None) below FLOOR_AT_ZERO of the smallest loss is set to
+    exactly 0 and the rest refitted: the data then drive it towards 0, where its gradient vanishes and where a
+    solver stops would depend on rounding. Returns (θ [k], objective); a floor set to 0 has θ[4] = −inf."""
     free = log_floor is None if free is None else free
     logl = np.asarray(logl, dtype=np.float64)
     starts = joint_starts(logl, free) if starts is None else np.atleast_2d(starts)
-    lf = None if free else np.full(len(starts), log_floor)
     used = np.isfinite(logl) & (True if weights is None else np.asarray(weights) > 0)
+    if max_starts is not None and len(starts) > max_starts:
+        w = used.astype(np.float64)
+        r = joint_log_model(starts, n, d, None if free else np.full(len(starts), log_floor)) - np.where(used, logl, 0)
+        order = np.argsort(_objective(r, np.broadcast_to(w, r.shape), huber_delta)[1:], kind="stable") + 1
+        starts = starts[np.r_[0, order[: max_starts - 1]]]
+    lf = None if free else np.full(len(starts), log_floor)
     at_zero = logl[used].min() + math.log(FLOOR_AT_ZERO)
     th, f, _ = joint_solve(starts, n, d, logl, log_floor=lf, weights=weights, huber_delta=huber_delta,
                            stop_floor_below=np.full(len(starts), at_zero) if free else None)

@@ -50,6 +50,7 @@ LAW_PARAMETERS = {"pure_L": 2, "L_minus_jstar": 2, "free_offset": 3, "joint_floo
                   "joint_floor_0": 4}
 JOINT_FLOOR = {"joint_floor_jstar": "jstar", "joint_floor_free": "free", "joint_floor_0": "zero"}
 MIN_TRAIN_SIZES = 3
+_SPLIT_STARTS = 16   # a split's joint law: the study-wide fit and the grid starts with the lowest initial objective
 POINTS = ("frontier", "all")
 FORECAST_COLUMNS = ["law", "split", "held_out_model", "points", "n_points", "error", "error_ci_lo", "error_ci_hi",
                     "error_eval_ci_lo", "error_eval_ci_hi", "note"]
@@ -111,9 +112,11 @@ class Backtest:
                 for points in (("frontier",) if law in ONE_D else POINTS):
                     w = scored[points]
                     err = np.where(w, np.abs(np.log(pred) - log_actual), 0.0).sum(1) / w.sum(1)
-                    # a split with MIN_TRAIN_SIZES training sizes has no law left when one of them is left out
-                    unfit = (self.kind == "jackknife") & np.isin(self.left_out, train) & (len(train) <= MIN_TRAIN_SIZES)
-                    self.errors[(law, points, j)] = np.where((w.sum(1) > 0) & ~unfit, err, np.nan)
+                    # a split's jackknife leaves out its training sizes only (not its held-out size, nor a size it
+                    # does not use), and a split with MIN_TRAIN_SIZES of them has no law left without one
+                    jack = self.kind == "jackknife"
+                    off = jack & (~np.isin(self.left_out, train) | (len(train) <= MIN_TRAIN_SIZES))
+                    self.errors[(law, points, j)] = np.where((w.sum(1) > 0) & ~off, err, np.nan)
                     self.n_points[(law, points, j)] = int(w[0].sum())
                 for s in np.flatnonzero(in_test[0]):
                     self.predictions.append({"law": law, "split": j + 1, "held_out_model": test,
@@ -133,8 +136,8 @@ class Backtest:
         return fits.power_law_predict(u, c, k, p)
 
     def _joint(self, law, in_train):
-        """L̂ [rows, S] of a joint law fitted on each row's training snapshots (the estimate row from a grid of
-        starts and the study-wide fit, the others refitted from it)."""
+        """L̂ [rows, S] of a joint law fitted on each row's training snapshots (the estimate row from the study-wide
+        fit and the most promising starts of the grid, the others refitted from it)."""
         floor = JOINT_FLOOR[law]
         whole = self.study.joint(floor)
         w = in_train.astype(np.float64)
@@ -145,7 +148,8 @@ class Backtest:
         own = whole.theta[0] if np.isfinite(whole.theta[0]).all() else None
         if own is not None:
             starts = np.vstack([own[None, :], starts])
-        theta0, _ = fits.joint_fit(whole.n, whole.d, logl[0], log_floor=lf0, weights=w[0], starts=starts)
+        theta0, _ = fits.joint_fit(whole.n, whole.d, logl[0], log_floor=lf0, weights=w[0], starts=starts,
+                                   max_starts=_SPLIT_STARTS, polish=1)
         theta = np.empty((len(logl), len(theta0)))
         theta[0] = theta0
         theta[1:] = fits.joint_refit(theta0, whole.n, whole.d, logl[1:],
@@ -155,9 +159,9 @@ class Backtest:
 
     def mean_error(self, law, points) -> np.ndarray:
         """[rows] the law's error averaged over the splits. A jackknife row leaves its model out of the training
-        sizes only: in the split that holds that model out, and in a split that would be left with too few
-        training sizes, it keeps the estimate's error (the question a backtest answers is how well a law fitted on
-        the smaller sizes forecasts, and the held-out sizes are its fixed test cases)."""
+        sizes only: in a split that does not train on that model (it holds it out, or stops below it), and in a
+        split that would be left with too few training sizes, it keeps the estimate's error (a backtest asks how
+        well a law fitted on the smaller sizes forecasts; the held-out sizes are its fixed test cases)."""
         e = np.stack([self.errors[(law, points, j)] for j in range(len(self.splits))])     # [splits, rows]
         jack = (self.kind == "jackknife")[None, :]
         e = np.where(jack & ~np.isfinite(e), e[:, :1], e)

@@ -167,7 +167,7 @@ def interval_note(iv: dict) -> str:
     if iv["invalid"] > MAX_INVALID_FRACTION:
         return f"no interval: {iv['invalid']:.0%} of replicates had no value"
     if np.isfinite(iv["eval_lo"]) and not np.isfinite(iv["lo"]):
-        return f"no total interval: {int(iv['n_jackknife'])} models to leave out (< {MIN_JACKKNIFE})"
+        return f"no total interval: {int(iv['n_jackknife'])} leave-one-model-out values (need {MIN_JACKKNIFE})"
     return ""
 
 

@@ -123,20 +123,26 @@ def resample_counts(level: np.ndarray, n_replicates: int, seed: int) -> np.ndarr
         members = np.flatnonzero(level == lv)
         n = members.size
         draws = rng.integers(0, n, size=(n_replicates, n))
-        rows = np.repeat(np.arange(1, n_replicates + 1), n)
-        np.add.at(counts, (rows, members[draws.ravel()]), 1.0)
+        # how often each member is drawn in each replicate (row r's draws offset by r·n, counted at once)
+        per_row = np.bincount((draws + n * np.arange(n_replicates)[:, None]).ravel(), minlength=n_replicates * n)
+        counts[1:, members] = per_row.reshape(n_replicates, n)
     return counts
 
 
-def _level_means(values: np.ndarray, counts: np.ndarray, level: np.ndarray, k: int) -> np.ndarray:
-    """values [S, M] (or [M]) → per-level means [R+1, S, K] under the multiplicities counts [R+1, M]."""
-    v = np.atleast_2d(values)
-    out = np.empty((counts.shape[0], v.shape[0], k))
+def _level_means(values: list, counts: np.ndarray, level: np.ndarray, k: int) -> list:
+    """Arrays [S, M] (or [M]) → their per-level means [R+1, S, K] under the multiplicities counts [R+1, M]
+    (one product per level for all of them)."""
+    vs = [np.atleast_2d(v) for v in values]
+    stacked = np.concatenate(vs)
+    out = np.empty((counts.shape[0], stacked.shape[0], k))
     for j in range(k):
-        sel = level == j + 1
+        sel = np.flatnonzero(level == j + 1)
+        if sel.size and (np.diff(sel) == 1).all():           # the evaluation set is stored σ by σ: a view
+            sel = slice(sel[0], sel[-1] + 1)
         c = counts[:, sel]                                    # [R+1, n_j]
-        out[:, :, j] = c @ v[:, sel].T / c.sum(axis=1, keepdims=True)
-    return out
+        out[:, :, j] = c @ stacked[:, sel].T / c.sum(axis=1, keepdims=True)
+    edges = np.cumsum([0] + [len(v) for v in vs])
+    return [out[:, a:b] for a, b in zip(edges[:-1], edges[1:])]
 
 
 def size_groups(runs: pd.DataFrame, sizes: dict | None = None):
@@ -189,9 +195,10 @@ def replicates(per_triple: dict, n_replicates: int = 1000, seed: int = 0, *, siz
         total = np.einsum("rsk,sk->rs", per_level, w)
         return np.concatenate([total[:, :, None], per_level], axis=2)
 
-    loss = with_total(_level_means(per_triple["loss"], counts, level, k))
-    excess = with_total(_level_means(per_triple["excess"], counts, level, k))
-    opt = with_total(np.broadcast_to(_level_means(per_triple["optimal_loss"], counts, level, k), loss.shape[:2] + (k,)))
+    loss, excess, opt = _level_means([per_triple["loss"], per_triple["excess"], per_triple["optimal_loss"]], counts,
+                                     level, k)
+    loss, excess = with_total(loss), with_total(excess)
+    opt = with_total(np.broadcast_to(opt, loss.shape[:2] + (k,)))
     runs = pd.DataFrame({c: np.asarray(per_triple[c]) for c in SNAPSHOT_COLUMNS})
     snaps, index, size_of = size_groups(runs, sizes)
     n_groups = len(snaps)
