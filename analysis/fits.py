@@ -257,7 +257,18 @@ def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta
         # converged: the step no longer changes θ (to rounding), or no step improves on it
         done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
         if stop_floor_below is not None:
-            done[i] |= theta[i, 4] < np.broadcast_to(stop_floor_below, (p,))[i]
+            stop = np.broadcast_to(stop_floor_below, (p,))
+            # a floor whose term has all but vanished only creeps down step by step: try the stop line at once
+            fading = i[(scale[i, 4] < 1e-8 * scale[i, 0]) & ~done[i] & (theta[i, 4] >= stop[i])]
+            if fading.size:
+                jump = theta[fading].copy()
+                jump[:, 4] = stop[fading] - 1.0
+                fj, gj, hj, sj = _newton_system(jump, nd(n, fading), nd(d, fading), logl[fading], lf[fading],
+                                                w[fading], huber_delta)
+                ok_jump = fj <= f[fading] * (1 + 1e-12)
+                a = fading[ok_jump]
+                theta[a], f[a], g[a], h[a], scale[a] = jump[ok_jump], fj[ok_jump], gj[ok_jump], hj[ok_jump], sj[ok_jump]
+            done[i] |= theta[i, 4] < stop[i]
     # Near the optimum the objective changes by less than its rounding, so the acceptance test above stops a little
     # short; two plain Newton steps (which use the gradient, not the objective) settle on the stationary point.
     for _ in range(2):

@@ -220,7 +220,9 @@ def best_law(table: pd.DataFrame, pairs: pd.DataFrame, points: str, laws) -> tup
     mean = mean[np.isfinite(mean["error"])]
     if mean.empty:
         return "", [], []
-    best = mean.sort_values("error", kind="stable")["law"].iloc[0]
+    # laws whose errors agree to rounding (a free floor fitted to 0 is the law without one) go to the simpler
+    tied = mean[mean["error"] <= mean["error"].min() * (1 + 1e-6)]
+    best = min(tied["law"], key=lambda law: (LAW_PARAMETERS[law], LAWS.index(law)))
     beaten, tied = [], []
     for law in mean["law"]:
         if law == best:

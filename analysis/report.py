@@ -65,7 +65,8 @@ def _intervals_text(n_replicates: int, n_jackknife: int, seeds: bool) -> str:
     return (f"Brackets are total 95% intervals: {n_replicates} bootstrap replicates of the evaluation triples "
             f"(resampled within each σ, shared by all snapshots, the frontier re-chosen in each){seed},{jk}; "
             "they always contain every leave-one-model-out value. \"eval. only\" is the evaluation noise alone "
-            "(basic bootstrap). ρ's intervals are built on Fisher's z, so they never pass 1. Fits with fewer than "
+            "(basic bootstrap). ρ's intervals are built on Fisher's z and end at 1: every noise only lowers ρ, and with "
+            "one run per size seed noise and misfit cannot be told apart. Fits with fewer than "
             f"{MIN_POINTS_FOR_INTERVAL} points get none.")
 
 
