@@ -89,6 +89,12 @@ def _forecast_section(forecast: dict) -> list[str]:
                         + per)
         parts += [md_table(["law", "form", "points", "mean error", "eval. only"]
                            + [f"→ {held[s]}" for s in split_ids], rows), ""]
+    pairs = forecast.get("forecast_pairs.csv")
+    if pairs is not None and not pairs.empty:
+        parts += ["Paired differences of the mean errors (law a − law b; negative: a forecasts better):", ""]
+        rows = [[p["law_a"], p["law_b"], p["points"], with_ci(p, "difference", ".2g"), eval_ci(p, "difference", ".2g"),
+                 p["verdict"]] for _, p in pairs.iterrows()]
+        parts += [md_table(["law a", "law b", "points", "difference", "eval. only", "verdict"], rows), ""]
     if not info.empty:
         parts += ["Information criterion: each law fitted on all the data, the misfit modelled as a model effect "
                   "plus a snapshot effect (their sds by maximum likelihood), AICc compared within each data set:", ""]
