@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
+from analysis.compute_optimal import identified
 from analysis.frontier import frontier_mask
 from analysis.intervals import set_fields
 
@@ -311,8 +312,6 @@ def information_table(study, row: int = 0) -> pd.DataFrame:
             k, p, _, _ = fits.power_law_fixed(u[None], total[None], c, w)
         pred = fits.power_law_predict(u[None], c, k, p)[0]
         rows.append(_ic_row(law, "compute frontier", np.log(total[front]) - np.log(pred[front]), model[front]))
-    from analysis.compute_optimal import identified
-
     if identified(reps):
         for law in JOINT:
             jr = study.joint(JOINT_FLOOR[law])

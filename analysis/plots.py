@@ -37,7 +37,7 @@ from models.atomic import atomic_path  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
 STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal", "forecast")  # from the scaling step's tables
-# the two quantities the paper compares, as analysis.scaling names them
+# the two quantities the paper compares, as analysis.study_stats names them
 RAW, MINUS = "raw", "minus_jstar"
 LABELS = {RAW: "L", MINUS: "L − J*"}
 

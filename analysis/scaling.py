@@ -139,7 +139,16 @@ def _main_table(argv) -> int:
     if args.n_replicates < 0:
         ap.error(f"--n-replicates must be ≥ 0, got {args.n_replicates}")
     per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
-    sizes = seed_sizes(json.loads(args.models.read_text())) if args.models is not None else None
+    sizes = None
+    if args.models is not None:
+        try:
+            table = json.loads(args.models.read_text())
+            if not (isinstance(table, dict) and all(isinstance(v, dict) for v in table.values())):
+                raise ValueError("expected an object run → {size, …}")
+        except ValueError as err:
+            ap.error(f"--models {args.models} is not a model table ({err}); the workflow rebuilds it with "
+                     "`snakemake --forcerun models_table`")
+        sizes = seed_sizes(table)
     out = study_outputs(pd.read_csv(args.losses), per_triple, args.out_dir, n_replicates=args.n_replicates,
                         seed=args.seed, sizes=sizes)
     print(f"wrote {len(out['exponents.csv'])} fits, the verdict, the forecasts, the offset profile and the "

@@ -379,3 +379,7 @@ def test_cli_averages_the_seed_runs_named_in_models_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         scaling.main(["--losses", str(losses), "--models", str(tmp_path / "no.json"), "--out-dir", str(out)])
     assert "--models file not found" in capsys.readouterr().err
+    models.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        scaling.main(["--losses", str(losses), "--models", str(models), "--out-dir", str(out)])
+    assert f"--models {models} is not a model table" in capsys.readouterr().err
