@@ -55,6 +55,7 @@ report: "workflow/report/workflow.rst"
 localrules:
     all,
     model_config,
+    models_table,
     jstar,
     estimators,
     plan_table,

@@ -4,7 +4,7 @@
         --estimators estimators.csv --outdir results/<study>/figures
 
 Inputs are the study's tables (docs/internals.md): losses.csv (analysis.evaluate collect: one row per model,
-snapshot and σ, plus totals with σ empty), exponents.csv (analysis.scaling fit_table: quantity × axis × σ),
+snapshot and σ, plus totals with σ empty), exponents.csv (analysis.study_stats: quantity × axis × σ),
 jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
   jstar.png                J*(σ) with every estimator
   loss_per_sigma.png       per-σ L of every model (last snapshot) over J* on the same triples
@@ -14,6 +14,7 @@ jstar.csv / estimators.csv (analysis.optimal_loss). The figures:
   residuals.png            residuals of both compute fits of the total
   offset_profile.png       ρ and extrapolation error against the subtracted constant c, J* and free offset marked
   compute_optimal.png      iso-loss contours of L(N, D) = J* + A/N^a + B/D^b and the compute-optimal frontier
+  forecast.png             every law's forecasts of the held-out sizes against the measured losses
 and, for a study whose models come from several architecture families (exponents.csv then has a `group` column;
 the figures above use its pooled fits):
   families.png             total L and L − J* against compute, each family with its own frontier and fit
@@ -35,8 +36,8 @@ import pandas as pd  # noqa: E402
 from models.atomic import atomic_path  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
-STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal")  # the last two from the scaling step's tables
-# the two quantities the paper compares, as analysis.scaling names them
+STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal", "forecast")  # from the scaling step's tables
+# the two quantities the paper compares, as analysis.study_stats names them
 RAW, MINUS = "raw", "minus_jstar"
 LABELS = {RAW: "L", MINUS: "L − J*"}
 
@@ -94,7 +95,7 @@ def _quantity(df: pd.DataFrame, quantity: str) -> pd.Series:
 
 def _on_frontier(losses: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """For each row, whether its snapshot is on the study's one compute frontier (chosen on the total L)."""
-    from analysis.scaling import lower_envelope
+    from analysis.frontier import lower_envelope
 
     tot = _totals(losses)
     env = tot.iloc[lower_envelope(tot["flops"].to_numpy(dtype=float), tot["loss"].to_numpy(dtype=float))]
@@ -285,8 +286,9 @@ def plot_offset_profile(profile: pd.DataFrame, verdict: pd.DataFrame, out) -> Pa
                 ax.fill_between(p["c"], p[f"{key}_ci_lo"], p[f"{key}_ci_hi"], color="C0", alpha=0.2,
                                 label="95% interval")
             for _, m in marks.iterrows():
-                color = "C3" if m["marker"] == "jstar" else "C2"
-                name = "J*" if m["marker"] == "jstar" else "free offset"
+                color = {"jstar": "C3", "free_offset": "C2", "implied_offset": "C1"}.get(m["marker"], "C7")
+                name = {"jstar": "J*", "free_offset": "free offset",
+                        "implied_offset": "offset a J* floor implies"}.get(m["marker"], m["marker"])
                 ax.axvline(m["c"], color=color, ls="--", lw=1.5, label=f"{name} = {m['c']:.3g}")
             if not v.empty and np.isfinite(v.iloc[0]["free_offset_ci_lo"]):
                 ax.axvspan(v.iloc[0]["free_offset_ci_lo"], v.iloc[0]["free_offset_ci_hi"], color="C2", alpha=0.1,
@@ -331,11 +333,53 @@ def plot_compute_optimal(losses: pd.DataFrame, compute_optimal: pd.DataFrame, ou
     return _save(fig, out)
 
 
+def plot_forecast(points: pd.DataFrame, forecast: pd.DataFrame, out) -> Path:
+    """Every law's forecasts of the held-out sizes (forecast_points.csv, the estimate) against the measured total L:
+    one panel per law, a point per held-out snapshot coloured by the held-out model (filled: on the frontier, the
+    points every law is scored on), the diagonal, and the law's mean error over the splits with its interval."""
+    from analysis.forecast import LAW_LABELS, LAWS
+
+    laws = [law for law in LAWS if law in set(points["law"])]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), squeeze=False)
+    if not laws:
+        axes[0, 0].text(0.5, 0.5, "no forecast (too few model sizes)", transform=axes[0, 0].transAxes, ha="center")
+    held = list(dict.fromkeys(points["held_out_model"]))
+    cmap = plt.get_cmap("viridis")
+    colors = {m: cmap(i / max(len(held) - 1, 1)) for i, m in enumerate(held)}
+    lo = float(np.nanmin(points[["actual", "predicted"]].to_numpy())) if len(points) else 0.1
+    hi = float(np.nanmax(points[["actual", "predicted"]].to_numpy())) if len(points) else 1.0
+    for ax, law in zip(axes.ravel(), laws):
+        p = points[points["law"] == law]
+        for m in held:
+            g = p[p["held_out_model"] == m]
+            front = g["frontier"].astype(bool)
+            ax.scatter(g.loc[front, "actual"], g.loc[front, "predicted"], color=colors[m], s=28, label=f"→ {m}")
+            ax.scatter(g.loc[~front, "actual"], g.loc[~front, "predicted"], facecolors="none", edgecolors=colors[m],
+                       s=28)
+        ax.plot([lo / 1.05, hi * 1.05], [lo / 1.05, hi * 1.05], "k--", lw=1)
+        title = LAW_LABELS[law]
+        for points_set in ("frontier", "all"):
+            r = forecast[(forecast["law"] == law) & (forecast["split"].astype(str) == "mean")
+                         & (forecast["points"] == points_set)]
+            if not r.empty and np.isfinite(float(r["error"].iloc[0])):
+                r = r.iloc[0]
+                ci = (f" [{r['error_ci_lo']:.3f}, {r['error_ci_hi']:.3f}]" if np.isfinite(r["error_ci_lo"]) else "")
+                title += f"\nerror, {points_set}: {r['error']:.3f}{ci}"
+        ax.set(xscale="log", yscale="log", xlabel="measured total L", ylabel="forecast L̂")
+        ax.set_title(title, fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes.ravel()[max(len(laws), 1):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def plot_families(losses: pd.DataFrame, exponents: pd.DataFrame | None, out) -> Path:
     """Architecture families side by side: total L (left) and L − J* (right) against compute; each family's
     snapshots in its own colour map (darker = larger model), its own compute frontier and its own fit from
     exponents.csv's per-family rows (legend: exponent with its bootstrap 95% interval)."""
-    from analysis.scaling import model_families
+    from analysis.study_stats import model_families
 
     df = _totals(losses)
     df = df.assign(_family=model_families(df))
@@ -377,14 +421,14 @@ def plot_families(losses: pd.DataFrame, exponents: pd.DataFrame | None, out) -> 
 
 
 def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict=None,
-             compute_optimal=None) -> list[Path]:
-    """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths; the offset profile and
-    the compute-optimal figure are drawn when their tables are given."""
-    from analysis.scaling import pooled_fits
+             compute_optimal=None, forecast=None, forecast_points=None) -> list[Path]:
+    """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths; the offset profile, the
+    compute-optimal and the forecast figures are drawn when their tables are given."""
+    from analysis.study_stats import pooled_fits
 
     read = lambda t: pd.read_csv(t) if not isinstance(t, pd.DataFrame) and t is not None else t  # noqa: E731
-    losses, exponents, jstar, estimators, profile, verdict, compute_optimal = map(
-        read, (losses, exponents, jstar, estimators, profile, verdict, compute_optimal))
+    losses, exponents, jstar, estimators, profile, verdict, compute_optimal, forecast, forecast_points = map(
+        read, (losses, exponents, jstar, estimators, profile, verdict, compute_optimal, forecast, forecast_points))
     exponents = pooled_fits(exponents)  # per-family rows belong to families.png
     outdir = Path(outdir)
     outs = [
@@ -399,6 +443,8 @@ def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict
         outs.append(plot_offset_profile(profile, verdict, outdir / "offset_profile.png"))
     if compute_optimal is not None:
         outs.append(plot_compute_optimal(losses, compute_optimal, outdir / "compute_optimal.png"))
+    if forecast is not None and forecast_points is not None:
+        outs.append(plot_forecast(forecast_points, forecast, outdir / "forecast.png"))
     return outs
 
 
@@ -412,6 +458,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", help="analysis/offset_profile.csv (with --verdict: offset_profile.png)")
     ap.add_argument("--verdict", help="analysis/verdict.csv")
     ap.add_argument("--compute-optimal", help="analysis/compute_optimal.csv (compute_optimal.png)")
+    ap.add_argument("--forecast", help="analysis/forecast.csv (with --forecast-points: forecast.png)")
+    ap.add_argument("--forecast-points", help="analysis/forecast_points.csv")
     ap.add_argument("--outdir", default=None, help="for `all`: folder of the figures")
     ap.add_argument("--out", default=None, help="for one figure: its PNG path")
     ap.add_argument("--sigma", type=float, default=None, help="scaling/residuals at this σ instead of the total")
@@ -420,7 +468,8 @@ def main(argv=None) -> int:
              "loss_per_sigma": ("losses",), "gap_per_sigma": ("losses",), "scaling": ("losses", "exponents"),
              "exponents_per_sigma": ("exponents",), "residuals": ("losses", "exponents"),
              "families": ("losses", "exponents"), "offset_profile": ("profile", "verdict"),
-             "compute_optimal": ("losses", "compute_optimal")}[a.figure]
+             "compute_optimal": ("losses", "compute_optimal"),
+             "forecast": ("forecast", "forecast_points")}[a.figure]
     for key in needs:
         path = getattr(a, key)
         if path is None:
@@ -429,13 +478,14 @@ def main(argv=None) -> int:
             ap.error(f"--{key}: file not found: {path}")
     if a.figure == "all":
         outs = plot_all(a.losses, a.exponents, a.jstar, a.estimators, a.outdir or ".", a.profile, a.verdict,
-                        a.compute_optimal)
+                        a.compute_optimal, a.forecast, a.forecast_points)
     else:
         out = a.out or f"{a.figure}.png"
-        from analysis.scaling import pooled_fits
+        from analysis.study_stats import pooled_fits
 
         t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None
-             for k in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal")}
+             for k in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal",
+                       "forecast", "forecast_points")}
         grouped, t["exponents"] = t["exponents"], pooled_fits(t["exponents"])
         fn = {"jstar": lambda: plot_jstar(t["estimators"], out, t["jstar"]),
               "loss_per_sigma": lambda: plot_loss_per_sigma(t["losses"], out),
@@ -445,7 +495,8 @@ def main(argv=None) -> int:
               "residuals": lambda: plot_residuals(t["losses"], t["exponents"], out, a.sigma),
               "families": lambda: plot_families(t["losses"], grouped, out),
               "offset_profile": lambda: plot_offset_profile(t["profile"], t["verdict"], out),
-              "compute_optimal": lambda: plot_compute_optimal(t["losses"], t["compute_optimal"], out)}[a.figure]
+              "compute_optimal": lambda: plot_compute_optimal(t["losses"], t["compute_optimal"], out),
+              "forecast": lambda: plot_forecast(t["forecast_points"], t["forecast"], out)}[a.figure]
         outs = [fn()]
     for p in outs:
         print(f"wrote {p}")

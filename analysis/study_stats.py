@@ -1,28 +1,26 @@
-"""The study's statistics: power-law fits of L, L − J*, the direct excess and a free offset, on one compute frontier,
-with intervals from the evaluation set's noise; the paired verdict on L vs L − J*; the offset profile; and the
-compute-optimal law L(N, D) with J* as its floor.
+"""The study's power-law tables: fits of L, L − J*, the direct excess and a free offset against compute (one
+frontier) and parameters, per σ and for the weighted total (exponents.csv); L − J* against L, paired (verdict.csv);
+the profile over the subtracted constant (offset_profile.csv); and, for several architecture families, their
+exponent differences (family_differences.csv).
 
-Every number is computed for replicate 0 (the evaluation set) and for R bootstrap replicates of its triples
-(analysis.resample), with everything that depends on the data — the frontier included — recomputed inside each
-replicate. Intervals (95%) are the replicates' percentiles, centred on the estimate (``percentile_ci``). They hold the evaluation set's sampling
-noise, the noise every snapshot shares; a study with one training seed per size carries no seed noise in them.
+Every number is computed on every row of the study (analysis.resample: the estimate, replicates of the evaluation
+triples, of the seed runs, and the study with one model left out), with everything that depends on the data — the
+frontier included — recomputed in each row; analysis.intervals turns the rows into the intervals (the total, which
+is the headline, and the evaluation noise alone).
 
-Fits. A power law with a fixed offset c (0 for L, J* for L − J*) is a least-squares line in log space:
-log(y − c) = log A + k·log x, solved in closed form for all replicates at once; ρ = |Pearson r| of that line
-(the paper's measure). With a free offset, y = c + A·x^k is fitted by relative least squares Σ((y − model)/y)²
-(≈ residuals in log y): for each exponent on a grid the best (c, A) is a weighted 2×2 solve with 0 ≤ c < min y,
-the grid is refined five times, so the global optimum is found by enumeration, the same on every machine.
+Fits (analysis.fits). A power law with a fixed offset c (0 for L, J* for L − J*) is a least-squares line in log
+space, log(y − c) = log A + k·log x; ρ = |Pearson r| of that line (the paper's measure). With a free offset,
+y = c + A·x^k by relative least squares. Axes (analysis.frontier): compute — x = training FLOPs on the study's ONE
+frontier (chosen on the total L), reused for every σ and quantity; params — x = parameters, each model's last
+snapshot. Extrapolation error: fit on every point but the largest model's, predict the largest model's points, mean
+|predicted − actual| / L of the loss L (J* added back for L − J*).
 
-Axes. compute: x = training FLOPs on the study's ONE frontier — the snapshots whose total L is below every total L
-reached with less compute — reused for every σ and every quantity; params: x = parameters, each model's last
-snapshot. Extrapolation error: fit on every point but the largest model's, predict the largest model's points,
-mean |predicted − actual| / actual of the loss L (J* added back for L − J*).
-
-Why ρ alone is no verdict: d ln(L − c)/d ln F = L/(L − c) · d ln L/d ln F, so any c > 0 steepens the exponent, and
-ρ of log(L − c) often rises for every c below a data-dependent point. The verdict therefore reports Δρ and
-Δ(extrapolation error) between L − J* and L with paired intervals, and beside them the profile over c with J* and
-the free-offset estimate (with its interval) marked: J* inside the free-offset interval means the data put the
-floor where J* is; below it means J* is just some constant under the floor the data prefer.
+Why ρ alone is no verdict: d ln(L − c)/d ln F = L/(L − c) · d ln L/d ln F, so any c > 0 steepens the exponent, and ρ
+of log(L − c) often rises for every c below a data-dependent point. The verdict reports Δρ and Δ(extrapolation
+error) between L − J* and L with paired intervals, calls a difference only when it is also practically relevant,
+and compares the free offset with the offset a J* floor itself implies on the same points (the joint law with floor
+J*, analysis.compute_optimal, fitted and then seen through the same free-offset fit): at finite D the asymptote of a
+size sweep is J* + B·D^−b, not J*. The forecasts (analysis.forecast) are the verdict on the floor itself.
 """
 
 from __future__ import annotations
@@ -31,185 +29,44 @@ import math
 
 import numpy as np
 import pandas as pd
-from scipy import special
 
+from analysis import compute_optimal
+from analysis.fits import power_law_fixed, power_law_free, power_law_predict
+from analysis.frontier import final_mask, frontier_mask, largest_model_mask
+from analysis.intervals import set_fields
 from analysis.resample import StudyReplicates
 
 MIN_POINTS_FOR_INTERVAL = 5
-LEVEL_CI = 95.0
-MAX_INVALID_FRACTION = 0.025  # a percentile interval needs (100 − LEVEL_CI)/2 % of replicates at most to be missing
 QUANTITIES = ("raw", "minus_jstar", "excess", "free_offset")
 AXES = ("compute", "params")
-TABLE_COLUMNS = ["quantity", "axis", "sigma", "exponent", "exponent_ci_lo", "exponent_ci_hi", "prefactor",
-                 "prefactor_ci_lo", "prefactor_ci_hi", "offset", "offset_ci_lo", "offset_ci_hi", "rho",
-                 "rho_ci_lo", "rho_ci_hi", "r2", "extrapolation_error", "extrapolation_error_ci_lo",
-                 "extrapolation_error_ci_hi", "n", "n_nonpositive", "optimal_loss", "n_replicates", "note"]
-VERDICT_COLUMNS = ["axis", "sigma", "optimal_loss", "rho_raw", "rho_minus_jstar", "delta_rho", "delta_rho_ci_lo",
-                   "delta_rho_ci_hi", "extrap_raw", "extrap_minus_jstar", "delta_extrap", "delta_extrap_ci_lo",
-                   "delta_extrap_ci_hi", "free_offset", "free_offset_ci_lo", "free_offset_ci_hi", "verdict_rho",
-                   "verdict_extrap", "jstar_vs_free_offset", "n", "note"]
-
-# free-offset exponents: enumerated on a grid, then refined around the best (step 0.05 → 1.6e-5)
-_K_GRID = np.linspace(-3.0, 3.0, 121)
-_REFINE, _REFINE_LEVELS = 11, 5
-_CHUNK = 256                           # replicates per vectorised block (bounds memory: chunk × grid × points)
+# practical significance: a difference between L − J* and L counts when it removes at least this fraction of L's own
+# lack of fit (1 − ρ(L)) or of L's extrapolation error; and J* below this fraction of the smallest fitted loss makes
+# the two fits identical to rounding
+PRACTICAL_FRACTION = 0.1
+IDENTICAL_JSTAR = 1e-6
+POOLED = "all"  # the group of the fits over every model together
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# points: the frontier and the final snapshots
-# ----------------------------------------------------------------------------------------------------------------
-def frontier_mask(flops: np.ndarray, total_loss: np.ndarray) -> np.ndarray:
-    """[R, S] bool: snapshot s is on replicate r's compute frontier — its total loss is strictly below every total
-    loss reached with less compute (analysis.scaling.lower_envelope, for every replicate at once)."""
-    flops = np.asarray(flops, dtype=np.float64)
-    total_loss = np.atleast_2d(total_loss)
-    order = np.argsort(flops, kind="stable")
-    if (np.diff(flops[order]) == 0).any():  # equal compute: the per-row envelope orders those by loss
-        from analysis.scaling import lower_envelope
-        mask = np.zeros(total_loss.shape, dtype=bool)
-        for r, row in enumerate(total_loss):
-            mask[r, lower_envelope(flops, row)] = True
-        return mask
-    mask = np.zeros(total_loss.shape, dtype=bool)
-    best = np.full(total_loss.shape[0], np.inf)
-    for s in order:
-        v = total_loss[:, s]
-        on = np.isfinite(v) & (v < best)
-        mask[:, s] = on
-        best = np.where(on, v, best)
-    return mask
+def _ci_columns(*names):
+    return [c for n in names for c in (n, f"{n}_ci_lo", f"{n}_ci_hi", f"{n}_eval_ci_lo", f"{n}_eval_ci_hi")]
 
 
-def final_mask(snapshots: pd.DataFrame) -> np.ndarray:
-    """[S] bool: each model's last snapshot."""
-    last = snapshots.groupby("model", sort=False)["images_seen"].transform("max")
-    return (snapshots["images_seen"] == last).to_numpy()
-
-
-def largest_model_mask(snapshots: pd.DataFrame) -> np.ndarray:
-    """[S] bool: the snapshots of the model with the most parameters (held out by the extrapolation test)."""
-    return (snapshots["params"] == snapshots["params"].max()).to_numpy()
+TABLE_COLUMNS = (["quantity", "axis", "sigma"] + _ci_columns("exponent", "prefactor", "offset", "rho") + ["r2"]
+                 + _ci_columns("extrapolation_error")
+                 + ["n", "n_nonpositive", "optimal_loss", "n_replicates", "n_jackknife", "note"])
+VERDICTS = ("better", "worse", "no difference at 95%", "no practical difference", "identical fits (J* ≈ 0)",
+            "no interval")
+VERDICT_COLUMNS = (["axis", "sigma", "optimal_loss", "rho_raw", "rho_minus_jstar"] + _ci_columns("delta_rho")
+                   + ["rho_threshold", "extrap_raw", "extrap_minus_jstar"] + _ci_columns("delta_extrap")
+                   + ["extrap_threshold"] + _ci_columns("free_offset", "implied_offset", "free_minus_implied")
+                   + ["verdict_rho", "verdict_extrap", "free_offset_vs_jstar_law", "n", "note"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# vectorised fits over replicates: arrays [R, n] with a 0/1 mask of the points used
-# ----------------------------------------------------------------------------------------------------------------
-def _wmean(a, w):
-    return (w * a).sum(-1) / w.sum(-1)
-
-
-def loglinear_fit(u: np.ndarray, y: np.ndarray, c, w: np.ndarray):
-    """Least-squares line log(y − c) = p + k·u over the points with w = 1, for every row at once.
-    Returns (k, p, pearson_r, valid); rows where a used point has y ≤ c, or fewer than 3 points, are invalid."""
-    c = np.asarray(c, dtype=np.float64)[..., None] if np.ndim(c) else float(c)
-    rest = y - c
-    valid = ~((w > 0) & ~(rest > 0)).any(-1) & (w.sum(-1) >= 3)
-    v = np.where(w > 0, np.log(np.where(rest > 0, rest, 1.0)), 0.0)
-    ub, vb = _wmean(u, w), _wmean(v, w)
-    du, dv = (u - ub[..., None]) * w, (v - vb[..., None]) * w
-    suu, svv, suv = (du * du).sum(-1), (dv * dv).sum(-1), (du * dv).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        k = suv / suu
-        r = suv / np.sqrt(suu * svv)
-    p = vb - k * ub
-    valid &= np.isfinite(k) & (suu > 0)
-    nan = np.where(valid, 1.0, np.nan)
-    return k * nan, p * nan, r * nan, valid
-
-
-def _offset_fits(z, y, w, cmax):
-    """Best (c, A) of y ≈ c + A·z under weights w/y² with 0 ≤ c ≤ cmax; z [.., G, n], y/w [.., 1, n]."""
-    om = w / (y * y)
-    so = om.sum(-1)
-    zb, yb = (om * z).sum(-1) / so, (om * y).sum(-1) / so
-    dz = z - zb[..., None]
-    szz = (om * dz * dz).sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        a = (om * dz * (y - yb[..., None])).sum(-1) / szz
-        c = yb - a * zb
-        clipped = (c < 0) | (c > cmax)
-        c = np.clip(c, 0.0, cmax)
-        a_clip = (om * z * (y - c[..., None])).sum(-1) / (om * z * z).sum(-1)
-    a = np.where(clipped, a_clip, a)
-    sse = (om * (y - c[..., None] - a[..., None] * z) ** 2).sum(-1)
-    return c, a, np.where(np.isfinite(sse), sse, np.inf)
-
-
-def free_offset_fit(u: np.ndarray, y: np.ndarray, w: np.ndarray):
-    """y = c + A·exp(k·u), relative least squares, 0 ≤ c < min used y; every row at once.
-    Returns (k, log A, c, valid)."""
-    u, y, w = (np.atleast_2d(a) for a in np.broadcast_arrays(u, y, w))
-    # only the used points enter: gather them to the front and drop the columns no row uses
-    order = np.argsort(w <= 0, axis=1, kind="stable")[:, :max(int((w > 0).sum(1).max()), 1)]
-    u, y, w = (np.take_along_axis(a, order, axis=1) for a in (u, y, w))
-    parts = [_free_offset_block(u[i:i + _CHUNK], y[i:i + _CHUNK], w[i:i + _CHUNK]) for i in range(0, len(y), _CHUNK)]
-    return tuple(np.concatenate(a) for a in zip(*parts))
-
-
-def _free_offset_block(u, y, w):
-    ymin = np.where(w > 0, y, np.inf).min(-1)
-    cmax = ymin * (1 - 1e-9)
-    valid = (w.sum(-1) >= 3) & (ymin > 0) & np.isfinite(ymin)
-    y_ = np.where(w > 0, y, 1.0)[:, None, :]
-    w_ = w[:, None, :]
-    cm = cmax[:, None]
-
-    def best_on(grid):                                       # grid [R, G]
-        z = np.exp(grid[:, :, None] * u[:, None, :])
-        c, a, sse = _offset_fits(z, y_, w_, cm)
-        j = np.argmin(sse, axis=1)
-        rows = np.arange(len(j))
-        return grid[rows, j], c[rows, j], a[rows, j], j
-
-    grid = np.broadcast_to(_K_GRID, (len(y), _K_GRID.size))
-    step = _K_GRID[1] - _K_GRID[0]
-    k, c, a, _ = best_on(grid)
-    for _ in range(_REFINE_LEVELS):
-        grid = k[:, None] + np.linspace(-step, step, _REFINE)[None, :]
-        step = 2 * step / (_REFINE - 1)
-        k, c, a, _ = best_on(grid)
-    valid &= np.isfinite(k) & (a > 0)
-    nan = np.where(valid, 1.0, np.nan)
-    return k * nan, np.log(np.where(a > 0, a, 1.0)) * nan, c * nan, valid
-
-
-def extrapolation_error(u, y, loss, c, k, p, w_test) -> np.ndarray:
-    """Mean over the test points of |c + exp(p + k·u) − y| / L: the fitted quantity y's prediction error, measured
-    relative to the loss L itself so that every quantity's error is on the same scale."""
-    pred = np.asarray(c, dtype=np.float64)[..., None] + np.exp(p[:, None] + k[:, None] * u)
-    n = w_test.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        err = np.where(w_test > 0, np.abs(pred - y) / loss, 0.0).sum(-1) / n
-    return np.where(n > 0, err, np.nan)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# intervals
-# ----------------------------------------------------------------------------------------------------------------
-def percentile_ci(draws: np.ndarray, estimate: float) -> tuple[float, float, str]:
-    """95% interval from the replicate values: their 2.5 and 97.5 percentiles, shifted by estimate − median.
-
-    A replicate carries the evaluation set's noise twice (the set's own, then the resample's), so a statistic the
-    noise biases — ρ, bounded by 1, drops with every bit of noise — sits lower in the replicates than in the
-    estimate, and a plain percentile interval can miss the estimate altogether. Shifting by the replicates' median
-    bias keeps their spread and centres it on the estimate. NaN where more than 2.5% of the replicates have no fit,
-    or where the estimate has none."""
-    draws = np.asarray(draws, dtype=np.float64)
-    if draws.size == 0 or not np.isfinite(estimate):
-        return math.nan, math.nan, ""
-    bad = ~np.isfinite(draws)
-    if bad.mean() > MAX_INVALID_FRACTION:
-        return math.nan, math.nan, f"no interval: {bad.mean():.0%} of replicates had no fit"
-    lo, med, hi = np.percentile(draws[~bad], [(100 - LEVEL_CI) / 2, 50.0, (100 + LEVEL_CI) / 2])
-    shift = float(estimate) - med
-    return float(lo + shift), float(hi + shift), ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the study's fits
+# the study's fits, on every row
 # ----------------------------------------------------------------------------------------------------------------
 class _Axis:
-    """The points of one axis for every replicate: x (log), the use mask, and the extrapolation split."""
+    """The points of one axis for every row: x (log), the use mask, and the extrapolation split."""
 
     def __init__(self, reps: StudyReplicates, axis: str):
         snaps = reps.snapshots
@@ -218,23 +75,24 @@ class _Axis:
         if (x <= 0).any():
             raise ValueError(f"{col} must be positive for a power law in log space")
         self.u = np.log(x)
-        n_rep = reps.loss.shape[0]
+        available = reps.available
         if axis == "compute":
             self.mask = frontier_mask(x, reps.loss[:, :, 0])
         else:
-            self.mask = np.broadcast_to(final_mask(snaps), (n_rep, len(snaps))).copy()
-        largest = largest_model_mask(snaps)
+            self.mask = final_mask(snaps)[None, :] & available
+        largest = largest_model_mask(snaps["params"].to_numpy(np.float64), available)
         self.test = self.mask & largest
         self.fit = self.mask & ~largest
         self.u_rows = np.broadcast_to(self.u, self.mask.shape)
 
 
 class StudyFits:
-    """A study's replicates with every fit computed once and shared by the fit table, the verdict and the profile."""
+    """A study's rows with every fit computed once and shared by the tables, the verdict, the profile and the
+    compute-optimal law."""
 
     def __init__(self, reps: StudyReplicates):
         self.reps = reps
-        self._axes, self._fits = {}, {}
+        self._axes, self._fits, self._joint = {}, {}, {}
 
     def axis(self, name: str) -> _Axis:
         if name not in AXES:
@@ -248,6 +106,12 @@ class StudyFits:
         if key not in self._fits:
             self._fits[key] = fit_quantity(self.reps, self.axis(axis), quantity, level)
         return self._fits[key]
+
+    def joint(self, floor: str) -> compute_optimal.JointRows:
+        """The compute-optimal law with this floor ("jstar", "free", "zero") on every row."""
+        if floor not in self._joint:
+            self._joint[floor] = compute_optimal.JointRows(self.reps, floor)
+        return self._joint[floor]
 
 
 def _as_fits(obj) -> StudyFits:
@@ -270,49 +134,63 @@ def _quantity_values(reps: StudyReplicates, quantity: str, level: int):
     raise ValueError(f"unknown quantity {quantity!r}; choose from {list(QUANTITIES)}")
 
 
+def extrapolation_error(u, y, loss, c, k, p, w_test) -> np.ndarray:
+    """Mean over the test points of |c + exp(p + k·u) − y| / L: the fitted quantity y's prediction error, measured
+    relative to the loss L itself so that every quantity's error is on the same scale."""
+    pred = power_law_predict(u, c, k, p)
+    n = w_test.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = np.where(w_test > 0, np.abs(pred - y) / loss, 0.0).sum(-1) / n
+    return np.where(n > 0, err, np.nan)
+
+
 def fit_quantity(reps: StudyReplicates, ax: _Axis, quantity: str, level: int) -> dict:
-    """Every replicate's fit of one (quantity, axis, level): arrays [R+1] (index 0 = the evaluation set)."""
+    """Every row's fit of one (quantity, axis, level): arrays [rows] (index 0 = the estimate)."""
     y, c, loss, js = _quantity_values(reps, quantity, level)
     w = ax.mask.astype(np.float64)
     u = ax.u_rows
     at_bound = np.zeros(len(y), dtype=bool)
     if quantity == "free_offset":
-        k, p, c, valid = free_offset_fit(u, y, w)
-        kf, pf, cf, _ = free_offset_fit(u, y, ax.fit.astype(np.float64))
+        k, p, c, valid = power_law_free(u, y, w)
+        kf, pf, cf, _ = power_law_free(u, y, ax.fit.astype(np.float64))
         # an offset at 0 or just below the smallest used loss is a boundary, not an estimate of a floor
         ymin = np.where(w > 0, y, np.inf).min(-1)
         at_bound = valid & ((c <= 0) | (c >= ymin * (1 - 1e-6)))
-        _, _, r, _ = loglinear_fit(u, y, np.where(np.isfinite(c), c, 0.0), w)  # ρ of the line log(y − ĉ)
+        _, _, r, _ = power_law_fixed(u, y, np.where(np.isfinite(c), c, 0.0), w)  # ρ of the line log(y − ĉ)
     else:
-        k, p, r, valid = loglinear_fit(u, y, c, w)
-        kf, pf, _, _ = loglinear_fit(u, y, c, ax.fit.astype(np.float64))
+        k, p, r, valid = power_law_fixed(u, y, c, w)
+        kf, pf, _, _ = power_law_fixed(u, y, c, ax.fit.astype(np.float64))
         cf = c
-    pred_log = p[:, None] + k[:, None] * u
-    fitted = np.where(np.isfinite(c), c, 0.0)[:, None] + np.exp(pred_log)
+    fitted = power_law_predict(u, np.where(np.isfinite(c), c, 0.0), k, p)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rl = np.where(w > 0, np.log(np.where(y > 0, y, np.nan)) - np.log(fitted), 0.0)
         ly = np.where(w > 0, np.log(np.where(y > 0, y, np.nan)), 0.0)
-        ss_tot = (w * (ly - _wmean(ly, w)[:, None]) ** 2).sum(-1)
+        rl = np.where(w > 0, ly - np.log(fitted), 0.0)
+        ss_tot = (w * (ly - (w * ly).sum(-1, keepdims=True) / w.sum(-1, keepdims=True)) ** 2).sum(-1)
         r2 = 1 - (rl * rl).sum(-1) / ss_tot
     nonpos = ((w > 0) & ~(y - c[:, None] > 0)).sum(-1)
     # the reported offset is the one of y = offset + A·x^k for the quantity itself (L − J* and the excess have 0)
     offset = np.where(valid, c, np.nan) if quantity == "free_offset" else np.where(valid, 0.0, np.nan)
     return {"exponent": k, "log_prefactor": p, "offset": offset, "rho": np.abs(r), "r2": r2,
-            "extrapolation_error": extrapolation_error(u, y, loss, cf, kf, pf, ax.test.astype(np.float64)),
+            "extrapolation_error": _held_out_kept(reps, extrapolation_error(u, y, loss, cf, kf, pf,
+                                                                            ax.test.astype(np.float64))),
             "n": w.sum(-1), "n_nonpositive": nonpos, "optimal_loss": js, "at_bound": at_bound}
 
 
-def _ci_fields(out: dict, name: str, draws: np.ndarray, notes: list, allow: bool) -> None:
-    out[name] = float(draws[0])
-    lo, hi, note = percentile_ci(draws[1:], draws[0]) if allow else (math.nan, math.nan, "")
-    out[f"{name}_ci_lo"], out[f"{name}_ci_hi"] = lo, hi
-    if note and note not in notes:
-        notes.append(note)
+def _held_out_kept(reps: StudyReplicates, error: np.ndarray) -> np.ndarray:
+    """An extrapolation error is defined by its held-out (largest) model: a jackknife row that leaves that model
+    out measures another error, so it is dropped (NaN) — the jackknife leaves out the training models only."""
+    snaps = reps.snapshots
+    largest = snaps.loc[snaps["params"].idxmax(), "model"]
+    return np.where((reps.kind == "jackknife") & (reps.left_out == largest), np.nan, error)
 
 
-def study_table(reps: StudyReplicates, *, quantities=QUANTITIES, axes=AXES, levels=None) -> pd.DataFrame:
-    """exponents.csv: one row per (quantity, axis, σ or total) with point estimates (the evaluation set) and 95%
-    percentile intervals from the replicates (none with fewer than 5 points, or without replicates)."""
+def _allow(reps: StudyReplicates, n: int) -> bool:
+    return reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
+
+
+def study_table(reps, *, quantities=QUANTITIES, axes=AXES, levels=None) -> pd.DataFrame:
+    """exponents.csv: one row per (quantity, axis, σ or total) with the estimate and its 95% intervals, total and
+    evaluation noise only (none with fewer than 5 points, or without replicates)."""
     for q in quantities:
         if q not in QUANTITIES:
             raise ValueError(f"unknown quantity {q!r}; choose from {list(QUANTITIES)}")
@@ -329,7 +207,7 @@ def study_table(reps: StudyReplicates, *, quantities=QUANTITIES, axes=AXES, leve
 def _table_row(fits: StudyFits, axis, quantity, level) -> dict:
     reps = fits.reps
     row = {"quantity": quantity, "axis": axis, "sigma": reps.level_label(level),
-           "n_replicates": reps.n_replicates}
+           "n_replicates": reps.n_replicates, "n_jackknife": int((reps.kind == "jackknife").sum())}
     if quantity == "excess" and not np.isfinite(reps.excess[0, :, level]).any():
         return {**row, "n": 0, "n_nonpositive": 0, "note": "no excess column"}
     f = fits.fit(axis, quantity, level)
@@ -340,76 +218,113 @@ def _table_row(fits: StudyFits, axis, quantity, level) -> dict:
     if not np.isfinite(f["exponent"][0]):
         notes.append("no fit: " + (f"{row['n_nonpositive']} of {n} points have y ≤ offset"
                                    if row["n_nonpositive"] else f"{n} points (need ≥ 3)"))
-    allow = reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
+    allow = _allow(reps, n)
     if reps.n_replicates > 0 and n < MIN_POINTS_FOR_INTERVAL:
         notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
     if f["at_bound"][0]:
         notes.append("free offset at its bound (0 or the smallest loss): the data do not identify a floor")
-    _ci_fields(row, "exponent", f["exponent"], notes, allow)
-    _ci_fields(row, "prefactor", np.exp(f["log_prefactor"]), notes, allow)
-    _ci_fields(row, "offset", f["offset"], notes, allow and quantity == "free_offset")
-    _ci_fields(row, "rho", f["rho"], notes, allow)
-    _ci_fields(row, "extrapolation_error", f["extrapolation_error"], notes, allow)
+    kind = reps.kind
+    set_fields(row, "exponent", f["exponent"], kind, notes, allow=allow)
+    set_fields(row, "prefactor", np.exp(f["log_prefactor"]), kind, notes, allow=allow, bounds=(0.0, math.inf))
+    set_fields(row, "offset", f["offset"], kind, notes, allow=allow and quantity == "free_offset",
+               bounds=(0.0, math.inf))
+    set_fields(row, "rho", f["rho"], kind, notes, allow=allow, transform="fisher", total_upper=1.0)
+    set_fields(row, "extrapolation_error", f["extrapolation_error"], kind, notes, allow=allow, bounds=(0.0, math.inf))
     row["note"] = "; ".join(notes)
     return row
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the verdict: L − J* against L, paired, and the offset profile
+# the verdict: L − J* against L, paired, and the offset a J* floor implies
 # ----------------------------------------------------------------------------------------------------------------
-def _paired_verdict(delta_lo, delta_hi, higher_is_better: bool) -> str:
-    if not (np.isfinite(delta_lo) and np.isfinite(delta_hi)):
-        return "no interval"
-    if delta_lo > 0:
-        return "better" if higher_is_better else "worse"
-    if delta_hi < 0:
-        return "worse" if higher_is_better else "better"
-    return "no difference at 95%"
-
-
-def _jstar_position(js, lo, hi) -> str:
+def paired_verdict(estimate, lo, hi, threshold, *, higher_is_better: bool, identical: bool = False) -> str:
+    """One of VERDICTS for a paired difference (L − J* minus L) with its interval: a difference counts when its
+    interval excludes 0 AND its size reaches ``threshold``."""
+    if identical:
+        return "identical fits (J* ≈ 0)"
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return "no interval"
-    return "inside" if lo <= js <= hi else ("below" if js < lo else "above")
+    if lo <= 0 <= hi:
+        return "no difference at 95%"
+    if abs(estimate) < threshold:
+        return "no practical difference"
+    return "better" if (lo > 0) == higher_is_better else "worse"
 
 
-def verdict_table(reps: StudyReplicates, *, axes=AXES, levels=None) -> pd.DataFrame:
-    """Per axis and level: Δρ = ρ(L − J*) − ρ(L) and Δ(extrapolation error), paired (same replicates), with 95%
-    intervals and a verdict each ("better" / "worse" / "no difference at 95%" for L − J*), and where J* lies
-    relative to the free-offset interval."""
+def implied_offset(fits: StudyFits, axis: str) -> np.ndarray:
+    """[rows] The free offset a J* floor implies on this axis: the joint law with floor J* (fitted to every snapshot
+    of the row) evaluated at the axis's points, then seen through the same free-offset fit as the data. On the
+    params axis (every final snapshot at the same D) it is J* + B·D^−b."""
+    reps = fits.reps
+    if not compute_optimal.identified(reps):
+        return np.full(reps.loss.shape[0], np.nan)
+    ax = fits.axis(axis)
+    snaps = reps.snapshots
+    pred = fits.joint("jstar").predict(snaps["params"].to_numpy(np.float64), snaps["images_seen"].to_numpy(np.float64))
+    _, _, c, valid = power_law_free(ax.u_rows, pred, ax.mask.astype(np.float64))
+    return np.where(valid, c, np.nan)
+
+
+def verdict_table(reps, *, axes=AXES, levels=None) -> pd.DataFrame:
+    """Per axis and level: Δρ = ρ(L − J*) − ρ(L) and Δ(extrapolation error), paired (same rows), with 95%
+    intervals and a verdict each (VERDICTS, for L − J*); for the total, the free offset against the offset a J*
+    floor implies on the same points."""
     fits = _as_fits(reps)
     reps = fits.reps
     levels = range(reps.loss.shape[2]) if levels is None else levels
+    kind = reps.kind
     rows = []
     for a in axes:
         for lv in levels:
             raw, mj, fr = (fits.fit(a, q, lv) for q in ("raw", "minus_jstar", "free_offset"))
             n = int(raw["n"][0])
-            allow = reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
-            row, notes = {"axis": a, "sigma": reps.level_label(lv), "optimal_loss": float(raw["optimal_loss"][0]),
-                          "n": n}, []
+            allow = _allow(reps, n)
+            js = float(raw["optimal_loss"][0])
+            row, notes = {"axis": a, "sigma": reps.level_label(lv), "optimal_loss": js, "n": n}, []
             row["rho_raw"], row["rho_minus_jstar"] = float(raw["rho"][0]), float(mj["rho"][0])
             row["extrap_raw"] = float(raw["extrapolation_error"][0])
             row["extrap_minus_jstar"] = float(mj["extrapolation_error"][0])
-            _ci_fields(row, "delta_rho", mj["rho"] - raw["rho"], notes, allow)
-            _ci_fields(row, "delta_extrap", mj["extrapolation_error"] - raw["extrapolation_error"], notes, allow)
-            _ci_fields(row, "free_offset", fr["offset"], notes, allow)
+            set_fields(row, "delta_rho", mj["rho"] - raw["rho"], kind, notes, allow=allow)
+            set_fields(row, "delta_extrap", mj["extrapolation_error"] - raw["extrapolation_error"], kind, notes,
+                       allow=allow)
+            set_fields(row, "free_offset", fr["offset"], kind, notes, allow=allow, bounds=(0.0, math.inf))
             if reps.n_replicates > 0 and not allow:
                 notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
-            row["verdict_rho"] = _paired_verdict(row["delta_rho_ci_lo"], row["delta_rho_ci_hi"], True)
-            row["verdict_extrap"] = _paired_verdict(row["delta_extrap_ci_lo"], row["delta_extrap_ci_hi"], False)
-            row["jstar_vs_free_offset"] = ("free offset at a bound" if fr["at_bound"][0] else
-                                           _jstar_position(row["optimal_loss"], row["free_offset_ci_lo"],
-                                                           row["free_offset_ci_hi"]))
+            used = fits.axis(a).mask[0]
+            smallest = float(np.min(reps.loss[0, used, lv])) if used.any() else math.nan
+            identical = js <= IDENTICAL_JSTAR * smallest
+            row["rho_threshold"] = PRACTICAL_FRACTION * (1 - row["rho_raw"])
+            row["extrap_threshold"] = PRACTICAL_FRACTION * row["extrap_raw"]
+            row["verdict_rho"] = paired_verdict(row["delta_rho"], row["delta_rho_ci_lo"], row["delta_rho_ci_hi"],
+                                                row["rho_threshold"], higher_is_better=True, identical=identical)
+            row["verdict_extrap"] = paired_verdict(row["delta_extrap"], row["delta_extrap_ci_lo"],
+                                                   row["delta_extrap_ci_hi"], row["extrap_threshold"],
+                                                   higher_is_better=False, identical=identical)
+            if lv == 0:
+                implied = implied_offset(fits, a)
+                set_fields(row, "implied_offset", implied, kind, notes, allow=allow, bounds=(0.0, math.inf))
+                set_fields(row, "free_minus_implied", fr["offset"] - implied, kind, notes, allow=allow)
+                row["free_offset_vs_jstar_law"] = _against_implied(row, bool(fr["at_bound"][0]))
+            else:
+                row["free_offset_vs_jstar_law"] = "total only"
             row["note"] = "; ".join(notes)
             rows.append(row)
     return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
 
 
-def offset_profile(reps: StudyReplicates, *, axes=AXES, level: int = 0, num: int = 41) -> pd.DataFrame:
+def _against_implied(row, at_bound: bool) -> str:
+    if at_bound:
+        return "free offset at a bound"
+    lo, hi = row["free_minus_implied_ci_lo"], row["free_minus_implied_ci_hi"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "no interval"
+    return "consistent" if lo <= 0 <= hi else ("above" if lo > 0 else "below")
+
+
+def offset_profile(reps, *, axes=AXES, level: int = 0, num: int = 41) -> pd.DataFrame:
     """ρ of log(L − c) and the extrapolation error of the offset-c line as functions of the subtracted constant c,
-    from 0 to just below the smallest frontier loss, with intervals; J* and the free offset are rows of their own
-    (column `marker`)."""
+    from 0 to just below the smallest frontier loss, with intervals; J*, the free offset and the offset a J* floor
+    implies are rows of their own (column `marker`: jstar, free_offset, implied_offset)."""
     fits = _as_fits(reps)
     reps = fits.reps
     rows = []
@@ -422,299 +337,78 @@ def offset_profile(reps: StudyReplicates, *, axes=AXES, level: int = 0, num: int
         fr = fits.fit(a, "free_offset", level)
         cs = [(c, "") for c in np.linspace(0.0, ymin, num, endpoint=False)]
         cs += [(js, "jstar"), (float(fr["offset"][0]), "free_offset")]
-        allow = reps.n_replicates > 0 and int(w[0].sum()) >= MIN_POINTS_FOR_INTERVAL
+        if level == 0:
+            cs.append((float(implied_offset(fits, a)[0]), "implied_offset"))
+        allow = _allow(reps, int(w[0].sum()))
         for c, marker in cs:
-            if not np.isfinite(c):
+            if not np.isfinite(c) or c >= ymin:
                 continue
             cc = np.full(loss.shape[0], c)
-            k, p, r, _ = loglinear_fit(ax.u_rows, loss, cc, w)
-            kf, pf, _, _ = loglinear_fit(ax.u_rows, loss, cc, ax.fit.astype(np.float64))
-            err = extrapolation_error(ax.u_rows, loss, loss, cc, kf, pf, ax.test.astype(np.float64))
+            k, p, r, _ = power_law_fixed(ax.u_rows, loss, cc, w)
+            kf, pf, _, _ = power_law_fixed(ax.u_rows, loss, cc, ax.fit.astype(np.float64))
+            err = _held_out_kept(reps, extrapolation_error(ax.u_rows, loss, loss, cc, kf, pf,
+                                                           ax.test.astype(np.float64)))
             row, notes = {"axis": a, "sigma": reps.level_label(level), "c": c, "marker": marker}, []
-            _ci_fields(row, "rho", np.abs(r), notes, allow)
-            _ci_fields(row, "exponent", k, notes, allow)
-            _ci_fields(row, "extrapolation_error", err, notes, allow)
+            set_fields(row, "rho", np.abs(r), reps.kind, notes, allow=allow, transform="fisher", total_upper=1.0)
+            set_fields(row, "exponent", k, reps.kind, notes, allow=allow)
+            set_fields(row, "extrapolation_error", err, reps.kind, notes, allow=allow, bounds=(0.0, math.inf))
             row["note"] = "; ".join(notes)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the compute-optimal law  L(N, D) = floor + A/N^a + B/D^b, floor = J* or free
-# ----------------------------------------------------------------------------------------------------------------
-_CO_MAX_EXPONENT = 10.0
-COMPUTE_OPTIMAL_COLUMNS = ["floor", "E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent", "rmse_log", "n"]
-
-
-def _co_residuals(theta, n, d, logl, log_floor):
-    """Residuals log(model) − log L and their Jacobian; θ = (log A', log B', a, b[, log E]) on normalised N, D."""
-    la, lb, a, b = theta[:4]
-    le = theta[4] if len(theta) == 5 else log_floor
-    t = np.stack([la - a * n, lb - b * d, np.full_like(n, le)], axis=1)
-    wgt = special.softmax(t, axis=1)  # d LSE / d t
-    r = special.logsumexp(t, axis=1) - logl
-    cols = [wgt[:, 0], wgt[:, 1], -wgt[:, 0] * n, -wgt[:, 1] * d] + ([wgt[:, 2]] if len(theta) == 5 else [])
-    return r, np.stack(cols, axis=1)
-
-
-def _co_solve(theta0, n, d, logl, log_floor):
-    from scipy.optimize import least_squares
-    free = len(theta0) == 5
-    lo = [-50, -50, 0.0, 0.0] + ([-50] if free else [])
-    hi = [50, 50, _CO_MAX_EXPONENT, _CO_MAX_EXPONENT] + ([50] if free else [])
-    res = least_squares(lambda th: _co_residuals(th, n, d, logl, log_floor)[0], np.clip(theta0, lo, hi),
-                        jac=lambda th: _co_residuals(th, n, d, logl, log_floor)[1], bounds=(lo, hi),
-                        method="trf", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=2000)
-    return res.x, float(np.sum(res.fun ** 2))
-
-
-def _co_starts(logl, free: bool):
-    lm = float(np.median(logl))
-    grid = []
-    for a in (0.1, 0.3, 0.7, 1.5):
-        for b in (0.1, 0.3, 0.7, 1.5):
-            for fa in (0.05, 0.3):
-                for fb in (0.05, 0.3):
-                    for fe in ((0.2, 0.6, 0.9) if free else (None,)):
-                        th = [lm + math.log(fa), lm + math.log(fb), a, b]
-                        grid.append(th + ([lm + math.log(fe)] if free else []))
-    return np.array(grid)
-
-
-def fit_compute_optimal(params, images, loss, floor=None) -> dict:
-    """Least squares in log space of L = E + A/N^a + B/D^b (N = parameters, D = images seen) from a grid of
-    starts; ``floor`` fixes E (J*), None fits it. N_opt ∝ C^(b/(a+b)) and D_opt ∝ C^(a/(a+b)) when C ∝ N·D."""
-    N, D, L = (np.asarray(v, dtype=np.float64) for v in (params, images, loss))
-    ns, ds = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
-    n, d, logl = np.log(N / ns), np.log(D / ds), np.log(L)
-    log_floor = None if floor is None else math.log(max(float(floor), 1e-300))
-    best, best_f = None, math.inf
-    for th0 in _co_starts(logl, floor is None):
-        th, f = _co_solve(th0, n, d, logl, log_floor)
-        if f < best_f - 1e-15:
-            best, best_f = th, f
-    if floor is None:
-        best, best_f = _co_snap_floor(best, best_f, n, d, logl)
-    out = _co_params(best, ns, ds, log_floor)
-    out.update({"rmse_log": math.sqrt(best_f / len(L)), "n": len(L), "theta": best, "scale": (ns, ds)})
-    return out
-
-
-def _co_snap_floor(theta, f, n, d, logl):
-    """A free floor that the data drive towards 0 has no optimum (its gradient vanishes, so where the solver stops
-    depends on rounding): below 1e-6 of the smallest loss it is set to exactly 0 and the rest refitted."""
-    if theta[4] > float(np.min(logl)) + math.log(1e-6):
-        return theta, f
-    th4, f4 = _co_solve(theta[:4], n, d, logl, -math.inf)
-    return np.r_[th4, -math.inf], f4
-
-
-def _co_params(theta, ns, ds, log_floor) -> dict:
-    la, lb, a, b = (float(v) for v in theta[:4])
-    e = float(theta[4]) if len(theta) == 5 else log_floor
-    # A'·(N/ns)^−a = A'·ns^a · N^−a
-    return {"E": math.exp(e) if e > -math.inf else 0.0, "A": math.exp(la + a * math.log(ns)), "B": math.exp(lb + b * math.log(ds)),
-            "a": a, "b": b, "n_opt_exponent": b / (a + b) if a + b > 0 else math.nan,
-            "d_opt_exponent": a / (a + b) if a + b > 0 else math.nan}
-
-
-def compute_optimal_table(reps: StudyReplicates) -> pd.DataFrame:
-    """compute_optimal.csv: the law with the floor fixed to the total J* and with a free floor, fitted to every
-    snapshot's total loss, with 95% intervals from the replicates (each refitted from the point estimate)."""
-    snaps = reps.snapshots
-    N, D = snaps["params"].to_numpy(np.float64), snaps["images_seen"].to_numpy(np.float64)
-    total = reps.loss[:, :, 0]
-    js = np.nanmean(reps.jstar[:, :, 0], axis=1)
-    rows = []
-    if len(snaps) < 5 or np.unique(N).size < 2 or np.unique(D).size < 2:
-        return pd.DataFrame([{"floor": f, "n": len(snaps),
-                              "note": "needs ≥ 5 snapshots over ≥ 2 sizes and ≥ 2 lengths"} for f in ("jstar", "free")])
-    ns, ds = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
-    n, d = np.log(N / ns), np.log(D / ds)
-    for floor in ("jstar", "free"):
-        fit = fit_compute_optimal(N, D, total[0], floor=js[0] if floor == "jstar" else None)
-        draws = []
-        for r in range(1, reps.n_replicates + 1):
-            log_floor = math.log(js[r]) if floor == "jstar" else None
-            start = fit["theta"] if np.isfinite(fit["theta"]).all() else np.r_[fit["theta"][:4], math.log(js[r])]
-            th, f = _co_solve(start, n, d, np.log(total[r]), log_floor)
-            if floor == "free":
-                th, _ = _co_snap_floor(th, f, n, d, np.log(total[r]))
-            draws.append(_co_params(th, ns, ds, log_floor))
-        row = {"floor": floor, **{k: fit[k] for k in COMPUTE_OPTIMAL_COLUMNS if k in fit}}
-        notes = []
-        for key in ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent"):
-            vals = np.array([row[key]] + [dr[key] for dr in draws])
-            _ci_fields(row, key, vals, notes, reps.n_replicates > 0)
-        if floor == "free" and row["E"] == 0:
-            notes.append("free floor at 0: these snapshots do not identify a floor")
-        at_bound = [k for k in ("a", "b") if not 1e-6 < row[k] < _CO_MAX_EXPONENT - 1e-6]
-        if at_bound:
-            notes.append(f"{' and '.join(at_bound)} at the bound [0, {_CO_MAX_EXPONENT:g}]: not identified by "
-                         "these snapshots")
-        row["note"] = "; ".join(notes)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# exponents.md
-# ----------------------------------------------------------------------------------------------------------------
-def _fmt(v, spec=".4g") -> str:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return "—" if not math.isfinite(v) else format(v, spec)
-
-
-def _with_ci(row, key, spec=".4g") -> str:
-    lo, hi = row.get(f"{key}_ci_lo", math.nan), row.get(f"{key}_ci_hi", math.nan)
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return _fmt(row.get(key), spec)
-    return f"{_fmt(row[key], spec)} [{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
-
-
-def _md_table(header, rows) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                     + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _verdict_sentence(v) -> str:
-    what = "the total loss" if not np.isfinite(v["sigma"]) else f"σ = {_fmt(v['sigma'])}"
-    rho = {"better": "fits a power law better than L (higher ρ)", "worse": "fits a power law worse than L (lower ρ)",
-           "no difference at 95%": "fits a power law as well as L (no difference in ρ at 95%)",
-           "no interval": "cannot be compared with L (no interval)"}[v["verdict_rho"]]
-    ext = {"better": "extrapolates to the largest model better", "worse": "extrapolates to the largest model worse",
-           "no difference at 95%": "extrapolates no better or worse (at 95%)",
-           "no interval": "has no extrapolation interval"}[v["verdict_extrap"]]
-    floor = {"inside": "J* lies inside the free-offset interval — the data put the floor where J* is",
-             "below": "J* lies below the free-offset interval — the data prefer a higher floor, so a higher ρ "
-                      "after subtracting J* shows only that some positive constant helps, not that J* is the floor",
-             "above": "J* lies above the free-offset interval — the data prefer a lower floor than J*",
-             "no interval": "the free offset has no interval",
-             "free offset at a bound": "the free offset sits at a bound (0 or the smallest loss), so the data do "
-                                       "not place a floor to compare J* with"}[v["jstar_vs_free_offset"]]
-    return (f"For {what} against {v['axis']}, L − J* {rho}: Δρ = {_with_ci(v, 'delta_rho', '.3g')}; it {ext}: "
-            f"Δ(extrapolation error) = {_with_ci(v, 'delta_extrap', '.3g')}. {floor[0].upper() + floor[1:]} "
-            f"(J* = {_fmt(v['optimal_loss'])}, free offset {_with_ci(v, 'free_offset')}).")
-
-
-def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: pd.DataFrame | None = None,
-                   n_replicates: int = 0) -> str:
-    """exponents.md: the verdict first, then the total-loss fits, the compute-optimal law, and per-σ tables."""
-    ci_text = (f"Brackets are 95% intervals from {n_replicates} bootstrap replicates of the evaluation triples "
-               f"(resampled within each σ, shared by all snapshots; the frontier re-chosen in each): the replicates' "
-               f"2.5–97.5 percentiles, shifted so that their median sits on the estimate. Fits "
-               f"with fewer than {MIN_POINTS_FOR_INTERVAL} points get no interval."
-               if n_replicates else "No intervals: this table was fitted without the per-triple errors.")
-    parts = ["# Scaling exponents and the verdict on L − J*", "",
-             "Fits of log(y − c) = log A + k·log x by least squares (c = 0 for L, c = J* for L − J*, c = 0 for the "
-             "directly measured excess E‖Dθ − D*‖²; the free offset fits c by relative least squares). "
-             "compute: x = training FLOPs on the study's one frontier (snapshots whose total L beats every cheaper "
-             "one), the same points for every σ; params: each model's final snapshot. ρ = |Pearson r| of the "
-             "log-log line. Extrapolation error: fit without the largest model, predict its points, mean "
-             "|error| / L. " + ci_text, ""]
-    tot = verdict[verdict["sigma"].isna()]
-    if not tot.empty:
-        parts += ["## Verdict (total loss, training weighting)", ""]
-        parts += [f"- {_verdict_sentence(v)}" for _, v in tot.iterrows()]
-        parts += ["", "A steeper exponent after subtracting J* is not a finding by itself: "
-                  "d ln(L − J*)/d ln x = L/(L − J*) · d ln L/d ln x, so subtracting any positive constant steepens "
-                  "the exponent by the factor L/(L − J*) (here the fitted exponents differ by a factor " + ", ".join(
-                      f"{_fmt(f, '.3g')} on {a}" for a, f in _steepening(table)) + "). "
-                  "offset_profile.csv (figure offset_profile.png) shows ρ and the extrapolation error for every "
-                  "subtracted constant c, with J* and the free offset marked.", ""]
-    total = table[table["sigma"].isna()]
-    if not total.empty:
-        parts += ["## Total-loss fits", ""]
-        rows = [[r["quantity"], r["axis"], _with_ci(r, "exponent"), _with_ci(r, "offset"), _with_ci(r, "rho"),
-                 _fmt(r["r2"]), _with_ci(r, "extrapolation_error", ".3g"), str(int(r["n"])), str(r["note"])]
-                for _, r in total.iterrows()]
-        parts += [_md_table(["quantity", "axis", "exponent", "offset", "ρ", "R²", "extrapolation error", "n",
-                             "note"], rows), ""]
-    if compute_optimal is not None and "E" in compute_optimal:
-        parts += ["## Compute-optimal law L(N, D) = E + A/N^a + B/D^b (every snapshot; N params, D images)", "",
-                  "N_opt ∝ C^(b/(a+b)), D_opt ∝ C^(a/(a+b)) for compute C ∝ N·D. floor = jstar fixes E to the "
-                  "total J*; floor = free fits it.", ""]
-        rows = [[r["floor"], _with_ci(r, "E"), _with_ci(r, "a", ".3g"), _with_ci(r, "b", ".3g"),
-                 _with_ci(r, "n_opt_exponent", ".3g"), _with_ci(r, "d_opt_exponent", ".3g"), _fmt(r.get("rmse_log"))]
-                for _, r in compute_optimal.iterrows()]
-        parts += [_md_table(["floor", "E", "a", "b", "N_opt exponent", "D_opt exponent", "rms log residual"], rows),
-                  ""]
-    per = verdict[verdict["sigma"].notna()]
-    for axis in per["axis"].unique():
-        sub = per[per["axis"] == axis]
-        counts = sub["verdict_rho"].value_counts()
-        parts += [f"## Per σ, x = {axis}", "",
-                  "L − J* against L, paired: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + ".", ""]
-        rows = [[_fmt(v["sigma"]), _fmt(v["optimal_loss"]), _fmt(v["rho_raw"]), _fmt(v["rho_minus_jstar"]),
-                 _with_ci(v, "delta_rho", ".3g"), v["verdict_rho"], _with_ci(v, "delta_extrap", ".3g"),
-                 _with_ci(v, "free_offset"), v["jstar_vs_free_offset"]] for _, v in sub.iterrows()]
-        parts += [_md_table(["σ", "J*", "ρ L", "ρ L − J*", "Δρ", "verdict", "Δ extrapolation", "free offset",
-                             "J* vs free"], rows), ""]
-    return "\n".join(parts)
-
-
-def _steepening(table: pd.DataFrame):
-    """Exponent of L − J* over exponent of L for the total, per axis (≈ the mean L/(L − J*) of the points)."""
-    out = []
-    for axis in table["axis"].unique():
-        raw = table[(table["axis"] == axis) & (table["quantity"] == "raw") & table["sigma"].isna()]
-        mj = table[(table["axis"] == axis) & (table["quantity"] == "minus_jstar") & table["sigma"].isna()]
-        if raw.empty or mj.empty or not np.isfinite(raw["exponent"].iloc[0]):
-            continue
-        ratio = mj["exponent"].iloc[0] / raw["exponent"].iloc[0]
-        out.append((axis, ratio))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # several architecture families in one study
 # ----------------------------------------------------------------------------------------------------------------
-FAMILY_DIFFERENCE_COLUMNS = ["family_a", "family_b", "quantity", "axis", "exponent_a", "exponent_b", "difference",
-                             "difference_ci_lo", "difference_ci_hi", "verdict", "note"]
+FAMILY_DIFFERENCE_COLUMNS = (["family_a", "family_b", "quantity", "axis", "exponent_a", "exponent_b"]
+                             + _ci_columns("difference") + ["verdict", "note"])
+
+
+def model_families(df: pd.DataFrame) -> pd.Series:
+    """Each row's architecture family ("edm2", "dit", …) from its `arch` column (models.sizes' table; an arch
+    name the table does not know is its own group). No `arch` column: one group, POOLED."""
+    if "arch" not in df.columns:
+        return pd.Series(POOLED, index=df.index)
+    from models.sizes import FAMILY
+
+    return df["arch"].map(lambda a: FAMILY.get(a, a) if isinstance(a, str) else POOLED)
+
+
+def pooled_fits(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of a fit table over every model (drops the per-family rows of a multi-family study)."""
+    if table is None or "group" not in table.columns:
+        return table
+    return table[table["group"] == POOLED].drop(columns="group").reset_index(drop=True)
 
 
 def family_difference_table(by_family: dict, *, quantities=("raw", "minus_jstar", "excess"), axes=AXES,
                             level: int = 0) -> pd.DataFrame:
-    """Exponent of family a minus family b for every pair, quantity and axis (total loss), with a 95% interval
-    from the shared replicates: the answer to "do the families differ in exponent, once J* is removed?"."""
+    """Exponent of family a minus family b for every pair, quantity and axis (total loss), with 95% intervals:
+    paired on the shared replicates of the evaluation set, and, in the total, widened by leaving out each model of
+    either family — the answer to "do the families differ in exponent, once J* is removed?"."""
     names = list(by_family)
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
+            ra, rb = by_family[a].reps, by_family[b].reps
+            common = ra.kind != "jackknife"
+            kinds = np.r_[ra.kind[common], ["jackknife"] * int((ra.kind == "jackknife").sum())]
             for ax in axes:
                 for q in quantities:
                     fa, fb = by_family[a].fit(ax, q, level), by_family[b].fit(ax, q, level)
+                    ea, eb = fa["exponent"], fb["exponent"]
                     row, notes = {"family_a": a, "family_b": b, "quantity": q, "axis": ax,
-                                  "exponent_a": float(fa["exponent"][0]), "exponent_b": float(fb["exponent"][0])}, []
+                                  "exponent_a": float(ea[0]), "exponent_b": float(eb[0])}, []
                     n = min(int(fa["n"][0]), int(fb["n"][0]))
-                    allow = by_family[a].reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
-                    if by_family[a].reps.n_replicates > 0 and not allow:
+                    allow = _allow(ra, n)
+                    if ra.n_replicates > 0 and not allow:
                         notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
-                    _ci_fields(row, "difference", fa["exponent"] - fb["exponent"], notes, allow)
+                    values = np.r_[ea[common] - eb[rb.kind != "jackknife"], ea[ra.kind == "jackknife"] - eb[0]]
+                    other = (ea[0] - eb[rb.kind == "jackknife"])[None, :]
+                    set_fields(row, "difference", values, kinds, notes, allow=allow, extra_jackknife=(other,))
                     lo, hi = row["difference_ci_lo"], row["difference_ci_hi"]
                     row["verdict"] = ("no interval" if not (np.isfinite(lo) and np.isfinite(hi)) else
                                       "differ at 95%" if lo > 0 or hi < 0 else "no difference at 95%")
                     row["note"] = "; ".join(notes)
                     rows.append(row)
     return pd.DataFrame(rows, columns=FAMILY_DIFFERENCE_COLUMNS)
-
-
-def families_markdown(grouped_table: pd.DataFrame, differences: pd.DataFrame) -> str:
-    """The families section of exponents.md: each family's total-loss exponents and their paired differences."""
-    fams = [g for g in grouped_table["group"].unique() if g != "all"]
-    total = grouped_table[grouped_table["sigma"].isna() & grouped_table["group"].isin(fams)
-                          & grouped_table["quantity"].isin(["raw", "minus_jstar", "excess"])]
-    rows = [[r["group"], r["quantity"], r["axis"], _with_ci(r, "exponent"), _with_ci(r, "rho"), str(int(r["n"])),
-             str(r["note"])] for _, r in total.iterrows()]
-    diff_rows = [[f"{d['family_a']} − {d['family_b']}", d["quantity"], d["axis"], _with_ci(d, "difference", ".3g"),
-                  d["verdict"]] for _, d in differences.iterrows()]
-    return "\n".join([
-        "# Architecture families", "",
-        f"Families: {', '.join(fams)}. Each family is fitted on its own models (its own compute frontier, chosen "
-        "on its total L); differences are paired on the same replicates of the evaluation set.", "",
-        _md_table(["family", "quantity", "axis", "exponent", "ρ", "n", "note"], rows), "",
-        "## Differences of exponents (total loss)", "",
-        _md_table(["families", "quantity", "axis", "difference", "verdict"], diff_rows), ""])

@@ -57,8 +57,51 @@ def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = 
     for _ in _validator(schema, fill_defaults=True).iter_errors(cfg):  # fills the schema's defaults in place
         pass
     _validate(cfg, schema, where)  # defaults must themselves be valid (catches a broken schema)
+    expand_seeds(cfg, where)
     _check_batching(cfg, where)
     return cfg
+
+
+def seed_run_name(entry: str, k: int) -> str:
+    """The k-th seed run of a model-table entry: the entry itself for k = 0, then <entry>_s<k> (names stay within
+    the rules' model wildcard [A-Za-z0-9_]+)."""
+    return entry if k == 0 else f"{entry}_s{k}"
+
+
+def expand_seeds(cfg: dict, where: str = "config") -> None:
+    """A model-table entry with `seeds: K` becomes K runs that share everything but the training seed, in place:
+    the entry itself (its own seed) and <entry>_s1 … <entry>_s<K−1> (seed + k), each marked `replicate_of: <entry>`,
+    so every rule sees K runs and the statistics average and resample them as one size. Idempotent: an expanded
+    table has no `seeds` left. Raises ConfigError when a run name is taken or `replicate_of` names no entry."""
+    models = cfg.get("models") or {}
+    out = {}
+    for name, entry in models.items():
+        entry = dict(entry or {})
+        k = int(entry.pop("seeds", 1))
+        out[name] = entry
+        if k == 1:
+            continue
+        base = int(model_training(cfg, name)["seed"])
+        for i in range(1, k):
+            run = seed_run_name(name, i)
+            if run in models:
+                raise ConfigError(f"{where}: models.{name}.seeds: {k} makes a run named {run}, but the model table "
+                                  f"already has an entry {run}; rename one of them")
+            replica = copy.deepcopy(entry)
+            replica["training"] = {**(replica.get("training") or {}), "seed": base + i}
+            replica["replicate_of"] = name
+            out[run] = replica
+    for name, entry in out.items():
+        target = entry.get("replicate_of")
+        if target is not None and (target not in out or out[target].get("replicate_of") is not None):
+            raise ConfigError(f"{where}: models.{name}.replicate_of: {target!r} is not a model-table entry "
+                              "(use `seeds: K` on the entry instead of writing replicate_of)")
+    cfg["models"] = out
+
+
+def seed_sizes(cfg: Mapping) -> dict:
+    """run → the model-table entry (size) it is a seed run of (its own name when it is no replicate)."""
+    return {name: (entry or {}).get("replicate_of") or name for name, entry in (cfg.get("models") or {}).items()}
 
 
 def micro_batch(training: Mapping, num_processes: int, key: str = "training") -> tuple[int, int]:

@@ -5,7 +5,7 @@ import math
 import pytest
 import yaml
 
-from models.config import ConfigError, load_config, model_training, snapshot_marks, total_images
+from models.config import ConfigError, load_config, model_training, seed_sizes, snapshot_marks, total_images
 
 
 def base(**extra):
@@ -142,3 +142,26 @@ def test_paper_configs_list_their_differences_from_edm2(study, own):
     block = head[head.index("What differs from EDM2 on purpose"):]
     for item in ["EMA:", "Precision:", "Non-finite values:", "lr schedule:", "Random draws:", "Engine:", *own]:
         assert item in block, (study, item)
+
+
+def test_seeds_expand_an_entry_into_replicate_runs():
+    cfg = load_config(base(training={"seed": 5},
+                           models={"t0": {"arch": "t0", "seeds": 3, "training": {"batch_size": 64}},
+                                   "t1": {"arch": "t1"}}))
+    assert list(cfg["models"]) == ["t0", "t0_s1", "t0_s2", "t1"]
+    assert [model_training(cfg, m)["seed"] for m in ("t0", "t0_s1", "t0_s2", "t1")] == [5, 6, 7, 5]
+    assert all(model_training(cfg, m)["batch_size"] == 64 for m in ("t0", "t0_s1", "t0_s2"))  # all else shared
+    assert cfg["models"]["t0_s2"]["replicate_of"] == "t0" and "seeds" not in cfg["models"]["t0"]
+    assert seed_sizes(cfg) == {"t0": "t0", "t0_s1": "t0", "t0_s2": "t0", "t1": "t1"}
+    assert load_config(cfg)["models"] == cfg["models"]          # an expanded table expands to itself
+
+
+@pytest.mark.parametrize("models, message", [
+    ({"t0": {"arch": "t0", "seeds": 2}, "t0_s1": {"arch": "t1"}},
+     "models.t0.seeds: 2 makes a run named t0_s1, but the model table already has an entry t0_s1"),
+    ({"t0": {"arch": "t0"}, "x": {"arch": "t0", "replicate_of": "nope"}}, "models.x.replicate_of: 'nope'"),
+    ({"t0": {"arch": "t0", "seeds": 0}}, "models.t0.seeds:"),
+])
+def test_seed_errors_name_the_entry(models, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
+        load_config(base(models=models))

@@ -1,5 +1,7 @@
-"""Tests for analysis/scaling.py: power-law and Chinchilla fits, envelope, holdout, the study table, the CLI."""
+"""Tests for the single-fit interface (analysis.scaling's fit_power_law, fit_chinchilla, holdout_error,
+lower_envelope — analysis.fits underneath), the study table from losses.csv, and the CLI."""
 
+import json
 import math
 import time
 from pathlib import Path
@@ -7,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.optimize import check_grad
-
-from analysis import scaling
+from analysis import fits, scaling
 from analysis import study_stats
 from analysis.scaling import fit_chinchilla, fit_power_law, fit_table, holdout_error, lower_envelope
 
@@ -60,18 +60,6 @@ def test_free_offset_recovers_E(E, A, k, xs):
     assert f["rho"] == pytest.approx(1.0, abs=1e-8) and f["r2"] == pytest.approx(1.0, abs=1e-8)
 
 
-def test_huber_loss_ignores_a_gross_outlier():
-    # with δ = 1e-3 the fit is L1-like: nine exact points pin the law, one point 3× too high does not move it
-    x = np.logspace(0, 3, 10)
-    y = 5.0 * x ** -0.7
-    y[4] *= 3.0
-    f = fit_power_law(x, y)
-    assert f["exponent"] == pytest.approx(-0.7, abs=1e-4)
-    assert f["prefactor"] == pytest.approx(5.0, rel=1e-3)
-    # the reported Huber loss is that of the single outlier's log residual, log 3
-    assert f["huber_loss"] == pytest.approx(1e-3 * (math.log(3.0) - 0.5e-3), rel=1e-3)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # fit_power_law on noisy data: statistics against independent references, bootstrap coverage
 # ---------------------------------------------------------------------------------------------------------------
@@ -105,14 +93,18 @@ def test_bootstrap_intervals_cover_truth_and_are_seeded():
     assert g["exponent_ci"] == f["exponent_ci"]
 
 
-def test_free_offset_bootstrap_covers_truth():
+def test_free_offset_bootstrap_intervals_cover_truth():
+    """Basic-bootstrap intervals of the free-offset fit cover the truth in most of 40 noisy data sets (a single
+    data set misses 5% of the time by design)."""
     rng = np.random.default_rng(5)
     x = np.logspace(0, 5, 30)
-    y = (1.0 + 2.0 * x ** -0.5) * np.exp(0.005 * rng.standard_normal(x.size))
-    f = fit_power_law(x, y, offset="free", n_bootstrap=60, seed=0)
-    for key, truth in (("offset_ci", 1.0), ("exponent_ci", -0.5), ("prefactor_ci", 2.0)):
-        lo, hi = f[key]
-        assert lo < truth < hi, (key, f[key])
+    hits = {"offset_ci": 0, "exponent_ci": 0, "prefactor_ci": 0}
+    for i in range(40):
+        y = (1.0 + 2.0 * x ** -0.5) * np.exp(0.005 * rng.standard_normal(x.size))
+        f = fit_power_law(x, y, offset="free", n_bootstrap=100, seed=i)
+        for key, truth in (("offset_ci", 1.0), ("exponent_ci", -0.5), ("prefactor_ci", 2.0)):
+            hits[key] += f[key][0] < truth < f[key][1]
+    assert all(h >= 32 for h in hits.values()), hits
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,27 +170,6 @@ def test_lower_envelope_hand_example():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Gradients written by hand: check against finite differences
-# ---------------------------------------------------------------------------------------------------------------
-def test_analytic_gradients_match_finite_differences():
-    rng = np.random.default_rng(0)
-    logn, logd = rng.uniform(18, 24, 40), rng.uniform(20, 26, 40)
-    logl = np.log(1.7 + 400 * np.exp(-0.34 * logn) + 2000 * np.exp(-0.37 * logd)) + 0.01 * rng.standard_normal(40)
-    delta = 0.02  # larger than 1e-3 so both Huber branches are hit at this θ
-    theta = np.array([6.0, 7.5, 0.6, 0.3, 0.4])
-    f = lambda t: scaling._chin_objective(t, logn, logd, logl, delta)[0]  # noqa: E731
-    g = lambda t: scaling._chin_objective(t, logn, logd, logl, delta)[1]  # noqa: E731
-    assert check_grad(f, g, theta, epsilon=1e-7) < 1e-5 * max(1.0, np.abs(g(theta)).max())
-    u = np.linspace(-3, 3, 20)
-    logy = np.log(0.4 + np.exp(0.2 - 0.5 * u)) + 0.03 * rng.standard_normal(20)
-    for th, log_c in ((np.array([-0.4, 0.1, -1.0]), None), (np.array([-0.4, 0.1]), math.log(0.4)),
-                      (np.array([-0.4, 0.1]), None)):
-        f = lambda t: scaling._pl_objective(t, u, logy, log_c, delta)[0]  # noqa: E731
-        g = lambda t: scaling._pl_objective(t, u, logy, log_c, delta)[1]  # noqa: E731
-        assert check_grad(f, g, th, epsilon=1e-7) < 1e-5 * max(1.0, np.abs(g(th)).max())
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Chinchilla
 # ---------------------------------------------------------------------------------------------------------------
 def test_chinchilla_reproduces_epoch_ai_fit():
@@ -233,15 +204,15 @@ def test_chinchilla_recovers_synthetic_law_and_bootstrap_covers():
 
 
 def test_profile_starts_keep_the_best_a_b_per_exponent_triple():
-    grid = scaling.chinchilla_grid()
+    grid = fits.chinchilla_grid()
     assert grid.shape == (5400, 5)
     values = np.random.default_rng(0).random(len(grid))
-    starts = scaling._profile_starts(grid, values, 150)
+    starts = fits.profile_starts(grid, values, 150)
     # reference: group by (e, α, β) with pandas, keep each group's minimum
     df = pd.DataFrame(grid, columns=["a", "b", "e", "alpha", "beta"]).assign(v=values)
     ref = df.loc[df.groupby(["e", "alpha", "beta"])["v"].idxmin()].sort_values("v")
     np.testing.assert_array_equal(starts, ref[["a", "b", "e", "alpha", "beta"]].to_numpy())
-    np.testing.assert_array_equal(scaling._profile_starts(grid, values, 7), starts[:7])
+    np.testing.assert_array_equal(fits.profile_starts(grid, values, 7), starts[:7])
 
 
 def test_chinchilla_drop_highest_and_errors():
@@ -373,7 +344,8 @@ def test_cli_writes_the_analysis_folder(tmp_path, capsys):
     assert scaling.main(["--losses", str(losses), "--out-dir", str(out)]) == 0
     back = pd.read_csv(out / "exponents.csv")
     assert len(back) == 8 and set(back["quantity"]) == set(study_stats.QUANTITIES) and back["sigma"].isna().all()
-    assert "## Verdict" in (out / "exponents.md").read_text()
+    md = (out / "exponents.md").read_text()
+    assert "## L − J* against L" in md and "## The verdict by forecasting" in md
     with pytest.raises(SystemExit):
         scaling.main(["--losses", str(tmp_path / "nope.csv"), "--out-dir", str(out)])
     assert "not found" in capsys.readouterr().err
@@ -388,3 +360,26 @@ def test_cli_chinchilla_prints_fit(tmp_path, capsys):
     assert scaling.main(["chinchilla", "--csv", str(csv), "--drop-highest", "1"]) == 0
     out = capsys.readouterr().out
     assert "15 points" in out and "E     = 1.7" in out and "alpha = 0.34" in out
+
+
+def test_cli_averages_the_seed_runs_named_in_models_json(tmp_path, capsys):
+    """A run that models.json names a seed of another size is averaged with it: the study has the sizes, not the
+    runs (the params axis fits one point per size)."""
+    df = _synthetic_losses()
+    df = df[df["sigma"].isna()]
+    seed = df[df["model"] == "m1"].assign(model="m1_s1", loss=lambda t: t["loss"] * 1.01)
+    losses = tmp_path / "losses.csv"
+    pd.concat([df, seed]).to_csv(losses, index=False)
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({m: {"size": "m1" if m == "m1_s1" else m} for m in ("m0", "m1", "m1_s1", "m2", "m3")}))
+    out = tmp_path / "a"
+    assert scaling.main(["--losses", str(losses), "--models", str(models), "--out-dir", str(out)]) == 0
+    ex = pd.read_csv(out / "exponents.csv")
+    assert (ex.loc[ex["axis"] == "params", "n"] == 4).all()
+    with pytest.raises(SystemExit):
+        scaling.main(["--losses", str(losses), "--models", str(tmp_path / "no.json"), "--out-dir", str(out)])
+    assert "--models file not found" in capsys.readouterr().err
+    models.write_text("[1, 2]")
+    with pytest.raises(SystemExit):
+        scaling.main(["--losses", str(losses), "--models", str(models), "--out-dir", str(out)])
+    assert f"--models {models} is not a model table" in capsys.readouterr().err

@@ -120,12 +120,28 @@ def test_dry_run_every_config(name, tmp_path):
     assert {f"train_{m}" for m in models} <= set(counts), counts
     assert counts["evaluate"] == sum(len(marks_of(cfg, m)) for m in models)
     assert counts["model_config"] == len(models)
-    for rule in ("dataset", "eval_set", "optimal_denoiser", "jstar", "collect_losses", "scaling", "figures", "all"):
+    for rule in ("dataset", "eval_set", "optimal_denoiser", "jstar", "collect_losses", "models_table", "scaling",
+                 "figures", "all"):
         assert counts[rule] == 1, rule
     assert counts["optimal_loss_estimator"] == len(set(cfg["optimal_loss"]["compare_estimators"])
                                                    | {cfg["optimal_loss"]["estimator"]})
     if name.startswith("paper"):
         check_paper_launch(out, cfg)
+
+
+def test_seeds_on_an_entry_add_its_replicate_runs_to_the_dag(tmp_path):
+    """`seeds: 3` on t1 adds train_t1_s1 and train_t1_s2 and their evaluations; models.json tells the statistics
+    that they are seeds of t1."""
+    cfg = load_cfg("default")
+    cfg["models"]["t1"]["seeds"] = 3
+    _, out = smk("-n", "-p", "--configfile", write_cfg(cfg, tmp_path / "seeds.yaml"), directory=tmp_path)
+    counts = job_counts(out)
+    assert counts["train_t1_s1"] == 1 and counts["train_t1_s2"] == 1 and counts["model_config"] == 8
+    assert counts["evaluate"] == 8 * len(marks_of(load_cfg("default"), "t1"))
+    assert "--models results/default/analysis/models.json" in out
+    cfg["models"]["t1_s2"] = {"arch": "t2"}
+    code, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "clash.yaml"), directory=tmp_path, check=False)
+    assert code != 0 and "models.t1.seeds: 3 makes a run named t1_s2" in out
 
 
 @pytest.mark.parametrize("name,target,min_seeds", [("diagnose", "diagnose", 1), ("schedule", "schedule", 3),
@@ -288,20 +304,23 @@ def test_smoke_study_end_to_end(smoke_study):
     ex = pd.read_csv(r / "analysis" / "exponents.csv")
     assert {"raw", "minus_jstar"} <= set(ex["quantity"])
     assert (r / "analysis" / "exponents.md").read_text().strip()
-    # every interval holds its estimate; fits with fewer than 5 points carry no interval and say so
+    # a total interval holds its evaluation-only interval (it adds the models' spread); ρ never passes 1; fits with
+    # fewer than 5 points carry no interval and say so
     for table in ("exponents.csv", "verdict.csv", "compute_optimal.csv"):
         t = pd.read_csv(r / "analysis" / table)
-        for lo in [c for c in t.columns if c.endswith("_ci_lo")]:
-            key, hi = lo[: -len("_ci_lo")], lo[: -len("_ci_lo")] + "_ci_hi"
-            has = t[lo].notna()
-            assert ((t.loc[has, lo] <= t.loc[has, key] + 1e-12) & (t.loc[has, key] <= t.loc[has, hi] + 1e-12)).all(), \
-                (table, key, t.loc[has, [lo, key, hi]])
+        for lo in [c for c in t.columns if c.endswith("_ci_lo") and not c.endswith("_eval_ci_lo")]:
+            key = lo[: -len("_ci_lo")]
+            has = t[lo].notna() & t[f"{key}_eval_ci_lo"].notna()
+            assert ((t.loc[has, lo] <= t.loc[has, f"{key}_eval_ci_lo"] + 1e-12)
+                    & (t.loc[has, f"{key}_eval_ci_hi"] <= t.loc[has, f"{key}_ci_hi"] + 1e-12)).all(), (table, key)
+    assert (ex["rho_ci_hi"].dropna() <= 1).all()
+    assert pd.read_csv(r / "analysis" / "forecast.csv")["note"].str.contains("needs ≥ 4 model sizes").all()
     few = ex[(ex["n"] < 5) & ex["exponent"].notna()]
     assert few["exponent_ci_lo"].isna().all() and few["note"].str.contains("no interval").all()
     verdict = pd.read_csv(r / "analysis" / "verdict.csv")
     assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
     for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
-                 "offset_profile", "compute_optimal"):
+                 "offset_profile", "compute_optimal", "forecast"):
         assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
 
 
@@ -318,7 +337,7 @@ def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_stu
     _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
     counts = job_counts(out)
     assert counts == {"model_config": 1, "train_t3": 1, "evaluate": len(marks_of(cfg, "t3")), "collect_losses": 1,
-                      "scaling": 1, "figures": 1, "all": 1}, counts
+                      "models_table": 1, "scaling": 1, "figures": 1, "all": 1}, counts
 
 
 @pytest.mark.slow

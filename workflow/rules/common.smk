@@ -171,10 +171,11 @@ def schedule_settings(schedule):
 
 
 def model_table():
-    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs}: what the analyses group by (a model's own
-    variant, else the study's)."""
+    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs, size}: what the analyses group by (a model's
+    own variant, else the study's; size: the model-table entry a `seeds` run replicates, else the model itself)."""
     return {
         m: {
+            "size": config["models"][m].get("replicate_of") or m,
             "variant": (config["models"][m].get("variant") or config["variant"])["name"],
             "schedule": TRAINING[m]["schedule"]["name"],
             "seed": int(TRAINING[m]["seed"]),

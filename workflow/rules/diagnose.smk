@@ -6,19 +6,8 @@
 #   snakemake diagnose --configfile workflow/config/diagnose.yaml
 #
 # Works with any study config (it diagnoses that study's models). Needs the Snakefile's R, MODELS, MARKS,
-# TRAINING, PYTHON and the evaluate/optimal_loss rules; schedule.smk uses its models_table rule.
+# TRAINING, PYTHON, the evaluate/optimal_loss rules and scaling.smk's models_table rule.
 # Helpers (final_eval, schedule_settings, model_table): workflow/rules/common.smk.
-import json
-
-
-rule models_table:
-    output:
-        f"{R}/analysis/models.json",
-    params:
-        table=json.dumps(model_table(), sort_keys=True),
-    run:
-        with open(output[0], "w") as f:
-            f.write(params.table + "\n")
 
 
 rule diagnosis:

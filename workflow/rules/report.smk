@@ -2,7 +2,7 @@
 # workflow/report/.
 
 FIGURE_NAMES = ["jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
-                "offset_profile", "compute_optimal"]
+                "offset_profile", "compute_optimal", "forecast"]
 FIGURES = [f"{R}/figures/{name}.png" for name in FIGURE_NAMES]
 
 # A study whose models come from several architecture families (MODEL_FAMILIES, common.smk) also gets per-family
@@ -18,6 +18,8 @@ rule figures:
         verdict=f"{R}/analysis/verdict.csv",
         profile=f"{R}/analysis/offset_profile.csv",
         compute_optimal=f"{R}/analysis/compute_optimal.csv",
+        forecast=f"{R}/analysis/forecast.csv",
+        forecast_points=f"{R}/analysis/forecast_points.csv",
         jstar=f"{R}/optimal_loss/jstar.csv",
         estimators=f"{R}/optimal_loss/estimators.csv",
     output:
@@ -43,12 +45,14 @@ rule figures:
         compute_optimal=report(
             f"{R}/figures/compute_optimal.png", caption="../report/compute_optimal.rst", category="3. Scaling laws"
         ),
+        forecast=report(f"{R}/figures/forecast.png", caption="../report/forecast.rst", category="3. Scaling laws"),
     log:
         f"{R}/logs/figures.log",
     shell:
         "MPLBACKEND=Agg {PYTHON} -m analysis.plots all --losses {input.losses:q} --exponents {input.exponents:q}"
         " --jstar {input.jstar:q} --estimators {input.estimators:q} --profile {input.profile:q}"
-        " --verdict {input.verdict:q} --compute-optimal {input.compute_optimal:q} --outdir $(dirname {output.jstar:q})"
+        " --verdict {input.verdict:q} --compute-optimal {input.compute_optimal:q} --forecast {input.forecast:q}"
+        " --forecast-points {input.forecast_points:q} --outdir $(dirname {output.jstar:q})"
         " > {log:q} 2>&1"
 
 

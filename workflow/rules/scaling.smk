@@ -1,19 +1,37 @@
-# The study's statistics (analysis.scaling → analysis.study_stats): power-law fits of L, L − J*, the direct excess
-# and a free offset against training compute (one frontier) and parameters, per σ and for the weighted total, with
-# intervals from bootstrap replicates of the evaluation triples; the paired verdict on L − J* vs L; the profile over
-# the subtracted constant; and the compute-optimal law L(N, D) = J* + A/N^a + B/D^b.
+# The study's statistics (python -m analysis.scaling; its docstring names the module of each piece): power-law fits
+# of L, L − J*, the direct excess and a free offset against training compute (one frontier) and parameters, per σ and
+# for the weighted total; the paired verdict on L − J* vs L; the profile over the subtracted constant; the
+# compute-optimal law L(N, D); and the verdict by forecasting the next larger model. Intervals from bootstrap
+# replicates of the evaluation triples (and of the seed runs of a size with `seeds`), widened by leaving each model
+# out. models.json tells the statistics which runs are seeds of one size.
+import json
+
+
+rule models_table:
+    output:
+        f"{R}/analysis/models.json",
+    params:
+        table=json.dumps(model_table(), sort_keys=True),
+    run:
+        with open(output[0], "w") as f:
+            f.write(params.table + "\n")
 
 
 rule scaling:
     input:
         losses=f"{R}/analysis/losses.csv",
         per_triple=f"{R}/analysis/per_triple.npz",
+        models=f"{R}/analysis/models.json",
     output:
         csv=f"{R}/analysis/exponents.csv",
         md=f"{R}/analysis/exponents.md",
         verdict=f"{R}/analysis/verdict.csv",
         profile=f"{R}/analysis/offset_profile.csv",
         compute_optimal=f"{R}/analysis/compute_optimal.csv",
+        forecast=f"{R}/analysis/forecast.csv",
+        forecast_pairs=f"{R}/analysis/forecast_pairs.csv",
+        forecast_points=f"{R}/analysis/forecast_points.csv",
+        information=f"{R}/analysis/information.csv",
         # several architecture families (report.smk's MODEL_FAMILIES): their paired exponent differences
         families=[f"{R}/analysis/family_differences.csv"] if len(MODEL_FAMILIES) > 1 else [],
     params:
@@ -24,4 +42,5 @@ rule scaling:
         f"{R}/logs/scaling.log",
     shell:
         "{PYTHON} -m analysis.scaling --losses {input.losses:q} --per-triple {input.per_triple:q}"
-        " --out-dir {params.out_dir:q} --n-replicates {params.n_replicates} --seed {params.seed} > {log:q} 2>&1"
+        " --models {input.models:q} --out-dir {params.out_dir:q} --n-replicates {params.n_replicates}"
+        " --seed {params.seed} > {log:q} 2>&1"

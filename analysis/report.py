@@ -1,0 +1,224 @@
+"""exponents.md: a study's verdict and fits as one readable page, from the analysis tables (nothing is computed here
+that the tables do not hold).
+
+Order: the verdict by forecasting, L − J* against L (ρ, extrapolation, the free offset against what a J* floor
+implies), the total-loss fits, the compute-optimal law, the per-σ tables; a multi-family study gets its families
+section first. Brackets are the total 95% interval (the headline); "eval. only" is the evaluation noise alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from analysis.forecast import LAW_LABELS
+from analysis.study_stats import IDENTICAL_JSTAR, MIN_POINTS_FOR_INTERVAL, POOLED, PRACTICAL_FRACTION
+
+
+def fmt(v, spec=".4g") -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    return "—" if not math.isfinite(v) else format(v, spec)
+
+
+def with_ci(row, key, spec=".4g", which="") -> str:
+    """"estimate [lo, hi]" of the total interval (which="") or the evaluation-only one (which="eval")."""
+    tag = f"_{which}_ci" if which else "_ci"
+    lo, hi = row.get(f"{key}{tag}_lo", math.nan), row.get(f"{key}{tag}_hi", math.nan)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return fmt(row.get(key), spec)
+    return f"{fmt(row[key], spec)} [{fmt(lo, spec)}, {fmt(hi, spec)}]"
+
+
+def eval_ci(row, key, spec=".4g") -> str:
+    lo, hi = row.get(f"{key}_eval_ci_lo", math.nan), row.get(f"{key}_eval_ci_hi", math.nan)
+    return "—" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{fmt(lo, spec)}, {fmt(hi, spec)}]"
+
+
+def md_table(header, rows) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def verdict_counts(verdict: pd.DataFrame, axis: str) -> dict:
+    """The per-σ verdicts on ρ of one axis, counted (the README quotes these numbers)."""
+    per = verdict[(verdict["axis"] == axis) & verdict["sigma"].notna()]
+    return per["verdict_rho"].value_counts().to_dict()
+
+
+def _counts_sentence(counts: dict) -> str:
+    order = ["better", "worse", "no difference at 95%", "no practical difference", "identical fits (J* ≈ 0)",
+             "no interval"]
+    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
+
+
+def _intervals_text(n_replicates: int, n_jackknife: int, seeds: bool) -> str:
+    if not n_replicates:
+        return "No intervals: this table was fitted without the per-triple errors."
+    seed = ("; where a size has several seed runs, the runs are resampled too" if seeds else "")
+    jk = (f" widened by leaving out each of the {n_jackknife} models in turn (the jackknife, which sees a model's "
+          "seed and its misfit — the snapshots of one run are not independent evidence)" if n_jackknife else "")
+    return (f"Brackets are total 95% intervals: {n_replicates} bootstrap replicates of the evaluation triples "
+            f"(resampled within each σ, shared by all snapshots, the frontier re-chosen in each){seed},{jk}; "
+            "they always contain every leave-one-model-out value. \"eval. only\" is the evaluation noise alone "
+            "(basic bootstrap). ρ's intervals are built on Fisher's z and end at 1: every noise only lowers ρ, and with "
+            "one run per size seed noise and misfit cannot be told apart. Fits with fewer than "
+            f"{MIN_POINTS_FOR_INTERVAL} points get none.")
+
+
+def _forecast_section(forecast: dict) -> list[str]:
+    table, info = forecast["forecast.csv"], forecast["information.csv"]
+    parts = ["## The verdict by forecasting", "",
+             "Rolling origin: fit every law on the smaller sizes, predict every snapshot of the next larger one; "
+             "error = mean |ln L̂ − ln L| over the held-out points (≈ relative error), then the mean over the "
+             "splits. The laws in compute C describe the frontier, so all six are scored on the held-out snapshots "
+             "that extend it; the joint laws also on every held-out snapshot.", ""]
+    parts += [f"- {s}" for s in forecast["verdict"]] + [""]
+    if "error" in table and table["error"].notna().any():
+        split_ids = [s for s in table["split"].unique() if s != "mean"]
+        held = {s: table[table["split"] == s]["held_out_model"].iloc[0] for s in split_ids}
+        rows = []
+        for (law, points), g in table.groupby(["law", "points"], sort=False):
+            mean = g[g["split"] == "mean"].iloc[0]
+            per = [fmt(g[g["split"] == s]["error"].iloc[0], ".3g") for s in split_ids]
+            rows.append([law, LAW_LABELS[law], points, with_ci(mean, "error", ".3g"), eval_ci(mean, "error", ".3g")]
+                        + per)
+        parts += [md_table(["law", "form", "points", "mean error", "eval. only"]
+                           + [f"→ {held[s]}" for s in split_ids], rows), ""]
+    pairs = forecast.get("forecast_pairs.csv")
+    if pairs is not None and not pairs.empty:
+        parts += ["Paired differences of the mean errors (law a − law b; negative: a forecasts better):", ""]
+        rows = [[p["law_a"], p["law_b"], p["points"], with_ci(p, "difference", ".2g"), eval_ci(p, "difference", ".2g"),
+                 p["verdict"]] for _, p in pairs.iterrows()]
+        parts += [md_table(["law a", "law b", "points", "difference", "eval. only", "verdict"], rows), ""]
+    if not info.empty:
+        parts += ["Information criterion: each law fitted on all the data, the misfit modelled as a model effect "
+                  "plus a snapshot effect (their sds by maximum likelihood), AICc compared within each data set:", ""]
+        rows = [[r["law"], r["data"], str(int(r["n"])), fmt(r["delta_aicc"], ".3g"), fmt(r["rms_log_residual"], ".3g"),
+                 fmt(r["sd_model"], ".3g"), fmt(r["sd_snapshot"], ".3g")] for _, r in info.iterrows()]
+        parts += [md_table(["law", "data", "n", "ΔAICc", "rms log residual", "sd model", "sd snapshot"], rows), ""]
+    return parts
+
+
+def _verdict_sentence(v) -> str:
+    what = "the total loss" if not np.isfinite(v["sigma"]) else f"σ = {fmt(v['sigma'])}"
+    rho = {"better": "fits a power law better than L (higher ρ)", "worse": "fits a power law worse than L",
+           "no difference at 95%": "fits a power law as well as L (no difference in ρ at 95%)",
+           "no practical difference": "differs from L in ρ by less than the practical threshold",
+           "identical fits (J* ≈ 0)": "is L (J* ≈ 0)", "no interval": "cannot be compared with L (no interval)"}
+    ext = {"better": "extrapolates to the largest model better", "worse": "extrapolates to the largest model worse",
+           "no difference at 95%": "extrapolates no better or worse (at 95%)",
+           "no practical difference": "extrapolates within the practical threshold of L",
+           "identical fits (J* ≈ 0)": "extrapolates as L does", "no interval": "has no extrapolation interval"}
+    floor = {"consistent": "the free offset is consistent with the offset a J* floor implies on these points",
+             "above": "the free offset lies above the offset a J* floor implies on these points — the data want a "
+                      "higher floor than J*",
+             "below": "the free offset lies below the offset a J* floor implies on these points",
+             "no interval": "the free offset has no interval to compare",
+             "free offset at a bound": "the free offset sits at a bound (0 or the smallest loss): the data do not "
+                                       "place a floor",
+             "total only": ""}[v["free_offset_vs_jstar_law"]]
+    s = (f"For {what} against {v['axis']}, L − J* {rho[v['verdict_rho']]}: Δρ = {with_ci(v, 'delta_rho', '.3g')} "
+         f"(practical threshold {fmt(v['rho_threshold'], '.2g')}); it {ext[v['verdict_extrap']]}: "
+         f"Δ(extrapolation error) = {with_ci(v, 'delta_extrap', '.3g')}.")
+    if floor:
+        s += (f" {floor[0].upper() + floor[1:]}: free offset {with_ci(v, 'free_offset')}, implied "
+              f"{with_ci(v, 'implied_offset')}, J* = {fmt(v['optimal_loss'])}.")
+    return s
+
+
+def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: pd.DataFrame | None = None,
+                   forecast: dict | None = None, n_replicates: int = 0, n_jackknife: int = 0,
+                   seeds: bool = False) -> str:
+    """exponents.md: the forecast verdict first, then L − J* against L, the total-loss fits, the compute-optimal
+    law, and the per-σ tables."""
+    parts = ["# Scaling exponents and the verdict on L − J*", "",
+             "Fits of log(y − c) = log A + k·log x by least squares (c = 0 for L, c = J* for L − J*, c = 0 for the "
+             "directly measured excess E‖Dθ − D*‖²; the free offset fits c by relative least squares). "
+             "compute: x = training FLOPs on the study's one frontier (snapshots whose total L beats every cheaper "
+             "one), the same points for every σ; params: each model's final snapshot. ρ = |Pearson r| of the "
+             "log-log line. Extrapolation error: fit without the largest model, predict its points, mean "
+             "|error| / L. " + _intervals_text(n_replicates, n_jackknife, seeds), ""]
+    if forecast is not None:
+        parts += _forecast_section(forecast)
+    tot = verdict[verdict["sigma"].isna()]
+    if not tot.empty:
+        parts += ["## L − J* against L (total loss, training weighting)", ""]
+        parts += [f"- {_verdict_sentence(v)}" for _, v in tot.iterrows()]
+        parts += ["", "A difference counts when its interval excludes 0 and it removes at least "
+                  f"{PRACTICAL_FRACTION:.0%} of L's own lack of fit (1 − ρ of L) or extrapolation error; where J* is "
+                  f"below {IDENTICAL_JSTAR:g} of the smallest fitted loss the two fits are the same to rounding. "
+                  "A steeper exponent after subtracting J* is not a finding by itself: d ln(L − J*)/d ln x = "
+                  "L/(L − J*) · d ln L/d ln x (here the fitted exponents differ by a factor "
+                  + ", ".join(f"{fmt(f, '.3g')} on {a}" for a, f in _steepening(table)) + "). The free offset is "
+                  "compared with the offset a J* floor implies on the same points (the joint law with floor J*, fitted "
+                  "to every snapshot and seen through the same free-offset fit): at a finite number of images the "
+                  "asymptote in N is J* + B·D^−b, not J*. offset_profile.csv (figure offset_profile.png) shows ρ and "
+                  "the extrapolation error for every subtracted constant.", ""]
+    total = table[table["sigma"].isna()]
+    if not total.empty:
+        parts += ["## Total-loss fits", ""]
+        rows = [[r["quantity"], r["axis"], with_ci(r, "exponent"), eval_ci(r, "exponent"), with_ci(r, "offset"),
+                 with_ci(r, "rho"), fmt(r["r2"]), with_ci(r, "extrapolation_error", ".3g"), str(int(r["n"])),
+                 str(r["note"]) if isinstance(r["note"], str) else ""]
+                for _, r in total.iterrows()]
+        parts += [md_table(["quantity", "axis", "exponent", "eval. only", "offset", "ρ", "R²", "extrapolation error",
+                            "n", "note"], rows), ""]
+    if compute_optimal is not None and "E" in compute_optimal:
+        parts += ["## Compute-optimal law L(N, D) = E + A/N^a + B/D^b (every snapshot; N params, D images)", "",
+                  "N_opt ∝ C^(b/(a+b)), D_opt ∝ C^(a/(a+b)) for compute C ∝ N·D. floor = jstar fixes E to the "
+                  "total J*; floor = free fits it. \"leave one out\": the N_opt exponent with each model left out.",
+                  ""]
+        rows = [[r["floor"], with_ci(r, "E"), with_ci(r, "a", ".3g"), with_ci(r, "b", ".3g"),
+                 with_ci(r, "n_opt_exponent", ".3g"), eval_ci(r, "n_opt_exponent", ".3g"),
+                 f"{fmt(r.get('n_opt_exponent_loo_min'), '.3g')} … {fmt(r.get('n_opt_exponent_loo_max'), '.3g')}",
+                 with_ci(r, "d_opt_exponent", ".3g"), fmt(r.get("rmse_log"))]
+                for _, r in compute_optimal.iterrows()]
+        parts += [md_table(["floor", "E", "a", "b", "N_opt exponent", "eval. only", "leave one out", "D_opt exponent",
+                            "rms log residual"], rows), ""]
+    per = verdict[verdict["sigma"].notna()]
+    for axis in per["axis"].unique():
+        sub = per[per["axis"] == axis]
+        parts += [f"## Per σ, x = {axis}", "",
+                  "L − J* against L, paired: " + _counts_sentence(verdict_counts(verdict, axis)) + ".", ""]
+        rows = [[fmt(v["sigma"]), fmt(v["optimal_loss"]), fmt(v["rho_raw"]), fmt(v["rho_minus_jstar"]),
+                 with_ci(v, "delta_rho", ".3g"), v["verdict_rho"], with_ci(v, "delta_extrap", ".3g"),
+                 v["verdict_extrap"], with_ci(v, "free_offset")] for _, v in sub.iterrows()]
+        parts += [md_table(["σ", "J*", "ρ L", "ρ L − J*", "Δρ", "verdict", "Δ extrapolation", "verdict",
+                            "free offset"], rows), ""]
+    return "\n".join(parts)
+
+
+def _steepening(table: pd.DataFrame):
+    """Exponent of L − J* over exponent of L for the total, per axis (≈ the mean L/(L − J*) of the points)."""
+    out = []
+    for axis in table["axis"].unique():
+        raw = table[(table["axis"] == axis) & (table["quantity"] == "raw") & table["sigma"].isna()]
+        mj = table[(table["axis"] == axis) & (table["quantity"] == "minus_jstar") & table["sigma"].isna()]
+        if raw.empty or mj.empty or not np.isfinite(raw["exponent"].iloc[0]):
+            continue
+        out.append((axis, mj["exponent"].iloc[0] / raw["exponent"].iloc[0]))
+    return out
+
+
+def families_markdown(grouped_table: pd.DataFrame, differences: pd.DataFrame) -> str:
+    """The families section of exponents.md: each family's total-loss exponents and their paired differences."""
+    fams = [g for g in grouped_table["group"].unique() if g != POOLED]
+    total = grouped_table[grouped_table["sigma"].isna() & grouped_table["group"].isin(fams)
+                          & grouped_table["quantity"].isin(["raw", "minus_jstar", "excess"])]
+    rows = [[r["group"], r["quantity"], r["axis"], with_ci(r, "exponent"), eval_ci(r, "exponent"), with_ci(r, "rho"),
+             str(int(r["n"])), str(r["note"]) if isinstance(r["note"], str) else ""] for _, r in total.iterrows()]
+    diff_rows = [[f"{d['family_a']} − {d['family_b']}", d["quantity"], d["axis"], with_ci(d, "difference", ".3g"),
+                  eval_ci(d, "difference", ".3g"), d["verdict"]] for _, d in differences.iterrows()]
+    return "\n".join([
+        "# Architecture families", "",
+        f"Families: {', '.join(fams)}. Each family is fitted on its own models (its own compute frontier, chosen "
+        "on its total L); differences are paired on the same replicates of the evaluation set, and their total "
+        "interval adds leaving out each model of either family.", "",
+        md_table(["family", "quantity", "axis", "exponent", "eval. only", "ρ", "n", "note"], rows), "",
+        "## Differences of exponents (total loss)", "",
+        md_table(["families", "quantity", "axis", "difference", "eval. only", "verdict"], diff_rows), ""])
