@@ -20,6 +20,9 @@ rule figures:
         compute_optimal=f"{R}/analysis/compute_optimal.csv",
         jstar=f"{R}/optimal_loss/jstar.csv",
         estimators=f"{R}/optimal_loss/estimators.csv",
+        checksums=sidecars(
+            f"{R}/analysis/losses.csv", f"{R}/optimal_loss/jstar.csv", f"{R}/optimal_loss/estimators.csv"
+        ),
     output:
         jstar=report(f"{R}/figures/jstar.png", caption="../report/jstar.rst", category="1. Optimal loss"),
         loss_per_sigma=report(
@@ -56,6 +59,7 @@ rule family_figure:
     input:
         losses=f"{R}/analysis/losses.csv",
         exponents=f"{R}/analysis/exponents.csv",
+        checksums=sidecars(f"{R}/analysis/losses.csv"),
     output:
         report(f"{R}/figures/families.png", caption="../report/families.rst", category="3. Scaling laws"),
     log:

@@ -8,6 +8,7 @@ rule scaling:
     input:
         losses=f"{R}/analysis/losses.csv",
         per_triple=f"{R}/analysis/per_triple.npz",
+        checksums=sidecars(f"{R}/analysis/losses.csv", f"{R}/analysis/per_triple.npz"),
     output:
         csv=f"{R}/analysis/exponents.csv",
         md=f"{R}/analysis/exponents.md",
