@@ -263,9 +263,46 @@ def test_state_is_plain_data_and_its_rng_round_trips(tmp_path):
     saved = run_folder.rng_state(gen)
     run_folder.write_state(tmp_path, {"images_seen": 1, "rng": [saved]}, None)
     assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "state.pt") == []
+    assert integrity.verify(tmp_path / "state.pt")["size"] == (tmp_path / "state.pt").stat().st_size  # stamped
     expect = (np.random.rand(3), torch.rand(3, generator=gen))
     np.random.seed(0)
     gen.manual_seed(0)
     run_folder.set_rng_state(run_folder.load_state(tmp_path)["rng"][0], gen)
     got = (np.random.rand(3), torch.rand(3, generator=gen))
     assert np.array_equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payload):
+    """DeepSpeed ZeRO-2 on CPU, stopped at 64 images: state.pt records its checkpoint's files; a file of it
+    replaced by a pickled payload (which DeepSpeed / Accelerate would unpickle) stops the resume naming the file,
+    and the payload never runs."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    import pickle
+    import subprocess
+    import sys
+
+    from models.data import save_npz
+    from test_train import ROOT, free_port, run_cli, write_cli_config
+
+    data = save_npz(digits, tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1", "--main_process_port",
+           str(free_port()), "-m", "models.train", "--config", str(write_cli_config(tmp_path)), "--model", "t0",
+           "--data", str(data), "--out", str(out), "--no-progress"]
+    run_cli(cmd + ["--stop-after-images", "64"], {"PYTHONPATH": str(ROOT)})
+    state = integrity.load_torch(out / "state.pt")
+    ds_dir = out / state["ds_dir"]
+    assert set(state["ds_files"]) == {p.relative_to(ds_dir).as_posix() for p in ds_dir.rglob("*") if p.is_file()}
+    rng_file = ds_dir / "random_states_0.pkl"
+    assert state["ds_files"]["random_states_0.pkl"]["sha256"] == integrity.file_sha256(rng_file)
+    marker = tmp_path / "payload-ran"
+    with open(rng_file, "wb") as f:
+        pickle.dump(payload(marker), f)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode != 0 and f"error: {rng_file}:" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists()
+    assert integrity.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh
