@@ -8,18 +8,29 @@
 # losses.csv (with the L ≥ J* check) → exponents (fits of L and L − J*) → figures / report.
 # Paths and formats: docs/internals.md ("Study folders" and "The workflow").
 import os
+import sys
 
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 BASEDIR = workflow.basedir  # the repository root: configs, schemas and accelerate configs live below it
+sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
+DEFAULT_CONFIG = os.path.join(BASEDIR, "workflow/config/default.yaml")
 
 # `configfile:` merges into any --configfile given on the command line, which would mix the default study's model
-# table into another study's. So the default is read only when no config file was given.
+# table into another study's. So the default is read only when no config file was given. Its YAML is read here
+# first: Snakemake's own syntax error names neither the file nor the line (a --configfile is parsed by Snakemake
+# before this file runs; `python -m models.config FILE` names both).
 if not workflow.overwrite_configfiles:
+    from models.config import ConfigError, read_yaml
 
-    configfile: os.path.join(BASEDIR, "workflow/config/default.yaml")
+    try:
+        read_yaml(DEFAULT_CONFIG)
+    except ConfigError as err:
+        raise WorkflowError(f"invalid study config:\n{err}")
+
+    configfile: DEFAULT_CONFIG
 
 
 # validation + DAG-time checks, R / MODELS / TRAINING / MARKS, resource and path helpers
@@ -62,11 +73,33 @@ localrules:
     plan,
 
 
+def study_files():
+    """Every file the study's jobs write on the way to its tables and figures, with their checksum sidecars.
+    Snakemake looks for a missing output only in jobs that run anyway: a deleted intermediate (an evaluation CSV,
+    a published snapshot after a failed --forcerun) whose consumers are finished would otherwise be left missing
+    ("Nothing to be done"). Listed here, it is rebuilt by the next `snakemake`, and everything downstream of it
+    reruns."""
+    files = [
+        f"{R}/data/dataset.npz",
+        f"{R}/data/eval_set.npz",
+        f"{R}/optimal_loss/eval_denoised.npy",
+        f"{R}/optimal_loss/jstar.csv",
+        f"{R}/optimal_loss/estimators.csv",
+        *[f"{R}/optimal_loss/estimators/{est}.csv" for est in ESTIMATORS],
+        *[snapshot_path(m, k) for m in MODELS for k in MARKS[m]],
+        *all_evaluations(),
+        *all_triples(),
+        f"{R}/analysis/losses.csv",
+        f"{R}/analysis/invariant.csv",
+        f"{R}/analysis/per_triple.npz",
+    ]
+    return files + sidecars(*files) + [f"{R}/runs/{m}/done.json" for m in MODELS]
+
+
 rule all:
     default_target: True
     input:
-        f"{R}/analysis/losses.csv",
-        f"{R}/analysis/invariant.csv",
+        study_files(),
         f"{R}/analysis/exponents.csv",
         f"{R}/analysis/exponents.md",
         FIGURES,

@@ -40,16 +40,14 @@ PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "exc
 
 def read_eval(csv) -> pd.DataFrame:
     """The per-σ rows (ascending σ) of one evaluation CSV (analysis/evaluate.py format)."""
+    from analysis.evaluate import read_eval_csv
+
     path = Path(csv)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluation CSV not found: {path}")
-    df = pd.read_csv(path)
+    df = read_eval_csv(path)  # checked against its checksum and validated (one error naming a bad file)
     missing = set(PER_SIGMA) - set(df.columns)
     if missing:
         raise ValueError(f"{path}: missing columns {sorted(missing)}")
     rows = df[df["sigma"].notna()].sort_values("sigma").reset_index(drop=True)
-    if rows.empty:
-        raise ValueError(f"{path}: no per-σ rows")
     keep = [c for c in ("model", "images_seen", "flops", "params") if c in df.columns]
     return rows[keep + PER_SIGMA]
 

@@ -23,6 +23,12 @@ single σ gets weight 1). Dividing by Σ a_k makes it the training loss conditio
 get the same weights, so total L − total J* = total gap exactly. The σ's are independent samples, so the total's
 standard error is sqrt(Σ_k (a_k λ_k / Σ a)² s.e._k²).
 
+Every file this module reads back (the evaluation set, D*, the per-snapshot CSVs and per-triple files, jstar.csv,
+losses.csv) is checked where it is read: against its checksum sidecar (models.integrity; the workflow stamps every
+file a job writes) and against what the file must hold (columns, one row per σ of one grid, a total row, finite
+values). A bad file stops the reader with one line naming it and the command that rebuilds it; no NaN and no
+missing row reaches a fit.
+
 CLI (what the workflow rules call; every step also runs by hand):
     python -m analysis.evaluate make-set --dataset DATA.npz --num-sigmas 12 --sigma-min 0.002 --sigma-max 80 \
         --samples-per-sigma 256 --seed 1234 --out eval_set.npz
@@ -42,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from models import integrity
 from models.atomic import atomic_path
 
 # the per-σ statistics and their column names in every CSV this module writes
@@ -122,19 +129,64 @@ def save_eval_set(eval_set: dict, path) -> Path:
     return path
 
 
-def load_eval_set(path) -> dict:
+def _read_npz(path, keys) -> dict:
+    """The named arrays of an .npz (no pickle), checked against its sidecar; IntegrityError naming the file when it
+    cannot be read or lacks a key."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"evaluation set not found: {path}")
-    with np.load(path) as z:
-        missing = [k for k in ("index", "sigma", "noise_seed") if k not in z.files]
-        if missing:
-            raise ValueError(f"{path}: not an evaluation set (missing {', '.join(missing)})")
-        out = {k: z[k] for k in ("index", "sigma", "noise_seed")}
-    m = {len(v) for v in out.values()}
-    if len(m) != 1:
-        raise ValueError(f"{path}: index, sigma and noise_seed differ in length ({sorted(m)})")
+        raise FileNotFoundError(f"not found: {path}")
+    integrity.verify(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise integrity.invalid(path, f"lacks the arrays {missing}")
+            return {k: z[k] for k in keys}
+    except integrity.IntegrityError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, a truncated member, a pickled object array, ...
+        raise integrity.invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def load_eval_set(path) -> dict:
+    """The evaluation triples of an eval_set.npz, validated: three 1-D arrays of one length, integer indices ≥ 0
+    and seeds, finite positive σ."""
+    out = _read_npz(path, ("index", "sigma", "noise_seed"))
+    bad = [k for k, v in out.items() if v.ndim != 1]
+    if bad or len({len(v) for v in out.values()}) != 1:
+        raise integrity.invalid(path, f"index, sigma and noise_seed must be 1-D of one length, got shapes "
+                                      f"{ {k: list(v.shape) for k, v in out.items()} }")
+    if not (np.issubdtype(out["index"].dtype, np.integer) and np.issubdtype(out["noise_seed"].dtype, np.integer)):
+        raise integrity.invalid(path, "index and noise_seed must be integers")
+    if out["index"].size and out["index"].min() < 0:
+        raise integrity.invalid(path, f"negative index {int(out['index'].min())}")
+    if not np.all(np.isfinite(out["sigma"]) & (out["sigma"] > 0)):
+        raise integrity.invalid(path, "σ values must be finite and > 0")
     return out
+
+
+def load_denoised(path, shape: tuple[int, int] | None = None) -> np.ndarray:
+    """D* of every evaluation triple (optimal_loss/eval_denoised.npy), memory-mapped, checked against its sidecar,
+    its shape [M, D] (when `shape` is given) and finite values, one chunk of rows at a time."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"D* file not found: {path}")
+    integrity.verify(path)
+    try:
+        den = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:
+        raise integrity.invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
+    if den.ndim != 2 or (shape is not None and tuple(den.shape) != tuple(shape)):
+        want = f"[{shape[0]}, {shape[1]}] (evaluation triples × data dims)" if shape is not None else "2-D"
+        raise integrity.invalid(path, f"D* has shape {list(den.shape)}, expected {want} — was it made for this "
+                                      "evaluation set and dataset?")
+    step = max(1, (64 << 20) // max(1, den.shape[1] * den.itemsize))
+    for lo in range(0, den.shape[0], step):
+        block = np.asarray(den[lo:lo + step])
+        if not np.all(np.isfinite(block)):
+            row = lo + int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0])
+            raise integrity.invalid(path, f"non-finite D* at triple {row}")
+    return den
 
 
 def npz_num_items(path) -> int:
@@ -289,12 +341,11 @@ def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int 
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     den = Denoiser.from_snapshot(snapshot, device=device)
-    info = dict(getattr(den, "snapshot_info", {}) or {})
-    meta = torch.load(snapshot, map_location="cpu", weights_only=False, mmap=True)
+    info = dict(den.snapshot_info)
     ev = load_eval_set(eval_set) if not isinstance(eval_set, dict) else eval_set
     x_rows, label_rows, ev = load_rows(dataset, ev)
     if not isinstance(denoised, np.ndarray):
-        denoised = np.load(denoised, mmap_mode="r")
+        denoised = load_denoised(denoised, (len(ev["index"]), int(np.prod(x_rows.shape[1:]))))
     labels = None
     if den.label_dim > 0:
         if label_rows is None:
@@ -306,17 +357,22 @@ def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int 
 
     errors = per_triple_errors(denoise, x_rows, ev, denoised, labels=labels, batch_size=batch_size,
                                device=device)
+    bad = ~np.isfinite(errors["loss"])
+    if bad.any():  # a diverged model: no NaN may reach a table or a fit
+        raise ValueError(f"{snapshot}: the denoiser's output is not finite at {int(bad.sum())} of {bad.size} "
+                         f"evaluation triples (σ = {np.unique(ev['sigma'][bad])[:3].tolist()} ...): its training "
+                         "diverged; retrain the model (e.g. a lower training.lr)")
     table = per_sigma_table(errors, ev["sigma"])
     table["weighting"] = "none"
     density, weight = _variant_fns(den.variant)
     weights = total_weights(table["sigma"].to_numpy(dtype=np.float64), density, weight)
     total = {"sigma": math.nan, "weighting": "training", **weighted_totals(table, density, weight)}
     df = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
-    df.insert(0, "model", info.get("model") or meta.get("model"))
-    df.insert(1, "arch", (meta.get("arch") or {}).get("name"))
-    df.insert(2, "params", int(info.get("params") or meta.get("params")))
-    df.insert(3, "images_seen", int(info.get("images_seen") or meta.get("images_seen")))
-    df.insert(4, "flops", float(info.get("flops") or meta.get("flops")))
+    df.insert(0, "model", info.get("model"))
+    df.insert(1, "arch", den.snapshot_arch.get("name"))
+    df.insert(2, "params", int(info.get("params")))
+    df.insert(3, "images_seen", int(info.get("images_seen")))
+    df.insert(4, "flops", float(info.get("flops")))
     if return_triples:
         return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
     return df[LOSS_COLUMNS]
@@ -335,18 +391,100 @@ def _triples_path(eval_csv) -> Path:
     return Path(eval_csv).with_suffix(".npz")
 
 
+TRIPLE_KEYS = ("sigma", "level", "loss", "excess", "optimal_loss", "total_weight")
+
+
+def read_eval_csv(path) -> pd.DataFrame:
+    """One snapshot's evaluation CSV, checked against its sidecar and validated: the LOSS_COLUMNS, one model and
+    snapshot, per-σ rows (weighting `none`) at distinct ascending σ > 0 followed by one total row (σ empty,
+    weighting `training`), finite statistics (a standard error may be missing only where n = 1)."""
+    df = read_checked_csv(path, LOSS_COLUMNS, "evaluation CSV")
+    per, total = df[df["sigma"].notna()], df[df["sigma"].isna()]
+    if len(total) != 1 or not df["sigma"].iloc[-1:].isna().all() or per.empty:
+        raise integrity.invalid(path, f"{len(per)} per-σ rows and {len(total)} total rows; expected per-σ rows "
+                                      "and one total row, last")
+    sig = per["sigma"].to_numpy(np.float64)
+    if not (np.all(np.isfinite(sig) & (sig > 0)) and np.all(np.diff(sig) > 0)):
+        raise integrity.invalid(path, "σ values must be finite, > 0, distinct and ascending")
+    if df["model"].nunique(dropna=False) != 1 or df["images_seen"].nunique(dropna=False) != 1:
+        raise integrity.invalid(path, "rows of several snapshots (model, images_seen)")
+    if set(per["weighting"]) != {"none"} or set(total["weighting"]) != {"training"}:
+        raise integrity.invalid(path, "weighting must be `none` on per-σ rows and `training` on the total")
+    _check_finite(df, path)
+    return df
+
+
+def read_checked_csv(path, columns, what: str = "table") -> pd.DataFrame:
+    """A study's CSV checked against its checksum sidecar, parsed, and holding `columns`: IntegrityError naming the
+    file and its rebuild command otherwise (FileNotFoundError when it is missing)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    integrity.verify(path)
+    try:
+        df = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:  # EmptyDataError is a ValueError
+        raise integrity.invalid(path, f"unreadable CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in columns if c not in df]
+    if missing:
+        raise integrity.invalid(path, f"lacks the columns {missing}")
+    return df
+
+
+def _check_finite(df: pd.DataFrame, path) -> None:
+    """Every statistic and its standard error the table has is finite (a standard error may be missing where
+    n = 1)."""
+    for c in [c for c in ["params", "images_seen", "flops", "n", *STATS] if c in df]:
+        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
+    n = df["n"].to_numpy(np.float64) if "n" in df else np.full(len(df), 2.0)
+    for c in [f"{k}_stderr" for k in STATS if f"{k}_stderr" in df]:
+        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(v) | (np.isnan(v) & (n <= 1))):
+            raise integrity.invalid(path, f"non-finite {c} in a row with n > 1")
+
+
+def read_triples(path, per_sigma: pd.DataFrame | None = None) -> dict:
+    """One snapshot's per-triple arrays (the .npz beside its CSV), checked against its sidecar and validated:
+    shapes, levels 1..K, finite values; with the CSV's per-σ rows, the same σ grid and the same per-σ means."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"per-triple errors not found: {path} (written by `analysis.evaluate snapshot "
+                                f"--per-triple`)")
+    a = _read_npz(path, TRIPLE_KEYS)
+    k, m = a["sigma"].size, a["loss"].size
+    shapes = {"sigma": (k,), "level": (m,), "loss": (m,), "excess": (m,), "optimal_loss": (m,),
+              "total_weight": (k,)}
+    bad = [f"{key} {list(a[key].shape)}" for key, shape in shapes.items() if a[key].shape != shape]
+    if bad or not np.issubdtype(a["level"].dtype, np.integer):
+        raise integrity.invalid(path, f"array shapes do not fit together ({', '.join(bad) or 'level not integer'})")
+    if m and (a["level"].min() < 1 or a["level"].max() > k):
+        raise integrity.invalid(path, f"level must index the σ grid 1..{k}")
+    for key in ("sigma", "loss", "excess", "optimal_loss", "total_weight"):
+        if not np.all(np.isfinite(a[key])):
+            raise integrity.invalid(path, f"non-finite {key}")
+    if per_sigma is not None:
+        sig = per_sigma["sigma"].to_numpy(np.float64)
+        if sig.shape != a["sigma"].shape or not np.allclose(sig, a["sigma"], rtol=1e-12, atol=0):
+            raise integrity.invalid(path, "its σ grid differs from its evaluation CSV's")
+        counts = np.bincount(a["level"], minlength=k + 1)[1:]
+        for key in ("loss", "optimal_loss", "excess"):
+            means = np.bincount(a["level"], weights=a[key], minlength=k + 1)[1:] / np.maximum(counts, 1)
+            if not np.allclose(means, per_sigma[key].to_numpy(np.float64), rtol=1e-9, atol=1e-300):
+                raise integrity.invalid(path, f"its per-σ means of {key} differ from its evaluation CSV's")
+    return a
+
+
 def collect_per_triple(losses: pd.DataFrame, eval_csvs) -> dict:
     """The study's per-triple arrays (analysis.resample's per_triple.npz) from every snapshot's .npz beside its
     CSV, in the snapshot order of ``losses``. All snapshots must share the evaluation set."""
     by_key = {}
     for p in eval_csvs:
-        t = _triples_path(p)
-        if not t.is_file():
-            raise FileNotFoundError(f"per-triple errors not found: {t} (written by `analysis.evaluate snapshot "
-                                    f"--per-triple`)")
-        head = pd.read_csv(p, usecols=["model", "images_seen"], nrows=1).iloc[0]
-        with np.load(t, allow_pickle=False) as z:
-            by_key[(str(head["model"]), int(head["images_seen"]))] = {k: z[k] for k in z.files}
+        csv = read_eval_csv(p)
+        head = csv.iloc[0]
+        by_key[(str(head["model"]), int(head["images_seen"]))] = read_triples(_triples_path(p),
+                                                                              csv[csv["sigma"].notna()])
     snaps = losses[losses["sigma"].isna()][["model", "params", "images_seen", "flops"]].reset_index(drop=True)
     first = next(iter(by_key.values()))
     rows = []
@@ -382,25 +520,37 @@ def interp_log_sigma(sigma_grid_, values, sigma) -> np.ndarray:
     return out
 
 
+def _z(diff: pd.Series, se: pd.Series) -> pd.Series:
+    """diff / se; with se = 0 (identical values), +inf or −inf by the sign of diff (0 counts as ≥ 0)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = diff / se.where(se > 0)
+    zero = se == 0
+    return z.where(~zero, np.where(diff >= 0, np.inf, -np.inf))
+
+
 def check_invariant(df: pd.DataFrame, k: float = INVARIANT_SIGMAS) -> pd.DataFrame:
     """Adds `invariant_z` and `invariant_ok` to the per-σ rows (NaN / True on totals).
 
     Two checks, both must hold: (a) on the same triples, the paired gap L − J* ≥ −k·s.e.(gap) (a significantly
-    negative gap means D* is not the posterior mean of these x_t: wrong σ, labels or data); (b) when the grid
-    J*(σ) of optimal_loss/jstar.csv is known at that σ (`jstar_grid`), L ≥ J*_grid − k·sqrt(s.e.(L)² +
-    s.e.(J*_grid)²). invariant_z is the smaller of the two z-scores."""
+    negative gap means D* is not the posterior mean of these x_t: wrong σ, labels or data); (b) where the grid
+    J*(σ) of optimal_loss/jstar.csv covers that σ (`jstar_grid`, with `jstar_covered` True when given), L ≥
+    J*_grid − k·sqrt(s.e.(L)² + s.e.(J*_grid)²). invariant_z is the smaller of the two z-scores. A row whose
+    check cannot be made because a value it needs is not finite (L, its gap or their standard errors, or J*_grid
+    where the grid covers σ) has invariant_z NaN and invariant_ok False: nothing unchecked passes."""
     df = df.copy()
     per = df["sigma"].notna()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z_same = df["gap"] / df["gap_stderr"].where(df["gap_stderr"] > 0)
-        z = z_same
-        if "jstar_grid" in df:
-            js_se = df["jstar_grid_stderr"].fillna(0.0) if "jstar_grid_stderr" in df else 0.0
-            se = np.sqrt(df["loss_stderr"] ** 2 + js_se ** 2)
-            z_grid = (df["loss"] - df["jstar_grid"]) / se.where(se > 0)
-            z = pd.concat([z_same, z_grid], axis=1).min(axis=1, skipna=True)
-    df["invariant_z"] = np.where(per, z, np.nan)
-    df["invariant_ok"] = ~(per & (df["invariant_z"] < -k))
+    needed = [df[c] for c in ("loss", "loss_stderr", "gap", "gap_stderr")]
+    z = _z(df["gap"], df["gap_stderr"])
+    if "jstar_grid" in df:
+        covered = df["jstar_covered"].astype(bool) if "jstar_covered" in df else df["jstar_grid"].notna()
+        js_se = df["jstar_grid_stderr"].fillna(0.0) if "jstar_grid_stderr" in df else 0.0
+        z_grid = _z(df["loss"] - df["jstar_grid"], np.sqrt(df["loss_stderr"] ** 2 + js_se ** 2))
+        z = pd.concat([z, z_grid.where(covered)], axis=1).min(axis=1, skipna=True)
+        needed.append(df["jstar_grid"].where(covered, 0.0))
+    finite = np.logical_and.reduce([np.isfinite(pd.to_numeric(c, errors="coerce").to_numpy(np.float64))
+                                    for c in needed])
+    df["invariant_z"] = np.where(per & finite, z, np.nan)
+    df["invariant_ok"] = ~(per & (~finite | (df["invariant_z"] < -k)))
     return df
 
 
@@ -408,25 +558,31 @@ def collect(eval_csvs, jstar_csv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Concatenate per-snapshot CSVs into the study's losses table (sorted by params, images seen, σ; totals
     last), add `jstar_grid` (+ stderr) from jstar.csv, and run the invariant check. Returns (losses, invariant)
     where `invariant` holds every per-σ row's check (model, images_seen, sigma, loss, optimal_loss, z, ok)."""
-    frames = []
+    frames, seen, grid = [], {}, None
     for p in eval_csvs:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"evaluation CSV not found: {p}")
-        frames.append(pd.read_csv(p))
+        one = read_eval_csv(p)
+        key = (str(one["model"].iloc[0]), int(one["images_seen"].iloc[0]))
+        if key in seen:
+            raise ValueError(f"{p} and {seen[key]} both hold snapshot {key[0]}@{key[1]}")
+        seen[key] = p
+        sig = one["sigma"].dropna().to_numpy(np.float64)
+        if grid is None:
+            grid = (p, sig)
+        elif sig.shape != grid[1].shape or not np.allclose(sig, grid[1], rtol=1e-12, atol=0):
+            raise integrity.invalid(p, f"its σ grid ({sig.size} σ) differs from {grid[0]}'s ({grid[1].size} σ): "
+                                       "every snapshot must be evaluated on one evaluation set")
+        frames.append(one)
     if not frames:
         raise ValueError("collect: no evaluation CSVs given")
     df = pd.concat(frames, ignore_index=True)
-    missing = [c for c in LOSS_COLUMNS if c not in df]
-    if missing:
-        raise ValueError(f"evaluation CSVs lack columns {missing}")
     if jstar_csv is not None:
-        js = pd.read_csv(jstar_csv)
-        if not {"sigma", "optimal_loss"} <= set(js):
-            raise ValueError(f"{jstar_csv}: needs columns sigma, optimal_loss")
+        from analysis.optimal_loss import read_jstar
+
+        js = read_jstar(jstar_csv)
         df["jstar_grid"] = interp_log_sigma(js["sigma"], js["optimal_loss"], df["sigma"])
-        se = js["stderr"].fillna(0.0) if "stderr" in js else np.zeros(len(js))
-        df["jstar_grid_stderr"] = interp_log_sigma(js["sigma"], se, df["sigma"])
-    df = check_invariant(df)
+        df["jstar_grid_stderr"] = interp_log_sigma(js["sigma"], js["stderr"], df["sigma"])
+        df["jstar_covered"] = np.isfinite(interp_log_sigma(js["sigma"], np.zeros(len(js)), df["sigma"]))
+    df = check_invariant(df).drop(columns=["jstar_covered"], errors="ignore")
     df["_total"] = df["sigma"].isna()
     df = df.sort_values(["params", "model", "images_seen", "_total", "sigma"]).drop(columns="_total")
     df = df.reset_index(drop=True)
@@ -437,19 +593,42 @@ def collect(eval_csvs, jstar_csv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def warn_invariant(invariant: pd.DataFrame, stream=None) -> int:
-    """Print a loud warning listing every violation; returns their number."""
+    """Print a loud warning listing every violation (and every row that could not be checked); returns their
+    number."""
     stream = stream or sys.stderr
     bad = invariant[~invariant["invariant_ok"].astype(bool)]
     if len(bad):
+        unchecked = int(bad["invariant_z"].isna().sum())
         print("!" * 100, file=stream)
         print(f"WARNING: INVARIANT VIOLATED in {len(bad)} of {len(invariant)} (model, snapshot, σ) rows: "
-              f"L(σ) < J*(σ) − {INVARIANT_SIGMAS:g} standard errors. Check that D* (optimal_loss) and the models "
-              "use the same data, σ and labels.", file=stream)
+              f"L(σ) < J*(σ) − {INVARIANT_SIGMAS:g} standard errors"
+              + (f", or ({unchecked} rows) a value the check needs is not finite" if unchecked else "")
+              + ". Check that D* (optimal_loss) and the models use the same data, σ and labels.", file=stream)
         for _, r in bad.iterrows():
             print(f"  model {r['model']} images_seen {int(r['images_seen'])} σ={r['sigma']:.4g}: "
                   f"L={r['loss']:.6g} J*={r['optimal_loss']:.6g} z={r['invariant_z']:.2f}", file=stream)
         print("!" * 100, file=stream)
     return int(len(bad))
+
+
+FIT_COLUMNS = ["model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss"]  # what the fits need
+
+
+def read_losses(path) -> pd.DataFrame:
+    """analysis/losses.csv (or a table with at least its FIT_COLUMNS), checked against its sidecar and validated:
+    finite statistics and standard errors, and every snapshot with per-σ rows on one σ grid and one total row (what
+    the fits read)."""
+    df = read_checked_csv(path, FIT_COLUMNS, "losses table")
+    if df.empty:
+        raise integrity.invalid(path, "no rows")
+    _check_finite(df, path)
+    grids = df[df["sigma"].notna()].groupby(["model", "images_seen"])["sigma"].apply(lambda v: tuple(sorted(v)))
+    totals = df[df["sigma"].isna()].groupby(["model", "images_seen"]).size()
+    snaps = df.groupby(["model", "images_seen"]).size().index
+    if (len(grids) and (grids.nunique() > 1 or len(grids) != len(snaps))) or len(totals) != len(snaps) \
+            or (totals != 1).any():  # (a table of totals alone has no σ grid)
+        raise integrity.invalid(path, "every snapshot must have per-σ rows on one σ grid and one total row")
+    return df
 
 
 # ---------------------------------------------------------------------------------------------------------------

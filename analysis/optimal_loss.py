@@ -63,10 +63,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.evaluate import eval_noise, load_eval_set  # the eval set's ε and reader: evaluate.py's
+from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv  # the eval set's ε and readers
 from analysis.posterior import (  # the exact posterior (kernel, screens, bounds); posterior_mean re-exported
     _F32_LOGIT_TOL, _Data, _as_labels, _as_matrix, _default_chunk, _logit_error_bound, _no_tf32,
     _posterior_centred, _resolve_device, _single_thread_if_small, posterior_mean)
+from models import integrity
 from models.atomic import atomic_path
 
 __all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
@@ -400,6 +401,30 @@ def _load(spec: str):
     from models.data import open_dataset
     data = open_dataset(spec)
     return data.float32(), data.labels
+
+
+def read_jstar(path) -> pd.DataFrame:
+    """A J* table (optimal_loss/jstar.csv or an estimator's CSV) as the study reads it: checked against its
+    checksum sidecar and validated — columns sigma, optimal_loss, stderr; one estimator; σ finite, > 0, ascending
+    and geometric (the CLI's grid, so a row missing inside it is seen); finite J* and standard errors ≥ 0. A bad
+    table is one IntegrityError naming the file and the command that rebuilds it."""
+    df = read_checked_csv(path, ("sigma", "optimal_loss", "stderr"), "J* table")
+    if "estimator" in df and df["estimator"].nunique() > 1:
+        raise integrity.invalid(path, f"holds several estimators ({sorted(df['estimator'].unique())}); J* is one")
+    values = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in ("sigma", "optimal_loss",
+                                                                                       "stderr")}
+    for c, v in values.items():
+        if not np.all(np.isfinite(v)):
+            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
+    sig = values["sigma"]
+    if len(sig) < 2 or np.any(sig <= 0) or np.any(np.diff(sig) <= 0):
+        raise integrity.invalid(path, f"needs >= 2 rows of ascending σ > 0, got {len(sig)} rows")
+    steps = np.diff(np.log(sig))
+    if not np.allclose(steps, steps.mean(), rtol=1e-6, atol=0):
+        raise integrity.invalid(path, "its σ grid is not geometric (a row is missing or added)")
+    if np.any(values["stderr"] < 0):
+        raise integrity.invalid(path, "negative stderr")
+    return df.assign(**values)
 
 
 def _sigma_grid(lo: float, hi: float, k: int) -> np.ndarray:

@@ -476,6 +476,15 @@ def main(argv=None) -> int:
             ap.error(f"{a.figure}: --{key} is required")
         if not Path(path).is_file():
             ap.error(f"--{key}: file not found: {path}")
+    from models.integrity import IntegrityError, verify
+
+    try:  # the study's intermediates (losses.csv, jstar.csv, estimators.csv) against their checksums
+        for key in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal"):
+            if getattr(a, key, None):
+                verify(getattr(a, key))
+    except IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.figure == "all":
         outs = plot_all(a.losses, a.exponents, a.jstar, a.estimators, a.outdir or ".", a.profile, a.verdict,
                         a.compute_optimal, a.forecast, a.forecast_points)

@@ -96,18 +96,33 @@ def save_per_triple(path, arrays: dict) -> None:
 
 
 def load_per_triple(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        missing = [k for k in PER_TRIPLE_KEYS if k not in z.files]
-        if missing:
-            raise ValueError(f"{path}: not a per-triple file (missing {missing})")
-        out = {k: z[k] for k in PER_TRIPLE_KEYS}
+    """per_triple.npz, checked against its checksum sidecar (models.integrity) and validated (shapes, levels,
+    finite values): a bad file is one error naming it and the command that rebuilds it."""
+    from models.integrity import IntegrityError, invalid, verify
+
+    verify(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in PER_TRIPLE_KEYS if k not in z.files]
+            if missing:
+                raise invalid(path, f"not a per-triple file (missing {missing})")
+            out = {k: z[k] for k in PER_TRIPLE_KEYS}
+    except IntegrityError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, a truncated member, a pickled object array, ...
+        raise invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
+    if out["loss"].ndim != 2:
+        raise invalid(path, f"loss has shape {list(out['loss'].shape)}, expected [snapshots, triples]")
     s, m = out["loss"].shape
     k = out["sigma"].size
     for key, shape in (("excess", (s, m)), ("optimal_loss", (m,)), ("level", (m,)), ("total_weight", (s, k))):
         if out[key].shape != shape:
-            raise ValueError(f"{path}: {key} has shape {list(out[key].shape)}, expected {list(shape)}")
+            raise invalid(path, f"{key} has shape {list(out[key].shape)}, expected {list(shape)}")
     if m and (out["level"].min() < 1 or out["level"].max() > k):
-        raise ValueError(f"{path}: level must index the σ grid 1..{k}")
+        raise invalid(path, f"level must index the σ grid 1..{k}")
+    for key in ("sigma", "optimal_loss", "loss", "excess", "total_weight", "flops"):
+        if not np.all(np.isfinite(out[key])):
+            raise invalid(path, f"non-finite {key}")
     return out
 
 

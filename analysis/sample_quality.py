@@ -147,7 +147,9 @@ def load_classifier(path) -> FeatureClassifier:
     if not path.exists():
         raise FileNotFoundError(f"feature classifier not found: {path} (make it with "
                                 f"`python -m analysis.sample_quality train-classifier`)")
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    from models.integrity import load_torch
+
+    ck = load_torch(path)
     model = FeatureClassifier(ck["in_dim"], ck["num_classes"], tuple(ck["hidden"]))
     model.load_state_dict(ck["state_dict"])
     return model.eval()
@@ -268,10 +270,9 @@ def main(argv=None) -> None:
     if args.snapshot:
         from models.sampler import sample_snapshot
 
-        from models.integrity import verify
+        from models.integrity import load_torch
 
-        verify(args.snapshot)
-        snap = torch.load(args.snapshot, map_location="cpu", weights_only=False)
+        snap = load_torch(args.snapshot)
         cond = int(snap["arch"].get("label_dim", 0) or 0) > 0
         lab = None
         if cond and labels is not None:  # conditional net: labels drawn from the data's class frequencies

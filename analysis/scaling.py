@@ -36,11 +36,13 @@ import pandas as pd
 
 from analysis import forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
+from analysis.evaluate import read_losses
 from analysis.fits import fit_chinchilla, fit_power_law, holdout_error, predict_power_law
 from analysis.frontier import lower_envelope
 from analysis.resample import load_per_triple, replicates, replicates_from_losses
 from analysis.study_stats import POOLED, model_families, pooled_fits
 from models.atomic import atomic_path
+from models.integrity import IntegrityError
 
 __all__ = ["fit_power_law", "fit_chinchilla", "holdout_error", "predict_power_law", "lower_envelope", "fit_table",
            "study_outputs", "model_families", "pooled_fits", "POOLED", "main"]
@@ -138,7 +140,12 @@ def _main_table(argv) -> int:
             ap.error(f"--{name.replace('_', '-')} file not found: {path}")
     if args.n_replicates < 0:
         ap.error(f"--n-replicates must be ≥ 0, got {args.n_replicates}")
-    per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
+    try:  # both checked against their checksums and validated: no NaN or missing row reaches a fit
+        losses = read_losses(args.losses)
+        per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
+    except IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sizes = None
     if args.models is not None:
         try:
@@ -149,8 +156,8 @@ def _main_table(argv) -> int:
             ap.error(f"--models {args.models} is not a model table ({err}); the workflow rebuilds it with "
                      "`snakemake --forcerun models_table`")
         sizes = seed_sizes(table)
-    out = study_outputs(pd.read_csv(args.losses), per_triple, args.out_dir, n_replicates=args.n_replicates,
-                        seed=args.seed, sizes=sizes)
+    out = study_outputs(losses, per_triple, args.out_dir, n_replicates=args.n_replicates, seed=args.seed,
+                        sizes=sizes)
     print(f"wrote {len(out['exponents.csv'])} fits, the verdict, the forecasts, the offset profile and the "
           f"compute-optimal law to {args.out_dir}")
     return 0

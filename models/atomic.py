@@ -14,8 +14,9 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path, *, mode: int = 0o644):
-    """Yield a temp path beside `path`; rename it onto `path` when the block succeeds, delete it when it fails."""
+def atomic_path(path, *, mode: int = 0o644, finish=os.replace):
+    """Yield a temp path beside `path`; rename it onto `path` when the block succeeds, delete it when it fails.
+    `finish(tmp, path)` does the rename (models.integrity.replace_stamped also writes the checksum first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
@@ -23,7 +24,7 @@ def atomic_path(path, *, mode: int = 0o644):
     try:
         yield Path(tmp)
         os.chmod(tmp, mode)  # mkstemp makes 0600; results are meant to be read by every later step
-        os.replace(tmp, path)
+        finish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

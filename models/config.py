@@ -4,8 +4,11 @@ No torch import here: the Snakefile imports this module to build the DAG, and it
 
 The format is fixed in docs/internals.md ("The study config"); the JSON schema lives in
 workflow/schemas/config.schema.yaml.  `load_config` validates against it, fills the schema's defaults through
-jsonschema's own validator (extended to insert each missing property's `default`), and turns jsonschema's error
-into one line that names the key path, e.g. ``training.batch_szie: unknown key``.
+jsonschema's own validator (extended to insert each missing property's `default`), and turns every jsonschema
+error into one line that names the key path, e.g. ``training.batch_szie: unknown key`` — all of them at once. A
+YAML syntax error names the file, line and column.
+
+    python -m models.config STUDY.yaml      check a study config (YAML, schema, the DAG-time checks); exit 2
 """
 
 from __future__ import annotations
@@ -36,18 +39,37 @@ def load_schema(path: str | Path | None = None) -> dict:
         return yaml.safe_load(f)
 
 
-def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = None) -> dict:
+def read_yaml(path: str | Path):
+    """A YAML file's content; a syntax error is a ConfigError naming the file, line and column."""
+    try:
+        with open(path) as f:
+            return yaml.safe_load(f)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = e.problem or e.context or "invalid YAML"
+        if e.context and e.problem:
+            ctx = e.context_mark
+            at = f" at line {ctx.line + 1}, column {ctx.column + 1}" if ctx is not None and ctx != mark else ""
+            what = f"{e.problem} ({e.context}{at})"
+        raise ConfigError(f"{where}: YAML syntax error: {what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: YAML syntax error: {e}") from None
+
+
+def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = None,
+                where: str | None = None) -> dict:
     """Read a study config (YAML path or dict), validate it, and return a new dict with defaults filled in.
 
-    Raises ConfigError with one message naming the first bad key path (``training.batch_size: ...``).
+    Raises ConfigError listing every bad key path, one per line (``training.batch_size: ...``); `where` names
+    the config's source in each line (default: its path, or "config" for a dict).
     """
     if isinstance(path_or_dict, Mapping):
         cfg = copy.deepcopy(dict(path_or_dict))
-        where = "config"
+        where = where or "config"
     else:
-        where = str(path_or_dict)
-        with open(path_or_dict) as f:
-            cfg = yaml.safe_load(f)
+        where = where or str(path_or_dict)
+        cfg = read_yaml(path_or_dict)
         if cfg is None:
             cfg = {}
         if not isinstance(cfg, dict):
@@ -122,6 +144,7 @@ def micro_batch(training: Mapping, num_processes: int, key: str = "training") ->
 def _check_batching(cfg: dict, where: str) -> None:
     """Every model's batch splits over its configured processes and micro-batches (at config time, so a
     bad study fails before any job runs; train.py checks again with the processes it really has)."""
+    problems = []
     for name, entry in (cfg.get("models") or {}).items():
         training = model_training(cfg, name)
         own = (entry or {}).get("training") or {}
@@ -129,7 +152,9 @@ def _check_batching(cfg: dict, where: str) -> None:
         try:
             micro_batch(training, training["launch"]["num_processes"], key)
         except ConfigError as e:
-            raise ConfigError(f"{where}: {e}") from None
+            problems.append(f"{where}: {e}")
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
 
 
 def _validator(schema: Mapping, *, fill_defaults: bool = False):
@@ -153,16 +178,16 @@ def _validator(schema: Mapping, *, fill_defaults: bool = False):
 
 
 def _validate(cfg: dict, schema: Mapping, where: str) -> None:
+    """Raise ConfigError listing every schema error of `cfg`, one line each, sorted by key path."""
     errors = list(_validator(schema).iter_errors(cfg))
     if not errors:
         return
-    # report the deepest error first: it names the most specific key ("training.batch_size", not "training")
-    errors.sort(key=lambda e: (-len(list(e.absolute_path)), str(e.message)))
-    raise ConfigError(f"{where}: {_describe(errors[0])}")
+    lines = dict.fromkeys(line for e in errors for line in _describe(e))
+    raise ConfigError("\n".join(f"{where}: {line}" for line in sorted(lines)))
 
 
-def _describe(error) -> str:
-    """One readable line for a jsonschema error, naming the key path."""
+def _describe(error) -> list[str]:
+    """Readable lines for one jsonschema error, each naming a key path (one per unknown key)."""
     path = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         known = set(error.schema.get("properties", {}))
@@ -171,14 +196,15 @@ def _describe(error) -> str:
 
         unknown = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
         if unknown:
-            key = ".".join(filter(None, [path, str(unknown[0])]))
             hint = f" (known keys: {', '.join(sorted(known))})" if known else ""
-            return f"{key}: unknown key{hint}"
+            return [f"{'.'.join(filter(None, [path, str(k)]))}: unknown key{hint}" for k in unknown]
     if error.validator == "required":
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         key = ".".join(filter(None, [path, missing]))
-        return f"{key}: required key missing"
-    return f"{path or '<top level>'}: {error.message}"
+        return [f"{key}: required key missing"]
+    why = error.schema.get("description") if isinstance(error.schema, Mapping) else None
+    why = f" ({' '.join(str(why).split())})" if why and error.validator in ("minimum", "maximum") else ""
+    return [f"{path or '<top level>'}: {error.message}{why}"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,3 +293,29 @@ def snapshot_marks(training: Mapping) -> list[int]:
             raise ConfigError(f"training.snapshots.spacing: unknown spacing {spacing!r} (geometric or linear)")
     marks = sorted({to_batch(m) for m in raw} | {total})
     return marks
+
+
+def main(argv=None) -> int:
+    """Check a study config as `snakemake -n` does before any job runs (YAML syntax, schema, DAG-time checks):
+    every problem on its own line, exit 2. Snakemake reads --configfile itself and reports a YAML syntax error
+    without its file or line; this names both."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m models.config", description=main.__doc__.split("\n")[0])
+    ap.add_argument("config", help="study config YAML (workflow/config/*.yaml)")
+    args = ap.parse_args(argv)
+    from models.checks import check_study, known_arch_names
+
+    try:
+        cfg = load_config(args.config)
+        check_study(cfg, basedir=SCHEMA_PATH.parents[2], arch_names=known_arch_names())
+    except ConfigError as e:
+        print(f"error: invalid study config:\n{e}", file=sys.stderr)
+        return 2
+    print(f"{args.config}: valid ({len(cfg.get('models') or {})} models)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

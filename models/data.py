@@ -10,7 +10,9 @@ Specs (a string):
                                 ("NCHW"/"NHWC"; save_npz writes "NCHW") decides; without it a 4-D array is NHWC —
                                 and is transposed to NCHW — iff its last dim is in {1, 3, 4} and its dim 1 is not.
                                 A 3-D array [N, H, W] gets one channel.
-- `cifar10:DIR` (or a DIR holding `data_batch_1`)     CIFAR-10 python batches `data_batch_1..5` found in DIR.
+- `cifar10:DIR`                  CIFAR-10 python batches `data_batch_1..5` found in DIR (the official format is
+                                pickled: only these five files, only with this explicit spec, and with an
+                                unpickler that allows nothing but the numpy array constructors the format needs).
 - `imagefolder:DIR` (or any other DIR)                one sub-folder per class (labels = index in sorted names),
                                 or images directly in DIR (no labels); read with Pillow as RGB, center-cropped to
                                 a square and resized to `resolution` (default: the first image's cropped size).
@@ -344,6 +346,33 @@ def _read_digits(resolution) -> DatasetArrays:
 
 # ---- CIFAR-10 python batches ----------------------------------------------------------------------------------
 
+def _latin1_bytes(text, encoding="latin1"):
+    """What Python 3 protocol-2 pickles call (as _codecs.encode) to rebuild bytes; latin-1 only."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not part of the CIFAR-10 format")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The official CIFAR-10 python format is a pickle (a dict of bytes, ints, lists and one uint8 numpy array),
+    so it must be unpickled; this unpickler resolves only the numpy globals that rebuild such an array (as Python
+    2's cPickle wrote them, and as Python 3 pickles them) and the latin-1 bytes constructor, and refuses any other,
+    so a crafted batch file cannot run code: pickle reaches every callable through find_class."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not part of the CIFAR-10 format")
+        if module == "_codecs":
+            return _latin1_bytes
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2: numpy.core is a deprecated alias
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
 def _read_cifar(folder: Path) -> DatasetArrays:
     files = [folder / f"data_batch_{i}" for i in range(1, 6) if (folder / f"data_batch_{i}").is_file()]
     if not files:
@@ -352,9 +381,9 @@ def _read_cifar(folder: Path) -> DatasetArrays:
     for f in files:
         try:
             with open(f, "rb") as fh:
-                d = pickle.load(fh, encoding="bytes")
-        except Exception as e:  # a truncated / non-pickle file surfaces as many exception types
-            raise DatasetError(f"{f}: cannot unpickle the CIFAR-10 batch ({type(e).__name__}: {e})") from e
+                d = _CifarUnpickler(fh, encoding="bytes").load()
+        except Exception as e:  # a truncated / non-pickle / crafted file surfaces as many exception types
+            raise DatasetError(f"{f}: cannot unpickle the CIFAR-10 batch ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict) or b"data" not in d or b"labels" not in d:
             raise DatasetError(f"{f}: not a CIFAR-10 batch (expected a dict with b'data' and b'labels')")
         data = np.asarray(d[b"data"])
@@ -457,8 +486,8 @@ def open_dataset(spec, *, resolution: int | None = None) -> DatasetArrays:
         verify(path)  # against PATH.sha256 where the dataset rule wrote one
         return _resized(_open_array_file(path), resolution)
     if path.is_dir():
-        if (path / "data_batch_1").is_file():
-            return _resized(_read_cifar(path), resolution)
+        if (path / "data_batch_1").is_file():  # pickles are read only when the spec names the format
+            raise DatasetError(f"{path} holds CIFAR-10 python batches: name them as 'cifar10:{path}'")
         return _read_image_folder(path, resolution)
     if path.exists():
         raise DatasetError(f"unknown dataset file type {path.suffix!r} for {path}; use one of {_FORMS}")

@@ -76,11 +76,12 @@ class Denoiser(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"snapshot not found: {path}")
-        from models.integrity import verify
+        from models.integrity import load_torch
 
-        verify(path)  # a truncated / corrupted snapshot: one error naming it and its rebuild command
-        snap = torch.load(path, map_location="cpu", weights_only=False)
-        missing = [k for k in ("arch", "variant", weights) if k not in snap]
+        # checked against its sidecar and read as tensors and plain data only: a truncated, corrupted or crafted
+        # snapshot is one error naming it and its rebuild command
+        snap = load_torch(path)
+        missing = [k for k in ("arch", "variant", weights) if not isinstance(snap, dict) or k not in snap]
         if missing:
             raise ValueError(f"{path}: not a training snapshot (missing {', '.join(missing)})")
         net = build_net(snap["arch"], device=device)
@@ -90,6 +91,7 @@ class Denoiser(nn.Module):
         variant = get_variant(snap["variant"]["name"], **(snap["variant"].get("kwargs") or {}))
         den = cls(net, variant, label_dim=snap["arch"].get("label_dim", 0))
         den.snapshot_info = {k: snap.get(k) for k in ("model", "images_seen", "flops", "params")}
+        den.snapshot_arch = dict(snap["arch"])
         return den.to(device).eval()
 
 

@@ -1,18 +1,29 @@
-"""Checksums of the files a study rebuilds at a cost (snapshots, the dataset), so a truncated or corrupted file
-fails with one error that names the file and the command that rebuilds it, never with a reader's own crash
-("PytorchStreamReader failed reading zip archive", "BadZipFile") deep inside a job.
+"""Checksums of the files a study writes and reads again (the dataset, the evaluation set, J*, D*, snapshots, the
+evaluation tables, the collected losses, the training state), and the one safe way to read a torch file, so a
+truncated, corrupted or crafted file fails with one error that names the file and the command that rebuilds it,
+never with a reader's own crash ("PytorchStreamReader failed reading zip archive", "BadZipFile") deep inside a job,
+and never by running code.
 
 A checked file FILE has a sidecar FILE.sha256 (JSON): its size, its sha256 and, for files over FULL_HASH_BYTES,
-the sha256 of its first and last SAMPLE_BYTES; and optionally `rebuild`, the command that makes it again.
+the sha256 of its first and last SAMPLE_BYTES; and optionally `rebuild`, the command that makes it again, and
+`previous`, the record of the file it replaces (a file rewritten in place, state.pt: the sidecar is written before
+the file is renamed into place, so a kill between the two leaves a file that matches one of the two records).
 `verify(FILE)` compares the size always, the full hash for files up to FULL_HASH_BYTES and the sampled hash above
 (a multi-GB dataset is read by every evaluation job only where it needs rows; hashing it whole each time would
-read it all), and raises IntegrityError on a mismatch. A file without a sidecar is not checked (files made before
-checksums existed keep working).
+read it all), and raises IntegrityError on a mismatch. A file without a sidecar is not checked here (files made
+before checksums existed keep working); the workflow declares every sidecar as an output of the job that writes
+the file, so within a study a missing sidecar reruns that job. `invalid(FILE, problem)` is the same one-line error
+for a file whose contents fail a reader's own checks (rows, columns, σ grid, non-finite values).
 
-    python -m models.integrity stamp FILE [--rebuild CMD]       write FILE.sha256
+`load_torch(FILE)` is how every torch file is read: verified, then `torch.load(weights_only=True)`, which builds
+tensors, plain containers and numbers only; a file whose pickle names anything else (a payload that would run
+code) is refused with UnsafeFileError, never executed.
+
+    python -m models.integrity stamp FILE... [--rebuild CMD]    write FILE.sha256 for each FILE
     python -m models.integrity verify FILE...                   exit 2 with the error on a bad file
     python -m models.integrity publish SRC DST [--rebuild CMD]  verify SRC, copy it to DST (read-only) + sidecar
-    python -m models.integrity check-run RUNDIR                 exit 3 if a snapshot of a run folder is bad
+    python -m models.integrity check-run RUNDIR                 exit 3 if a run folder's snapshot or state is bad,
+                                                                exit 2 if its state.pt is refused (UnsafeFileError)
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -33,7 +45,12 @@ SAMPLE_BYTES = 4 << 20      # larger ones: size + the hash of their first and la
 
 
 class IntegrityError(ValueError):
-    """A file does not match its recorded checksum; the message names the file and how to rebuild it."""
+    """A file does not match its recorded checksum or fails a reader's checks; the message names the file and how
+    to rebuild it."""
+
+
+class UnsafeFileError(IntegrityError):
+    """A torch file whose pickle holds more than tensors and plain data: refused without running any of it."""
 
 
 def sidecar(path) -> Path:
@@ -90,6 +107,35 @@ def stamp(path, *, rebuild: str | None = None, rec: dict | None = None) -> dict:
     return rec
 
 
+def replace_stamped(tmp, path, *, rebuild: str | None = None) -> dict:
+    """Move the finished file `tmp` onto `path` with its sidecar, so that a kill at any moment leaves a `path` that
+    matches its sidecar: the sidecar (the new record, and the old file's as `previous`) is written first, then
+    the file is renamed into place."""
+    path = Path(path)
+    rec = record(tmp, rebuild=rebuild)
+    rec["file"] = path.name
+    previous = _current_record(path)
+    if previous is not None:
+        rec["previous"] = {k: previous[k] for k in ("size", "sha256", "sample_sha256") if k in previous}
+    stamp(path, rec=rec)
+    os.replace(tmp, path)
+    return rec
+
+
+def _current_record(path: Path) -> dict | None:
+    """The record that `path` as it is now matches: its sidecar's (or the sidecar's `previous`), a fresh one for
+    a file without a sidecar, None for a missing file or one that matches neither (a damaged file stays refused)."""
+    if not path.exists():
+        return None
+    try:
+        rec = read_record(path)
+    except IntegrityError:
+        return None
+    if rec is None:
+        return record(path)
+    return next((r for r in (rec, rec.get("previous")) if isinstance(r, dict) and _matches(path, r)), None)
+
+
 def read_record(path) -> dict | None:
     side = sidecar(path)
     if not side.exists():
@@ -102,33 +148,145 @@ def read_record(path) -> dict | None:
     return rec
 
 
+GENERIC_REBUILD = "delete it and rerun the step that made it (in a study: `snakemake` with its --configfile)"
+
+
+def rebuild_hint(path, rec: dict | None = None) -> str:
+    """'rebuild it with:  CMD' from FILE's sidecar, or the generic way to rebuild a file that has none."""
+    if rec is None:
+        try:
+            rec = read_record(path)
+        except IntegrityError:
+            rec = None
+    how = (rec or {}).get("rebuild")
+    return f"rebuild it with:  {how}" if how else GENERIC_REBUILD
+
+
+def invalid(path, problem: str) -> IntegrityError:
+    """The one-line error for a file whose contents fail a reader's check: the file, the problem, the fix."""
+    return IntegrityError(f"{path}: {problem}; {rebuild_hint(path)}")
+
+
 def _fail(path, rec: dict, what: str) -> IntegrityError:
-    how = rec.get("rebuild")
-    hint = f"; rebuild it with:  {how}" if how else "; rebuild it (or delete it and rerun the step that made it)"
-    return IntegrityError(f"{path}: {what} — the file is corrupt or truncated{hint}")
+    return IntegrityError(f"{path}: {what} — the file is corrupt or truncated; {rebuild_hint(path, rec)}")
+
+
+def _mismatch(path, rec: dict, full: bool | None) -> str | None:
+    """Why FILE does not match the record `rec` (None when it does)."""
+    size = path.stat().st_size
+    if size != int(rec["size"]):
+        return f"{size} bytes, expected {int(rec['size'])}"
+    if full is None:
+        full = size <= FULL_HASH_BYTES or "sample_sha256" not in rec
+    if full:
+        if file_sha256(path) != rec["sha256"]:
+            return "sha256 differs from the recorded one"
+    elif sample_sha256(path, size) != rec["sample_sha256"]:
+        return "sha256 of its first/last bytes differs from the recorded one"
+    return None
+
+
+def _matches(path, rec: dict, full: bool | None = None) -> bool:
+    return _mismatch(Path(path), rec, full) is None
 
 
 def verify(path, *, full: bool | None = None) -> dict | None:
     """Check FILE against FILE.sha256; returns the record (None when there is no sidecar). Raises IntegrityError
-    naming the file and its rebuild command on a missing file, another size or another hash. `full`: hash the
-    whole file (default: only up to FULL_HASH_BYTES, the first and last SAMPLE_BYTES above)."""
+    naming the file and its rebuild command on a missing file, another size or another hash (a file that matches
+    the sidecar's `previous` record passes). `full`: hash the whole file (default: only up to FULL_HASH_BYTES, the
+    first and last SAMPLE_BYTES above)."""
     path = Path(path)
     rec = read_record(path)
     if rec is None:
         return None
     if not path.exists():
         raise _fail(path, rec, "missing")
-    size = path.stat().st_size
-    if size != int(rec["size"]):
-        raise _fail(path, rec, f"{size} bytes, expected {int(rec['size'])}")
-    if full is None:
-        full = size <= FULL_HASH_BYTES or "sample_sha256" not in rec
-    if full:
-        if file_sha256(path) != rec["sha256"]:
-            raise _fail(path, rec, "sha256 differs from the recorded one")
-    elif sample_sha256(path, size) != rec["sample_sha256"]:
-        raise _fail(path, rec, "sha256 of its first/last bytes differs from the recorded one")
+    why = _mismatch(path, rec, full)
+    if why is not None and not (isinstance(rec.get("previous"), dict) and _matches(path, rec["previous"], full)):
+        raise _fail(path, rec, why)
     return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a folder of files recorded elsewhere (DeepSpeed's checkpoint, recorded in state.pt)
+# ----------------------------------------------------------------------------------------------------------------
+
+def folder_records(folder) -> dict:
+    """{path relative to folder: record} for every file below `folder`."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): {k: v for k, v in record(p).items() if k != "file"}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def check_folder(folder, records: dict) -> None:
+    """The files below `folder` are exactly those of `records` (folder_records) and each matches its record;
+    IntegrityError naming the first that does not."""
+    folder = Path(folder)
+    hint = GENERIC_REBUILD
+    found = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    for name in sorted(set(records) | found):
+        path = folder / name
+        if name not in records:
+            raise IntegrityError(f"{path}: not among the files recorded for {folder}; {hint}")
+        if name not in found:
+            raise IntegrityError(f"{path}: missing (recorded for {folder}); {hint}")
+        why = _mismatch(path, records[name], None)
+        if why is not None:
+            raise IntegrityError(f"{path}: {why} — the file is corrupt or truncated; {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading torch files
+# ----------------------------------------------------------------------------------------------------------------
+
+def numpy_array_globals() -> list:
+    """What torch.load needs to rebuild a numpy array of a plain dtype (np.random.get_state()'s uint32 key, in
+    training state written before it was stored as a list): constructors of data, no code."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _unpickling_problem(err: Exception) -> str:
+    """The part of torch's weights-only refusal that says what the file holds (its first offending global)."""
+    text = str(err)
+    m = re.search(r"GLOBAL (\S+)", text) or re.search(r"but got (<class '[^']+'>)", text)
+    if m:
+        return m.group(1)
+    m = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
+    return m.group(1).strip() if m else text.strip().splitlines()[0]
+
+
+def load_torch(path, *, map_location="cpu", mmap: bool = False, numpy_arrays: bool = False):
+    """Read a torch file safely: verify it against its sidecar, then torch.load(weights_only=True) — tensors,
+    plain containers, numbers and strings only (`numpy_arrays`: also numpy arrays of plain dtypes). A file whose
+    pickle holds anything else is refused (UnsafeFileError) without running any of it, and an unreadable one is
+    an IntegrityError: one line naming the file and how to rebuild it."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    verify(path)
+    try:
+        with torch.serialization.safe_globals(numpy_array_globals() if numpy_arrays else []):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise UnsafeFileError(
+            f"{path}: refused to load: it holds {_unpickling_problem(e)}, not only tensors and plain data (this "
+            f"project never writes such a file: it was made or changed elsewhere and is not read); "
+            f"{GENERIC_REBUILD}") from None
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise IntegrityError(f"{path}: not a readable torch file ({first}) — the file is corrupt or truncated; "
+                             f"{rebuild_hint(path)}") from None
 
 
 def publish(src, dst, *, rebuild: str | None = None) -> dict:
@@ -158,11 +316,23 @@ def bad_snapshots(rundir) -> list[str]:
     return errors
 
 
+def bad_run_files(rundir) -> list[str]:
+    """The errors of a run folder that training cannot continue from: its snapshots (bad_snapshots) and its
+    state.pt with the DeepSpeed checkpoint it records (models.run_folder.state_problems). A state.pt that holds
+    more than tensors and plain data raises UnsafeFileError instead: it is refused, not trained over."""
+    errors = bad_snapshots(rundir)
+    if (Path(rundir) / "state.pt").exists():
+        from models.run_folder import state_problems  # imports torch: only when there is a state to read
+
+        errors += state_problems(Path(rundir))
+    return errors
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.integrity", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("stamp", help="write FILE.sha256")
-    p.add_argument("file")
+    p = sub.add_parser("stamp", help="write FILE.sha256 for each FILE")
+    p.add_argument("files", nargs="+")
     p.add_argument("--rebuild", default=None, help="the command that rebuilds FILE (shown when it is bad)")
     p = sub.add_parser("verify", help="check files against their sidecars")
     p.add_argument("files", nargs="+")
@@ -170,19 +340,20 @@ def main(argv=None) -> int:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--rebuild", default=None)
-    p = sub.add_parser("check-run", help="exit 3 (listing the errors) if a run folder's snapshot is bad")
+    p = sub.add_parser("check-run", help="exit 3 (listing the errors) if a run folder's snapshot or state is bad")
     p.add_argument("rundir")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "stamp":
-            stamp(args.file, rebuild=args.rebuild)
+            for f in args.files:
+                stamp(f, rebuild=args.rebuild)
         elif args.cmd == "verify":
             for f in args.files:
                 verify(f, full=True)
         elif args.cmd == "publish":
             publish(args.src, args.dst, rebuild=args.rebuild)
         else:
-            errors = bad_snapshots(args.rundir)
+            errors = bad_run_files(args.rundir)
             for e in errors:
                 print(e, file=sys.stderr)
             return 3 if errors else 0
@@ -193,4 +364,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run as models.integrity, not __main__: models.run_folder raises models.integrity's exception classes
+    from models.integrity import main as module_main
+
+    sys.exit(module_main())

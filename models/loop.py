@@ -167,6 +167,7 @@ def save_state(run: Run) -> None:
     if run.use_ds:  # ZeRO partitions optimizer state over ranks: DeepSpeed's own (collective) checkpoint
         ds_dir = f"state-ds/{run.images_seen:09d}"
         acc.save_state(str(run.out / ds_dir))
+        acc.wait_for_everyone()  # every rank's files are written before state.pt records their checksums
     if acc.is_main_process:
         schedule = run.schedule
         own_schedule = schedule is not run.variant and hasattr(schedule, "state_dict")

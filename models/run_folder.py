@@ -1,7 +1,12 @@
 """A training run folder's state: the settings fingerprint, state.pt / done.json / snapshot I/O and the log.
 
-Layout (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights, arch,
-variant, images_seen, flops), log.jsonl, done.json (written last: its presence means the run finished).
+Layout (docs/internals.md): state.pt (resumable; atomic, with its checksum sidecar), snapshots/snapshot-
+{images:09d}.pt (EMA weights, arch, variant, images_seen, flops), log.jsonl, done.json (written last: its presence
+means the run finished), state-ds/<images>/ (DeepSpeed's own checkpoint, whose files state.pt records).
+
+Every file here is read with models.integrity.load_torch (tensors and plain data only), so state.pt holds nothing
+else: the numpy RNG state is stored as a dict of a tensor and numbers. DeepSpeed reads its checkpoint with pickle,
+so state.pt records the size and sha256 of each of its files and they are checked before DeepSpeed opens one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch
 from models import integrity
 from models.atomic import atomic_path
 
-STATE_VERSION = 2  # 2: state.pt (and done.json) carry `config_fingerprint`
+STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
 
 
 class RunFolderMismatchError(ValueError):
@@ -94,27 +99,81 @@ def read_done(out: Path, fingerprint: dict) -> dict | None:
     path = out / "done.json"
     if not path.exists():
         return None
-    done = json.loads(path.read_text())
+    try:
+        done = json.loads(path.read_text())
+        if not isinstance(done, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # written last from state.pt, so deleting it loses nothing
+        raise integrity.IntegrityError(f"{path}: unreadable ({e}); delete it and rerun the training, which "
+                                       "rewrites it from the complete state.pt") from None
     check_fingerprint(done.get("config_fingerprint"), fingerprint, path, out)
     return done
 
 
-def read_state(out: Path, fingerprint: dict, world: int) -> dict | None:
-    """state.pt of an interrupted run (checked against this run's settings and process count), or None."""
+def load_state(out: Path, *, mmap: bool = False) -> dict | None:
+    """state.pt read safely (models.integrity.load_torch: its checksum, then tensors and plain data only; numpy
+    arrays too, for the RNG state of older files), or None when there is none."""
     path = out / "state.pt"
     if not path.exists():
         return None
-    loaded = torch.load(path, map_location="cpu", weights_only=False)
+    loaded = integrity.load_torch(path, mmap=mmap, numpy_arrays=True)
+    if not isinstance(loaded, dict) or "images_seen" not in loaded:
+        raise integrity.invalid(path, "not a training state (no images_seen)")
+    return loaded
+
+
+def check_deepspeed_files(out: Path, state: dict) -> None:
+    """The DeepSpeed checkpoint state.pt names is exactly the files state.pt records, each matching its size and
+    sha256 (DeepSpeed unpickles them, so nothing unrecorded is ever opened). IntegrityError naming the file."""
+    ds_dir = state.get("ds_dir")
+    if not ds_dir:
+        return
+    folder = out / ds_dir
+    records = state.get("ds_files")
+    if not isinstance(records, dict):
+        raise integrity.IntegrityError(
+            f"{folder}: DeepSpeed checkpoint without recorded checksums (written by an older trainer); DeepSpeed "
+            f"unpickles it, so it is not read: delete {out} to train afresh")
+    integrity.check_folder(folder, records)
+
+
+def read_state(out: Path, fingerprint: dict, world: int) -> dict | None:
+    """state.pt of an interrupted run (checked against this run's settings and process count, its DeepSpeed
+    checkpoint against the checksums it records), or None."""
+    path = out / "state.pt"
+    loaded = load_state(out)
+    if loaded is None:
+        return None
     check_fingerprint(loaded.get("config_fingerprint"), fingerprint, path, out)
     if loaded.get("world_size") != world:
         raise ValueError(f"{path}: saved with {loaded.get('world_size')} processes, now {world}; "
                          "exact resumption needs the same number")
+    check_deepspeed_files(out, loaded)
     return loaded
 
 
+def state_problems(out: Path) -> list[str]:
+    """Why a run folder's state.pt cannot be resumed from (checksum, unreadable file, its DeepSpeed checkpoint);
+    empty when it can or there is none. A state.pt that is not tensors and plain data raises UnsafeFileError:
+    that is no corruption to train over but a file to look at."""
+    try:
+        check_deepspeed_files(out, load_state(out, mmap=True) or {})
+    except integrity.UnsafeFileError:
+        raise
+    except integrity.IntegrityError as e:
+        return [str(e)]
+    return []
+
+
 def write_state(out: Path, state: dict, ds_dir: str | None) -> None:
-    """state.pt, atomically; with DeepSpeed (`ds_dir` its checkpoint) the older checkpoints are removed."""
-    atomic_torch_save({"version": STATE_VERSION, **state, "ds_dir": ds_dir}, out / "state.pt")
+    """state.pt, atomically, with its checksum sidecar (models.integrity.replace_stamped: a kill at any moment
+    leaves a state.pt that matches it); with DeepSpeed (`ds_dir` its checkpoint) the checkpoint's files are
+    recorded in state.pt and the older checkpoints are removed."""
+    record = {"version": STATE_VERSION, **state, "ds_dir": ds_dir}
+    if ds_dir is not None:
+        record["ds_files"] = integrity.folder_records(out / ds_dir)
+    with atomic_path(out / "state.pt", finish=integrity.replace_stamped) as tmp:
+        torch.save(record, tmp)
     if ds_dir is not None:  # older DeepSpeed checkpoints are no longer referenced
         for old in (out / "state-ds").iterdir():
             if old.name != Path(ds_dir).name:
@@ -160,16 +219,28 @@ def truncate_log(path: Path, images_seen: int) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "noise": generator.get_state()}
+    """Every RNG's state as tensors and plain data (state.pt is read with weights_only)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": random.getstate(), "noise": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _numpy_state(saved):
+    """np.random.set_state's tuple from rng_state's dict (or the tuple itself, as older state files hold it)."""
+    if not isinstance(saved, dict):
+        return saved
+    return (saved["bit_generator"], saved["key"].numpy().astype(np.uint32), saved["pos"], saved["has_gauss"],
+            saved["gauss"])
+
+
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    np.random.set_state(_numpy_state(state["numpy"]))
     random.setstate(state["python"])
     generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():

@@ -90,7 +90,7 @@ def sample_snapshot(snapshot, num: int, *, num_steps: int = 18, sigma_min: float
 
     den = Denoiser.from_snapshot(snapshot, device=device)
     if shape is None:
-        arch = torch.load(snapshot, map_location="cpu", weights_only=False)["arch"]
+        arch = den.snapshot_arch
         shape = (int(arch["channels"]), int(arch["resolution"]), int(arch["resolution"]))
     gen = torch.Generator(device=device).manual_seed(int(seed))
     out = []

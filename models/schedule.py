@@ -56,19 +56,15 @@ _SUBGRID = 16  # points per bin for the bin averages of w and J* (uniform in ln 
 # --------------------------------------------------------------------------------------------------------------
 
 def read_jstar(jstar_csv) -> tuple[np.ndarray, np.ndarray]:
-    """(σ, J*) from an optimal_loss/jstar.csv (columns `sigma`, `optimal_loss`), sorted by σ, float64."""
+    """(σ, J*) from an optimal_loss/jstar.csv, ascending σ, float64 (read and validated by
+    analysis.optimal_loss.read_jstar: a bad table is one error naming it)."""
+    from analysis.optimal_loss import read_jstar as read_table
+
     path = Path(jstar_csv)
     if not path.exists():
         raise FileNotFoundError(f"optimal-loss schedule: J* curve not found: {path}")
-    df = pd.read_csv(path)
-    missing = {"sigma", "optimal_loss"} - set(df.columns)
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)} (need sigma, optimal_loss)")
-    df = df.dropna(subset=["sigma", "optimal_loss"]).sort_values("sigma")
-    sig, j = df["sigma"].to_numpy(np.float64), df["optimal_loss"].to_numpy(np.float64)
-    if len(sig) < 2 or np.any(sig <= 0):
-        raise ValueError(f"{path}: need >= 2 rows with sigma > 0, got {len(sig)} rows (min σ {sig.min(initial=0)})")
-    return sig, j
+    df = read_table(path)
+    return df["sigma"].to_numpy(np.float64), df["optimal_loss"].to_numpy(np.float64)
 
 
 class JStarCurve:

@@ -1,6 +1,7 @@
 """models/config.py: validation errors name the key; defaults; per-model merge; snapshot marks."""
 
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -165,3 +166,30 @@ def test_seeds_expand_an_entry_into_replicate_runs():
 def test_seed_errors_name_the_entry(models, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("'", ".")):
         load_config(base(models=models))
+
+
+def test_every_schema_error_is_listed_at_once(tmp_path):
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "workflow/config/smoke.yaml").read_text())
+    cfg["training"]["batch_szie"] = 3
+    cfg["training"]["lr"] = "fast"
+    cfg["evaluation"]["samples_per_sigma"] = 1
+    cfg["scaling"]["n_replicates"] = 0
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    lines = str(e.value).splitlines()
+    assert len(lines) == 4 and all(line.startswith(f"{path}: ") for line in lines)
+    for key in ("training.batch_szie: unknown key", "training.lr: 'fast'", "evaluation.samples_per_sigma: 1 is less",
+                "scaling.n_replicates: 0 is less than the minimum of 200"):
+        assert sum(key in line for line in lines) == 1, (key, lines)
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("study: x\ntraining:\n  batch_size: 64\n   lr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:4:") and "YAML syntax error" in str(e.value)

@@ -95,26 +95,51 @@ def test_save_npz_round_trip_is_identical(tmp_path, source):
         assert not [p for p in (tmp_path / "sub").iterdir() if p.name != "out.npz"]  # no temp file left
 
 
-def _write_cifar_batch(path, n, seed):
+def _write_cifar_batch(path, n, seed, protocol=None):
     data = _rand_uint8((n, 3072), seed)
     labels = list(np.random.default_rng(seed).integers(0, 10, size=n))
     with open(path, "wb") as f:
-        pickle.dump({b"data": data, b"labels": [int(v) for v in labels], b"batch_label": b"fake"}, f)
+        pickle.dump({b"data": data, b"labels": [int(v) for v in labels], b"batch_label": b"fake"}, f,
+                    protocol=protocol)
     return data, labels
 
 
 def test_cifar_batches_load_in_order(tmp_path):
-    d1, l1 = _write_cifar_batch(tmp_path / "data_batch_1", 4, 0)
-    d2, l2 = _write_cifar_batch(tmp_path / "data_batch_2", 3, 1)
+    # protocol 2 is what the official (Python 2 cPickle) files use; 5 pickles the array through _frombuffer
+    d1, l1 = _write_cifar_batch(tmp_path / "data_batch_1", 4, 0, protocol=2)
+    d2, l2 = _write_cifar_batch(tmp_path / "data_batch_2", 3, 1, protocol=5)
     _write_cifar_batch(tmp_path / "test_batch", 5, 2)  # the test split is not training data
-    for spec in (f"cifar10:{tmp_path}", str(tmp_path)):  # explicit and auto-detected
-        ds = load_dataset(spec)
-        assert ds.x.shape == (7, 3, 32, 32) and ds.name == "cifar10"
-        assert ds.labels.tolist() == l1 + l2
-        # pixel (row 2, col 5) of image 1: red at 0·1024 + 2·32 + 5, green at +1024, blue at +2048
-        rgb = d1[1, [69, 1024 + 69, 2048 + 69]].astype(np.float64) / 127.5 - 1
-        np.testing.assert_allclose(ds.x[1, :, 2, 5].numpy(), rgb, atol=1e-6)
-    assert load_dataset(str(tmp_path), resolution=16).x.shape == (7, 3, 16, 16)
+    ds = load_dataset(f"cifar10:{tmp_path}")
+    assert ds.x.shape == (7, 3, 32, 32) and ds.name == "cifar10"
+    assert ds.labels.tolist() == l1 + l2
+    # pixel (row 2, col 5) of image 1: red at 0·1024 + 2·32 + 5, green at +1024, blue at +2048
+    rgb = d1[1, [69, 1024 + 69, 2048 + 69]].astype(np.float64) / 127.5 - 1
+    np.testing.assert_allclose(ds.x[1, :, 2, 5].numpy(), rgb, atol=1e-6)
+    assert load_dataset(f"cifar10:{tmp_path}", resolution=16).x.shape == (7, 3, 16, 16)
+    # a bare folder of pickles is not unpickled: the spec must name the format
+    with pytest.raises(DatasetError, match=f"cifar10:{tmp_path}"):
+        load_dataset(str(tmp_path))
+
+
+class _Payload:
+    """Unpickles as a call of os.system: what a crafted data file would carry."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_crafted_cifar_batch_is_refused_without_running(tmp_path):
+    marker = tmp_path / "payload-ran"
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Payload(marker), b"labels": [0]}, f, protocol=2)
+    with pytest.raises(DatasetError, match="data_batch_1.*system"):
+        load_dataset(f"cifar10:{tmp_path}")
+    assert not marker.exists()
 
 
 def _write_image(path, size, color):
@@ -183,7 +208,7 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "cif").mkdir()
     (tmp_path / "cif" / "data_batch_1").write_bytes(b"garbage")
     with pytest.raises(DatasetError, match="data_batch_1"):
-        load_dataset(str(tmp_path / "cif"))
+        load_dataset(f"cifar10:{tmp_path / 'cif'}")
     (tmp_path / "img" / "k").mkdir(parents=True)
     (tmp_path / "img" / "k" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DatasetError, match="broken.png"):

@@ -212,7 +212,8 @@ def test_collect_sorts_and_flags_invariant_violations(tmp_path, capsys):
     b = _eval_csv(tmp_path / "b.csv", "small", 100, 20, gap_at_1=-0.05)  # 10 s.e. below J*: a violation
     c = _eval_csv(tmp_path / "c.csv", "small", 100, 10)
     js = tmp_path / "jstar.csv"
-    pd.DataFrame({"sigma": [0.01, 0.1, 10.0], "optimal_loss": [0.0, 0.2, 0.2], "stderr": 0.0}).to_csv(js, index=False)
+    pd.DataFrame({"sigma": [0.01, 0.1, 1.0, 10.0], "optimal_loss": [0.0, 0.2, 0.2, 0.2], "stderr": 0.0}).to_csv(
+        js, index=False)  # a geometric grid, as analysis.optimal_loss writes
     losses, inv = ev.collect([a, b, c], js)
     assert list(losses["model"].unique()) == ["small", "big"]  # ordered by params
     small = losses[losses["model"] == "small"]

@@ -152,3 +152,157 @@ def test_check_run_flags_a_deleted_snapshot(tmp_path):
     a.unlink()
     (err,) = integrity.bad_snapshots(tmp_path / "run")
     assert str(a) in err and "missing" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading torch files safely
+# --------------------------------------------------------------------------------------------------------------
+
+def test_load_torch_refuses_a_crafted_file_without_running_it(tmp_path, payload):
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "snapshot.pt"
+    torch.save({"ema": {"w": torch.ones(2)}, "arch": payload(marker)}, path)
+    integrity.stamp(path, rebuild="snakemake --forcerun train_t0")  # a matching checksum is no defence
+    with pytest.raises(integrity.UnsafeFileError) as e:
+        integrity.load_torch(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: refused") and "posix.system" in msg and "\n" not in msg
+    assert "snakemake --forcerun" not in msg  # a crafted file's own sidecar is not trusted for the fix
+    assert not marker.exists()
+
+
+def test_load_torch_reads_tensors_and_plain_data_only(tmp_path):
+    path = tmp_path / "state.pt"
+    obj = {"t": torch.arange(3), "x": [1, 2.5, "a", None, (3, 4)], "d": {"k": True}}
+    torch.save(obj, path)
+    got = integrity.load_torch(path)
+    assert torch.equal(got["t"], obj["t"]) and got["x"] == obj["x"] and got["d"] == obj["d"]
+    torch.save({"rng": np.random.get_state()}, path)  # numpy arrays: only where asked for (older state files)
+    with pytest.raises(integrity.UnsafeFileError, match="numpy"):
+        integrity.load_torch(path)
+    assert integrity.load_torch(path, numpy_arrays=True)["rng"][1].dtype == np.uint32
+
+
+def test_load_torch_names_an_unreadable_file(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save({"t": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-300])
+    with pytest.raises(IntegrityError) as e:
+        integrity.load_torch(path)
+    assert str(e.value).startswith(f"{path}: not a readable torch file") and "\n" not in str(e.value)
+
+
+def test_replace_stamped_matches_after_a_kill_at_any_moment(tmp_path, monkeypatch):
+    path = tmp_path / "state.pt"
+    first = _file(tmp_path, name="a.tmp")
+    integrity.replace_stamped(first, path)
+    old = path.read_bytes()
+    integrity.verify(path)
+    second = _file(tmp_path, n=5000, name="b.tmp")
+    monkeypatch.setattr(integrity.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the sidecar, before the rename
+        integrity.replace_stamped(second, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert integrity.verify(path)["size"] == 5000  # the new record; the old file passes as `previous`
+    path.write_bytes(old[:-1] + bytes([old[-1] ^ 1]))  # a damaged file matches neither record
+    with pytest.raises(IntegrityError):
+        integrity.verify(path)
+
+
+def test_check_folder_wants_exactly_the_recorded_files(tmp_path):
+    ds = tmp_path / "state-ds" / "000000064"
+    (ds / "pytorch_model").mkdir(parents=True)
+    _file(ds / "pytorch_model", name="mp_rank_00_model_states.pt")
+    _file(ds, n=100, name="random_states_0.pkl")
+    records = integrity.folder_records(ds)
+    assert set(records) == {"pytorch_model/mp_rank_00_model_states.pt", "random_states_0.pkl"}
+    integrity.check_folder(ds, records)
+    for change, expect in ((lambda: _file(ds, n=10, name="random_states_1.pkl"), "not among"),
+                           (lambda: (ds / "random_states_0.pkl").unlink(), "missing"),
+                           (lambda: (ds / "random_states_0.pkl").write_bytes(b"x" * 100), "sha256")):
+        change()
+        with pytest.raises(IntegrityError, match=expect):
+            integrity.check_folder(ds, records)
+        for p in ds.rglob("*"):
+            if p.is_file() and p.name.startswith("random"):
+                p.unlink()
+        _file(ds, n=100, name="random_states_0.pkl")
+    integrity.check_folder(ds, records)
+
+
+def test_deepspeed_checkpoint_is_recorded_in_state_and_checked(tmp_path):
+    from models import run_folder
+
+    out = tmp_path / "run"
+    ds = out / "state-ds" / "000000064"
+    ds.mkdir(parents=True)
+    _file(ds, name="mp_rank_00_model_states.pt")
+    run_folder.write_state(out, {"images_seen": 64, "world_size": 1}, "state-ds/000000064")
+    state = run_folder.load_state(out)
+    assert set(state["ds_files"]) == {"mp_rank_00_model_states.pt"}
+    assert run_folder.state_problems(out) == []
+    (ds / "mp_rank_00_model_states.pt").write_bytes(b"crafted" * 10)  # what DeepSpeed would unpickle
+    (err,) = run_folder.state_problems(out)
+    assert str(ds / "mp_rank_00_model_states.pt") in err
+    with pytest.raises(IntegrityError):
+        run_folder.read_state(out, None, 1)
+    assert integrity.main(["check-run", str(out)]) == 3
+    # a state.pt without the record (an older trainer's) names its checkpoint unverifiable
+    torch.save({"images_seen": 64, "world_size": 1, "ds_dir": "state-ds/000000064"}, out / "state.pt")
+    (out / "state.pt.sha256").unlink()
+    (err,) = run_folder.state_problems(out)
+    assert "without recorded checksums" in err
+
+
+def test_state_is_plain_data_and_its_rng_round_trips(tmp_path):
+    from models import run_folder
+
+    gen = torch.Generator().manual_seed(3)
+    np.random.seed(5)
+    saved = run_folder.rng_state(gen)
+    run_folder.write_state(tmp_path, {"images_seen": 1, "rng": [saved]}, None)
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "state.pt") == []
+    assert integrity.verify(tmp_path / "state.pt")["size"] == (tmp_path / "state.pt").stat().st_size  # stamped
+    expect = (np.random.rand(3), torch.rand(3, generator=gen))
+    np.random.seed(0)
+    gen.manual_seed(0)
+    run_folder.set_rng_state(run_folder.load_state(tmp_path)["rng"][0], gen)
+    got = (np.random.rand(3), torch.rand(3, generator=gen))
+    assert np.array_equal(got[0], expect[0]) and torch.equal(got[1], expect[1])
+
+
+@pytest.mark.slow
+def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payload):
+    """DeepSpeed ZeRO-2 on CPU, stopped at 64 images: state.pt records its checkpoint's files; a file of it
+    replaced by a pickled payload (which DeepSpeed / Accelerate would unpickle) stops the resume naming the file,
+    and the payload never runs."""
+    pytest.importorskip("deepspeed")
+    pytest.importorskip("transformers")
+    import pickle
+    import subprocess
+    import sys
+
+    from models.data import save_npz
+    from test_train import ROOT, free_port, run_cli, write_cli_config
+
+    data = save_npz(digits, tmp_path / "digits.npz")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1", "--main_process_port",
+           str(free_port()), "-m", "models.train", "--config", str(write_cli_config(tmp_path)), "--model", "t0",
+           "--data", str(data), "--out", str(out), "--no-progress"]
+    run_cli(cmd + ["--stop-after-images", "64"], {"PYTHONPATH": str(ROOT)})
+    state = integrity.load_torch(out / "state.pt")
+    ds_dir = out / state["ds_dir"]
+    assert set(state["ds_files"]) == {p.relative_to(ds_dir).as_posix() for p in ds_dir.rglob("*") if p.is_file()}
+    rng_file = ds_dir / "random_states_0.pkl"
+    assert state["ds_files"]["random_states_0.pkl"]["sha256"] == integrity.file_sha256(rng_file)
+    marker = tmp_path / "payload-ran"
+    with open(rng_file, "wb") as f:
+        pickle.dump(payload(marker), f)
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=170)
+    assert proc.returncode != 0 and f"error: {rng_file}:" in proc.stderr, proc.stderr[-3000:]
+    assert not marker.exists()
+    assert integrity.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh

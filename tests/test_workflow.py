@@ -51,18 +51,18 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_when_written(cmd, path, *, timeout):
-    """Start `cmd` (snakemake) in a session of its own, wait until `path` exists, then SIGKILL it and every
-    descendant, as if the node died (torchrun starts each rank in a session of its own, so the ranks are found as
-    descendants, not by the process group)."""
+def kill_when_written(cmd, path, *, timeout, settle=2.0):
+    """Start `cmd` (snakemake) in a session of its own, wait until `path` exists (and `settle` seconds more), then
+    SIGKILL it and every descendant, as if the node died (torchrun starts each rank in a session of its own, so the
+    ranks are found as descendants, not by the process group)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.time() + timeout
         while not path.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert path.exists(), "training never reached its first snapshot"
-        time.sleep(2)
+            time.sleep(0.1)
+        assert path.exists(), f"{path} was never written"
+        time.sleep(settle)
     finally:
         tree = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -275,13 +275,8 @@ def test_plan_reads_no_dataset(tmp_path):
 # the smoke study, end to end (slow)
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    d = tmp_path_factory.mktemp("smoke")
-    t0 = time.time()
-    smk("--configfile", CONFIGS / "smoke.yaml", "--cores", "2", directory=d, timeout=900)
-    print(f"\nsmoke study wall time: {time.time() - t0:.0f} s")
-    return d
+# `smoke_study` (the finished smoke study, run once per session) and `study_copy` (a private copy to damage) are
+# tests/conftest.py's.
 
 
 @pytest.mark.slow
@@ -375,8 +370,8 @@ def _truncate(path):
 
 
 @pytest.mark.slow
-def test_truncated_snapshot_named_and_rebuilt_identically(smoke_study):
-    r = smoke_study / "results" / "smoke"
+def test_truncated_snapshot_named_and_rebuilt_identically(study_copy):
+    r = study_copy / "results" / "smoke"
     losses = (r / "analysis" / "losses.csv").read_bytes()
     published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
     in_run = r / "runs" / "t1" / "snapshots" / "snapshot-000000384.pt"
@@ -385,7 +380,7 @@ def test_truncated_snapshot_named_and_rebuilt_identically(smoke_study):
     _truncate(published)
     rc, out = _evaluate_cli(r, published)
     assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
-    cmd = _rebuild(out, published, smoke_study)
+    cmd = _rebuild(out, published, study_copy)
     assert "train_t1" in cmd
     assert (r / "analysis" / "losses.csv").read_bytes() == losses
     # a bad snapshot in the run folder (no state left to regenerate it): the model is retrained, identically
@@ -393,22 +388,22 @@ def test_truncated_snapshot_named_and_rebuilt_identically(smoke_study):
     _truncate(r / "snapshots" / "t1" / in_run.name)
     rc, out = _evaluate_cli(r, r / "snapshots" / "t1" / in_run.name)
     assert rc == 2
-    _rebuild(out, r / "snapshots" / "t1" / in_run.name, smoke_study)
+    _rebuild(out, r / "snapshots" / "t1" / in_run.name, study_copy)
     assert "starting afresh" in (r / "logs" / "train_t1.log").read_text()
     assert (r / "analysis" / "losses.csv").read_bytes() == losses
-    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
+    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
     assert "Nothing to be done" in dry
 
 
 @pytest.mark.slow
-def test_truncated_dataset_named_and_rebuilt_identically(smoke_study):
-    r = smoke_study / "results" / "smoke"
+def test_truncated_dataset_named_and_rebuilt_identically(study_copy):
+    r = study_copy / "results" / "smoke"
     losses = (r / "analysis" / "losses.csv").read_bytes()
     dataset = r / "data" / "dataset.npz"
     _truncate(dataset)
     rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
     assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
-    cmd = _rebuild(out, dataset, smoke_study)
+    cmd = _rebuild(out, dataset, study_copy)
     assert cmd[-1] == "dataset"
     assert (r / "analysis" / "losses.csv").read_bytes() == losses
 

@@ -4,18 +4,17 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
 from models.checks import accelerate_distributed_type, check_study, known_arch_names  # noqa: E402
 from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
 
 
 # Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
-# the schema's defaults (jsonschema's validator, as snakemake.utils.validate would) and reports one line naming the
-# bad key, e.g. "training.batch_szie: unknown key".
+# the schema's defaults (jsonschema's validator, as snakemake.utils.validate would) and lists every bad key, one
+# line each, e.g. "workflow/config/my.yaml: training.batch_szie: unknown key".
 try:
-    _checked = load_config(dict(config))
+    _checked = load_config(dict(config), where=", ".join(map(str, workflow.overwrite_configfiles)) or DEFAULT_CONFIG)
 except ConfigError as err:
-    raise WorkflowError(f"invalid study config: {err}")
+    raise WorkflowError(f"invalid study config:\n{err}")
 config.clear()
 config.update(_checked)
 
@@ -56,6 +55,17 @@ def _rebuild_prefix():
 
 
 REBUILD = _rebuild_prefix()
+
+
+def sidecar(path):
+    """The checksum sidecar of a study file (models/integrity.py: FILE.sha256, with the command that rebuilds FILE).
+    Every rule that writes a file the study reads again declares its sidecar as an output and every rule that reads
+    the file declares it as an input, so a missing sidecar reruns the job that writes the file."""
+    return f"{path}.sha256"
+
+
+def sidecars(*paths):
+    return [sidecar(p) for p in paths]
 
 
 def step_resources(step, model=None):

@@ -16,6 +16,7 @@ rule dataset:
         [DIGITS_PNGS] if config["dataset"]["spec"] == f"imagefolder:{DIGITS_PNGS}" else [],
     output:
         f"{R}/data/dataset.npz",
+        sidecar(f"{R}/data/dataset.npz"),
     params:
         spec=config["dataset"]["spec"],
         resolution=(
@@ -27,17 +28,19 @@ rule dataset:
     log:
         f"{R}/logs/dataset.log",
     shell:
-        "{PYTHON} -m models.data {params.spec:q} --compact --out {output:q} {params.resolution} > {log:q} 2>&1"
+        "{PYTHON} -m models.data {params.spec:q} --compact --out {output[0]:q} {params.resolution} > {log:q} 2>&1"
         # its checksum beside it (dataset.npz.sha256): readers detect a truncated or corrupted copy
-        " && {PYTHON} -m models.integrity stamp {output:q} --rebuild {REBUILD:q}' --forcerun dataset'"
+        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun dataset'"
         " >> {log:q} 2>&1"
 
 
 rule eval_set:
     input:
         f"{R}/data/dataset.npz",
+        sidecar(f"{R}/data/dataset.npz"),
     output:
         f"{R}/data/eval_set.npz",
+        sidecar(f"{R}/data/eval_set.npz"),
     params:
         ev=config["evaluation"],
     resources:
@@ -46,10 +49,11 @@ rule eval_set:
     log:
         f"{R}/logs/eval_set.log",
     shell:
-        "{PYTHON} -m analysis.evaluate make-set --dataset {input:q} --num-sigmas {params.ev[num_sigmas]}"
+        "{PYTHON} -m analysis.evaluate make-set --dataset {input[0]:q} --num-sigmas {params.ev[num_sigmas]}"
         " --sigma-min {params.ev[sigma_min]} --sigma-max {params.ev[sigma_max]}"
-        " --samples-per-sigma {params.ev[samples_per_sigma]} --seed {params.ev[seed]} --out {output:q}"
+        " --samples-per-sigma {params.ev[samples_per_sigma]} --seed {params.ev[seed]} --out {output[0]:q}"
         " > {log:q} 2>&1"
+        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun eval_set'"
 
 
 rule digits_imagefolder:

@@ -15,6 +15,7 @@ rule diagnosis:
         evals=[final_eval(m) for m in MODELS],
         meta=f"{R}/analysis/models.json",
         jstar=f"{R}/optimal_loss/jstar.csv",
+        checksums=sidecars(*[final_eval(m) for m in MODELS], f"{R}/optimal_loss/jstar.csv"),
     output:
         table=f"{R}/analysis/diagnosis.csv",
         summary=f"{R}/analysis/diagnosis_summary.csv",

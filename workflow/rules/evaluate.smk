@@ -13,9 +13,16 @@ rule evaluate:
         data=f"{R}/data/dataset.npz",
         eval_set=f"{R}/data/eval_set.npz",
         denoised=f"{R}/optimal_loss/eval_denoised.npy",
+        checksums=sidecars(
+            f"{R}/snapshots/{{model}}/snapshot-{{images}}.pt",
+            f"{R}/data/dataset.npz",
+            f"{R}/data/eval_set.npz",
+            f"{R}/optimal_loss/eval_denoised.npy",
+        ),
     output:
         csv=f"{R}/eval/{{model}}/{{images}}.csv",
         triples=f"{R}/eval/{{model}}/{{images}}.npz",  # per-triple errors, for the study's bootstrap
+        checksums=sidecars(f"{R}/eval/{{model}}/{{images}}.csv", f"{R}/eval/{{model}}/{{images}}.npz"),
     params:
         batch=config["evaluation"]["batch_size"],
         device=device_flag("evaluate"),
@@ -28,20 +35,32 @@ rule evaluate:
         "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {PYTHON} -m analysis.evaluate snapshot"
         " --snapshot {input.snapshot:q} --dataset {input.data:q} --eval-set {input.eval_set:q}"
         " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output.csv:q} --per-triple > {log:q} 2>&1"
+        " && {PYTHON} -m models.integrity stamp {output.csv:q} {output.triples:q}"
+        " --rebuild {REBUILD:q}' --forcerun '{output.csv:q}"
+
+
+def all_triples():
+    return [p[: -len(".csv")] + ".npz" for p in all_evaluations()]
 
 
 rule collect_losses:
     input:
         evals=all_evaluations(),
-        triples=[p[: -len(".csv")] + ".npz" for p in all_evaluations()],
+        triples=all_triples(),
         jstar=f"{R}/optimal_loss/jstar.csv",
+        checksums=sidecars(*all_evaluations(), *all_triples(), f"{R}/optimal_loss/jstar.csv"),
     output:
         losses=f"{R}/analysis/losses.csv",
         invariant=f"{R}/analysis/invariant.csv",
         per_triple=f"{R}/analysis/per_triple.npz",
+        checksums=sidecars(
+            f"{R}/analysis/losses.csv", f"{R}/analysis/invariant.csv", f"{R}/analysis/per_triple.npz"
+        ),
     log:
         f"{R}/logs/collect_losses.log",
     shell:
         # the invariant warning goes to the log and to the terminal (tee), so nobody misses it
         "{PYTHON} -m analysis.evaluate collect --eval {input.evals:q} --jstar {input.jstar:q}"
         " --out {output.losses:q} --invariant {output.invariant:q} --per-triple {output.per_triple:q} 2>&1 | tee {log:q} >&2"
+        " && {PYTHON} -m models.integrity stamp {output.losses:q} {output.invariant:q} {output.per_triple:q}"
+        " --rebuild {REBUILD:q}' --forcerun collect_losses'"

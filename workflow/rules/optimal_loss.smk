@@ -27,8 +27,10 @@ def optimal_loss_flags():
 rule optimal_loss_estimator:
     input:
         f"{R}/data/dataset.npz",
+        sidecar(f"{R}/data/dataset.npz"),
     output:
         f"{R}/optimal_loss/estimators/{{est}}.csv",
+        sidecar(f"{R}/optimal_loss/estimators/{{est}}.csv"),
     params:
         flags=optimal_loss_flags(),
     threads: step_threads("optimal_loss")
@@ -37,36 +39,49 @@ rule optimal_loss_estimator:
     log:
         f"{R}/logs/optimal_loss_{{est}}.log",
     shell:
-        "OMP_NUM_THREADS={threads} {PYTHON} -m analysis.optimal_loss --dataset {input:q} --estimator {wildcards.est}"
-        " {params.flags} --out {output:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {PYTHON} -m analysis.optimal_loss --dataset {input[0]:q} --estimator {wildcards.est}"
+        " {params.flags} --out {output[0]:q} > {log:q} 2>&1"
+        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun '{output[0]:q}"
 
 
+# jstar.csv: the study estimator's table, verified against its checksum and copied read-only with its own
 rule jstar:
     input:
         f"{R}/optimal_loss/estimators/{OL['estimator']}.csv",
+        sidecar(f"{R}/optimal_loss/estimators/{OL['estimator']}.csv"),
     output:
         f"{R}/optimal_loss/jstar.csv",
+        sidecar(f"{R}/optimal_loss/jstar.csv"),
     shell:
-        "cp {input:q} {output:q}"
+        "{PYTHON} -m models.integrity publish {input[0]:q} {output[0]:q} --rebuild {REBUILD:q}' --forcerun jstar'"
 
 
 rule estimators:
     input:
-        expand(f"{R}/optimal_loss/estimators/{{est}}.csv", est=ESTIMATORS),
+        tables=expand(f"{R}/optimal_loss/estimators/{{est}}.csv", est=ESTIMATORS),
+        checksums=expand(sidecar(f"{R}/optimal_loss/estimators/{{est}}.csv"), est=ESTIMATORS),
     output:
         f"{R}/optimal_loss/estimators.csv",
+        sidecar(f"{R}/optimal_loss/estimators.csv"),
     run:
         import pandas as pd
 
-        pd.concat([pd.read_csv(p) for p in input], ignore_index=True).to_csv(output[0], index=False)
+        from models import integrity
+
+        for p in input.tables:
+            integrity.verify(p)
+        pd.concat([pd.read_csv(p) for p in input.tables], ignore_index=True).to_csv(output[0], index=False)
+        integrity.stamp(output[0], rebuild=f"{REBUILD} --forcerun estimators")
 
 
 rule optimal_denoiser:
     input:
         data=f"{R}/data/dataset.npz",
         eval_set=f"{R}/data/eval_set.npz",
+        checksums=sidecars(f"{R}/data/dataset.npz", f"{R}/data/eval_set.npz"),
     output:
         f"{R}/optimal_loss/eval_denoised.npy",
+        sidecar(f"{R}/optimal_loss/eval_denoised.npy"),
     params:
         conditional="--conditional" if config["dataset"]["conditional"] else "",
         device=device_flag("optimal_loss"),
@@ -77,4 +92,5 @@ rule optimal_denoiser:
         f"{R}/logs/optimal_denoiser.log",
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m analysis.optimal_loss denoise --dataset {input.data:q}"
-        " --eval-set {input.eval_set:q} {params.conditional} {params.device} --out {output:q} > {log:q} 2>&1"
+        " --eval-set {input.eval_set:q} {params.conditional} {params.device} --out {output[0]:q} > {log:q} 2>&1"
+        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun optimal_denoiser'"

@@ -22,6 +22,9 @@ rule figures:
         forecast_points=f"{R}/analysis/forecast_points.csv",
         jstar=f"{R}/optimal_loss/jstar.csv",
         estimators=f"{R}/optimal_loss/estimators.csv",
+        checksums=sidecars(
+            f"{R}/analysis/losses.csv", f"{R}/optimal_loss/jstar.csv", f"{R}/optimal_loss/estimators.csv"
+        ),
     output:
         jstar=report(f"{R}/figures/jstar.png", caption="../report/jstar.rst", category="1. Optimal loss"),
         loss_per_sigma=report(
@@ -60,6 +63,7 @@ rule family_figure:
     input:
         losses=f"{R}/analysis/losses.csv",
         exponents=f"{R}/analysis/exponents.csv",
+        checksums=sidecars(f"{R}/analysis/losses.csv"),
     output:
         report(f"{R}/figures/families.png", caption="../report/families.rst", category="3. Scaling laws"),
     log:

@@ -22,6 +22,7 @@ rule scaling:
         losses=f"{R}/analysis/losses.csv",
         per_triple=f"{R}/analysis/per_triple.npz",
         models=f"{R}/analysis/models.json",
+        checksums=sidecars(f"{R}/analysis/losses.csv", f"{R}/analysis/per_triple.npz"),
     output:
         csv=f"{R}/analysis/exponents.csv",
         md=f"{R}/analysis/exponents.md",

@@ -16,6 +16,7 @@ SQ = config["sample_quality"]
 rule feature_classifier:
     input:
         f"{R}/data/dataset.npz",
+        sidecar(f"{R}/data/dataset.npz"),
     output:
         f"{R}/sample_quality/classifier.pt",
     params:
@@ -24,7 +25,7 @@ rule feature_classifier:
     log:
         f"{R}/logs/feature_classifier.log",
     shell:
-        "OMP_NUM_THREADS=1 {PYTHON} -m analysis.sample_quality train-classifier --data {input:q} --out {output:q}"
+        "OMP_NUM_THREADS=1 {PYTHON} -m analysis.sample_quality train-classifier --data {input[0]:q} --out {output:q}"
         " --epochs {params.epochs} --seed {params.seed} > {log:q} 2>&1"
 
 
@@ -33,6 +34,7 @@ rule sample_quality:
         snapshot=lambda wc: snapshot_path(wc.model, MARKS[wc.model][-1]),
         classifier=f"{R}/sample_quality/classifier.pt",
         data=f"{R}/data/dataset.npz",
+        checksums=lambda wc: sidecars(snapshot_path(wc.model, MARKS[wc.model][-1]), f"{R}/data/dataset.npz"),
     output:
         f"{R}/sample_quality/{{model}}.json",
     params:
@@ -55,6 +57,7 @@ rule schedule_comparison:
         scores=[f"{R}/sample_quality/{m}.json" for m in MODELS],
         meta=f"{R}/analysis/models.json",
         jstar=f"{R}/optimal_loss/jstar.csv",
+        checksums=sidecars(*[final_eval(m) for m in MODELS], f"{R}/optimal_loss/jstar.csv"),
     output:
         models=f"{R}/analysis/schedule_models.csv",
         table=f"{R}/analysis/schedule_comparison.csv",

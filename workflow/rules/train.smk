@@ -12,7 +12,13 @@
 # corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
 # cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
 # differs from the resolved config), or if one of its snapshots fails its checksum (the state to regenerate an
-# earlier snapshot is gone; training is deterministic, so the retrained model is the same).
+# earlier snapshot is gone; training is deterministic, so the retrained model is the same) or its state.pt (or the
+# DeepSpeed checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data
+# is refused (the job fails naming it), not trained over.
+#
+# Snakemake deletes a forced job's declared outputs before it runs it: a failed or killed `--forcerun train_<model>`
+# leaves the model without its published snapshots, and the default target (rule all) lists them, so the next
+# `snakemake` reruns the training job (it resumes from the complete state.pt at once) and everything downstream.
 # Helpers (resolved_config, snapshot_path, launch_command, train_resources): workflow/rules/common.smk.
 
 
@@ -37,9 +43,11 @@ for _model in MODELS:
             config=f"{R}/configs/{_model}.yaml",
             data=f"{R}/data/dataset.npz",
             jstar=[f"{R}/optimal_loss/jstar.csv"] if _jstar else [],
+            checksums=sidecars(f"{R}/data/dataset.npz", *([f"{R}/optimal_loss/jstar.csv"] if _jstar else [])),
         output:
             done=f"{R}/runs/{_model}/done.json",
             snapshots=[snapshot_path(_model, k) for k in MARKS[_model]],
+            checksums=sidecars(*[snapshot_path(_model, k) for k in MARKS[_model]]),
         params:
             model=_model,
             rundir=f"{R}/runs/{_model}",
@@ -59,9 +67,15 @@ for _model in MODELS:
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
             fi
-            if [ -d "$rundir" ] && ! {PYTHON} -m models.integrity check-run "$rundir" >> {log:q} 2>&1; then
-                echo "train {params.model}: a snapshot in $rundir fails its checksum: starting afresh" >> {log:q}
-                rm -rf "$rundir"
+            if [ -d "$rundir" ]; then
+                check=0
+                {PYTHON} -m models.integrity check-run "$rundir" >> {log:q} 2>&1 || check=$?
+                if [ "$check" = 3 ]; then
+                    echo "train {params.model}: a file in $rundir fails its checksum: starting afresh" >> {log:q}
+                    rm -rf "$rundir"
+                elif [ "$check" != 0 ]; then
+                    exit "$check"
+                fi
             fi
             mkdir -p "$rundir"
             cp {input.config:q} "$stamp"
