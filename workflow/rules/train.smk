@@ -19,7 +19,13 @@
 # Snakemake deletes a forced job's declared outputs before it runs it: a failed or killed `--forcerun train_<model>`
 # leaves the model without its published snapshots, and the default target (rule all) lists them, so the next
 # `snakemake` reruns the training job (it resumes from the complete state.pt at once) and everything downstream.
-# Helpers (resolved_config, snapshot_path, launch_command, train_resources): workflow/rules/common.smk.
+#
+# Several nodes (training.launch.num_machines > 1, SLURM profile): the job script runs this shell once, on the
+# job's first node; the launch line starts one `accelerate launch` per node with srun (launch_command). Every
+# node reads and writes the run folder, so results/ must be on a file system all nodes share; only the global
+# main process writes state.pt, snapshots, log.jsonl and done.json (DeepSpeed's checkpoint: every rank its part).
+# Helpers (resolved_config, snapshot_path, launch_command, train_resources, train_rule_resources):
+# workflow/rules/common.smk.
 
 
 rule model_config:
@@ -52,11 +58,12 @@ for _model in MODELS:
             model=_model,
             rundir=f"{R}/runs/{_model}",
             launch=launch_command(_model),
+            launcher_check=launcher_check(_model),
             jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
             omp=_res["omp"],
         threads: _res["threads"]
         resources:
-            **rule_resources("train", _model, gpus=_res["gpu"]),
+            **train_rule_resources(_model),
         log:
             f"{R}/logs/train_{_model}.log",
         shell:
@@ -77,6 +84,7 @@ for _model in MODELS:
                     exit "$check"
                 fi
             fi
+            {params.launcher_check} 2>> {log:q}
             mkdir -p "$rundir"
             cp {input.config:q} "$stamp"
             OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp} {params.launch} --config {input.config:q} \
