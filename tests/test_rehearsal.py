@@ -209,6 +209,9 @@ def test_two_machines_train_what_one_machine_does_and_resume_after_a_kill(tmp_pa
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = json.loads((run / "done.json").read_text())
     assert done["world_size"] == 2 and done["images_seen"] == 2048
+    # one process group across both launchers: only its global rank 0 reports (two groups would both report)
+    log = (tmp_path / "results" / "nodes2" / "logs" / "train_t0.log").read_text()
+    assert log.count('"status": "done"') == 1, log[-3000:]
     assert first.stat().st_ino == first_inode  # resumed, not restarted: the first snapshot was kept
 
     a, b = final_weights(tmp_path / one_run), final_weights(run)
