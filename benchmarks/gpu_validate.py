@@ -103,7 +103,7 @@ def cpu_rehearsal_setting() -> Setting:
     return Setting(device="cpu", models=edm2 + dit, steps=1, warmup=1, precision="fp32",
                    parity={"arch": "t0", "batch": 16, "steps": 4},
                    study=study, dstar={"n": 4096, "dim": 768, "queries": 128},
-                   budget={"step": 90, "parity": 60, "study": 120, "dstar": 30})
+                   budget={"step": 90, "parity": 90, "study": 150, "dstar": 30})
 
 
 # ----------------------------------------------------------------------------------------------------------------

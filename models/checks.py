@@ -11,7 +11,7 @@ mapping), batch_size against num_processes (and training.batch_gpu where set), n
 (and a distributed accelerate config for several nodes), a model's GPUs against its processes, dataset spec syntax,
 the optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
 packages each configured path needs beyond the core install (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate
-config, Pillow for an image folder), looked up without importing them.
+config, Pillow for an image folder, each configured tracker's package), looked up without importing them.
 """
 
 from __future__ import annotations
@@ -302,10 +302,23 @@ def _image_folder(cfg: Mapping, training: None, basedir) -> str | None:
     return f"dataset.spec {spec!r}" if kind in ("imagefolder", "dir") else None
 
 
-# One row per path; a path that needs another package (a tracker, say) adds its row here.
+def _tracker(name: str):
+    def selected_by(cfg: Mapping, training: Mapping, basedir) -> str | None:
+        return f"training.trackers {name}" if name in (training.get("trackers") or []) else None
+
+    return selected_by
+
+
+# Accelerate's trackers (training.trackers) -> the install command of each one's package (its import name)
+TRACKER_INSTALL = {"tensorboard": 'pip install -e ".[tracking]"', **{name: f"pip install {name}" for name in (
+    "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")}}
+
+# One row per path; a path that needs another package adds its row here.
 PATH_PACKAGES = [
     PathPackages("DeepSpeed", _deepspeed_launch, ("deepspeed", "transformers"), 'pip install -e ".[deepspeed]"'),
     PathPackages("Pillow (the image reader)", _image_folder, ("PIL",), "pip install pillow", per_model=False),
+    *(PathPackages(f"the {name} tracker", _tracker(name), (name,), install)
+      for name, install in TRACKER_INSTALL.items()),
 ]
 
 

@@ -11,10 +11,11 @@
 # rebuilds it), made after training finishes: copies, not hard links, so a corrupted published snapshot never
 # corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
 # cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
-# differs from the resolved config), or if one of its snapshots fails its checksum (the state to regenerate an
-# earlier snapshot is gone; training is deterministic, so the retrained model is the same) or its state.pt (or the
-# DeepSpeed checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data
-# is refused (the job fails naming it), not trained over.
+# trains another model than the resolved config: models.run_folder same-settings, which lets batch_gpu and the
+# trackers change), or if one of its snapshots fails its checksum (the state to regenerate an earlier snapshot is
+# gone; training is deterministic, so the retrained model is the same) or its state.pt (or the DeepSpeed
+# checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data is
+# refused (the job fails naming it), not trained over.
 #
 # Snakemake deletes a forced job's declared outputs before it runs it: a failed or killed `--forcerun train_<model>`
 # leaves the model without its published snapshots, and the default target (rule all) lists them, so the next
@@ -70,7 +71,7 @@ for _model in MODELS:
             """
             rundir={params.rundir:q}
             stamp="$rundir/.study-config.yaml"
-            if [ -e "$stamp" ] && ! cmp -s {input.config:q} "$stamp"; then
+            if [ -e "$stamp" ] && ! {PYTHON} -m models.run_folder same-settings "$stamp" {input.config:q}; then
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
             fi
