@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 # DiT has no paper config here: its paper's global batch of 256 over 8 GPUs, at ImageNet-256's SD-VAE latents.
 DIT_SHAPE, DIT_BATCH_GPU = (32, 4, 1000), 32
+PEAK_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM, the MFU's denominator (as the plan's)
 PARITY_TOLERANCE = 1e-2  # ‖D_ZeRO-2 − D_DDP‖ / ‖D_DDP − D_init‖ after the parity steps (output_difference)
 COLUMNS = ["card", "driver", "torch", "date", "part", "item", "status", "params", "batch_gpu", "shape",
            "ddp_images_per_s", "ddp_mfu", "ddp_peak_gib", "ddp_reserved_gib",
@@ -177,9 +178,10 @@ def step_worker(argv) -> int:
         for item, arch, (resolution, channels, label_dim), batch in a.models:
             out.write(json.dumps({"item": item, "started": True}) + "\n")
             out.flush()
-            try:
+            try:  # FLOPs are counted meanwhile by another process (flops_worker): not here
                 r = measure(arch, batch=batch, steps=a.steps, warmup=a.warmup, device=device, engine=a.engine,
-                            precision=a.precision, resolution=resolution, channels=channels, label_dim=label_dim)
+                            precision=a.precision, resolution=resolution, channels=channels, label_dim=label_dim,
+                            flops_per_image=math.nan)
             except torch.cuda.OutOfMemoryError as e:
                 out.write(json.dumps({"item": item, "status": f"out of memory: {str(e).splitlines()[0][:150]}"})
                           + "\n")
@@ -189,13 +191,38 @@ def step_worker(argv) -> int:
     return 0
 
 
+def count_flops(model) -> float:
+    from models.family import training_flops_per_image
+
+    _, arch, (resolution, channels, label_dim), _ = model
+    return float(training_flops_per_image(arch, resolution=resolution, channels=channels, label_dim=label_dim))
+
+
+def flops_worker(argv) -> int:
+    """Runs inside its own process, beside the step workers: each model's counted training FLOPs per image (on
+    the meta device, one CPU process per model), as one JSON object {item: flops}."""
+    from multiprocessing import Pool
+
+    models, out = json.loads(argv[0]), Path(argv[1])
+    with Pool(max(1, min(len(models), (os.cpu_count() or 2) // 2))) as pool:
+        flops = pool.map(count_flops, models)
+    out.write_text(json.dumps({m[0]: f for m, f in zip(models, flops)}))
+    return 0
+
+
 def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero2")) -> list[dict]:
     """Worker processes measure the models, one engine after the other (the DDP path gets half the budget); a
-    worker that dies or runs out of memory on a model is followed by a fresh one for the rest."""
+    worker that dies or runs out of memory on a model is followed by a fresh one for the rest. The FLOPs per
+    image (for MFU) are counted by a process of their own meanwhile."""
     rows = {item: {"part": "step", "item": item, "params": None, "batch_gpu": batch,
                    "shape": f"{c}×{r}×{r}, {k} labels"} for item, _, (r, c, k), batch in setting.models}
     status = {}
     deadline = time.time() + budget
+    flops_file = work / "flops.json"
+    flops_log = open(work / "flops.log", "w")
+    counting = subprocess.Popen([sys.executable, Path(__file__), "--worker-flops", json.dumps(setting.models),
+                                 flops_file], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **THREADS},
+                                stdout=flops_log, stderr=subprocess.STDOUT)
     for engine in engines:
         out = work / f"step-{engine}.jsonl"
         todo = list(setting.models)
@@ -223,6 +250,12 @@ def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero
                 break
         for item, *_ in todo:
             status.setdefault(item, {})[engine] = {"status": "not run: time budget"}
+    try:
+        counting.wait(timeout=max(deadline - time.time(), 30))
+    except subprocess.TimeoutExpired:
+        counting.kill()
+    flops_log.close()
+    flops = json.loads(flops_file.read_text()) if flops_file.exists() else {}
     for item, row in rows.items():
         states = []
         for engine in engines:
@@ -230,8 +263,11 @@ def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero
             states.append(rec["status"])
             if rec["status"] == "ok":
                 row["params"] = rec["params"]
-                row.update({f"{engine}_images_per_s": rec["images_per_s"], f"{engine}_mfu": rec["mfu"],
+                mfu = rec["images_per_s"] * flops[item] / (PEAK_TFLOPS * 1e12) if item in flops else None
+                row.update({f"{engine}_images_per_s": rec["images_per_s"], f"{engine}_mfu": mfu,
                             f"{engine}_peak_gib": rec["mem_gib"], f"{engine}_reserved_gib": rec["reserved_gib"]})
+                if mfu is None:
+                    states[-1] = "FLOPs not counted in time"
         row["status"] = "ok" if set(states) == {"ok"} else "; ".join(f"{e}: {s}" for e, s in zip(engines, states)
                                                                      if s != "ok")
     return list(rows.values())
@@ -467,6 +503,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker-step"]:
         return step_worker(argv[1:])
+    if argv[:1] == ["--worker-flops"]:
+        return flops_worker(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu-rehearsal", action="store_true", help="tiny stand-ins on the CPU (CI)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-validate", help="cleared, then written")
