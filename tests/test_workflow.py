@@ -241,8 +241,9 @@ def test_multi_node_job_is_submitted_as_one_task_per_node(tmp_path):
     from snakemake_executor_plugin_slurm.utils import set_gres_string
     from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
 
-    _, out = smk("-n", "--profile", "workflow/profiles/slurm", "--configfile", CONFIGS / "paper-img512.yaml",
+    _, out = smk("-n", "-p", "--profile", "workflow/profiles/slurm", "--configfile", CONFIGS / "paper-img512.yaml",
                  directory=tmp_path)
+    assert "srun --nodes=4 --ntasks=4 --ntasks-per-node=1" in out and "--num_machines 4" in out
     resources = rule_resources_of(out, "train_xxl")
     assert resources["mpi"] == "srun" and "gpu" not in resources
     job = PluginJob(resources, threads=resources["cpus_per_task"])
