@@ -9,8 +9,8 @@ Four parts, each with its own time budget (a part or model that runs out of it i
           net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (benchmarks/bench_train_gpu.py: measure):
           images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
   parity  the trainer (python -m models.train) runs the same few steps of xs in fp32 once on the DDP path and
-          once under ZeRO-2 (accelerate launch, deepspeed-zero2.yaml); the weights must agree to a small fraction
-          of what the steps changed
+          once under ZeRO-2 (accelerate launch, deepspeed-zero2.yaml); their denoisers must agree to a small
+          fraction of what the steps changed (output_difference)
   study   a short study of xs through the real `snakemake` DAG (workflow/config/gpu-validate.yaml) on a synthetic
           labelled 64×64 set at paper-img64's settings: the loss falls, every snapshot is evaluated, fits and
           figures are made
@@ -296,8 +296,8 @@ def parity_config(setting: Setting, folder: Path, data: Path) -> Path:
 def output_difference(ddp_run: Path, zero2_run: Path, data: Path, seed: int = 0) -> float:
     """‖D_ZeRO-2 − D_DDP‖ / ‖D_DDP − D_init‖: the two runs' denoisers (snapshot EMA with half-life 0 = the
     weights) on 16 noisy training images at σ = 0.1, 1 and 10, relative to what training changed (D_init: the
-    initial weights, rebuilt as the trainer builds them). Outputs, not stored weights: EDM2's forced weight
-    normalisation makes the stored weights depend on where it last ran, the function does not."""
+    initial weights, rebuilt as the trainer builds them). Outputs, not stored weights: the function each engine
+    trained, whatever it stores."""
     import torch
 
     from models import family
@@ -473,7 +473,7 @@ def report_text(rows: list[dict], card: dict, setting: Setting, command: str, se
              f"{seconds / 60:.1f} min · **{'all ok' if not bad else f'{len(bad)} not ok'}**", ""]
     lines += ["## One optimizer step per paper model at its configured batch_gpu", "",
               f"{setting.steps} timed steps after {setting.warmup} ({setting.precision}); DDP path: one process with "
-              "net, Adam, autocast and the fp32 EMA; ZeRO-2: DeepSpeed (the trainer's settings, bf16 weights). "
+              "net, Adam, autocast and the fp32 EMA; ZeRO-2: DeepSpeed (the trainer's settings, fp32 engine, autocast). "
               "Peak memory: allocated (reserved) GiB.", "",
               "| model | params (M) | batch_gpu | shape | DDP img/s | DDP MFU | DDP peak | ZeRO-2 img/s | ZeRO-2 MFU "
               "| ZeRO-2 peak | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
