@@ -191,11 +191,15 @@ def step_worker(argv) -> int:
     return 0
 
 
-def count_flops(model) -> float:
+def count_flops(model) -> float | None:
+    """Counted training FLOPs per image of one model (None where it cannot be built: its step reports why)."""
     from models.family import training_flops_per_image
 
     _, arch, (resolution, channels, label_dim), _ = model
-    return float(training_flops_per_image(arch, resolution=resolution, channels=channels, label_dim=label_dim))
+    try:
+        return float(training_flops_per_image(arch, resolution=resolution, channels=channels, label_dim=label_dim))
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def flops_worker(argv) -> int:
@@ -263,11 +267,11 @@ def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero
             states.append(rec["status"])
             if rec["status"] == "ok":
                 row["params"] = rec["params"]
-                mfu = rec["images_per_s"] * flops[item] / (PEAK_TFLOPS * 1e12) if item in flops else None
+                mfu = rec["images_per_s"] * flops[item] / (PEAK_TFLOPS * 1e12) if flops.get(item) else None
                 row.update({f"{engine}_images_per_s": rec["images_per_s"], f"{engine}_mfu": mfu,
                             f"{engine}_peak_gib": rec["mem_gib"], f"{engine}_reserved_gib": rec["reserved_gib"]})
                 if mfu is None:
-                    states[-1] = "FLOPs not counted in time"
+                    states[-1] = "FLOPs per image not counted (time budget)"
         row["status"] = "ok" if set(states) == {"ok"} else "; ".join(f"{e}: {s}" for e, s in zip(engines, states)
                                                                      if s != "ok")
     return list(rows.values())
