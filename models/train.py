@@ -261,8 +261,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
               raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=label_dim), variant=variant,
               schedule=schedule, tracker=tracker, data=data_src, labels=data_src.labels if conditional else None,
               forced_weights=forced, noise_gen=noise_gen, training=training, model=model, out=out, marks=marks,
-              total=total,
-              batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds, flops_per_image=flops_per_image,
+              total=total, batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds, flops_per_image=flops_per_image,
               fingerprint=fingerprint, arch_record=arch_record, variant_record=variant_record, n_params=n_params)
     if loaded is not None:
         run.images_seen, run.written = int(loaded["images_seen"]), list(loaded["snapshots"])
