@@ -307,12 +307,13 @@ def output_difference(ddp_run: Path, zero2_run: Path, data: Path, seed: int = 0)
     from models import family
     from models.data import load_dataset
     from models.denoiser import Denoiser
+    from models.integrity import load_torch
 
     snapshot = next((ddp_run / "snapshots").glob("snapshot-*.pt"))
     ddp = Denoiser.from_snapshot(snapshot)
     zero2 = Denoiser.from_snapshot(zero2_run / "snapshots" / snapshot.name)
     torch.manual_seed(seed)
-    arch = torch.load(snapshot, map_location="cpu", weights_only=False)["arch"]["kwargs"]
+    arch = load_torch(snapshot)["arch"]["kwargs"]
     init = Denoiser(family.net_from_kwargs(arch, device="cpu"), ddp.variant, label_dim=ddp.label_dim).eval()
     ds = load_dataset(str(data))
     x0, labels = ds.x[:16], ds.labels[:16]
