@@ -146,8 +146,9 @@ def intervals(values: np.ndarray, kinds, *, transform=None, bounds=None, extra_j
         t = _forward(jk, transform)
         if jk is jack_sets[0]:
             out["jackknife_se"] = se
-            lows = np.nanmin(np.where(np.isfinite(t), t, np.inf), axis=-1)
-            highs = np.nanmax(np.where(np.isfinite(t), t, -np.inf), axis=-1)
+            if jk.shape[-1]:  # a study of one model has no leave-one-model-out values
+                lows = np.nanmin(np.where(np.isfinite(t), t, np.inf), axis=-1)
+                highs = np.nanmax(np.where(np.isfinite(t), t, -np.inf), axis=-1)
     lo = centre - np.sqrt((centre - b_lo) ** 2 + var)
     hi = centre + np.sqrt((b_hi - centre) ** 2 + var)
     # never narrower than what leaving one model out moves

@@ -8,6 +8,11 @@ forward + backward; elementwise work and the optimizer step are not counted, as 
     python benchmarks/bench_train_gpu.py --sizes xs,s,m,l,xl,xxl --batch 256            # on a GPU
     python benchmarks/bench_train_gpu.py --device cpu --sizes t0,t1 --steps 2            # CPU smoke check
 
+Engines (--engine): `plain` (the net and Adam alone), `ddp` (what one training process of the DDP path holds:
+the net, Adam and the fp32 EMA, updated every step; one process needs no DDP wrapper), `zero2` (DeepSpeed ZeRO-2
+in one process with the trainer's ZeRO settings, models.train.DS_ZERO_TUNING, an fp32 engine under bf16 autocast,
+plus the EMA). Every engine applies EDM2's forced weight normalisation after each step, as the trainer does. benchmarks/gpu_validate.py measures every paper model with `measure`.
+
 The preconditioning is written out here (not imported from models.diffusion) so the benchmark measures the network
 alone and runs without the rest of the pipeline.
 """
@@ -15,6 +20,9 @@ alone and runs without the rest of the pipeline.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import gc
 import math
 import platform
 import sys
@@ -38,62 +46,147 @@ def device_name(device: torch.device) -> str:
 
 
 def edm2_loss(net, x0, labels):
-    """One EDM2 training loss: log-normal σ, D = c_skip·x + c_out·F(c_in·x, ln σ / 4), weighted by λ(σ)/e^u + u."""
+    """One EDM2 training loss: log-normal σ, D = c_skip·x + c_out·F(c_in·x, ln σ / 4), weighted by λ(σ)/e^u + u.
+    The net's input is cast to its parameter dtype."""
     sigma = (torch.randn(x0.shape[0], device=x0.device) * P_STD + P_MEAN).exp()
     s = sigma[:, None, None, None]
     x = x0 + s * torch.randn_like(x0)
     c_skip = SIGMA_DATA ** 2 / (s ** 2 + SIGMA_DATA ** 2)
     c_out = s * SIGMA_DATA / (s ** 2 + SIGMA_DATA ** 2).sqrt()
     c_in = 1 / (s ** 2 + SIGMA_DATA ** 2).sqrt()
-    out, logvar = net(c_in * x, sigma.log() / 4, labels)
+    out, logvar = net((c_in * x).to(next(net.parameters()).dtype), sigma.log() / 4, labels)
     denoised = c_skip * x + c_out * out.float()
     weight = (s ** 2 + SIGMA_DATA ** 2) / (s * SIGMA_DATA) ** 2
     per_image = (weight * (denoised - x0) ** 2).mean(dim=(1, 2, 3))
     return (per_image / logvar.float().exp() + logvar.float()).mean()
 
 
-def bench_size(name, args, device) -> dict:
-    torch.manual_seed(0)
-    net = build(name, resolution=args.resolution, channels=args.channels, label_dim=args.label_dim,
-                device=device).train()
-    params = count_params(net)
-    flops = training_flops_per_image(name, resolution=args.resolution, channels=args.channels,
-                                     label_dim=args.label_dim)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
-    forced = forced_weights(net)
-    model = torch.compile(net) if args.compile else net
-    b = args.batch
-    x0 = SIGMA_DATA * torch.randn(b, args.channels, args.resolution, args.resolution, device=device)
-    labels = torch.nn.functional.one_hot(torch.randint(0, max(args.label_dim, 1), (b,), device=device),
-                                         max(args.label_dim, 1)).float() if args.label_dim else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+ENGINES = ("plain", "ddp", "zero2")
+
+
+def single_process_group() -> None:
+    """A one-process torch.distributed group for DeepSpeed (a launcher would set these variables)."""
+    import os
+    import socket
+
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def zero2_engine(net, opt, batch: int):
+    """DeepSpeed ZeRO-2 around `net` and its Adam, with the trainer's settings (models/train.py): an fp32 engine
+    (the forward's bf16 comes from autocast, as under DDP)."""
+    import deepspeed
+
+    from models.train import DS_ZERO_TUNING, _promote_scalar_params
+
+    single_process_group()
+    config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 2, **DS_ZERO_TUNING},
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+    _promote_scalar_params(net)  # as the trainer does: DeepSpeed cannot broadcast 0-dim parameters
+    engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=type(opt)(net.parameters(), **opt.defaults),
+                                             config=config)
+    return engine, opt
+
+
+def measure(name: str, *, batch: int, steps: int, warmup: int, device: torch.device, engine: str = "plain",
+            precision: str = "bf16", resolution: int = 64, channels: int = 4, label_dim: int = 1000,
+            peak_tflops: float = 989.0, compile: bool = False, flops_per_image: float | None = None) -> dict:
+    """Images/s, MFU and peak memory of full training steps of size `name` at `batch` images (see the engines in
+    the module docstring). Peak memory: torch.cuda's allocated and reserved maxima over the timed steps (NaN on
+    the CPU). FLOPs per image: counted (models.family) unless given; NaN skips the count (TFLOP/s and MFU NaN)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: one of {ENGINES}")
+    flops = flops_per_image if flops_per_image is not None else \
+        training_flops_per_image(name, resolution=resolution, channels=channels, label_dim=label_dim)
+    bf16 = precision == "bf16"
+    net = model = opt = ema = None
+    try:
+        torch.manual_seed(0)
+        net = build(name, resolution=resolution, channels=channels, label_dim=label_dim, device=device).train()
+        params = count_params(net)
+        ema = copy.deepcopy(net).eval().requires_grad_(False).float() if engine != "plain" else None
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+        if engine == "zero2":
+            model, opt = zero2_engine(net, opt, batch)
+        else:
+            model = torch.compile(net) if compile else net
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        forced = forced_weights(net)  # EDM2's forced weight normalisation after every step, as the trainer's
+        normalize_forced_weights_(forced)
+        return _timed_steps(name, model, (net, forced), opt, ema, autocast, engine == "zero2", batch, steps, warmup,
+                            device,
+                            dict(name=name, engine=engine, params=params, batch=batch, gflops_per_img=flops / 1e9),
+                            flops, peak_tflops, (channels, resolution, label_dim))
+    finally:
+        del net, model, opt, ema
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _timed_steps(name, model, weights, opt, ema, autocast, deepspeed, batch, steps, warmup, device, row, flops,
+                 peak_tflops, shape) -> dict:
+    (net, forced), (channels, resolution, label_dim) = weights, shape
+    x0 = SIGMA_DATA * torch.randn(batch, channels, resolution, resolution, device=device)
+    labels = torch.nn.functional.one_hot(torch.randint(0, max(label_dim, 1), (batch,), device=device),
+                                         max(label_dim, 1)).float() if label_dim else None
 
     def step():
         with autocast:
             loss = edm2_loss(model, x0, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if deepspeed:
+            model.backward(loss)
+            model.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), net.parameters()):
+                    p_ema.lerp_(p.detach().float().reshape(p_ema.shape), 1e-3)
         normalize_forced_weights_(forced)
         return loss
 
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         step()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         loss = step()
     sync(device)
     elapsed = time.perf_counter() - start
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"size {name}: non-finite loss {loss.item()}")
-    images_per_s = b * args.steps / elapsed
+    on_gpu = device.type == "cuda"
+    images_per_s = batch * steps / elapsed
     tflops = images_per_s * flops / 1e12
-    mem = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
-    return dict(name=name, params=params, batch=b, gflops_per_img=flops / 1e9, images_per_s=images_per_s,
-                tflops=tflops, mfu=tflops / args.peak_tflops, mem_gib=mem)
+    return {**row, "images_per_s": images_per_s, "tflops": tflops, "mfu": tflops / peak_tflops,
+            "mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if on_gpu else float("nan"),
+            "reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30 if on_gpu else float("nan"),
+            "loss": float(loss.detach())}
+
+
+def bench_size(name, args, device) -> dict:
+    return measure(name, batch=args.batch, steps=args.steps, warmup=args.warmup, device=device,
+                   engine=args.engine, precision=args.precision, resolution=args.resolution,
+                   channels=args.channels, label_dim=args.label_dim, peak_tflops=args.peak_tflops,
+                   compile=args.compile)
+
+
+def fast_gpu_settings() -> None:
+    """TF32 matmuls and convolutions, cuDNN autotuning: how a GPU training run is timed here."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
 
 
 def sync(device):
@@ -113,7 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=int, default=4)
     p.add_argument("--label-dim", type=int, default=1000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile the net first")
+    p.add_argument("--compile", action="store_true", help="torch.compile the net first (not with zero2)")
+    p.add_argument("--engine", choices=ENGINES, default="plain",
+                   help="plain: net + Adam; ddp: + the fp32 EMA (one DDP-path process); zero2: DeepSpeed ZeRO-2")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast (default on GPU) or plain fp32 (default on CPU, where bf16 is emulated and slow)")
     args = p.parse_args(argv)
@@ -129,15 +224,13 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--sizes: unknown size(s) {unknown}; known: {','.join(SIZES)}")
     if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        fast_gpu_settings()
 
     card = device_name(device)
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
     print(f"# card: {card} | {precision} | {args.resolution}x{args.resolution}x{args.channels}, "
-          f"{args.label_dim} labels | batch {args.batch} | {args.steps} timed steps | peak {args.peak_tflops} TFLOP/s"
-          f" | torch {torch.__version__}")
+          f"{args.label_dim} labels | engine {args.engine} | batch {args.batch} | {args.steps} timed steps | "
+          f"peak {args.peak_tflops} TFLOP/s | torch {torch.__version__}")
     header = (f"{'size':<5} {'params (M)':>10} {'batch':>6} {'train GFLOP/img':>16} {'img/s':>10} "
               f"{'TFLOP/s':>9} {'MFU':>7} {'peak mem GiB':>12}  card")
     print(header)

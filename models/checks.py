@@ -7,10 +7,11 @@ Each problem is one line naming the key and the bad value, e.g.
 
 Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
 (min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
-mapping), batch_size against num_processes (and training.batch_gpu where set), dataset spec syntax, the
-optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
+mapping), batch_size against num_processes (and training.batch_gpu where set), num_processes against num_machines
+(and a distributed accelerate config for several nodes), a model's GPUs against its processes, dataset spec syntax,
+the optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
 packages each configured path needs beyond the core install (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate
-config, Pillow for an image folder), looked up without importing them.
+config, Pillow for an image folder, each configured tracker's package), looked up without importing them.
 """
 
 from __future__ import annotations
@@ -148,12 +149,49 @@ def check_batches(training: Mapping) -> list[str]:
     return []
 
 
+def check_machines(training: Mapping, basedir: str | os.PathLike) -> list[str]:
+    """A multi-node launch (num_machines > 1): the same number of processes on every node, and an accelerate
+    config that starts a distributed run (one with distributed_type NO runs a single process)."""
+    launch = training.get("launch") or {}
+    machines, n = int(launch.get("num_machines", 1)), int(launch.get("num_processes", 1))
+    if machines == 1:
+        return []
+    if n % machines:
+        return [f"training.launch.num_processes: {n} is not divisible by training.launch.num_machines ({machines}); "
+                "every node runs num_processes / num_machines processes"]
+    path = launch.get("accelerate_config")
+    kind = accelerate_distributed_type(path, basedir) if path else "NO"
+    if kind is None:
+        return []  # check_accelerate_config reports the file
+    if kind.upper() == "NO":
+        return [f"training.launch.num_machines: {machines} nodes need a distributed accelerate config "
+                f"(ddp-bf16.yaml or deepspeed-zero2.yaml), not {path!r} (distributed_type {kind})"]
+    return []
+
+
 def check_launch(cfg: Mapping, basedir: str | os.PathLike) -> list[str]:
     def accelerate(training):
         path = (training.get("launch") or {}).get("accelerate_config")
         return [] if path is None else check_accelerate_config(path, "training.launch.accelerate_config", basedir)
 
-    return _per_model(cfg, check_batches) + _per_model(cfg, accelerate)
+    return (_per_model(cfg, check_batches) + _per_model(cfg, accelerate)
+            + _per_model(cfg, lambda training: check_machines(training, basedir)))
+
+
+def check_train_resources(cfg: Mapping) -> list[str]:
+    """A model's own resources.gpus (a GPU job) is one GPU per training process, counted over all its nodes."""
+    problems = []
+    for name, entry in (cfg.get("models") or {}).items():
+        gpus = ((entry or {}).get("resources") or {}).get("gpus")
+        if not gpus:
+            continue
+        launch = model_training(cfg, name)["launch"]
+        n, machines = int(launch["num_processes"]), int(launch.get("num_machines", 1))
+        if int(gpus) != n:
+            nodes = f" over its {machines} nodes" if machines > 1 else ""
+            problems.append(f"models.{name}.resources.gpus: {gpus} but training.launch.num_processes = {n} "
+                            f"(one GPU per process{nodes})")
+    return problems
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str]:
@@ -264,10 +302,23 @@ def _image_folder(cfg: Mapping, training: None, basedir) -> str | None:
     return f"dataset.spec {spec!r}" if kind in ("imagefolder", "dir") else None
 
 
-# One row per path; a path that needs another package (a tracker, say) adds its row here.
+def _tracker(name: str):
+    def selected_by(cfg: Mapping, training: Mapping, basedir) -> str | None:
+        return f"training.trackers {name}" if name in (training.get("trackers") or []) else None
+
+    return selected_by
+
+
+# Accelerate's trackers (training.trackers) -> the install command of each one's package (its import name)
+TRACKER_INSTALL = {"tensorboard": 'pip install -e ".[tracking]"', **{name: f"pip install {name}" for name in (
+    "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")}}
+
+# One row per path; a path that needs another package adds its row here.
 PATH_PACKAGES = [
     PathPackages("DeepSpeed", _deepspeed_launch, ("deepspeed", "transformers"), 'pip install -e ".[deepspeed]"'),
     PathPackages("Pillow (the image reader)", _image_folder, ("PIL",), "pip install pillow", per_model=False),
+    *(PathPackages(f"the {name} tracker", _tracker(name), (name,), install)
+      for name, install in TRACKER_INSTALL.items()),
 ]
 
 
@@ -309,7 +360,8 @@ def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iter
     architectures (default: models.family's table, which imports torch)."""
     names = list(arch_names) if arch_names is not None else known_arch_names()
     return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
-            + check_launch(cfg, basedir) + check_dataset(cfg) + check_packages(cfg, basedir))
+            + check_launch(cfg, basedir) + check_train_resources(cfg) + check_dataset(cfg)
+            + check_packages(cfg, basedir))
 
 
 def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> None:

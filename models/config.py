@@ -240,6 +240,19 @@ def model_training(cfg: Mapping, name: str) -> dict:
     return merged
 
 
+STEP_RESOURCE_DEFAULTS = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
+
+
+def step_resources(cfg: Mapping, step: str, model: str | None = None) -> dict:
+    """Resources of one workflow step (dataset, optimal_loss, train, evaluate): built-in defaults < the config's
+    `resources.<step>` < the model's own `resources`. Runtime in minutes; mem_mb per node."""
+    r = dict(STEP_RESOURCE_DEFAULTS)
+    r.update((cfg.get("resources") or {}).get(step) or {})
+    if model is not None:
+        r.update((cfg["models"][model] or {}).get("resources") or {})
+    return r
+
+
 def total_images(training: Mapping) -> int:
     """Training length in images seen, rounded up to a whole number of (global) batches."""
     batch = int(training["batch_size"])

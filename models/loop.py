@@ -192,6 +192,33 @@ def save_snapshot(run: Run) -> None:
     run.written.append(run_folder.snapshot_path(run.out, run.images_seen).name)
 
 
+def gradient_norm(run: Run) -> float:
+    """2-norm of the gradient the optimizer is about to apply (DeepSpeed: of the last step, its own count)."""
+    if run.use_ds:
+        return float(run.model_p.get_global_grad_norm() or float("nan"))
+    norms = [p.grad.detach().float().norm() for p in run.model_p.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """The device's peak allocated memory (CUDA), or the process's peak resident set (CPU), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: kilobytes
+
+
+def tracker_values(record: dict) -> dict:
+    """What a log.jsonl line shows Accelerate's trackers: its numbers, the per-σ-bin loss one scalar per bin."""
+    values = {k: record[k] for k in ("loss", "lr", "images_per_s", "grad_norm", "max_memory_gib", "ema_beta")
+              if record.get(k) is not None}
+    for center, loss in zip(record["sigma_bin_centers"], record["sigma_bin_x0_loss"]):
+        if loss is not None:
+            values[f"sigma_bin_x0_loss/sigma={center:.3g}"] = loss
+    return values
+
+
 def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> str:
     """Train until total_images ("done") or stop_after_images ("stopped", state saved as if killed)."""
     acc, training, schedule = run.accelerator, run.training, run.schedule
@@ -248,9 +275,16 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
             x0_loss.append(x0_part.detach())
             loss_global += float(loss_part) / run.rounds
         x0_loss = torch.cat(x0_loss)
+        after = run.images_seen + batch
+        logs = after // log_every != run.images_seen // log_every or after >= run.total  # this step is logged
+        grad_norm = None
         if training["grad_clip"] and not run.use_ds:
-            acc.clip_grad_norm_(run.model_p.parameters(), float(training["grad_clip"]) * dims)
+            grad_norm = acc.clip_grad_norm_(run.model_p.parameters(), float(training["grad_clip"]) * dims)
+        elif logs and not run.use_ds:
+            grad_norm = gradient_norm(run)
         run.optimizer_p.step()
+        if logs and run.use_ds:
+            grad_norm = gradient_norm(run)
         run.optimizer_p.zero_grad(set_to_none=True)
         run.images_seen += batch
 
@@ -271,14 +305,19 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
             bar.set_postfix(loss=f"{loss_global:.4f}", refresh=False)
         if hasattr(schedule, "set_model_loss") and crossed(sched_every):
             schedule.set_model_loss(run.tracker)
-        if crossed(log_every) or run.images_seen >= run.total:
+        if logs:
             if acc.is_main_process:
                 elapsed = max(time.time() - t_start, 1e-9)
-                run_folder.append_log(run.out, {
+                record = {
                     "images_seen": run.images_seen, "step": step + 1, "loss": run.loss_sum / max(run.loss_n, 1),
                     "lr": lr, "ema_beta": beta, "flops": run.flops_per_image * run.images_seen,
                     "images_per_s": (run.images_seen - img_start) / elapsed, "world_size": world,
-                    **run.tracker.summary()})
+                    # of the per-dimension loss (grad_clip's scale), as EDM2's gradient scale multiplies it by dims
+                    "grad_norm": float(grad_norm) / dims, "max_memory_gib": peak_memory_gib(device),
+                    **run.tracker.summary()}
+                run_folder.append_log(run.out, record)
+                if acc.trackers:
+                    acc.log(tracker_values(record), step=run.images_seen)
             run.loss_sum, run.loss_n = 0.0, 0
         is_mark = any(run.images_seen == m for m in run.marks)
         if is_mark:

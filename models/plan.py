@@ -1,6 +1,6 @@
 """The cost of a study before anything runs: per model its parameters, counted training FLOPs per image, training
-length, total FLOPs, GPUs and GPU-hours at a stated throughput (`snakemake plan`, or
-`python -m models.plan --config STUDY.yaml`).
+length, total FLOPs, nodes, GPUs, GPU-hours at a stated throughput, wall hours and the number of runtime-limited
+jobs (`snakemake plan`, or `python -m models.plan --config STUDY.yaml`).
 
 FLOPs per image are counted (models.family.training_flops_per_image: torch's FlopCounterMode over one forward +
 backward on the meta device, 2 FLOPs per multiply-add), not estimated. The data shape comes from the config alone
@@ -13,18 +13,19 @@ MEASURED_MFU[arch], else plan.default_mfu.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Mapping
 
 from models.checks import array_shape, parse_dataset_spec
-from models.config import ConfigError, load_config, model_training, total_images
+from models.config import ConfigError, load_config, model_training, step_resources, total_images
 
 # Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
 # GPUs"), the default throughput of the plan.
 MEASURED_MFU = {"xs": 0.170, "s": 0.236, "m": 0.299, "l": 0.317, "xl": 0.359, "xxl": 0.364}
 COLUMNS = ["model", "arch", "params", "flops_per_image", "total_images", "total_flops", "gpus", "gpu_hours",
-           "mfu", "wall_hours"]
+           "mfu", "wall_hours", "nodes", "jobs"]
 
 
 def data_shape(cfg: Mapping) -> tuple[int, int, int, list[str]]:
@@ -90,9 +91,13 @@ def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
         gpus = int(training["launch"]["num_processes"])
         mfu = model_mfu(cfg, model, arch)
         gpu_hours = fpi * images / (peak * mfu) / 3600
+        wall_hours = gpu_hours / gpus
+        runtime_hours = step_resources(cfg, "train", model)["runtime"] / 60
         rows.append({"model": model, "arch": arch, "params": family.count_params(net), "flops_per_image": fpi,
                      "total_images": images, "total_flops": float(fpi) * images, "gpus": gpus,
-                     "gpu_hours": gpu_hours, "mfu": mfu, "wall_hours": gpu_hours / gpus})
+                     "gpu_hours": gpu_hours, "mfu": mfu, "wall_hours": wall_hours,
+                     "nodes": int(training["launch"].get("num_machines", 1)),
+                     "jobs": math.ceil(wall_hours / runtime_hours)})
     return rows, plan_notes(cfg)
 
 
@@ -100,8 +105,13 @@ def plan_notes(cfg: Mapping) -> list[str]:
     """The assumptions of a plan, one line each (cheap: no FLOP counting)."""
     resolution, channels, label_dim, notes = data_shape(cfg)
     peak = float((cfg.get("plan") or {}).get("peak_tflops", 989.0))
+    runtimes = sorted({step_resources(cfg, "train", m)["runtime"] for m in cfg["models"]})
+    limit = " or ".join(f"{r / 60:g} h" for r in runtimes)
     return [f"data {channels}×{resolution}×{resolution}, {label_dim} labels; peak {peak:g} TFLOP/s per GPU; "
-            "GPU-hours = total FLOPs / (peak × MFU); wall hours = GPU-hours / GPUs", *notes]
+            "GPU-hours = total FLOPs / (peak × MFU); wall hours = GPU-hours / GPUs",
+            "the MFU is one GPU's, without communication: wall hours on several GPUs and nodes are a lower bound",
+            f"jobs = training jobs of the train rule's runtime ({limit}) one after another, each resuming from "
+            "state.pt", *notes]
 
 
 def write_plan(cfg: Mapping, out) -> tuple[list[dict], list[str]]:
@@ -117,17 +127,18 @@ def write_plan(cfg: Mapping, out) -> tuple[list[dict], list[str]]:
 
 def format_plan(rows: list[dict], notes: list[str] = (), study: str = "") -> str:
     head = (f"{'model':<10} {'arch':<6} {'params (M)':>10} {'GFLOP/img':>10} {'images':>15} {'total EFLOP':>12} "
-            f"{'GPUs':>5} {'MFU':>6} {'GPU-hours':>10} {'wall hours':>10}")
+            f"{'nodes':>5} {'GPUs':>5} {'MFU':>6} {'GPU-hours':>10} {'wall hours':>10} {'jobs':>5}")
     lines = [f"plan of study {study}" if study else "plan", head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<10} {r['arch']:<6} {r['params'] / 1e6:>10.1f} {r['flops_per_image'] / 1e9:>10.2f} "
-                     f"{int(r['total_images']):>15,} {r['total_flops'] / 1e18:>12.2f} {int(r['gpus']):>5} "
-                     f"{r['mfu']:>6.1%} {r['gpu_hours']:>10,.0f} {r['wall_hours']:>10,.1f}")
+                     f"{int(r['total_images']):>15,} {r['total_flops'] / 1e18:>12.2f} {int(r['nodes']):>5} "
+                     f"{int(r['gpus']):>5} {r['mfu']:>6.1%} {r['gpu_hours']:>10,.0f} {r['wall_hours']:>10,.1f} "
+                     f"{int(r['jobs']):>5}")
     total_flops = sum(r["total_flops"] for r in rows)
     total_hours = sum(r["gpu_hours"] for r in rows)
     lines.append("-" * len(head))
-    lines.append(f"{'total':<10} {'':<6} {'':>10} {'':>10} {'':>15} {total_flops / 1e18:>12.2f} {'':>5} {'':>6} "
-                 f"{total_hours:>10,.0f}")
+    lines.append(f"{'total':<10} {'':<6} {'':>10} {'':>10} {'':>15} {total_flops / 1e18:>12.2f} {'':>5} {'':>5} "
+                 f"{'':>6} {total_hours:>10,.0f}")
     lines += [f"note: {n}" for n in notes]
     return "\n".join(lines)
 

@@ -23,6 +23,8 @@ from models import integrity
 from models.atomic import atomic_path
 
 STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
+# training keys that change no image, σ, noise or weight: micro-batching (batch_gpu) and who watches (trackers)
+RESULT_NEUTRAL_KEYS = ("batch_gpu", "trackers")
 
 
 class RunFolderMismatchError(ValueError):
@@ -36,9 +38,10 @@ class RunFolderMismatchError(ValueError):
 def config_fingerprint(training: dict, arch: dict, variant: dict, data_shape, label_dim: int) -> dict:
     """What a run folder's state belongs to: the model's merged training section, its net (arch name and the
     complete kwargs), the diffusion variant, and the dataset's shape and label count. Plain JSON data (lists, not
-    tuples), so it compares equal after a round trip through state.pt or done.json.  training.batch_gpu is left
-    out: micro-batching changes no image, σ or noise, so a run may resume with another (e.g. on smaller GPUs)."""
-    training = {k: v for k, v in training.items() if k != "batch_gpu"}
+    tuples), so it compares equal after a round trip through state.pt or done.json.  RESULT_NEUTRAL_KEYS are left
+    out: micro-batching changes no image, σ or noise, so a run may resume with another batch_gpu (e.g. on smaller
+    GPUs), and one may start or stop watching it (training.trackers)."""
+    training = {k: v for k, v in training.items() if k not in RESULT_NEUTRAL_KEYS}
     fp = {"training": training, "arch": arch, "variant": variant,
           "dataset": {"shape": list(data_shape), "label_dim": int(label_dim)}}
     return json.loads(json.dumps(fp))
@@ -245,3 +248,37 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     generator.set_state(state["noise"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the workflow's settings stamp
+# ----------------------------------------------------------------------------------------------------------------
+
+def same_settings(old_config, new_config) -> bool:
+    """Whether two resolved model configs (results/<study>/configs/<model>.yaml) train the same model: equal but
+    for RESULT_NEUTRAL_KEYS of their training section."""
+    import yaml
+
+    def settings(path):
+        cfg = yaml.safe_load(Path(path).read_text()) or {}
+        training = {k: v for k, v in (cfg.get("training") or {}).items() if k not in RESULT_NEUTRAL_KEYS}
+        return {**cfg, "training": training}
+
+    return settings(old_config) == settings(new_config)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m models.run_folder",
+                                description="same-settings OLD NEW: exit 0 when the resolved model configs train "
+                                            "the same model (they may differ in batch_gpu and trackers), else 1")
+    p.add_argument("command", choices=["same-settings"])
+    p.add_argument("old")
+    p.add_argument("new")
+    a = p.parse_args(argv)
+    return 0 if same_settings(a.old, a.new) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

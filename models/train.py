@@ -65,12 +65,12 @@ def _promote_scalar_params(net: torch.nn.Module) -> None:
                 module._parameters[name] = torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
 
 
-def make_accelerator():
+def make_accelerator(trackers=(), out=None):
     """The Accelerator of a training process.  mixed_precision "no" whatever the launch config says: the engine
     (DDP or DeepSpeed) keeps fp32 weights, fp32 gradients and their accumulation, and training.mixed_precision
     only turns on autocast around the forward (models/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
     finds no device backend and would count one process whatever the launcher started; naming gloo makes it set
-    up DeepSpeed's process group over all of them."""
+    up DeepSpeed's process group over all of them.  `trackers` (training.trackers) log under the run folder `out`."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -78,7 +78,8 @@ def make_accelerator():
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(mixed_precision="no", kwargs_handlers=handlers)
+    return Accelerator(mixed_precision="no", kwargs_handlers=handlers, log_with=list(trackers) or None,
+                       project_dir=None if out is None else str(out))
 
 
 def check_fp32_engine(ds_cfg: dict) -> None:
@@ -113,6 +114,25 @@ def make_schedule(variant, schedule_cfg: dict, jstar):
         kwargs.update(schedule_cfg.get("kwargs") or {})
         return OptimalLossSchedule(variant, str(jstar), **kwargs)
     raise ValueError(f"training.schedule.name: unknown schedule {name!r} (baseline or optimal-loss)")
+
+
+def start_trackers(accelerator, study: str, model: str, training: dict, arch: dict, variant: dict) -> None:
+    """Accelerate's trackers (training.trackers) on the main process: project = the study, run = the model (W&B,
+    MLflow); TensorBoard writes under the run folder (RUN_DIR/<study>/). The settings go in as flat scalars."""
+    settings = {}
+
+    def flatten(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flatten(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            settings[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    flatten("training", {k: v for k, v in training.items() if k != "trackers"})
+    flatten("arch", {"name": arch["name"], "resolution": arch["resolution"], "label_dim": arch["label_dim"]})
+    flatten("variant", variant)
+    accelerator.init_trackers(study or model, config={"model": model, **settings},
+                              init_kwargs={"wandb": {"name": model}, "mlflow": {"run_name": model}})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,7 +184,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if done is not None:
         return {**done, "status": "already-done"}
 
-    accelerator = accelerator or make_accelerator()
+    trackers = list(training.get("trackers") or [])  # Accelerate's experiment trackers (log.jsonl is the record)
+    accelerator = accelerator or make_accelerator(trackers, out)
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -249,6 +270,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if is_main:
         (out / "snapshots").mkdir(parents=True, exist_ok=True)
         run_folder.truncate_log(out / "log.jsonl", run.images_seen)
+    if trackers:
+        start_trackers(accelerator, cfg.get("study", ""), model, training, arch_record, variant_record)
     bar = None
     if progress and is_main:
         from tqdm.auto import tqdm
@@ -265,6 +288,8 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
                "snapshot_marks": marks}
     if status == "done" and is_main:
         run_folder.write_done(out, summary, run.written, fingerprint)
+    for tracker in accelerator.trackers:  # the main process's (flushes TensorBoard's event file)
+        tracker.finish()
     accelerator.wait_for_everyone()
     return {**summary, "status": status}
 

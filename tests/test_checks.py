@@ -104,6 +104,42 @@ def test_batch_not_divisible_by_processes():
     assert line.startswith("training.batch_size: 64") and "(3)" in line
 
 
+@pytest.mark.parametrize("launch,named", [
+    ({"accelerate_config": "workflow/accelerate/ddp-bf16.yaml", "num_processes": 4, "num_machines": 3},
+     ["training.launch.num_processes: 4", "num_machines (3)"]),
+    ({"num_processes": 2, "num_machines": 2}, ["training.launch.num_machines: 2", "cpu.yaml", "distributed_type NO"]),
+], ids=["uneven", "not-distributed"])
+def test_bad_multi_node_launch(launch, named):
+    cfg = smoke()
+    cfg["models"]["t1"]["training"] = {"launch": launch}
+    (line,) = problems(cfg)
+    assert all(s in line for s in named) and line.endswith("[model t1]"), line
+
+
+def test_multi_node_launch_passes_and_gpus_count_every_node():
+    cfg = smoke()
+    cfg["models"]["t1"]["training"] = {"launch": {"accelerate_config": "workflow/accelerate/ddp-bf16.yaml",
+                                                  "num_processes": 4, "num_machines": 2}}
+    assert problems(cfg) == []
+    cfg["models"]["t1"]["resources"] = {"gpus": 2}  # per node, not per job
+    (line,) = problems(cfg)
+    assert line.startswith("models.t1.resources.gpus: 2") and "num_processes = 4" in line and "2 nodes" in line
+
+
+def test_tracker_package_is_checked(monkeypatch):
+    import models.checks as checks
+
+    cfg = smoke()
+    cfg["models"]["t2"]["training"] = {"trackers": ["tensorboard", "mlflow"]}
+    installed = {"tensorboard"}
+    monkeypatch.setattr(checks, "module_missing", lambda name: name not in installed)
+    (line,) = checks.check_packages(cfg, REPO)
+    assert line.startswith("training.trackers mlflow needs the mlflow tracker") and "pip install mlflow" in line
+    assert line.endswith("[model t2]")
+    installed.clear()
+    assert any('".[tracking]"' in line for line in checks.check_packages(cfg, REPO))
+
+
 @pytest.mark.parametrize("batch_gpu,ok", [(16, True), (32, True), (12, False), (64, False)])
 def test_batch_gpu_must_divide_the_per_process_batch(batch_gpu, ok):
     cfg = smoke()

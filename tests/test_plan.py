@@ -31,6 +31,9 @@ def test_gpu_hours_follow_the_stated_throughput():
     cfg = load_config(CONFIGS / "smoke.yaml")
     cfg["plan"].update(peak_tflops=100.0, mfu=0.5)
     cfg["models"]["t2"]["plan_mfu"] = 0.25
+    cfg["models"]["t1"]["training"] = {"launch": {"num_processes": 2, "num_machines": 2}}
+    cfg["resources"]["train"] = {"runtime": 1}   # minutes: a job of one minute
+    cfg["models"]["t2"]["resources"] = {"runtime": 2}
     rows, notes = plan_rows(cfg)
     for r in rows:
         mfu = 0.25 if r["model"] == "t2" else 0.5
@@ -38,6 +41,9 @@ def test_gpu_hours_follow_the_stated_throughput():
         assert r["total_flops"] == r["flops_per_image"] * r["total_images"]
         assert r["gpu_hours"] == pytest.approx(r["total_flops"] / (100e12 * mfu) / 3600, rel=1e-12)
         assert r["wall_hours"] == pytest.approx(r["gpu_hours"] / r["gpus"])
+        assert (r["nodes"], r["gpus"]) == ((2, 2) if r["model"] == "t1" else (1, 1))
+        runtime_hours = (2 if r["model"] == "t2" else 1) / 60
+        assert r["jobs"] - 1 < r["wall_hours"] / runtime_hours <= r["jobs"]
     # twice the width: more FLOPs per image, in order along the ladder
     flops = [r["flops_per_image"] for r in rows]
     assert flops == sorted(flops) and flops[0] > 0
@@ -98,3 +104,16 @@ def test_unknown_shape_is_named():
         data_shape(cfg)
     cfg["plan"].update(resolution=16, channels=4)
     assert data_shape(cfg)[:3] == (16, 4, 0)
+
+
+@pytest.mark.parametrize("name", ["paper-img64", "paper-img512"])
+def test_paper_sizes_on_several_nodes_are_those_one_node_would_take_many_jobs(name):
+    """The paper configs give a size several nodes exactly when one 8-GPU node would need more than three jobs of
+    the train runtime (one `snakemake` with the SLURM profile's two retries), and every size then needs at most
+    two."""
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    runtime_hours = cfg["resources"]["train"]["runtime"] / 60
+    for r in plan_rows(cfg)[0]:
+        one_node_jobs = r["gpu_hours"] / 8 / runtime_hours
+        assert (r["nodes"] > 1) == (one_node_jobs > 3), (r["model"], one_node_jobs)
+        assert r["gpus"] == 8 * r["nodes"] and r["jobs"] <= (2 if r["nodes"] > 1 else 3), r

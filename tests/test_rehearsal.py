@@ -118,3 +118,108 @@ def test_killed_two_process_training_resumes(tmp_path):
     assert first.stat().st_ino == first_inode    # resumed, not restarted: the first snapshot was kept
     seen = [json.loads(line)["images_seen"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert seen == sorted(set(seen)) and seen[-1] == 4096
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several nodes: the train rule's srun launch, with SLURM's srun and scontrol stood in for on localhost
+# ---------------------------------------------------------------------------------------------------------------
+
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# srun inside an allocation, on one host: starts --ntasks copies of the command, task i as node i of a job whose
+# nodes are all localhost (one task per node); fails when any task fails
+ntasks=1
+while [[ $# -gt 0 && $1 == -* ]]; do
+    case $1 in --ntasks=*) ntasks=${1#--ntasks=} ;; esac
+    shift
+done
+nodes=localhost; for ((i = 1; i < ntasks; i++)); do nodes+=,localhost; done
+pids=()
+for ((i = 0; i < ntasks; i++)); do
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_STEP_NODELIST=$nodes "$@" &
+    pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = r"""#!/usr/bin/env bash
+[ "$1 $2" = "show hostnames" ] || { echo "fake scontrol: only 'show hostnames'" >&2; exit 2; }
+tr ',' '\n' <<< "$3"
+"""
+
+
+def fake_slurm(folder: Path) -> dict:
+    """An environment whose PATH finds stand-ins for srun and scontrol in `folder`."""
+    folder.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    import os
+
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
+
+
+ENGINE_CONFIGS = {"ddp": "workflow/accelerate/ddp-bf16.yaml", "zero2": "workflow/accelerate/deepspeed-zero2.yaml"}
+
+
+def multi_node_config(tmp_path, machines, engine):
+    """The rehearsal's t0 on the digits with num_machines `machines` (one process per machine) under `engine`."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["study"] = f"{engine}{machines}"
+    cfg["dataset"] = {"spec": "digits", "conditional": True}
+    cfg["models"] = {"t0": cfg["models"]["t0"]}
+    cfg["training"].update(total_images=2048, state_every_images=128, snapshots={"images": [256, 2048]})
+    cfg["training"]["launch"] = {"accelerate_config": ENGINE_CONFIGS[engine], "num_processes": 2,
+                                 "num_machines": machines}
+    path = tmp_path / f"{engine}{machines}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, f"results/{engine}{machines}/runs/t0"
+
+
+def final_weights(run: Path) -> dict:
+    """The EMA of a finished run's last snapshot, and the net of its last state.pt where it holds one (DDP;
+    DeepSpeed keeps the net in its own checkpoint)."""
+    import torch
+
+    state = torch.load(run / "state.pt", weights_only=False)
+    snap = torch.load(run / "snapshots" / f"snapshot-{state['images_seen']:09d}.pt", weights_only=False)
+    return {**{f"net.{k}": v for k, v in (state.get("net") or {}).items()},
+            **{f"ema.{k}": v for k, v in snap["ema"].items()}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "zero2"])
+def test_two_machines_train_what_one_machine_does_and_resume_after_a_kill(tmp_path, engine):
+    """Two "machines" on localhost — the train rule's srun line starting workflow/scripts/node_launch.sh once per
+    node: machine ranks 0 and 1, one process each (DDP, or DeepSpeed ZeRO-2 partitioned over both), the
+    rendezvous on the first node — killed (snakemake, srun, the launchers and the ranks) after the first snapshot
+    and rerun, end with the same weights as one machine with two processes trained without interruption."""
+    import subprocess
+
+    import torch
+
+    env = fake_slurm(tmp_path / "bin")
+    one, one_run = multi_node_config(tmp_path, 1, engine)
+    two, two_run = multi_node_config(tmp_path, 2, engine)
+    smk("--configfile", one, "--cores", "2", f"{one_run}/done.json", directory=tmp_path)
+
+    run = tmp_path / two_run
+    first = run / "snapshots" / "snapshot-000000256.pt"
+    cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(two), "--cores", "2", f"{two_run}/done.json"]
+    kill_when_written(cmd, first, timeout=500, env=env)
+    assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
+    assert 256 <= torch.load(run / "state.pt", weights_only=False)["images_seen"] < 2048
+    first_inode = first.stat().st_ino
+    smk("--unlock", "--configfile", two, directory=tmp_path)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    done = json.loads((run / "done.json").read_text())
+    assert done["world_size"] == 2 and done["images_seen"] == 2048
+    # one process group across both launchers: only its global rank 0 reports (two groups would both report)
+    log = (tmp_path / "results" / f"{engine}2" / "logs" / "train_t0.log").read_text()
+    assert log.count('"status": "done"') == 1, log[-3000:]
+    assert first.stat().st_ino == first_inode  # resumed, not restarted: the first snapshot was kept
+
+    a, b = final_weights(tmp_path / one_run), final_weights(run)
+    assert a.keys() == b.keys() and len(a) > 10
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []

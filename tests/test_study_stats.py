@@ -298,6 +298,17 @@ def test_total_interval_adds_the_jackknife_to_the_bootstrap_in_quadrature():
     assert (iv["eval_lo"], iv["eval_hi"]) == pytest.approx((2 * est - q[2], 2 * est - q[0]))
 
 
+def test_a_study_of_one_model_has_evaluation_intervals_and_no_total():
+    """No leave-one-model-out values (one model): the evaluation-noise interval stands, the total one is missing
+    and says why."""
+    rng = np.random.default_rng(0)
+    boot = 1.0 + 0.1 * rng.standard_normal(200)
+    iv = intervals.intervals(np.r_[1.0, boot], np.array(["estimate"] + ["evaluation"] * 200))
+    assert np.isfinite(iv["eval_lo"]) and iv["eval_lo"] < 1 < iv["eval_hi"]
+    assert np.isnan(iv["lo"]) and np.isnan(iv["hi"]) and iv["n_jackknife"] == 0
+    assert intervals.interval_note(iv).startswith("no total interval: 0 leave-one-model-out values")
+
+
 # coverage over simulated studies: each check's Monte Carlo error at the nominal 95% is √(0.95·0.05/n) ≈ 1.5% for
 # n = 200 studies, so ≥ 90% is three standard errors below nominal.
 N_STUDIES, N_REPLICATES = 200, 100

@@ -188,6 +188,62 @@ def test_run_folder_contents(full_run, digits):
     assert den.snapshot_info["images_seen"] == 256
 
 
+def test_tensorboard_tracker_holds_the_logged_scalars(full_run, digits, tmp_path):
+    """training.trackers: [tensorboard] — the run folder's event file holds every log.jsonl number at its images_seen
+    (loss, lr, images/s, gradient norm, memory, each σ bin's loss); the run is the same as without a tracker."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg(trackers=["tensorboard"]), "t0", digits, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    events = EventAccumulator(str(tmp_path / "test"), size_guidance={"scalars": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for key in ("loss", "lr", "images_per_s", "grad_norm", "max_memory_gib"):
+        assert key in tags, (key, tags)
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert logged == pytest.approx({r["images_seen"]: r[key] for r in log}, rel=1e-6), key
+    bins = [(c, x) for c, x in zip(log[-1]["sigma_bin_centers"], log[-1]["sigma_bin_x0_loss"]) if x is not None]
+    assert len(bins) >= 3
+    for center, loss in bins:
+        last = events.Scalars(f"sigma_bin_x0_loss/sigma={center:.3g}")[-1]
+        assert last.step == 256 and last.value == pytest.approx(loss, rel=1e-6)
+    # watching changes nothing: the same weights as the untracked run, and the settings fingerprint ignores it
+    a, b = (torch.load(d / "snapshots/snapshot-000000256.pt", weights_only=False) for d in (full_run[0], tmp_path))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    assert json.loads((tmp_path / "done.json").read_text())["config_fingerprint"] == \
+        json.loads((full_run[0] / "done.json").read_text())["config_fingerprint"]
+
+
+def test_logged_gradient_norm_is_the_clipped_norm(digits, tmp_path):
+    """The gradient norm log.jsonl reports without clipping equals the one clipping measures (grad_clip too large
+    to act): both the per-dimension loss's norm."""
+    runs = []
+    for clip in (None, 1e9):
+        out = tmp_path / str(clip)
+        train(make_cfg(total_images=128, grad_clip=clip), "t0", digits, out, progress=False)
+        runs.append([r["grad_norm"] for r in read_log(out)])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5) and all(0 < g < 1e3 for g in runs[0])
+
+
+def test_same_settings_ignores_only_result_neutral_keys(tmp_path):
+    import yaml
+
+    from models.run_folder import same_settings
+
+    base = {"study": "s", "training": {"lr": 0.01, "batch_gpu": None, "trackers": []}, "models": {"t0": {}}}
+    paths = []
+    for i, change in enumerate([{}, {"batch_gpu": 16, "trackers": ["tensorboard"]}, {"lr": 0.02}]):
+        cfg = {**base, "training": {**base["training"], **change}}
+        paths.append(tmp_path / f"{i}.yaml")
+        paths[-1].write_text(yaml.safe_dump(cfg))
+    assert same_settings(paths[0], paths[1]) and not same_settings(paths[0], paths[2])
+    # the train rule's check (exit 0: keep the run folder)
+    run = [sys.executable, "-m", "models.run_folder", "same-settings"]
+    assert subprocess.run(run + [str(paths[0]), str(paths[1])], cwd=ROOT).returncode == 0
+    assert subprocess.run(run + [str(paths[0]), str(paths[2])], cwd=ROOT).returncode == 1
+
+
 def test_done_json_records_each_snapshots_checksum(full_run):
     from models import integrity
 

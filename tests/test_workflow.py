@@ -51,12 +51,12 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def kill_when_written(cmd, path, *, timeout, settle=2.0):
-    """Start `cmd` (snakemake) in a session of its own, wait until `path` exists (and `settle` seconds more), then
-    SIGKILL it and every descendant, as if the node died (torchrun starts each rank in a session of its own, so the
-    ranks are found as descendants, not by the process group)."""
+def kill_when_written(cmd, path, *, timeout, settle=2.0, env=None):
+    """Start `cmd` (snakemake; environment `env`, default this one) in a session of its own, wait until `path`
+    exists (and `settle` seconds more), then SIGKILL it and every descendant, as if the node died (torchrun starts
+    each rank in a session of its own, so the ranks are found as descendants, not by the process group)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         deadline = time.time() + timeout
         while not path.exists() and time.time() < deadline and proc.poll() is None:
@@ -189,12 +189,18 @@ def test_default_study_spans_the_ladder():
 
 
 def check_paper_launch(out, cfg):
-    """Paper studies: DDP for xs/s/m, DeepSpeed ZeRO-2 for l/xl/xxl, 8 processes, a rendezvous port per job."""
+    """Paper studies: DDP for xs/s/m, DeepSpeed ZeRO-2 for l/xl/xxl, 8 processes per node, a rendezvous port per
+    job; a multi-node model's launch runs one `accelerate launch` per node under srun."""
     cmds = [line for line in out.splitlines() if "--config results/" in line and "accelerate" in line]
     assert len(cmds) == 6, cmds
     for line in cmds:
         model = re.search(r"configs/(\w+)\.yaml", line).group(1)
-        assert "accelerate launch" in line and "--num_processes 8" in line and "--main_process_port" in line
+        launch = cfg["models"][model].get("training", {}).get("launch", {})
+        machines, processes = launch.get("num_machines", 1), launch.get("num_processes", 8)
+        assert processes == 8 * machines
+        assert "accelerate launch" in line and f"--num_processes {processes} --num_machines {machines}" in line
+        assert "--main_process_port" in line or "node_launch.sh $(" in line
+        assert (f"srun --nodes={machines} --ntasks={machines} --ntasks-per-node=1" in line) == (machines > 1)
         expected = "deepspeed-zero2.yaml" if model in ("l", "xl", "xxl") else "ddp-bf16.yaml"
         assert expected in line, (model, line)
     assert cfg["training"]["batch_size"] == 2048 and cfg["variant"]["kwargs"]["sigma_data"] == 0.5
@@ -202,14 +208,53 @@ def check_paper_launch(out, cfg):
     assert (cfg["variant"]["kwargs"]["P_mean"], cfg["variant"]["kwargs"]["P_std"]) == expected_noise
 
 
+def rule_resources_of(out: str, rule: str) -> dict:
+    """The `resources:` of a rule's first job in a dry run's output."""
+    block = next(b for b in out.split("\nrule ") if b.startswith(f"{rule}:"))
+    line = next(x for x in block.splitlines() if x.strip().startswith("resources:"))
+    pairs = re.findall(r"(\w+)=(.*?)(?=, \w+=|$)", line.split("resources:", 1)[1].strip())
+    return {k: int(v) if v.isdigit() else v for k, v in pairs}
+
+
+class PluginJob:
+    """What the SLURM executor plugin reads from a job: resources (attribute and get) and threads."""
+
+    def __init__(self, resources, threads):
+        self.resources = type("Resources", (dict,), {"__getattr__": dict.__getitem__})(resources)
+        self.threads = threads
+
+
 def test_slurm_profile_dry_run_has_gpu_resources(tmp_path):
     _, out = smk("-n", "--profile", "workflow/profiles/slurm", "--configfile", CONFIGS / "paper-img512.yaml",
                  directory=tmp_path)
-    blocks = out.split("\nrule ")
-    train = [b for b in blocks if b.startswith("train_xxl")]
-    assert train and re.search(r"gpu=8\b", train[0]) and "cpus_per_gpu=8" in train[0] and "runtime=2880" in train[0]
-    ev = [b for b in blocks if b.startswith("evaluate")]
-    assert ev and re.search(r"gpu=1\b", ev[0])
+    train = rule_resources_of(out, "train_xs")
+    assert train["gpu"] == 8 and train["cpus_per_gpu"] == 8 and train["runtime"] == 2880
+    assert rule_resources_of(out, "evaluate")["gpu"] == 1
+
+
+def test_multi_node_job_is_submitted_as_one_task_per_node(tmp_path):
+    """The sbatch line the SLURM executor plugin builds from a multi-node train rule's resources: 4 nodes, one
+    task per node with one node's CPUs, 8 GPUs on every node; its `mpi` resource makes the plugin's job step run
+    the rule's shell once (the shell's srun then starts the nodes' launchers)."""
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm.validation import validate_slurm_extra
+
+    _, out = smk("-n", "-p", "--profile", "workflow/profiles/slurm", "--configfile", CONFIGS / "paper-img512.yaml",
+                 directory=tmp_path)
+    assert "srun --nodes=4 --ntasks=4 --ntasks-per-node=1" in out and "--num_machines 4" in out
+    resources = rule_resources_of(out, "train_xxl")
+    assert resources["mpi"] == "srun" and "gpu" not in resources
+    job = PluginJob(resources, threads=resources["cpus_per_task"])
+    validate_slurm_extra(job)  # none of the options the plugin manages itself
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "",
+              "workdir": ""}
+    sbatch = get_submit_command(job, params) + set_gres_string(job)
+    for flag in ("--nodes=4", "--ntasks=4", "--cpus-per-task=64", "--ntasks-per-node=1", "--gpus-per-node=8",
+                 "--mem 480000", "-t 2880"):
+        assert re.search(re.escape(flag) + r"(\s|$)", sbatch), (flag, sbatch)
+    assert "--gpus=" not in sbatch and "--ntasks-per-gpu" not in sbatch, sbatch
 
 
 def test_adding_a_model_adds_exactly_its_jobs(tmp_path):

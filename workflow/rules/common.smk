@@ -6,6 +6,7 @@ import sys
 
 from models.checks import accelerate_distributed_type, check_study, known_arch_names  # noqa: E402
 from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
+from models.config import step_resources as study_step_resources  # noqa: E402
 
 
 # Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
@@ -70,11 +71,7 @@ def sidecars(*paths):
 
 def step_resources(step, model=None):
     """Resources of one rule: built-in defaults < config `resources.<step>` < the model's `resources`."""
-    r = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
-    r.update(config.get("resources", {}).get(step) or {})
-    if model is not None:
-        r.update(config["models"][model].get("resources") or {})
-    return r
+    return study_step_resources(config, step, model)
 
 
 def rule_resources(step, model=None, *, gpus=None, keys=("gpu", "cpus_per_gpu", "runtime", "mem_mb")):
@@ -126,46 +123,82 @@ def snapshot_path(model, images):
     return f"{R}/snapshots/{model}/snapshot-{int(images):09d}.pt"
 
 
+def _free_port_command():
+    """Shell text that prints a free TCP port of the host it runs on (the job's first node under SLURM)."""
+    return f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')"
+
+
 def launch_command(model):
     """`accelerate launch …` (or plain python for one non-DeepSpeed process) up to the module name.
     Multi-process jobs get a free rendezvous port picked when the job starts, so concurrent jobs on one node
-    never collide."""
+    never collide. A multi-node job (training.launch.num_machines > 1) runs under srun, one task per node, each
+    starting its node's `accelerate launch` (workflow/scripts/node_launch.sh: machine rank from SLURM_NODEID, the
+    rendezvous on the first node of the job, at the port picked on the node that runs the job script)."""
     launch = TRAINING[model]["launch"]
-    n = int(launch["num_processes"])
+    n, machines = int(launch["num_processes"]), int(launch["num_machines"])
     acc_cfg = repo_path(launch["accelerate_config"])
-    distributed = accelerate_distributed_type(acc_cfg, BASEDIR)
-    if n == 1 and distributed in ("NO", "no"):
+    kind = accelerate_distributed_type(acc_cfg, BASEDIR)
+    if n == 1 and kind in ("NO", "no"):
         return f"{PYTHON} -m models.train"
     accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
     accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
-    port = (
-        f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])')"
-    )
     # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told; a
     # DeepSpeed job must not be told (it would run as DDP): models.train.make_accelerator sets it up on gloo
-    cpu_ddp = not train_resources(model)["gpu"] and n > 1 and distributed != "DEEPSPEED"
+    cpu_ddp = not train_resources(model)["gpu"] and n > 1 and kind != "DEEPSPEED"
     cpu = "ACCELERATE_USE_CPU=1 " if cpu_ddp else ""
+    launcher = f"{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines {machines}"
+    if machines == 1:
+        return f"{cpu}{launcher} --main_process_port {_free_port_command()} -m models.train"
+    if kind == "DEEPSPEED":  # each node's own launcher (torchrun), not DeepSpeed's ssh/pdsh runner
+        launcher += " --deepspeed_multinode_launcher standard"
+    res = train_resources(model)
+    node_launch = os.path.join(BASEDIR, "workflow", "scripts", "node_launch.sh")
     return (
-        f"{cpu}{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines 1"
-        f" --main_process_port {port} -m models.train"
+        f"{cpu}srun --nodes={machines} --ntasks={machines} --ntasks-per-node=1 --cpus-per-task={res['threads']}"
+        f" --kill-on-bad-exit=1 bash {shlex.quote(node_launch)} {_free_port_command()} {launcher} -- -m models.train"
+    )
+
+
+def launcher_check(model):
+    """Shell text run before a multi-node training job: it needs SLURM's srun (the SLURM profile)."""
+    machines = int(TRAINING[model]["launch"]["num_machines"])
+    if machines == 1:
+        return ":"
+    return (
+        f"command -v srun > /dev/null || {{ echo 'train {model}: training.launch.num_machines = {machines} runs "
+        "under SLURM (srun not found): use --profile workflow/profiles/slurm' >&2; exit 1; }"
     )
 
 
 def train_resources(model):
+    """gpu: GPUs of the job, one per training process over all its nodes (models.checks: a model's own
+    resources.gpus equals num_processes); nodes; threads: the CPUs of one node; omp: each process's threads."""
     r = step_resources("train", model)
-    n = int(TRAINING[model]["launch"]["num_processes"])
-    explicit = (config["models"][model].get("resources") or {}).get("gpus")
-    gpus = int(explicit) if explicit is not None else (n if r["gpus"] else 0)
-    if gpus and gpus != n:
-        raise WorkflowError(
-            f"models.{model}: resources.gpus = {gpus} but training.launch.num_processes = {n} (one process per GPU)"
-        )
+    launch = TRAINING[model]["launch"]
+    n, machines = int(launch["num_processes"]), int(launch["num_machines"])
+    gpus = n if r["gpus"] else 0
     return {
         "gpu": gpus,
-        "threads": gpus * r["cpus_per_gpu"] if gpus else r["cpus"],
-        # intra-op threads of each training process: its share of the job's CPUs
+        "nodes": machines,
+        "threads": gpus // machines * r["cpus_per_gpu"] if gpus else r["cpus"],
+        # intra-op threads of each training process: its share of the node's CPUs
         "omp": r["cpus_per_gpu"] if gpus else r["cpus"],
     }
+
+
+def train_rule_resources(model):
+    """The train rule's Snakemake resources. One node: gpu, cpus_per_gpu, runtime, mem_mb. Several nodes: the
+    SLURM executor plugin's MPI form — `mpi` makes its job step run the rule's shell once, on the first node,
+    which starts one task per node with srun; sbatch gets --nodes=M --ntasks=M --cpus-per-task (one node's
+    CPUs) and, through slurm_extra, --ntasks-per-node=1 and --gpus-per-node (the plugin's `gpu` would ask for
+    GPUs over the whole job, not per node). mem_mb is per node."""
+    res = train_resources(model)
+    base = rule_resources("train", model, gpus=res["gpu"])
+    if res["nodes"] == 1:
+        return base
+    extra = "--ntasks-per-node=1" + (f" --gpus-per-node={res['gpu'] // res['nodes']}" if res["gpu"] else "")
+    return {"nodes": res["nodes"], "tasks": res["nodes"], "mpi": "srun", "cpus_per_task": res["threads"],
+            "runtime": base["runtime"], "mem_mb": base["mem_mb"], "slurm_extra": extra}
 
 
 # ---- diagnosis and schedule studies (diagnose.smk, schedule.smk) ----

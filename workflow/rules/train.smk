@@ -11,15 +11,22 @@
 # rebuilds it), made after training finishes: copies, not hard links, so a corrupted published snapshot never
 # corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
 # cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
-# differs from the resolved config), or if one of its snapshots fails its checksum (the state to regenerate an
-# earlier snapshot is gone; training is deterministic, so the retrained model is the same) or its state.pt (or the
-# DeepSpeed checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data
-# is refused (the job fails naming it), not trained over.
+# trains another model than the resolved config: models.run_folder same-settings, which lets batch_gpu and the
+# trackers change), or if one of its snapshots fails its checksum (the state to regenerate an earlier snapshot is
+# gone; training is deterministic, so the retrained model is the same) or its state.pt (or the DeepSpeed
+# checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data is
+# refused (the job fails naming it), not trained over.
 #
 # Snakemake deletes a forced job's declared outputs before it runs it: a failed or killed `--forcerun train_<model>`
 # leaves the model without its published snapshots, and the default target (rule all) lists them, so the next
 # `snakemake` reruns the training job (it resumes from the complete state.pt at once) and everything downstream.
-# Helpers (resolved_config, snapshot_path, launch_command, train_resources): workflow/rules/common.smk.
+#
+# Several nodes (training.launch.num_machines > 1, SLURM profile): the job script runs this shell once, on the
+# job's first node; the launch line starts one `accelerate launch` per node with srun (launch_command). Every
+# node reads and writes the run folder, so results/ must be on a file system all nodes share; only the global
+# main process writes state.pt, snapshots, log.jsonl and done.json (DeepSpeed's checkpoint: every rank its part).
+# Helpers (resolved_config, snapshot_path, launch_command, train_resources, train_rule_resources):
+# workflow/rules/common.smk.
 
 
 rule model_config:
@@ -52,18 +59,19 @@ for _model in MODELS:
             model=_model,
             rundir=f"{R}/runs/{_model}",
             launch=launch_command(_model),
+            launcher_check=launcher_check(_model),
             jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
             omp=_res["omp"],
         threads: _res["threads"]
         resources:
-            **rule_resources("train", _model, gpus=_res["gpu"]),
+            **train_rule_resources(_model),
         log:
             f"{R}/logs/train_{_model}.log",
         shell:
             """
             rundir={params.rundir:q}
             stamp="$rundir/.study-config.yaml"
-            if [ -e "$stamp" ] && ! cmp -s {input.config:q} "$stamp"; then
+            if [ -e "$stamp" ] && ! {PYTHON} -m models.run_folder same-settings "$stamp" {input.config:q}; then
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
             fi
@@ -77,6 +85,7 @@ for _model in MODELS:
                     exit "$check"
                 fi
             fi
+            {params.launcher_check} 2>> {log:q}
             mkdir -p "$rundir"
             cp {input.config:q} "$stamp"
             OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp} {params.launch} --config {input.config:q} \

@@ -1,0 +1,572 @@
+"""One prepared validation of a GPU machine, in one command and a fixed time budget — not a test.
+
+    bash benchmarks/gpu_validate.sh                   # one GPU, ≤ 8 minutes
+    bash benchmarks/gpu_validate.sh --cpu-rehearsal   # the same script with tiny sizes on the CPU (≤ 3 minutes)
+
+Four parts, each with its own time budget (a part or model that runs out of it is reported, not waited for):
+  step    every paper model (EDM2 xs … xxl at paper-img64's shape and its configured batch_gpu; DiT dit12 … dit27 at
+          32×32×4 latents, 32 images per GPU) takes optimizer steps at that batch under the DDP path (one process:
+          net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (benchmarks/bench_train_gpu.py: measure):
+          images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
+  parity  the trainer (python -m models.train) runs the same few steps of xs in fp32 once on the DDP path and
+          once under ZeRO-2 (accelerate launch, deepspeed-zero2.yaml); their denoisers must agree to a small
+          fraction of what the steps changed (output_difference)
+  study   a short study of xs through the real `snakemake` DAG (workflow/config/gpu-validate.yaml) on a synthetic
+          labelled 64×64 set at paper-img64's settings: the loss falls, every snapshot is evaluated, fits and
+          figures are made
+  dstar   the exact D* (estimate_optimal_loss, "full") at ImageNet-64's dimension (3×64×64) against the plain
+          matmul of the same FLOPs (benchmarks/bench_optimal_loss.py's cases)
+Writes OUT/report.md and OUT/results.csv (default OUT = results/gpu-validate, cleared first), every row with the
+card's name, driver, torch version and date. Exit status 0 when every item is ok.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# DiT has no paper config here: its paper's global batch of 256 over 8 GPUs, at ImageNet-256's SD-VAE latents.
+DIT_SHAPE, DIT_BATCH_GPU = (32, 4, 1000), 32
+PEAK_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM, the MFU's denominator (as the plan's)
+PARITY_TOLERANCE = 1e-2  # ‖D_ZeRO-2 − D_DDP‖ / ‖D_DDP − D_init‖ after the parity steps (output_difference)
+COLUMNS = ["card", "driver", "torch", "date", "part", "item", "status", "params", "batch_gpu", "shape",
+           "ddp_images_per_s", "ddp_mfu", "ddp_peak_gib", "ddp_reserved_gib",
+           "zero2_images_per_s", "zero2_mfu", "zero2_peak_gib", "zero2_reserved_gib", "metric", "value", "detail"]
+
+
+@dataclass
+class Setting:
+    """What one validation runs: the GPU's paper sizes or the CPU rehearsal's tiny stand-ins."""
+    device: str
+    models: list            # [(item, arch, (resolution, channels, label_dim), batch_gpu)]
+    steps: int
+    warmup: int
+    precision: str          # of the step measurements
+    parity: dict            # the parity's model, batch and steps (on the study's synthetic set)
+    study: dict             # overrides of workflow/config/gpu-validate.yaml, and the synthetic set's shape
+    dstar: dict             # N, D, Q of the D* comparison
+    budget: dict = field(default_factory=dict)   # seconds per part
+
+
+def gpu_setting(config: Path) -> Setting:
+    """The paper models at the configured batch_gpu of `config` (paper-img64.yaml) and DiT's."""
+    from models.config import load_config, micro_batch, model_training
+    from models.plan import data_shape
+    from models.sizes import DIT_PAPER_SIZES
+
+    cfg = load_config(config)
+    shape = data_shape(cfg)[:3]
+    models = []
+    for name in cfg["models"]:
+        training = model_training(cfg, name)
+        models.append((name, cfg["models"][name]["arch"], shape,
+                       micro_batch(training, training["launch"]["num_processes"])[0]))
+    models += [(name, name, DIT_SHAPE, DIT_BATCH_GPU) for name in DIT_PAPER_SIZES]
+    return Setting(device="cuda", models=models, steps=3, warmup=2, precision="bf16",
+                   parity={"arch": "xs", "batch": 16, "steps": 4},
+                   study={"n": 8192, "resolution": 64, "classes": 1000, "overrides": {}},
+                   dstar={"n": 65536, "dim": 3 * 64 * 64, "queries": 1024},
+                   budget={"step": 270, "parity": 45, "study": 125, "dstar": 35})
+
+
+def cpu_rehearsal_setting() -> Setting:
+    """Tiny stand-ins on the CPU: every code path of the GPU run, in fp32 where bf16 would only be emulated."""
+    from models.sizes import DIT_TINY_SIZES
+
+    edm2 = [(f"{big}~{tiny}", tiny, (8, 1, 10), 4) for big, tiny in
+            zip(("xs", "s", "m", "l", "xl", "xxl"), ("t0", "t1", "t2", "t3", "t4", "t5"))]
+    dit = [(f"{big}~{tiny}", tiny, (8, 1, 10), 4) for big, tiny in
+           zip(("dit12", "dit15", "dit19", "dit24", "dit27"), DIT_TINY_SIZES)]
+    study = {"n": 512, "resolution": 16, "classes": 10, "overrides": {
+        "models": {"t0": {"arch": "t0"}},
+        "training": {"total_images": 1024, "batch_size": 64, "batch_gpu": 32, "lr": 0.01, "lr_rampup_images": 128,
+                     "ema_halflife_images": 128, "snapshots": {"count": 3, "spacing": "geometric",
+                                                                "first_images": 256},
+                     "log_every_images": 128, "state_every_images": 256},
+        "optimal_loss": {"n_samples": 64},
+        "evaluation": {"samples_per_sigma": 16, "batch_size": 256},
+        "resources": {"dataset": {"gpus": 0, "cpus": 1}, "optimal_loss": {"gpus": 0, "cpus": 1},
+                      "train": {"gpus": 0, "cpus": 1}, "evaluate": {"gpus": 0, "cpus": 1}},
+        "plan": {"label_dim": 10}}}
+    return Setting(device="cpu", models=edm2 + dit, steps=1, warmup=1, precision="fp32",
+                   parity={"arch": "t0", "batch": 16, "steps": 4},
+                   study=study, dstar={"n": 4096, "dim": 768, "queries": 128},
+                   budget={"step": 90, "parity": 90, "study": 150, "dstar": 30})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the card
+# ----------------------------------------------------------------------------------------------------------------
+
+def card_info(device: str) -> dict:
+    import torch
+
+    from benchmarks.bench_optimal_loss import _cpu_name
+
+    if device == "cuda":
+        card = torch.cuda.get_device_name(0)
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=30).stdout.split("\n")[0].strip()
+        except (OSError, subprocess.SubprocessError):
+            driver = ""
+    else:
+        card, driver = f"cpu: {_cpu_name()}", "none"
+    return {"card": card, "driver": driver or "unknown", "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def log(message: str) -> None:
+    print(f"[gpu_validate {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+THREADS: dict = {}  # OMP_NUM_THREADS for every part's processes (the CPU rehearsal: one each)
+
+
+def run(cmd, *, timeout: float, cwd=ROOT, env=None, log_to: Path | None = None) -> tuple[int | None, str]:
+    """(return code or None on timeout, the output's tail) of `cmd`; its whole output goes to `log_to`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **THREADS, **(env or {})}
+    with open(log_to or os.devnull, "w") as out:
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(timeout, 1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = None
+    tail = Path(log_to).read_text()[-2000:] if log_to else ""
+    return rc, tail
+
+
+def last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip() and "WARNING" not in x]
+    return lines[-1][:300] if lines else ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# part 1: one optimizer step per paper model, DDP path and ZeRO-2 (a worker process runs the models)
+# ----------------------------------------------------------------------------------------------------------------
+
+RESTART = 3  # a step worker's exit status: go on with the remaining models in a fresh process
+
+
+def step_worker(argv) -> int:
+    """Runs inside its own process: measure each model of --models (JSON) with one engine, one JSON line each."""
+    import torch
+
+    from benchmarks.bench_train_gpu import fast_gpu_settings, measure
+
+    a = argparse.Namespace(**json.loads(argv[0]))
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        fast_gpu_settings()
+    with open(a.out, "a") as out:
+        for item, arch, (resolution, channels, label_dim), batch in a.models:
+            out.write(json.dumps({"item": item, "started": True}) + "\n")
+            out.flush()
+            try:  # FLOPs are counted meanwhile by another process (flops_worker): not here
+                r = measure(arch, batch=batch, steps=a.steps, warmup=a.warmup, device=device, engine=a.engine,
+                            precision=a.precision, resolution=resolution, channels=channels, label_dim=label_dim,
+                            flops_per_image=math.nan)
+            except torch.cuda.OutOfMemoryError as e:
+                out.write(json.dumps({"item": item, "status": f"out of memory: {str(e).splitlines()[0][:150]}"})
+                          + "\n")
+                return RESTART  # what an out-of-memory error leaves behind must not count against the next model
+            out.write(json.dumps({"item": item, **r, "status": "ok"}) + "\n")
+            out.flush()
+    return 0
+
+
+def count_flops(model) -> float | None:
+    """Counted training FLOPs per image of one model (None where it cannot be built: its step reports why)."""
+    from models.family import training_flops_per_image
+
+    _, arch, (resolution, channels, label_dim), _ = model
+    try:
+        return float(training_flops_per_image(arch, resolution=resolution, channels=channels, label_dim=label_dim))
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def flops_worker(argv) -> int:
+    """Runs inside its own process, beside the step workers: each model's counted training FLOPs per image (on
+    the meta device, one CPU process per model), as one JSON object {item: flops}."""
+    from multiprocessing import Pool
+
+    models, out = json.loads(argv[0]), Path(argv[1])
+    with Pool(max(1, min(len(models), (os.cpu_count() or 2) // 2))) as pool:
+        flops = pool.map(count_flops, models)
+    out.write_text(json.dumps({m[0]: f for m, f in zip(models, flops)}))
+    return 0
+
+
+def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero2")) -> list[dict]:
+    """Worker processes measure the models, one engine after the other (the DDP path gets half the budget); a
+    worker that dies or runs out of memory on a model is followed by a fresh one for the rest. The FLOPs per
+    image (for MFU) are counted by a process of their own meanwhile."""
+    rows = {item: {"part": "step", "item": item, "params": None, "batch_gpu": batch,
+                   "shape": f"{c}×{r}×{r}, {k} labels"} for item, _, (r, c, k), batch in setting.models}
+    status = {}
+    deadline = time.time() + budget
+    flops_file = work / "flops.json"
+    flops_log = open(work / "flops.log", "w")
+    counting = subprocess.Popen([sys.executable, Path(__file__), "--worker-flops", json.dumps(setting.models),
+                                 flops_file], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **THREADS},
+                                stdout=flops_log, stderr=subprocess.STDOUT)
+    for engine in engines:
+        out = work / f"step-{engine}.jsonl"
+        todo = list(setting.models)
+        while todo:
+            left = (deadline - time.time()) / (len(engines) - engines.index(engine))
+            if left < 5:
+                break
+            log(f"step: {engine} on {', '.join(m[0] for m in todo)} ({left:.0f} s)")
+            args = {"device": setting.device, "models": todo, "steps": setting.steps, "warmup": setting.warmup,
+                    "engine": engine, "precision": setting.precision, "out": str(out)}
+            rc, tail = run([sys.executable, Path(__file__), "--worker-step", json.dumps(args)], timeout=left,
+                           log_to=work / f"step-{engine}.log")
+            records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+            records = [r for r in records if r["item"] in {m[0] for m in todo}]  # this worker's
+            finished = {r["item"]: r for r in records if not r.get("started")}
+            started = {r["item"] for r in records if r.get("started")} - set(finished)
+            why = "time budget" if rc is None else f"failed: {last_line(tail)}"
+            for item in [m[0] for m in todo]:
+                if item in finished:
+                    status.setdefault(item, {})[engine] = finished[item]
+                elif item in started or (rc not in (0, RESTART) and not started and not finished):
+                    status.setdefault(item, {})[engine] = {"status": why}  # it died there, or before any model
+            todo = [m for m in todo if engine not in status.get(m[0], {})]
+            if rc is None:
+                break
+        for item, *_ in todo:
+            status.setdefault(item, {})[engine] = {"status": "not run: time budget"}
+    try:
+        counting.wait(timeout=max(deadline - time.time(), 30))
+    except subprocess.TimeoutExpired:
+        counting.kill()
+    flops_log.close()
+    flops = json.loads(flops_file.read_text()) if flops_file.exists() else {}
+    for item, row in rows.items():
+        states = []
+        for engine in engines:
+            rec = status.get(item, {}).get(engine, {"status": "not run"})
+            states.append(rec["status"])
+            if rec["status"] == "ok":
+                row["params"] = rec["params"]
+                mfu = rec["images_per_s"] * flops[item] / (PEAK_TFLOPS * 1e12) if flops.get(item) else None
+                row.update({f"{engine}_images_per_s": rec["images_per_s"], f"{engine}_mfu": mfu,
+                            f"{engine}_peak_gib": rec["mem_gib"], f"{engine}_reserved_gib": rec["reserved_gib"]})
+                if mfu is None:
+                    states[-1] = "FLOPs per image not counted (time budget)"
+        row["status"] = "ok" if set(states) == {"ok"} else "; ".join(f"{e}: {s}" for e, s in zip(engines, states)
+                                                                     if s != "ok")
+    return list(rows.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# part 2: ZeRO-2 vs DDP through the trainer
+# ----------------------------------------------------------------------------------------------------------------
+
+def parity_config(setting: Setting, folder: Path, data: Path) -> Path:
+    import yaml
+
+    p = setting.parity
+    images = p["batch"] * p["steps"]
+    cfg = {"study": "parity", "dataset": {"spec": str(data), "conditional": True},
+           "variant": {"name": "edm", "kwargs": {"P_mean": -0.8, "P_std": 1.6, "sigma_data": 0.5}},
+           "training": {"total_images": images, "batch_size": p["batch"], "lr": 0.012, "lr_rampup_images": 0,
+                        "lr_decay_images": 0, "ema_halflife_images": 0, "grad_clip": None,
+                        "mixed_precision": "no", "snapshots": {"images": [images]}, "log_every_images": p["batch"]},
+           "models": {"m": {"arch": p["arch"]}}}
+    path = folder / "parity.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def output_difference(ddp_run: Path, zero2_run: Path, data: Path, seed: int = 0) -> float:
+    """‖D_ZeRO-2 − D_DDP‖ / ‖D_DDP − D_init‖: the two runs' denoisers (snapshot EMA with half-life 0 = the
+    weights) on 16 noisy training images at σ = 0.1, 1 and 10, relative to what training changed (D_init: the
+    initial weights, rebuilt as the trainer builds them). Outputs, not stored weights: the function each engine
+    trained, whatever it stores."""
+    import torch
+
+    from models import family
+    from models.data import load_dataset
+    from models.denoiser import Denoiser
+    from models.integrity import load_torch
+
+    snapshot = next((ddp_run / "snapshots").glob("snapshot-*.pt"))
+    ddp = Denoiser.from_snapshot(snapshot)
+    zero2 = Denoiser.from_snapshot(zero2_run / "snapshots" / snapshot.name)
+    torch.manual_seed(seed)
+    arch = load_torch(snapshot)["arch"]["kwargs"]
+    init = Denoiser(family.net_from_kwargs(arch, device="cpu"), ddp.variant, label_dim=ddp.label_dim).eval()
+    ds = load_dataset(str(data))
+    x0, labels = ds.x[:16], ds.labels[:16]
+    g = torch.Generator().manual_seed(1)
+    diff = moved = 0.0
+    with torch.no_grad():
+        for sigma in (0.1, 1.0, 10.0):
+            x = x0 + sigma * torch.randn(x0.shape, generator=g)
+            a, b, c = (d(x, sigma, labels).double() for d in (ddp, zero2, init))
+            diff += float((b - a).pow(2).sum())
+            moved += float((a - c).pow(2).sum())
+    return math.sqrt(diff / moved)
+
+
+def part_parity(setting: Setting, work: Path, data: Path, budget: float) -> list[dict]:
+    folder = work / "parity"
+    folder.mkdir()
+    cfg = parity_config(setting, folder, data)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    launchers = {
+        "ddp": [sys.executable, "-m", "models.train"],
+        "zero2": [accelerate, "launch", "--config_file", ROOT / "workflow/accelerate/deepspeed-zero2.yaml",
+                  "--num_processes", "1", "--main_process_port", "0", "-m", "models.train"],
+    }
+    deadline = time.time() + budget
+    losses = {}
+    for engine, launcher in launchers.items():
+        log(f"parity: the trainer, {engine}")
+        out = folder / engine
+        rc, tail = run(launcher + ["--config", cfg, "--model", "m", "--data", data, "--out", out, "--no-progress"],
+                       timeout=deadline - time.time(), log_to=folder / f"{engine}.log")
+        if rc != 0:
+            why = "time budget" if rc is None else f"{engine} failed: {last_line(tail)}"
+            return [{"part": "parity", "item": setting.parity["arch"], "status": why}]
+        losses[engine] = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
+    rel = output_difference(folder / "ddp", folder / "zero2", data)
+    loss_gap = max(abs(a - b) / abs(a) for a, b in zip(losses["ddp"], losses["zero2"]))
+    steps = setting.parity["steps"]
+    return [{"part": "parity", "item": setting.parity["arch"], "metric": "output_rel_diff", "value": rel,
+             "status": "ok" if rel < PARITY_TOLERANCE else f"FAILED: above {PARITY_TOLERANCE:g}",
+             "detail": f"{steps} fp32 steps of {setting.parity['batch']} images; ‖D_zero2 − D_ddp‖ / "
+                       "‖D_ddp − D_init‖ at σ = 0.1, 1, 10"},
+            {"part": "parity", "item": setting.parity["arch"], "metric": "loss_rel_diff", "value": loss_gap,
+             "status": "ok" if loss_gap < PARITY_TOLERANCE else f"FAILED: above {PARITY_TOLERANCE:g}",
+             "detail": "largest relative difference of a logged step's loss"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# part 3: a short study through the snakemake DAG
+# ----------------------------------------------------------------------------------------------------------------
+
+def study_config(setting: Setting, work: Path, data: Path) -> Path:
+    import yaml
+
+    from models.config import _deep_merge
+
+    cfg = yaml.safe_load((ROOT / "workflow/config/gpu-validate.yaml").read_text())
+    overrides = setting.study["overrides"]
+    if "models" in overrides:
+        cfg["models"] = overrides["models"]
+    cfg = _deep_merge(cfg, {k: v for k, v in overrides.items() if k != "models"})
+    cfg["dataset"]["spec"] = str(data)
+    path = work / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def part_study(setting: Setting, work: Path, data: Path, budget: float) -> list[dict]:
+    import pandas as pd
+    import yaml
+
+    config = study_config(setting, work, data)
+    cfg = yaml.safe_load(config.read_text())
+    dag = work / "dag"
+    dag.mkdir()
+    log(f"study: snakemake --configfile {config.relative_to(work.parent)} (working directory {dag})")
+    start = time.time()
+    rc, tail = run([sys.executable, "-m", "snakemake", "--directory", dag, "--configfile", config,
+                    "--cores", str(min(os.cpu_count() or 1, 8)), "--resources", "gpu=1"],
+                   timeout=budget, log_to=work / "study.log")
+    seconds = time.time() - start
+    study = dag / "results" / cfg["study"]
+    model = next(iter(cfg["models"]))
+    if rc != 0:
+        why = "time budget" if rc is None else f"snakemake failed: {last_line(tail)}"
+        return [{"part": "study", "item": "snakemake", "status": why, "value": seconds, "metric": "seconds"}]
+    loss = [json.loads(x)["loss"] for x in (study / "runs" / model / "log.jsonl").read_text().splitlines()]
+    snapshots = sorted((study / "snapshots" / model).glob("snapshot-*.pt"))
+    evals = sorted((study / "eval" / model).glob("*.csv"))
+    fits = pd.read_csv(study / "analysis" / "exponents.csv")
+    fitted = int(fits["exponent"].notna().sum())
+    figures = sorted((study / "figures").glob("*.png"))
+    losses = pd.read_csv(study / "analysis" / "losses.csv")
+    total = losses[losses["sigma"].isna()].sort_values("images_seen")  # the weighted totals
+    return [
+        {"part": "study", "item": "snakemake", "status": "ok", "metric": "seconds", "value": seconds,
+         "detail": f"model {model} ({cfg['models'][model]['arch']}), {cfg['training']['total_images']} images"},
+        {"part": "study", "item": "loss falls", "metric": "last / first logged loss", "value": loss[-1] / loss[0],
+         "status": "ok" if loss[-1] < loss[0] else "FAILED: the loss did not fall",
+         "detail": f"{loss[0]:.4f} → {loss[-1]:.4f} over {len(loss)} log intervals"},
+        {"part": "study", "item": "snapshots evaluated", "metric": "evaluations", "value": len(evals),
+         "status": "ok" if len(evals) == len(snapshots) > 1 else "FAILED: a snapshot was not evaluated",
+         "detail": f"{len(snapshots)} snapshots; total L − J* {total['gap'].iloc[0]:.4f} → {total['gap'].iloc[-1]:.4f}"},
+        {"part": "study", "item": "fits and figures", "metric": "fitted rows of exponents.csv", "value": fitted,
+         "status": "ok" if fitted and figures else "FAILED: no fit or no figure",
+         "detail": f"{len(fits)} rows, {len(figures)} figures"},
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# part 4: D* at ImageNet-64's dimension against the same-FLOP matmul (bench_optimal_loss.py's cases)
+# ----------------------------------------------------------------------------------------------------------------
+
+def part_dstar(setting: Setting, work: Path, budget: float) -> list[dict]:
+    d = setting.dstar
+    deadline = time.time() + budget
+    results = {}
+    for case in ("matmul", "exact"):
+        log(f"dstar: {case}, N = {d['n']:,}, D = {d['dim']:,}, Q = {d['queries']:,}")
+        rc, tail = run([sys.executable, ROOT / "benchmarks/bench_optimal_loss.py", f"--case={case}",
+                        f"--device={setting.device}", f"--n={d['n']}", f"--dim={d['dim']}",
+                        f"--queries={d['queries']}", "--repeats=3"],
+                       timeout=deadline - time.time(), log_to=work / f"dstar-{case}.log")
+        if rc != 0:
+            why = "time budget" if rc is None else f"failed: {last_line(tail)}"
+            return [{"part": "dstar", "item": case, "status": why}]
+        results[case] = json.loads(last_line(tail))
+    shape = f"N = {d['n']:,}, D = {d['dim']:,} (3×64×64), Q = {d['queries']:,}, σ = 1"
+    m, e = results["matmul"], results["exact"]
+    return [{"part": "dstar", "item": "matmul", "metric": "seconds", "value": m["seconds"], "status": "ok",
+             "detail": f"{shape}; float32, TF32 off, {m['gflops']:.0f} GFLOP/s"},
+            {"part": "dstar", "item": "exact D*", "metric": "seconds", "value": e["seconds"], "status": "ok",
+             "detail": f"estimate_optimal_loss(full); J* = {e['jstar']:.5g}; peak +{e['peak_extra_mib']:.0f} MiB"},
+            {"part": "dstar", "item": "exact / matmul speed", "metric": "ratio", "value": m["seconds"] / e["seconds"],
+             "status": "ok", "detail": "> 1: faster than the plain matmul of the same FLOPs"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------------------------
+
+def fmt(value, spec=".3g") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, spec)
+
+
+def write_results(rows: list[dict], card: dict, out: Path) -> None:
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in COLUMNS} | card)
+
+
+def report_text(rows: list[dict], card: dict, setting: Setting, command: str, seconds: float) -> str:
+    by = {p: [r for r in rows if r["part"] == p] for p in ("step", "parity", "study", "dstar")}
+    bad = [r for r in rows if r["status"] != "ok"]
+    kind = "CPU rehearsal (tiny stand-ins; no GPU number here)" if setting.device == "cpu" else "GPU validation"
+    lines = [f"# {kind}: {card['card']}", "",
+             f"Driver {card['driver']} · torch {card['torch']} · {card['date']} · `{command}` · "
+             f"{seconds / 60:.1f} min · **{'all ok' if not bad else f'{len(bad)} not ok'}**", ""]
+    lines += ["## One optimizer step per paper model at its configured batch_gpu", "",
+              f"{setting.steps} timed steps after {setting.warmup} ({setting.precision}); DDP path: one process with "
+              "net, Adam, autocast and the fp32 EMA; ZeRO-2: DeepSpeed (the trainer's settings, fp32 engine, autocast). "
+              "Peak memory: allocated (reserved) GiB.", "",
+              "| model | params (M) | batch_gpu | shape | DDP img/s | DDP MFU | DDP peak | ZeRO-2 img/s | ZeRO-2 MFU "
+              "| ZeRO-2 peak | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in by["step"]:
+        cells = [r["item"], fmt(r["params"] and r["params"] / 1e6, ".1f"), str(r["batch_gpu"]), r["shape"]]
+        for e in ("ddp", "zero2"):
+            cells += [fmt(r.get(f"{e}_images_per_s"), ".1f"), fmt(r.get(f"{e}_mfu"), ".1%"),
+                      f"{fmt(r.get(f'{e}_peak_gib'), '.1f')} ({fmt(r.get(f'{e}_reserved_gib'), '.1f')})"]
+        lines.append("| " + " | ".join(cells + [r["status"]]) + " |")
+    for part, title in (("parity", "ZeRO-2 vs DDP, the trainer"), ("study", "A short study through snakemake"),
+                        ("dstar", "D* at ImageNet-64's dimension against the same-FLOP matmul")):
+        lines += ["", f"## {title}", "", "| item | metric | value | status | detail |", "|---|---|---|---|---|"]
+        lines += [f"| {r['item']} | {r.get('metric') or ''} | {fmt(r.get('value'), '.4g')} | {r['status']} | "
+                  f"{r.get('detail') or ''} |" for r in by[part]]
+    lines += ["", "Files: results.csv (these rows, each with the card), work/ (every part's log)."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------------
+
+PARTS = ("step", "parity", "study", "dstar")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker-step"]:
+        return step_worker(argv[1:])
+    if argv[:1] == ["--worker-flops"]:
+        return flops_worker(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cpu-rehearsal", action="store_true", help="tiny stand-ins on the CPU (CI)")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "gpu-validate", help="cleared, then written")
+    p.add_argument("--config", type=Path, default=ROOT / "workflow/config/paper-img64.yaml",
+                   help="the paper config whose models and batch_gpu are measured")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"a subset of {','.join(PARTS)}")
+    p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every part's time budget")
+    a = p.parse_args(argv)
+    parts = [x for x in a.parts.split(",") if x]
+    if set(parts) - set(PARTS):
+        p.error(f"--parts: unknown {sorted(set(parts) - set(PARTS))}; known: {','.join(PARTS)}")
+    import torch
+
+    if not a.cpu_rehearsal and not torch.cuda.is_available():
+        p.error("no CUDA device is visible: run it on a GPU machine, or --cpu-rehearsal here")
+    setting = cpu_rehearsal_setting() if a.cpu_rehearsal else gpu_setting(a.config)
+    if a.cpu_rehearsal:  # one intra-op thread per process: the fastest and steadiest on a small shared CPU
+        THREADS.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    command = "bash benchmarks/gpu_validate.sh" + (" --cpu-rehearsal" if a.cpu_rehearsal else "")
+    out = a.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    work = out / "work"
+    work.mkdir(parents=True)
+    card = card_info(setting.device)
+    log(f"{card['card']} | driver {card['driver']} | torch {card['torch']} | {card['date']} | out {out}")
+    start = time.time()
+    rows = []
+    data = work / f"synthetic-{setting.study['resolution']}.npz"
+    if {"parity", "study"} & set(parts):
+        from benchmarks.make_synthetic_dataset import make
+
+        s = setting.study
+        make(data, s["n"], s["resolution"], 3, seed=0, classes=s["classes"])
+    budget = {k: v * a.budget_scale for k, v in setting.budget.items()}
+    for part in parts:
+        t0 = time.time()
+        try:
+            if part == "step":
+                rows += part_step(setting, work, budget["step"])
+            elif part == "parity":
+                rows += part_parity(setting, work, data, budget["parity"])
+            elif part == "study":
+                rows += part_study(setting, work, data, budget["study"])
+            else:
+                rows += part_dstar(setting, work, budget["dstar"])
+        except Exception as e:  # noqa: BLE001  a broken part is reported; the others still run
+            rows.append({"part": part, "item": part, "status": f"FAILED: {type(e).__name__}: {e}"[:300]})
+        log(f"{part}: {time.time() - t0:.0f} s, " + ", ".join(f"{r['item']} {r['status']}" for r in rows
+                                                              if r["part"] == part))
+    seconds = time.time() - start
+    write_results(rows, card, out)
+    (out / "report.md").write_text(report_text(rows, card, setting, command, seconds))
+    bad = [r for r in rows if r["status"] != "ok"]
+    log(f"done in {seconds:.0f} s: {out / 'report.md'}, {out / 'results.csv'}; "
+        + ("all ok" if not bad else f"{len(bad)} not ok"))
+    return 0 if not bad else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
