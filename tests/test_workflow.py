@@ -332,7 +332,29 @@ def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_stu
     _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
     counts = job_counts(out)
     assert counts == {"model_config": 1, "train_t3": 1, "evaluate": len(marks_of(cfg, "t3")), "collect_losses": 1,
-                      "models_table": 1, "scaling": 1, "figures": 1, "all": 1}, counts
+                      "models_table": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_benchmark_files_are_collected_and_never_rerun_a_job(study_copy):
+    """Every job of the smoke study wrote its benchmark file and benchmarks.csv has a line per rule that ran.
+    Deleting the benchmark files (a study from before them, a cleaned folder) reruns nothing; deleting the table
+    reruns only the rule that writes it."""
+    import shutil
+
+    r = study_copy / "results" / "smoke"
+    table = pd.read_csv(r / "benchmarks.csv").set_index("rule")
+    ran = {"dataset", "eval_set", "optimal_loss_estimator", "jstar", "estimators", "optimal_denoiser", "model_config",
+           "train_t0", "train_t1", "train_t2", "evaluate", "collect_losses", "models_table", "scaling", "figures"}
+    assert set(table.index) == ran | {"total"}, table.index
+    assert table.loc["train_t1", "jobs"] == 1 and table.loc["train_t1", "wall_s"] > 0
+    assert table.loc["total", "jobs"] == len(list((r / "benchmarks").rglob("*.tsv")))
+    shutil.rmtree(r / "benchmarks")
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in out, out[-3000:]
+    (r / "benchmarks.csv").unlink()
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert job_counts(out) == {"benchmarks": 1, "all": 1}, out[-3000:]
 
 
 @pytest.mark.slow
@@ -340,6 +362,7 @@ def test_report_html(smoke_study):
     smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
     html = (smoke_study / "report.html").read_text(errors="replace")
     assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+    assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
 
 
 def _rebuild(out: str, path, directory):

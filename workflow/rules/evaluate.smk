@@ -29,6 +29,8 @@ rule evaluate:
     threads: step_threads("evaluate")
     resources:
         **rule_resources("evaluate"),
+    benchmark:
+        benchmark_file("evaluate", "{model}/{images}")
     log:
         f"{R}/logs/evaluate_{{model}}_{{images}}.log",
     shell:
@@ -56,6 +58,8 @@ rule collect_losses:
         checksums=sidecars(
             f"{R}/analysis/losses.csv", f"{R}/analysis/invariant.csv", f"{R}/analysis/per_triple.npz"
         ),
+    benchmark:
+        benchmark_file("collect_losses")
     log:
         f"{R}/logs/collect_losses.log",
     shell:
