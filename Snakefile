@@ -35,6 +35,8 @@ if not workflow.overwrite_configfiles:
 
 # validation + DAG-time checks, R / MODELS / TRAINING / MARKS, resource and path helpers
 include: "workflow/rules/common.smk"
+# benchmark_file(): every rule's benchmark file; rule benchmarks: results/<study>/benchmarks.csv
+include: "workflow/rules/benchmarks.smk"
 
 
 wildcard_constraints:
@@ -71,6 +73,7 @@ localrules:
     estimators,
     plan_table,
     plan,
+    benchmarks,
 
 
 def study_files():
@@ -96,10 +99,13 @@ def study_files():
     return files + sidecars(*files) + [f"{R}/runs/{m}/done.json" for m in MODELS]
 
 
+def study_products():
+    """Everything the default target makes but the cost table: the intermediates, the tables and the figures."""
+    return study_files() + [f"{R}/analysis/exponents.csv", f"{R}/analysis/exponents.md"] + FIGURES
+
+
 rule all:
     default_target: True
     input:
-        study_files(),
-        f"{R}/analysis/exponents.csv",
-        f"{R}/analysis/exponents.md",
-        FIGURES,
+        study_products(),
+        f"{R}/benchmarks.csv",  # the cost of every rule (benchmarks.smk), collected last

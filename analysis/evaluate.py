@@ -32,8 +32,8 @@ missing row reaches a fit.
 CLI (what the workflow rules call; every step also runs by hand):
     python -m analysis.evaluate make-set --dataset DATA.npz --num-sigmas 12 --sigma-min 0.002 --sigma-max 80 \
         --samples-per-sigma 256 --seed 1234 --out eval_set.npz
-    python -m analysis.evaluate snapshot --snapshot S.pt --dataset DATA.npz --eval-set eval_set.npz \
-        --denoised eval_denoised.npy --out EVAL.csv
+    python -m analysis.evaluate snapshot --snapshot S1.pt [S2.pt …] --dataset DATA.npz --eval-set eval_set.npz \
+        --denoised eval_denoised.npy --out EVAL1.csv [EVAL2.csv …] [--per-triple]
     python -m analysis.evaluate collect --eval A.csv B.csv … [--jstar jstar.csv] --out losses.csv \
         --invariant invariant.csv
 """
@@ -200,46 +200,84 @@ def npz_num_items(path) -> int:
 # evaluating a denoiser on the triples
 # ---------------------------------------------------------------------------------------------------------------
 
+class EvaluationInputs:
+    """The evaluation set made ready for the denoisers of one job: per batch of triples the noisy input
+    x = x0 + σ·ε (float32), σ and the labels, and per triple ‖D* − x0‖²/D — built once and shared by every snapshot
+    the job evaluates (`errors`).
+
+    x_data [N,C,H,W] (the rows the evaluation set indexes); denoised = D* of every triple [M, D]
+    (optimal_loss/eval_denoised.npy, read batch by batch)."""
+
+    def __init__(self, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512):
+        import torch
+
+        x_data = torch.as_tensor(x_data)
+        self.shape = tuple(x_data.shape[1:])
+        self.dim = int(np.prod(self.shape))
+        index, sigma, seeds = eval_set["index"], eval_set["sigma"], eval_set["noise_seed"]
+        self.m = m = len(index)
+        if denoised.shape[0] != m or int(np.prod(denoised.shape[1:])) != self.dim:
+            raise ValueError(f"D* array has shape {list(denoised.shape)}; the evaluation set needs [{m}, {self.dim}] "
+                             f"(M triples × data dims {list(self.shape)}) — was it made for this eval set and "
+                             "dataset?")
+        if m and (int(index.min()) < 0 or int(index.max()) >= x_data.shape[0]):
+            raise ValueError(f"evaluation set indexes [{int(index.min())}, {int(index.max())}] but the dataset has "
+                             f"{x_data.shape[0]} items — was it made for this dataset?")
+        self.denoised = denoised
+        self.batches = []
+        self.optimal_loss = np.empty(m, dtype=np.float64)
+        for lo in range(0, m, int(batch_size)):
+            hi = min(lo + int(batch_size), m)
+            x0 = x_data[torch.as_tensor(index[lo:hi])].to(torch.float32)
+            s = torch.as_tensor(sigma[lo:hi], dtype=torch.float32)
+            x = x0 + s.view(-1, *([1] * len(self.shape))) * eval_noise(self.shape, seeds[lo:hi])
+            lab = None if labels is None else torch.as_tensor(labels)[torch.as_tensor(index[lo:hi])]
+            self.batches.append((lo, hi, x, s, lab, x0))
+            self.optimal_loss[lo:hi] = ((self._dstar(lo, hi) - self._x0_64(x0)) ** 2).mean(1).numpy()
+
+    def _x0_64(self, x0):
+        import torch
+
+        return x0.to(torch.float64).reshape(x0.shape[0], self.dim)
+
+    def _dstar(self, lo, hi):
+        import torch
+
+        return torch.from_numpy(np.array(self.denoised[lo:hi], dtype=np.float64)).reshape(hi - lo, self.dim)
+
+    def errors(self, denoise, *, device=None, labelled: bool = True) -> dict:
+        """Squared errors per triple (float64 [M] each, per-dimension means): `loss` ‖Dθ − x0‖²/D, `optimal_loss`
+        ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.  denoise(x [B,C,H,W] float32, sigma [B]
+        float32, labels [B] int64 or None) -> [B,C,H,W]; `labelled` False passes labels None (an unconditional
+        net)."""
+        import torch
+
+        out = {"loss": np.empty(self.m, dtype=np.float64), "optimal_loss": self.optimal_loss.copy(),
+               "excess": np.empty(self.m, dtype=np.float64)}
+        for lo, hi, x, s, lab, x0 in self.batches:
+            lab = lab if labelled else None
+            if device is not None:
+                x, s = x.to(device), s.to(device)
+                lab = None if lab is None else lab.to(device)
+            with torch.inference_mode():
+                d = denoise(x, s, lab).detach().to("cpu", torch.float64).reshape(hi - lo, self.dim)
+            x0_64, dstar = self._x0_64(x0), self._dstar(lo, hi)
+            out["loss"][lo:hi] = ((d - x0_64) ** 2).mean(1).numpy()
+            out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
+        out["gap"] = out["loss"] - out["optimal_loss"]
+        return out
+
+
 def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512,
                       device=None) -> dict:
     """Squared errors per triple (float64 [M] each, per-dimension means):
     `loss` ‖Dθ − x0‖²/D, `optimal_loss` ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.
 
     denoise(x [B,C,H,W] float32, sigma [B] float32, labels [B] int64 or None) -> [B,C,H,W]; x_data [N,C,H,W];
-    denoised = D* of every triple [M, D] (optimal_loss/eval_denoised.npy)."""
-    import torch
-
-    x_data = torch.as_tensor(x_data)
-    shape = tuple(x_data.shape[1:])
-    dim = int(np.prod(shape))
-    index, sigma, seeds = eval_set["index"], eval_set["sigma"], eval_set["noise_seed"]
-    m = len(index)
-    denoised = np.asarray(denoised)
-    if denoised.shape[0] != m or int(np.prod(denoised.shape[1:])) != dim:
-        raise ValueError(f"D* array has shape {list(denoised.shape)}; the evaluation set needs [{m}, {dim}] "
-                         f"(M triples × data dims {list(shape)}) — was it made for this eval set and dataset?")
-    if m and (int(index.min()) < 0 or int(index.max()) >= x_data.shape[0]):
-        raise ValueError(f"evaluation set indexes [{int(index.min())}, {int(index.max())}] but the dataset has "
-                         f"{x_data.shape[0]} items — was it made for this dataset?")
-    out = {k: np.empty(m, dtype=np.float64) for k in STATS}
-    for lo in range(0, m, int(batch_size)):
-        hi = min(lo + int(batch_size), m)
-        x0 = x_data[torch.as_tensor(index[lo:hi])].to(torch.float32)
-        s = torch.as_tensor(sigma[lo:hi], dtype=torch.float32)
-        x = x0 + s.view(-1, *([1] * len(shape))) * eval_noise(shape, seeds[lo:hi])
-        lab = None if labels is None else torch.as_tensor(labels)[torch.as_tensor(index[lo:hi])]
-        if device is not None:
-            x, s = x.to(device), s.to(device)
-            lab = None if lab is None else lab.to(device)
-        with torch.no_grad():
-            d = denoise(x, s, lab).detach().to("cpu", torch.float64).reshape(hi - lo, dim)
-        x0 = x0.to(torch.float64).reshape(hi - lo, dim)
-        dstar = torch.from_numpy(np.array(denoised[lo:hi], dtype=np.float64)).reshape(hi - lo, dim)
-        out["loss"][lo:hi] = ((d - x0) ** 2).mean(1).numpy()
-        out["optimal_loss"][lo:hi] = ((dstar - x0) ** 2).mean(1).numpy()
-        out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
-    out["gap"] = out["loss"] - out["optimal_loss"]
-    return out
+    denoised = D* of every triple [M, D] (optimal_loss/eval_denoised.npy). One denoiser: EvaluationInputs holds
+    what several share."""
+    inputs = EvaluationInputs(x_data, eval_set, np.asarray(denoised), labels=labels, batch_size=batch_size)
+    return inputs.errors(denoise, device=device)
 
 
 def per_sigma_table(errors: dict, sigma) -> pd.DataFrame:
@@ -330,33 +368,35 @@ def load_rows(dataset, eval_set: dict):
     return x, labels, {**eval_set, "index": inverse.reshape(-1).astype(np.int64)}
 
 
-def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,
-                      return_triples: bool = False):
-    """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
-    model, arch, params, images_seen and flops on every row. With ``return_triples`` also the per-triple arrays
-    (`triple_arrays`) that the study's bootstrap resamples."""
+def evaluate_snapshots(snapshots, dataset, eval_set, denoised, *, batch_size: int = 512, device=None):
+    """Evaluate several snapshot files on one evaluation set, reading the evaluation set, the dataset rows, D* and
+    the noisy inputs once (EvaluationInputs): yields, per snapshot in order, its per-σ rows and one total row
+    (sigma NaN, weighting "training") with the snapshot's model, arch, params, images_seen and flops on every
+    row, and its per-triple arrays (`triple_arrays`) that the study's bootstrap resamples."""
     import torch
 
-    from models.denoiser import Denoiser
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    den = Denoiser.from_snapshot(snapshot, device=device)
-    info = dict(den.snapshot_info)
     ev = load_eval_set(eval_set) if not isinstance(eval_set, dict) else eval_set
     x_rows, label_rows, ev = load_rows(dataset, ev)
     if not isinstance(denoised, np.ndarray):
         denoised = load_denoised(denoised, (len(ev["index"]), int(np.prod(x_rows.shape[1:]))))
-    labels = None
-    if den.label_dim > 0:
-        if label_rows is None:
-            raise ValueError(f"{snapshot}: the network is class-conditional but dataset {dataset} has no labels")
-        labels = label_rows
+    inputs = EvaluationInputs(x_rows, ev, denoised, labels=label_rows, batch_size=batch_size)
+    for snapshot in snapshots:
+        yield _evaluate_one(snapshot, dataset, inputs, ev, label_rows is not None, device)
+
+
+def _evaluate_one(snapshot, dataset, inputs: EvaluationInputs, ev: dict, has_labels: bool, device):
+    from models.denoiser import Denoiser
+
+    den = Denoiser.from_snapshot(snapshot, device=device)
+    info = dict(den.snapshot_info)
+    if den.label_dim > 0 and not has_labels:
+        raise ValueError(f"{snapshot}: the network is class-conditional but dataset {dataset} has no labels")
 
     def denoise(x, s, lab):
         return den(x, s, lab)
 
-    errors = per_triple_errors(denoise, x_rows, ev, denoised, labels=labels, batch_size=batch_size,
-                               device=device)
+    errors = inputs.errors(denoise, device=device, labelled=den.label_dim > 0)
     bad = ~np.isfinite(errors["loss"])
     if bad.any():  # a diverged model: no NaN may reach a table or a fit
         raise ValueError(f"{snapshot}: the denoiser's output is not finite at {int(bad.sum())} of {bad.size} "
@@ -373,9 +413,17 @@ def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int 
     df.insert(2, "params", int(info.get("params")))
     df.insert(3, "images_seen", int(info.get("images_seen")))
     df.insert(4, "flops", float(info.get("flops")))
-    if return_triples:
-        return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
-    return df[LOSS_COLUMNS]
+    return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
+
+
+def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,
+                      return_triples: bool = False):
+    """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
+    model, arch, params, images_seen and flops on every row. With ``return_triples`` also the per-triple arrays
+    (`triple_arrays`) that the study's bootstrap resamples."""
+    (df, triples), = evaluate_snapshots([snapshot], dataset, eval_set, denoised, batch_size=batch_size,
+                                        device=device)
+    return (df, triples) if return_triples else df
 
 
 def triple_arrays(errors: dict, sigma, weights) -> dict:
@@ -655,12 +703,13 @@ def main(argv=None) -> int:
     mk.add_argument("--seed", type=int, default=1234)
     mk.add_argument("--out", required=True)
 
-    sn = sub.add_parser("snapshot", help="per-σ loss, excess and J* of one snapshot on the evaluation set")
-    sn.add_argument("--snapshot", required=True)
+    sn = sub.add_parser("snapshot", help="per-σ loss, excess and J* of snapshots on the evaluation set (several: "
+                                         "the evaluation set, the data rows and D* read once)")
+    sn.add_argument("--snapshot", required=True, nargs="+", help="snapshot files; one --out each, in order")
     sn.add_argument("--dataset", required=True)
     sn.add_argument("--eval-set", required=True)
     sn.add_argument("--denoised", required=True, help="D* on the evaluation set (optimal_loss/eval_denoised.npy)")
-    sn.add_argument("--out", required=True)
+    sn.add_argument("--out", required=True, nargs="+", help="the evaluation CSV of each --snapshot")
     sn.add_argument("--batch-size", type=int, default=512)
     sn.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sn.add_argument("--per-triple", action="store_true",
@@ -684,16 +733,20 @@ def main(argv=None) -> int:
             print(f"evaluation set: {len(ev['index'])} triples ({args.num_sigmas} σ in "
                   f"[{args.sigma_min:g}, {args.sigma_max:g}] × {args.samples_per_sigma}) over N={n} -> {args.out}")
         elif args.cmd == "snapshot":
-            df, triples = evaluate_snapshot(args.snapshot, args.dataset, args.eval_set, args.denoised,
-                                            batch_size=args.batch_size, device=args.device, return_triples=True)
-            if args.per_triple:  # written first: the CSV (the rule's declared output) marks the job complete
-                with atomic_path(_triples_path(args.out)) as tmp:
-                    with open(tmp, "wb") as f:
-                        np.savez(f, **triples)
-            _atomic_csv(df, args.out)
-            tot = df[df["sigma"].isna()].iloc[0]
-            print(f"{args.snapshot}: total L={tot['loss']:.5g} J*={tot['optimal_loss']:.5g} "
-                  f"excess={tot['excess']:.5g} -> {args.out}")
+            if len(args.out) != len(args.snapshot):
+                ap.error(f"snapshot: {len(args.snapshot)} --snapshot files but {len(args.out)} --out files "
+                         "(one each, in order)")
+            results = evaluate_snapshots(args.snapshot, args.dataset, args.eval_set, args.denoised,
+                                         batch_size=args.batch_size, device=args.device)
+            for snapshot, out, (df, triples) in zip(args.snapshot, args.out, results):
+                if args.per_triple:  # written first: the CSV (the rule's declared output) marks the job complete
+                    with atomic_path(_triples_path(out)) as tmp:
+                        with open(tmp, "wb") as f:
+                            np.savez(f, **triples)
+                _atomic_csv(df, out)
+                tot = df[df["sigma"].isna()].iloc[0]
+                print(f"{snapshot}: total L={tot['loss']:.5g} J*={tot['optimal_loss']:.5g} "
+                      f"excess={tot['excess']:.5g} -> {out}", flush=True)
         else:
             losses, inv = collect(args.eval, args.jstar)
             if args.per_triple:

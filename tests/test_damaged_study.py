@@ -84,7 +84,7 @@ def test_truncated_eval_csv_is_named_with_its_rebuild_command(study_copy):
     rc, out = collect(r)
     assert rc == 2
     cmd = rebuild_command(one_error(out, csv))
-    assert cmd[-1] == f"{STUDY}/eval/t1/000000384.csv" and str(study_copy) in cmd
+    assert cmd[-1] == "evaluate_t1" and str(study_copy) in cmd  # the job that evaluates t1's snapshots
     # truncated at a row boundary and re-stamped: the missing total row is seen without the checksum
     writable(csv).write_text("".join(data.decode().splitlines(keepends=True)[:-2]))
     restamp(csv)
@@ -313,7 +313,8 @@ def test_deleted_intermediates_are_rebuilt_with_their_dependents(study_copy):
     os.chmod(r / "snapshots" / "t2" / "snapshot-000001024.pt", 0o644)
     (r / "snapshots" / "t2" / "snapshot-000001024.pt.sha256").unlink()  # a sidecar removed: its file unchecked
     counts, out = dry_run(study_copy)
-    assert counts.get("train_t2") == 1 and counts.get("evaluate", 0) >= 3, out[-3000:]
+    assert counts.get("train_t2") == 1 and counts.get("evaluate_t1") == 1, out[-3000:]
+    assert counts.get("evaluate_t2") == 1 and "evaluate_t0" not in counts
     assert counts.get("collect_losses") == 1 and counts.get("scaling") == 1 and "train_t0" not in counts
 
 
@@ -360,8 +361,8 @@ def test_truncated_eval_csv_stops_snakemake_and_its_command_reruns_what_read_it(
     assert not (study_copy / STUDY / "analysis" / "losses.csv").exists()  # no table stays computed from it
     line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
     rc, plan = run(*SNAKEMAKE, *rebuild_command(line)[1:], "-n")
-    assert rc == 0 and job_counts(plan) == {"evaluate": 1, "collect_losses": 1, "scaling": 1, "figures": 1,
-                                            "all": 1}, plan[-3000:]
+    assert rc == 0 and job_counts(plan) == {"evaluate_t1": 1, "collect_losses": 1, "scaling": 1, "figures": 1,
+                                            "benchmarks": 1, "all": 1}, plan[-3000:]
 
 
 def test_crafted_files_stop_snakemake_and_never_run(study_copy, payload):

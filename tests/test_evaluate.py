@@ -320,6 +320,44 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
     assert csv_a.read_bytes() == csv_b.read_bytes()
 
 
+def test_one_call_evaluates_several_snapshots_as_one_call_each(tmp_path, monkeypatch):
+    """`snapshot --snapshot A B --out a b` (one job per model) writes byte for byte the files of one call per
+    snapshot, reading the data rows once; a count mismatch is refused."""
+    from analysis.optimal_loss import denoise_eval_set
+    from models.config import load_config
+    from models.data import DatasetArrays, load_dataset, save_npz
+    from models.train import train
+
+    ds = load_dataset("digits")
+    data = save_npz(ds, tmp_path / "d.npz")
+    cfg = load_config({"study": "t", "models": {"t0": {"arch": "t0"}},
+                       "training": {"total_images": 64, "batch_size": 32, "lr_rampup_images": 0,
+                                    "lr_decay_images": 0, "ema_halflife_images": 0,
+                                    "snapshots": {"images": [32, 64]}, "log_every_images": 32}})
+    train(cfg, "t0", ds, tmp_path / "run", progress=False)
+    snaps = sorted(str(p) for p in (tmp_path / "run" / "snapshots").glob("snapshot-*.pt"))
+    es = ev.make_eval_set(len(ds.x), ev.sigma_grid(3, 0.05, 5.0), 5, seed=3)
+    ev.save_eval_set(es, tmp_path / "es.npz")
+    np.save(tmp_path / "dstar.npy", denoise_eval_set(ds.x, es))
+    common = ["--dataset", str(data), "--eval-set", str(tmp_path / "es.npz"), "--denoised",
+              str(tmp_path / "dstar.npy"), "--device", "cpu", "--batch-size", "4", "--per-triple"]
+    singles = [tmp_path / f"single{i}.csv" for i in range(2)]
+    for snap, out in zip(snaps, singles):
+        assert ev.main(["snapshot", "--snapshot", snap, "--out", str(out), *common]) == 0
+    reads = []
+    real = DatasetArrays.stored_rows
+    monkeypatch.setattr(DatasetArrays, "stored_rows", lambda self, idx: reads.append(1) or real(self, idx))
+    both = [tmp_path / f"both{i}.csv" for i in range(2)]
+    assert ev.main(["snapshot", "--snapshot", *snaps, "--out", *map(str, both), *common]) == 0
+    assert len(reads) == 1
+    for one, two in zip(singles, both):
+        assert one.read_bytes() == two.read_bytes()
+        assert one.with_suffix(".npz").read_bytes() == two.with_suffix(".npz").read_bytes()
+    assert pd.read_csv(both[0])["images_seen"].iloc[0] == 32 and pd.read_csv(both[1])["images_seen"].iloc[0] == 64
+    with pytest.raises(SystemExit):
+        ev.main(["snapshot", "--snapshot", *snaps, "--out", str(both[0]), *common])
+
+
 def test_evaluation_errors_name_the_dataset_file(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.zeros((5, 1, 2, 2), np.uint8))
     blob = (tmp_path / "d.npz").read_bytes()

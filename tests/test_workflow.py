@@ -118,7 +118,7 @@ def test_dry_run_every_config(name, tmp_path):
     counts = job_counts(out)
     models = list(cfg["models"])
     assert {f"train_{m}" for m in models} <= set(counts), counts
-    assert counts["evaluate"] == sum(len(marks_of(cfg, m)) for m in models)
+    assert all(counts[f"evaluate_{m}"] == 1 for m in models)  # one job evaluates all of a model's snapshots
     assert counts["model_config"] == len(models)
     for rule in ("dataset", "eval_set", "optimal_denoiser", "jstar", "collect_losses", "models_table", "scaling",
                  "figures", "all"):
@@ -137,7 +137,7 @@ def test_seeds_on_an_entry_add_its_replicate_runs_to_the_dag(tmp_path):
     _, out = smk("-n", "-p", "--configfile", write_cfg(cfg, tmp_path / "seeds.yaml"), directory=tmp_path)
     counts = job_counts(out)
     assert counts["train_t1_s1"] == 1 and counts["train_t1_s2"] == 1 and counts["model_config"] == 8
-    assert counts["evaluate"] == 8 * len(marks_of(load_cfg("default"), "t1"))
+    assert counts["evaluate_t1_s1"] == 1 and counts["evaluate_t1_s2"] == 1
     assert "--models results/default/analysis/models.json" in out
     cfg["models"]["t1_s2"] = {"arch": "t2"}
     code, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "clash.yaml"), directory=tmp_path, check=False)
@@ -158,7 +158,8 @@ def test_dry_run_diagnose_and_schedule_studies(name, target, min_seeds, tmp_path
     _, out = smk(target, "-n", "--configfile", CONFIGS / f"{name}.yaml", directory=tmp_path)
     counts = job_counts(out)
     assert {f"train_{m}" for m in models} <= set(counts), counts
-    assert counts["evaluate"] == len(models)
+    assert all(counts[f"evaluate_{m}"] == 1 for m in models)
+    assert all(len(marks_of(cfg, m)) == 1 for m in models)  # the final snapshot only: nothing else is evaluated
     assert counts.get("sample_quality", 0) == (0 if name == "diagnose" else len(models))
     assert counts[{"diagnose": "diagnosis"}.get(name, "schedule_comparison")] == 1
     training = {m: model_training(cfg, m) for m in models}
@@ -264,7 +265,7 @@ def test_adding_a_model_adds_exactly_its_jobs(tmp_path):
     _, after = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "b.yaml"), directory=tmp_path)
     a, b = job_counts(before), job_counts(after)
     diff = {k: b.get(k, 0) - a.get(k, 0) for k in set(a) | set(b) if b.get(k, 0) != a.get(k, 0)}
-    assert diff == {"train_t3": 1, "model_config": 1, "evaluate": len(marks_of(cfg, "t3"))}
+    assert diff == {"train_t3": 1, "model_config": 1, "evaluate_t3": 1}
 
 
 @pytest.mark.parametrize("where,bad", [("training", "batch_szie"), (None, "trainig"), ("evaluation", "sigmas")])
@@ -376,8 +377,31 @@ def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_stu
     cfg["models"]["t3"] = {"arch": "t3"}
     _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
     counts = job_counts(out)
-    assert counts == {"model_config": 1, "train_t3": 1, "evaluate": len(marks_of(cfg, "t3")), "collect_losses": 1,
-                      "models_table": 1, "scaling": 1, "figures": 1, "all": 1}, counts
+    assert counts == {"model_config": 1, "train_t3": 1, "evaluate_t3": 1, "collect_losses": 1,
+                      "models_table": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_benchmark_files_are_collected_and_never_rerun_a_job(study_copy):
+    """Every job of the smoke study wrote its benchmark file and benchmarks.csv has a line per rule that ran.
+    Deleting the benchmark files (a study from before them, a cleaned folder) reruns nothing; deleting the table
+    reruns only the rule that writes it."""
+    import shutil
+
+    r = study_copy / "results" / "smoke"
+    table = pd.read_csv(r / "benchmarks.csv").set_index("rule")
+    ran = {"dataset", "eval_set", "optimal_loss_estimator", "jstar", "estimators", "optimal_denoiser", "model_config",
+           "train_t0", "train_t1", "train_t2", "evaluate_t0", "evaluate_t1", "evaluate_t2", "collect_losses",
+           "models_table", "scaling", "figures"}
+    assert set(table.index) == ran | {"total"}, table.index
+    assert table.loc["train_t1", "jobs"] == 1 and table.loc["train_t1", "wall_s"] > 0
+    assert table.loc["total", "jobs"] == len(list((r / "benchmarks").rglob("*.tsv")))
+    shutil.rmtree(r / "benchmarks")
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in out, out[-3000:]
+    (r / "benchmarks.csv").unlink()
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert job_counts(out) == {"benchmarks": 1, "all": 1}, out[-3000:]
 
 
 @pytest.mark.slow
@@ -385,6 +409,7 @@ def test_report_html(smoke_study):
     smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
     html = (smoke_study / "report.html").read_text(errors="replace")
     assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+    assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
 
 
 def _rebuild(out: str, path, directory):

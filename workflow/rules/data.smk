@@ -25,6 +25,8 @@ rule dataset:
     threads: step_threads("dataset")
     resources:
         **rule_resources("dataset", gpus=0, keys=("gpu", "runtime", "mem_mb")),
+    benchmark:
+        benchmark_file("dataset")
     log:
         f"{R}/logs/dataset.log",
     shell:
@@ -46,6 +48,8 @@ rule eval_set:
     resources:
         gpu=0,
         runtime=10,
+    benchmark:
+        benchmark_file("eval_set")
     log:
         f"{R}/logs/eval_set.log",
     shell:
@@ -65,6 +69,8 @@ rule digits_imagefolder:
     resources:
         gpu=0,
         runtime=10,
+    benchmark:
+        benchmark_file("digits_imagefolder")
     log:
         f"{R}/logs/digits_imagefolder.log",
     shell:

@@ -21,6 +21,8 @@ rule diagnosis:
         summary=f"{R}/analysis/diagnosis_summary.csv",
         markdown=f"{R}/analysis/diagnosis.md",
         figure=f"{R}/figures/diagnosis_gap.png",
+    benchmark:
+        benchmark_file("diagnosis")
     log:
         f"{R}/logs/diagnosis.log",
     shell:

@@ -36,6 +36,8 @@ rule optimal_loss_estimator:
     threads: step_threads("optimal_loss")
     resources:
         **rule_resources("optimal_loss"),
+    benchmark:
+        benchmark_file("optimal_loss_estimator", "{est}")
     log:
         f"{R}/logs/optimal_loss_{{est}}.log",
     shell:
@@ -52,6 +54,8 @@ rule jstar:
     output:
         f"{R}/optimal_loss/jstar.csv",
         sidecar(f"{R}/optimal_loss/jstar.csv"),
+    benchmark:
+        benchmark_file("jstar")
     shell:
         "{PYTHON} -m models.integrity publish {input[0]:q} {output[0]:q} --rebuild {REBUILD:q}' --forcerun jstar'"
 
@@ -63,6 +67,8 @@ rule estimators:
     output:
         f"{R}/optimal_loss/estimators.csv",
         sidecar(f"{R}/optimal_loss/estimators.csv"),
+    benchmark:
+        benchmark_file("estimators", in_snakemake=True)
     run:
         import pandas as pd
 
@@ -88,6 +94,8 @@ rule optimal_denoiser:
     threads: step_threads("optimal_loss")
     resources:
         **rule_resources("optimal_loss"),
+    benchmark:
+        benchmark_file("optimal_denoiser")
     log:
         f"{R}/logs/optimal_denoiser.log",
     shell:

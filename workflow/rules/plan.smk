@@ -22,6 +22,8 @@ rule plan_table:
         f"{R}/plan.csv",
     params:
         settings=_plan_settings(),
+    benchmark:
+        benchmark_file("plan_table", in_snakemake=True)
     run:
         from models.plan import write_plan
 

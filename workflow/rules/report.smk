@@ -49,6 +49,8 @@ rule figures:
             f"{R}/figures/compute_optimal.png", caption="../report/compute_optimal.rst", category="3. Scaling laws"
         ),
         forecast=report(f"{R}/figures/forecast.png", caption="../report/forecast.rst", category="3. Scaling laws"),
+    benchmark:
+        benchmark_file("figures")
     log:
         f"{R}/logs/figures.log",
     shell:
@@ -66,6 +68,8 @@ rule family_figure:
         checksums=sidecars(f"{R}/analysis/losses.csv"),
     output:
         report(f"{R}/figures/families.png", caption="../report/families.rst", category="3. Scaling laws"),
+    benchmark:
+        benchmark_file("family_figure")
     log:
         f"{R}/logs/family_figure.log",
     shell:

@@ -12,6 +12,8 @@ rule models_table:
         f"{R}/analysis/models.json",
     params:
         table=json.dumps(model_table(), sort_keys=True),
+    benchmark:
+        benchmark_file("models_table", in_snakemake=True)
     run:
         with open(output[0], "w") as f:
             f.write(params.table + "\n")
@@ -39,6 +41,8 @@ rule scaling:
         n_replicates=config["scaling"]["n_replicates"],
         seed=config["scaling"]["seed"],
         out_dir=f"{R}/analysis",
+    benchmark:
+        benchmark_file("scaling")
     log:
         f"{R}/logs/scaling.log",
     shell:

@@ -22,6 +22,8 @@ rule feature_classifier:
     params:
         epochs=SQ["classifier_epochs"],
         seed=SQ["seed"],
+    benchmark:
+        benchmark_file("feature_classifier")
     log:
         f"{R}/logs/feature_classifier.log",
     shell:
@@ -43,6 +45,8 @@ rule sample_quality:
         seed=SQ["seed"],
         inception=f"--inception {SQ['inception']}" if SQ.get("inception") else "",
     threads: step_threads("evaluate")
+    benchmark:
+        benchmark_file("sample_quality", "{model}")
     log:
         f"{R}/logs/sample_quality_{{model}}.log",
     shell:
@@ -63,6 +67,8 @@ rule schedule_comparison:
         table=f"{R}/analysis/schedule_comparison.csv",
         markdown=f"{R}/analysis/schedule_comparison.md",
         figure=f"{R}/figures/schedule_comparison.png",
+    benchmark:
+        benchmark_file("schedule_comparison")
     log:
         f"{R}/logs/schedule_comparison.log",
     shell:

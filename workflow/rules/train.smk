@@ -34,6 +34,8 @@ rule model_config:
         f"{R}/configs/{{model}}.yaml",
     params:
         text=lambda wc: resolved_config(wc.model),
+    benchmark:
+        benchmark_file("model_config", "{model}", in_snakemake=True)
     run:
         with open(output[0], "w") as f:
             f.write(params.text)
@@ -65,6 +67,8 @@ for _model in MODELS:
         threads: _res["threads"]
         resources:
             **train_rule_resources(_model),
+        benchmark:
+            benchmark_file(f"train_{_model}")
         log:
             f"{R}/logs/train_{_model}.log",
         shell:
