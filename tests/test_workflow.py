@@ -230,7 +230,7 @@ def test_slurm_profile_dry_run_has_gpu_resources(tmp_path):
                  directory=tmp_path)
     train = rule_resources_of(out, "train_xs")
     assert train["gpu"] == 8 and train["cpus_per_gpu"] == 8 and train["runtime"] == 2880
-    assert rule_resources_of(out, "evaluate")["gpu"] == 1
+    assert rule_resources_of(out, "evaluate_xs")["gpu"] == 1
 
 
 def test_multi_node_job_is_submitted_as_one_task_per_node(tmp_path):
