@@ -64,7 +64,9 @@ LOSS_COLUMNS = ["model", "arch", "params", "images_seen", "flops", "sigma", "wei
 # ---------------------------------------------------------------------------------------------------------------
 
 def sigma_grid(num_sigmas: int, sigma_min: float, sigma_max: float) -> np.ndarray:
-    """`num_sigmas` noise levels evenly spaced in ln σ from sigma_min to sigma_max (float64)."""
+    """`num_sigmas` noise levels evenly spaced in ln σ from sigma_min to sigma_max (float64): the σ grid of the
+    evaluation set and of the J* table alike. One level sits at the geometric midpoint √(sigma_min·sigma_max), the
+    centre of the range on the log scale every grid is spaced on."""
     num_sigmas = int(num_sigmas)
     if num_sigmas < 1:
         raise ValueError(f"num_sigmas must be >= 1, got {num_sigmas}")

@@ -63,7 +63,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv  # the eval set's ε and readers
+from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv, sigma_grid  # the eval set's ε, σ, readers
 from analysis.posterior import (  # the exact posterior (kernel, screens, bounds); posterior_mean re-exported
     _F32_LOGIT_TOL, _Data, _as_labels, _as_matrix, _default_chunk, _logit_error_bound, _no_tf32,
     _posterior_centred, _resolve_device, _single_thread_if_small, posterior_mean)
@@ -427,13 +427,6 @@ def read_jstar(path) -> pd.DataFrame:
     return df.assign(**values)
 
 
-def _sigma_grid(lo: float, hi: float, k: int) -> np.ndarray:
-    if not (0 < lo <= hi) or k < 1:
-        raise ValueError(f"σ grid needs 0 < --sigma-min <= --sigma-max and --num-sigmas >= 1, got "
-                         f"{lo}, {hi}, {k}")
-    return np.geomspace(lo, hi, k) if k > 1 else np.array([lo])
-
-
 def _to_process(df: pd.DataFrame, process: str, target: str) -> pd.DataFrame:
     """Add t, process_loss, process_stderr for a named process/target (models.diffusion.to_process_curve)."""
     from models.diffusion import get_process, to_process_curve
@@ -475,7 +468,10 @@ def _estimate_cli(argv) -> int:
     a = p.parse_args(argv)
     if (a.process is None) != (a.target is None):
         p.error("--process and --target go together")
-    sigmas = _sigma_grid(a.sigma_min, a.sigma_max, a.num_sigmas)
+    try:
+        sigmas = sigma_grid(a.num_sigmas, a.sigma_min, a.sigma_max)
+    except ValueError as err:
+        p.error(f"--num-sigmas / --sigma-min / --sigma-max: {err}")
     x, labels = _load(a.dataset)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")

@@ -44,6 +44,7 @@ def test_eval_set_more_samples_than_data_and_bad_sigma():
 def test_sigma_grid_geometric():
     g = ev.sigma_grid(4, 0.1, 100.0)
     np.testing.assert_allclose(g, [0.1, 1.0, 10.0, 100.0])
+    np.testing.assert_allclose(ev.sigma_grid(1, 0.1, 10.0), [1.0])  # one level: the geometric midpoint
     with pytest.raises(ValueError, match="σ range"):
         ev.sigma_grid(3, 0.0, 1.0)
 

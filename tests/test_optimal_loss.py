@@ -449,6 +449,23 @@ def test_cli_estimate_and_denoise(tmp_path):
         np.testing.assert_allclose(den[i], ref, atol=2e-6)
 
 
+def test_cli_one_sigma_sits_where_the_evaluation_set_puts_it(tmp_path):
+    """A one-point J* grid is the evaluation set's one σ (analysis.evaluate.sigma_grid): the geometric midpoint,
+    so a one-σ study compares L and J* at the same noise level."""
+    from analysis.evaluate import sigma_grid
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "dataset.npz", x=rng.uniform(-1, 1, (20, 1, 2, 2)).astype(np.float32))
+    out = tmp_path / "jstar.csv"
+    assert main(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(out), "--num-sigmas", "1",
+                 "--sigma-min", "0.01", "--sigma-max", "100", "--n-samples", "40"]) == 0
+    sigma = pd.read_csv(out)["sigma"].to_numpy()
+    np.testing.assert_allclose(sigma, [1.0], rtol=1e-12)
+    np.testing.assert_array_equal(sigma, sigma_grid(1, 0.01, 100.0))
+    with pytest.raises(SystemExit):  # an inverted range is the CLI's usage error, naming the flags
+        main(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(out), "--sigma-min", "5", "--sigma-max", "1"])
+
+
 def test_source_index_hint_changes_nothing_but_speed():
     data, labels = clustered(n=300, dim=6, k=3)
     rng = np.random.default_rng(2)
