@@ -7,11 +7,12 @@ Each problem is one line naming the key and the bad value, e.g.
 
 Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
 (min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
-mapping), batch_size against num_processes (and training.batch_gpu where set), num_processes against num_machines
-(and a distributed accelerate config for several nodes), a model's GPUs against its processes, dataset spec syntax,
-the optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
-packages each configured path needs beyond the core install (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate
-config, Pillow for an image folder, each configured tracker's package), looked up without importing them.
+mapping), num_processes against num_machines (and a distributed accelerate config for several nodes), a model's GPUs
+against its processes, dataset spec syntax, the optimal-loss subset_size against the dataset size where that size is
+known without loading the data, and the packages each configured path needs beyond the core install
+(PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate config, Pillow for an image folder, each configured tracker's
+package), looked up without importing them. That every batch splits over its processes and micro-batches is
+load_config's check (models.config.micro_batch), made before these.
 """
 
 from __future__ import annotations
@@ -134,21 +135,6 @@ def check_accelerate_config(path: str, key: str, basedir: str | os.PathLike) -> 
     return []
 
 
-def check_batches(training: Mapping) -> list[str]:
-    """batch_size divisible by num_processes; the per-process batch divisible by batch_gpu (where set)."""
-    batch = int(training["batch_size"])
-    n = int((training.get("launch") or {}).get("num_processes", 1))
-    if batch % n:
-        return [f"training.batch_size: {batch} is not divisible by training.launch.num_processes ({n})"]
-    batch_gpu = training.get("batch_gpu")
-    if batch_gpu is not None:
-        local = batch // n
-        if int(batch_gpu) < 1 or local % int(batch_gpu):
-            return [f"training.batch_gpu: {batch_gpu} does not divide the per-process batch "
-                    f"batch_size / num_processes = {batch} / {n} = {local}"]
-    return []
-
-
 def check_machines(training: Mapping, basedir: str | os.PathLike) -> list[str]:
     """A multi-node launch (num_machines > 1): the same number of processes on every node, and an accelerate
     config that starts a distributed run (one with distributed_type NO runs a single process)."""
@@ -174,8 +160,7 @@ def check_launch(cfg: Mapping, basedir: str | os.PathLike) -> list[str]:
         path = (training.get("launch") or {}).get("accelerate_config")
         return [] if path is None else check_accelerate_config(path, "training.launch.accelerate_config", basedir)
 
-    return (_per_model(cfg, check_batches) + _per_model(cfg, accelerate)
-            + _per_model(cfg, lambda training: check_machines(training, basedir)))
+    return _per_model(cfg, accelerate) + _per_model(cfg, lambda training: check_machines(training, basedir))
 
 
 def check_train_resources(cfg: Mapping) -> list[str]:
