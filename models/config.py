@@ -225,10 +225,7 @@ def model_training(cfg: Mapping, name: str) -> dict:
     """The training settings of model NAME: the study's `training` defaults deep-merged with the model's
     `training` overrides.  A `snapshots` override that gives `images` wins over count/spacing (see
     snapshot_marks)."""
-    models = cfg.get("models") or {}
-    if name not in models:
-        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
-    entry = models[name] or {}
+    entry = _model_entry(cfg, name)
     overrides = dict(entry.get("training") or {})
     merged = _deep_merge(cfg.get("training") or {}, overrides)
     # an explicit list of snapshot marks in the override replaces the study's geometric/linear spec
@@ -238,6 +235,19 @@ def model_training(cfg: Mapping, name: str) -> dict:
     elif snap_override:
         merged["snapshots"].pop("images", None)
     return merged
+
+
+def model_variant(cfg: Mapping, name: str) -> dict:
+    """The variant section ({name, kwargs}) model NAME trains: its own `variant` where the entry has one, else the
+    study's."""
+    return _model_entry(cfg, name).get("variant") or cfg["variant"]
+
+
+def _model_entry(cfg: Mapping, name: str) -> Mapping:
+    models = cfg.get("models") or {}
+    if name not in models:
+        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
+    return models[name] or {}
 
 
 STEP_RESOURCE_DEFAULTS = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from models import integrity, run_folder
-from models.config import load_config, micro_batch, model_training, snapshot_marks, total_images as _total_images
+from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images as _total_images
 from models.data import Dataset, DatasetArrays as HostData, open_dataset
 from models.denoiser import Denoiser
 from models.loop import (NonFiniteLossError, Run, batch_indices, ema_beta, learning_rate,  # noqa: F401 (API)
@@ -174,7 +174,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     # ---- what this run is: checked against the run folder before anything is resumed or reported done ----
     arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
                                  logvar=bool(training["logvar"]), dropout=float(training["dropout"]))
-    vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant or the study's
+    vcfg = model_variant(cfg, model)
     variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
     variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
     fingerprint = config_fingerprint(training, {"name": arch_name, "kwargs": arch_kw}, variant_record,

@@ -5,7 +5,7 @@ import shlex
 import sys
 
 from models.checks import accelerate_distributed_type, check_study, known_arch_names  # noqa: E402
-from models.config import ConfigError, load_config, model_training, snapshot_marks  # noqa: E402
+from models.config import ConfigError, load_config, model_training, model_variant, snapshot_marks  # noqa: E402
 from models.config import step_resources as study_step_resources  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def resolved_config(model):
     cfg = {
         "study": STUDY,
         "dataset": config["dataset"],
-        "variant": entry.get("variant") or config["variant"],  # a model's own variant or the study's
+        "variant": model_variant(config, model),
         "training": TRAINING[model],
         "models": {model: {"arch": entry["arch"]}},
     }
@@ -219,7 +219,7 @@ def model_table():
     return {
         m: {
             "size": config["models"][m].get("replicate_of") or m,
-            "variant": (config["models"][m].get("variant") or config["variant"])["name"],
+            "variant": model_variant(config, m)["name"],
             "schedule": TRAINING[m]["schedule"]["name"],
             "seed": int(TRAINING[m]["seed"]),
             "arch": config["models"][m]["arch"],
