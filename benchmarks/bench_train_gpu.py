@@ -20,7 +20,6 @@ alone and runs without the rest of the pipeline.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import math
@@ -33,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from models.family import SIZES, build, count_params, training_flops_per_image  # noqa: E402
+from models.family import build, count_params, training_flops_per_image  # noqa: E402
+from models.sizes import SIZES  # noqa: E402
 from models.weight_norm import forced_weights, normalize_forced_weights_  # noqa: E402
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -0.4, 1.0  # EDM2's ImageNet-512 latent settings
@@ -196,7 +196,7 @@ def sync(device):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="EDM2 family training throughput and MFU (bf16 autocast, Adam).")
-    p.add_argument("--sizes", default="xs,s,m,l,xl,xxl", help="comma-separated sizes from models.family.SIZES")
+    p.add_argument("--sizes", default="xs,s,m,l,xl,xxl", help="comma-separated sizes from models.sizes.SIZES")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 256 on GPU, 2 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per size")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")

@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 
 from models import integrity, run_folder
-from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images as _total_images
-from models.data import Dataset, DatasetArrays as HostData, open_dataset
+from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
+from models.data import Dataset, DatasetArrays, open_dataset
 from models.denoiser import Denoiser
-from models.loop import (NonFiniteLossError, Run, batch_indices, ema_beta, learning_rate,  # noqa: F401 (API)
-                         per_example_losses, run_steps)
-from models.run_folder import RunFolderMismatchError, config_fingerprint, fingerprint_differences  # noqa: F401
+from models.loop import Run, learning_rate, run_steps
+from models.run_folder import RunFolderMismatchError, config_fingerprint
 from models.sigma_bins import SigmaBinTracker
 from models.weight_norm import forced_weights, normalize_forced_weights_
 
@@ -42,12 +41,12 @@ DS_ZERO_TUNING = {"allgather_partitions": True, "allgather_bucket_size": 200_000
 # the training set on the host, in its stored dtype
 # ----------------------------------------------------------------------------------------------------------------
 
-def open_training_data(data) -> HostData:
-    """`data` as HostData (models.data.DatasetArrays, the project's one reader: the images in their stored dtype,
+def open_training_data(data) -> DatasetArrays:
+    """`data` as models.data.DatasetArrays (the project's one reader: the images in their stored dtype,
     memory-mapped where the file allows; `rows(idx, device)` converts only a step's batch rows, on the device):
     a models.data.Dataset (its tensor, not a copy) or any models.data spec (models.data.open_dataset)."""
     if isinstance(data, Dataset):
-        return HostData.from_dataset(data)
+        return DatasetArrays.from_dataset(data)
     return open_dataset(data)
 
 
@@ -157,7 +156,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     entry = cfg["models"][model]
     arch_name = entry["arch"]
     out = Path(out)
-    total = _total_images(training)
+    total = total_images(training)
     marks = snapshot_marks(training)
     batch = int(training["batch_size"])
 

@@ -1,7 +1,6 @@
 """DAG-time config checks (models/checks.py): each kind of bad value gives one line naming the key and the value;
 the repository's configs pass. (A representative few also go through `snakemake -n` in test_workflow.py.)"""
 
-import copy
 import sys
 from pathlib import Path
 
@@ -33,8 +32,11 @@ def test_repository_configs_pass(name):
 def test_arch_names_come_from_the_family_table():
     from models import family
     from models.checks import known_arch_names
+    from models.sizes import SIZES
 
-    assert known_arch_names() == list(family.SIZES)
+    assert known_arch_names() == list(SIZES)
+    for name in known_arch_names():  # the torch-free table names only what the family builds
+        assert family.arch_kwargs(name, resolution=64, channels=4)["img_resolution"] == 64
 
 
 def test_unknown_arch_named_per_model():

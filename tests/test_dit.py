@@ -11,8 +11,8 @@ import torch
 from models import family
 from models.denoiser import Denoiser
 from models.dit import DiT, count_params_closed_form, sincos_pos_embed_2d
-from models.family import (DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, arch_kwargs, build, count_params,
-                           forward_flops_per_image, training_flops_per_image)
+from models.family import arch_kwargs, build, count_params, forward_flops_per_image, training_flops_per_image
+from models.sizes import DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, family_of
 from models.train import train
 from test_train import free_port, make_cfg, read_log, run_cli, snapshot_x0_loss
 
@@ -65,7 +65,7 @@ def test_cpu_ladder_spans_30x_with_unet_like_flops():
 
 def test_family_table_names_every_dit():
     assert all(FAMILY[n] == "dit" for n in DIT_TINY_SIZES + DIT_PAPER_SIZES)
-    assert FAMILY["t3"] == "edm2" and family.family_of("d3") == "dit"
+    assert FAMILY["t3"] == "edm2" and family_of("d3") == "dit"
     assert isinstance(build("d3", **DIGITS), DiT)
     kw = arch_kwargs("d3", **DIGITS, dropout=0.1)
     assert kw["family"] == "dit" and kw["dropout"] == 0.1

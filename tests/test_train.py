@@ -17,13 +17,14 @@ import pytest
 import torch
 
 from models.config import load_config
-from models.data import Dataset, load_dataset
+from models.data import Dataset, DatasetArrays, load_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
 import models.loop as loop_mod
-from models.train import (HostData, NonFiniteLossError, RunFolderMismatchError, batch_indices, ema_beta,
-                          fingerprint_differences, learning_rate, main, open_training_data, per_example_losses, train)
+from models.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
+from models.run_folder import RunFolderMismatchError, fingerprint_differences
+from models.train import main, open_training_data, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -407,7 +408,7 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
     train(cfg, "t0", digits_u8, tmp_path / "from-dataset", progress=False)
 
     reads = []
-    real_rows = HostData.rows
+    real_rows = DatasetArrays.rows
 
     def recording_rows(self, idx, device):
         assert isinstance(self.x, np.memmap) and self.x.dtype == np.uint8   # still the stored uint8 on the host
@@ -417,7 +418,7 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
     def no_load_dataset(*a, **k):
         raise AssertionError("the trainer must not load a .npz as one float32 array")
 
-    monkeypatch.setattr(HostData, "rows", recording_rows)
+    monkeypatch.setattr(DatasetArrays, "rows", recording_rows)
     monkeypatch.setattr("models.data.load_dataset", no_load_dataset)
     train(cfg, "t0", str(path), tmp_path / "from-npz", progress=False)
     assert [len(i) for i in reads] == [32, 32]
