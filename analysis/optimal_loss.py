@@ -10,8 +10,6 @@ posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None) -> tenso
 estimate_optimal_loss(data, sigmas, *, estimator="full", labels=None, n_samples=None, subset_size=None, C=None,
                       seed=0, device=None) -> pandas.DataFrame
     J*(σ) on a σ grid with one of the estimators `full`, `dol`, `cdol`, `snis` (docs/science.md).
-eval_noise(shape, seeds) -> tensor
-    The ε of the study's fixed evaluation set (docs/internals.md).
 
 CLI
 ---
@@ -64,13 +62,14 @@ import pandas as pd
 import torch
 
 from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv, sigma_grid  # the eval set's ε, σ, readers
-from analysis.posterior import (  # the exact posterior (kernel, screens, bounds); posterior_mean re-exported
-    _F32_LOGIT_TOL, _Data, _as_labels, _as_matrix, _default_chunk, _logit_error_bound, _no_tf32,
-    _posterior_centred, _resolve_device, _single_thread_if_small, posterior_mean)
+# the exact posterior (kernel, screens, bounds); posterior_mean is also this module's documented interface
+from analysis.posterior import (F32_LOGIT_TOL, CentredData, as_labels, as_matrix, default_chunk, logit_error_bound,
+                                no_tf32, posterior_centred, posterior_mean, resolve_device, single_thread_if_small)
 from models import integrity
 from models.atomic import atomic_path
 
-__all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
+__all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "read_jstar", "ESTIMATORS",
+           "EXTRA_ESTIMATORS", "main"]
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")    # the paper's four (the CLI's "all")
 EXTRA_ESTIMATORS = ("cdol-nn",)                  # ours: cDOL with the source's nearest neighbours stratified out
@@ -121,20 +120,20 @@ def _block_subset(seed: int, block: int, n: int, size: int) -> torch.Tensor:
     return picked[torch.randperm(picked.numel(), generator=g)[:size]]   # a uniform subset, shuffled
 
 
-def _subset_logits(data: _Data, xq: torch.Tensor, sigma: float, subset: torch.Tensor) -> torch.Tensor:
+def _subset_logits(data: CentredData, xq: torch.Tensor, sigma: float, subset: torch.Tensor) -> torch.Tensor:
     """Logits −‖x − x0_s‖²/2σ² of the queries against one subset, float64 [B, L] (float32 GEMM when safe)."""
     sig = torch.full((xq.shape[0],), sigma, dtype=torch.float64, device=xq.device)
-    safe = bool((_logit_error_bound(xq, sig, data) <= _F32_LOGIT_TOL).all())
+    safe = bool((logit_error_bound(xq, sig, data) <= F32_LOGIT_TOL).all())
     dtype = torch.float32 if safe else torch.float64
     x, xs = xq.to(dtype), data.rows(subset, dtype)
-    with _no_tf32():
+    with no_tf32():
         g = (x @ xs.T).double()
     xs_sq = (xs.double() ** 2).sum(1) if dtype == torch.float64 else (xs ** 2).sum(1).double()
     dist = ((x.double() ** 2).sum(1)[:, None] + xs_sq[None, :] - 2.0 * g).clamp_(min=0)
     return dist.mul_(-0.5 / sigma ** 2)
 
 
-def _subset_denoise(data: _Data, estimator: str, xq, eps, src, sigma: float, subset, log_c: float):
+def _subset_denoise(data: CentredData, estimator: str, xq, eps, src, sigma: float, subset, log_c: float):
     """D̂ (centred, float64 [B, D]) of one block under a subset estimator."""
     xs = data.rows(subset, torch.float64)
     logits = _subset_logits(data, xq, sigma, subset)
@@ -155,12 +154,12 @@ def _nn_count(subset_size: int, n: int) -> int:
     return int(max(1, min(64, (subset_size - 1) // 4, n - 2)))
 
 
-def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
+def _knn_graph(data: CentredData, k: int, chunk: int | None) -> torch.Tensor:
     """[N, k] indices of each point's k nearest other points (float32 GEMM distances: the stratum only has to
     be near, not exactly the nearest — any fixed set per source keeps cdol-nn's sums unbiased).  O(N²·D), once
     per dataset, with a running top-k over data chunks."""
     out = torch.empty(data.n, k, dtype=torch.int64, device=data.device)
-    ch = chunk or _default_chunk(data.device, 1024, data.dim, data.n)
+    ch = chunk or default_chunk(data.device, 1024, data.dim, data.n)
     for r0 in range(0, data.n, 1024):
         rows = data.chunk(r0, r0 + 1024, torch.float32)
         b = rows.shape[0]
@@ -168,7 +167,7 @@ def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
         best_i = torch.full((b, k + 1), -1, dtype=torch.int64, device=data.device)
         for c0 in range(0, data.n, ch):
             cols = data.chunk(c0, c0 + ch, torch.float32)
-            with _no_tf32():
+            with no_tf32():
                 dist = (cols ** 2).sum(1)[None, :] - 2.0 * (rows @ cols.T)        # + ‖row‖², same per row
             idx = torch.arange(c0, c0 + cols.shape[0], device=data.device).expand(b, -1)
             v, pos = torch.cat([best_v, dist], 1).topk(k + 1, dim=1, largest=False)
@@ -179,7 +178,7 @@ def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
     return out
 
 
-def _nn_denoise(data: _Data, xq, eps, src, sigma: float, subset, knn, c_value):
+def _nn_denoise(data: CentredData, xq, eps, src, sigma: float, subset, knn, c_value):
     """cdol-nn's D̂ (centred, float64 [B, D]): the source and its K nearest neighbours exactly (C = 1), plus the
     random subset without them, weighted up by C = (N − 1 − K)/(its size) (stratified sampling: numerator and
     denominator of D* unbiased) or by the given C."""
@@ -210,7 +209,7 @@ def _nn_denoise(data: _Data, xq, eps, src, sigma: float, subset, knn, c_value):
     return den, var_tr.clamp_(min=0)
 
 
-def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, seed, chunk, bar):
+def _per_sample_losses(data: CentredData, sigmas, estimator, m, subset_size, c_value, seed, chunk, bar):
     """[len(σ), M] per-sample (direct, A − B) losses (per-dim) for one (class-)dataset.  The loop runs over
     groups of samples outside and σ inside, so each group's sources and ε are drawn once for all σ."""
     n, dim = data.n, data.dim
@@ -241,7 +240,7 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
             var_tr = None
             if estimator == "full":
                 sig = torch.full((xq.shape[0],), float(sigma), dtype=torch.float64, device=data.device)
-                den = _posterior_centred(data, xq, sig, chunk, hint=src, screen_log=screen_log)
+                den = posterior_centred(data, xq, sig, chunk, hint=src, screen_log=screen_log)
             elif estimator == "cdol-nn":
                 den, var_tr = _nn_denoise(data, xq, eps, src, float(sigma), subset, knn, c_value)
             else:
@@ -269,7 +268,7 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; choose one of "
                          f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
-    x0 = _as_matrix(data, "data", check_finite=False)   # _Data's mean / norms catch NaN and inf
+    x0 = as_matrix(data, "data", check_finite=False)   # CentredData's mean / norms catch NaN and inf
     n_total, dim = x0.shape
     sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
     if sig.size == 0 or not np.all(np.isfinite(sig)) or not np.all(sig > 0):
@@ -282,12 +281,12 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
         raise ValueError(f"subset_size must be in [2, N={n_total}], got {subset_size}")
     if C is not None and not (float(C) > 0 and math.isfinite(float(C))):
         raise ValueError(f"C must be a finite number > 0, got {C}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     if labels is None:
         parts = [(None, None)]
     else:   # members only: a class's rows are copied when its turn comes (never a second copy of the whole set)
-        lab = _as_labels(labels, n_total, "labels")
+        lab = as_labels(labels, n_total, "labels")
         parts = [(c, torch.nonzero(lab == c).squeeze(1)) for c in lab.unique().tolist()]
     m_total = int(n_samples) if n_samples is not None else None
 
@@ -318,10 +317,10 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     try:
         parts_out = []
         for c, members, n, size, m, c_val in plans:
-            d = _Data(x0 if members is None else x0[members], dev)
+            d = CentredData(x0 if members is None else x0[members], dev)
             part_seed = seed if c is None else _seed_of(seed, int(c), 7)
             gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * n if estimator == "full" else _RNG_BLOCK * size) * d.dim
-            with _single_thread_if_small(dev, gemm):
+            with single_thread_if_small(dev, gemm):
                 direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
             parts_out.append((n / n_total, direct, ab))
             del d   # this class's copy (and cached centred data) goes before the next class's is made

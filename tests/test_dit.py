@@ -285,7 +285,8 @@ def two_family_losses(jstar=0.05):
 
 
 def test_fits_per_family_recover_each_familys_exponent(tmp_path):
-    from analysis.scaling import POOLED, fit_table, pooled_fits, study_outputs
+    from analysis.scaling import fit_table, study_outputs
+    from analysis.study_stats import POOLED, pooled_fits
 
     df = two_family_losses()
     out = study_outputs(df, None, tmp_path)
