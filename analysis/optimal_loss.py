@@ -60,16 +60,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv, sigma_grid  # the eval set's ε, σ, readers
+from analysis.evaluate import eval_noise, load_eval_set, sigma_grid  # the evaluation set's ε and σ
 # the exact posterior (kernel, screens, bounds); posterior_mean is also this module's documented interface
 from analysis.posterior import (F32_LOGIT_TOL, CentredData, as_labels, as_matrix, default_chunk, logit_error_bound,
                                 no_tf32, posterior_centred, posterior_mean, resolve_device, single_thread_if_small)
-from models import integrity
 from models.atomic import atomic_path
+from models.data import open_dataset
+from models.diffusion import get_process, to_process_curve
 
-__all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "read_jstar", "ESTIMATORS",
-           "EXTRA_ESTIMATORS", "main"]
+__all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")    # the paper's four (the CLI's "all")
 EXTRA_ESTIMATORS = ("cdol-nn",)                  # ours: cDOL with the source's nearest neighbours stratified out
@@ -312,7 +313,6 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=sum(p[4] for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
     try:
         parts_out = []
@@ -397,38 +397,12 @@ def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int 
 def _load(spec: str):
     """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset: the exact posterior needs every
     point, so the whole set is converted — once, chunk by chunk, into one float32 tensor."""
-    from models.data import open_dataset
     data = open_dataset(spec)
     return data.float32(), data.labels
 
 
-def read_jstar(path) -> pd.DataFrame:
-    """A J* table (optimal_loss/jstar.csv or an estimator's CSV) as the study reads it: checked against its
-    checksum sidecar and validated — columns sigma, optimal_loss, stderr; one estimator; σ finite, > 0, ascending
-    and geometric (the CLI's grid, so a row missing inside it is seen); finite J* and standard errors ≥ 0. A bad
-    table is one IntegrityError naming the file and the command that rebuilds it."""
-    df = read_checked_csv(path, ("sigma", "optimal_loss", "stderr"), "J* table")
-    if "estimator" in df and df["estimator"].nunique() > 1:
-        raise integrity.invalid(path, f"holds several estimators ({sorted(df['estimator'].unique())}); J* is one")
-    values = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in ("sigma", "optimal_loss",
-                                                                                       "stderr")}
-    for c, v in values.items():
-        if not np.all(np.isfinite(v)):
-            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
-    sig = values["sigma"]
-    if len(sig) < 2 or np.any(sig <= 0) or np.any(np.diff(sig) <= 0):
-        raise integrity.invalid(path, f"needs >= 2 rows of ascending σ > 0, got {len(sig)} rows")
-    steps = np.diff(np.log(sig))
-    if not np.allclose(steps, steps.mean(), rtol=1e-6, atol=0):
-        raise integrity.invalid(path, "its σ grid is not geometric (a row is missing or added)")
-    if np.any(values["stderr"] < 0):
-        raise integrity.invalid(path, "negative stderr")
-    return df.assign(**values)
-
-
 def _to_process(df: pd.DataFrame, process: str, target: str) -> pd.DataFrame:
     """Add t, process_loss, process_stderr for a named process/target (models.diffusion.to_process_curve)."""
-    from models.diffusion import get_process, to_process_curve
     t_all = get_process(process).t_from_sigma_ve(torch.tensor(df["sigma"].to_numpy(dtype=np.float64))).numpy()
     out = df.copy()
     out["process"], out["target"] = process, target

@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import yaml
 
 from models.config import ConfigError, model_training, snapshot_marks, total_images
+from models.sizes import SIZES
 
 # Dataset sizes known without reading the data (models.data: sklearn's digits set).
 KNOWN_DATASET_SIZES = {"digits": 1797}
@@ -36,8 +38,6 @@ SPEC_FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or 
 
 def known_arch_names() -> list[str]:
     """Every architecture name of the model table (models.sizes: U-Net and DiT ladders; no torch)."""
-    from models.sizes import SIZES
-
     return list(SIZES)
 
 
@@ -204,7 +204,6 @@ def array_shape(path: Path) -> tuple | None:
     """The shape of the image array of a .npy / .npz file (for .npz the first of models.data's image keys x,
     images, latents), from its header only; None when the file is missing or unreadable (the dataset job's error
     to report)."""
-    import numpy as np  # light; no torch
 
     def header(f):
         version = np.lib.format.read_magic(f)

@@ -13,11 +13,15 @@ YAML syntax error names the file, line and column.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Mapping
 
+import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -160,8 +164,6 @@ def _check_batching(cfg: dict, where: str) -> None:
 def _validator(schema: Mapping, *, fill_defaults: bool = False):
     """jsonschema's validator for the schema's dialect; with fill_defaults, one that inserts each missing
     property's `default` (a deep copy) before validating it, so nested defaults fill in too."""
-    import jsonschema  # local: only needed when validating
-
     cls = jsonschema.validators.validator_for(schema)
     if fill_defaults:
         check_properties = cls.VALIDATORS["properties"]
@@ -192,8 +194,6 @@ def _describe(error) -> list[str]:
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         known = set(error.schema.get("properties", {}))
         patterns = error.schema.get("patternProperties", {})
-        import re
-
         unknown = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
         if unknown:
             hint = f" (known keys: {', '.join(sorted(known))})" if known else ""
@@ -322,14 +322,11 @@ def main(argv=None) -> int:
     """Check a study config as `snakemake -n` does before any job runs (YAML syntax, schema, DAG-time checks):
     every problem on its own line, exit 2. Snakemake reads --configfile itself and reports a YAML syntax error
     without its file or line; this names both."""
-    import argparse
-    import sys
+    from models.checks import check_study, known_arch_names  # models.checks builds on this module: not at the top
 
     ap = argparse.ArgumentParser(prog="python -m models.config", description=main.__doc__.split("\n")[0])
     ap.add_argument("config", help="study config YAML (workflow/config/*.yaml)")
     args = ap.parse_args(argv)
-    from models.checks import check_study, known_arch_names
-
     try:
         cfg = load_config(args.config)
         check_study(cfg, basedir=SCHEMA_PATH.parents[2], arch_names=known_arch_names())

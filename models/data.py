@@ -48,6 +48,10 @@ import numpy as np
 import torch
 
 from models.atomic import atomic_path
+from models.integrity import verify
+
+# Imported where used: scikit-learn (with SciPy, seconds to import) only for the bundled digits, Pillow only for
+# image folders (an optional package: models.checks.PATH_PACKAGES).
 
 __all__ = ["Dataset", "DatasetArrays", "DatasetError", "UINT8_TABLE", "load_dataset", "main", "open_dataset",
            "save_npz", "write_npz"]
@@ -481,8 +485,6 @@ def open_dataset(spec, *, resolution: int | None = None) -> DatasetArrays:
     if path.suffix in (".npy", ".npz"):
         if not path.is_file():
             raise DatasetError(f"dataset file not found: {path}")
-        from models.integrity import verify
-
         verify(path)  # against PATH.sha256 where the dataset rule wrote one
         return _resized(_open_array_file(path), resolution)
     if path.is_dir():

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from models import run_folder
 from models.dropout import dropout_stream
@@ -159,8 +161,6 @@ class Run:
 
 def save_state(run: Run) -> None:
     """state.pt (every rank takes part: the RNG states are gathered, DeepSpeed's checkpoint is collective)."""
-    from accelerate.utils import gather_object
-
     acc = run.accelerator
     rngs = gather_object([run_folder.rng_state(run.noise_gen)])
     ds_dir = None
@@ -204,8 +204,6 @@ def peak_memory_gib(device: torch.device) -> float:
     """The device's peak allocated memory (CUDA), or the process's peak resident set (CPU), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: kilobytes
 
 

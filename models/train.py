@@ -21,13 +21,18 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from tqdm.auto import tqdm
 
-from models import integrity, run_folder
+from models import family, integrity, run_folder
 from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
 from models.data import Dataset, DatasetArrays, open_dataset
 from models.denoiser import Denoiser
+from models.diffusion import get_variant
 from models.loop import Run, learning_rate, run_steps
 from models.run_folder import RunFolderMismatchError, config_fingerprint
+from models.schedule import OptimalLossSchedule
 from models.sigma_bins import SigmaBinTracker
 from models.weight_norm import forced_weights, normalize_forced_weights_
 
@@ -70,9 +75,6 @@ def make_accelerator(trackers=(), out=None):
     only turns on autocast around the forward (models/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
     finds no device backend and would count one process whatever the launcher started; naming gloo makes it set
     up DeepSpeed's process group over all of them.  `trackers` (training.trackers) log under the run folder `out`."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     handlers = []
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -97,7 +99,7 @@ def check_fp32_engine(ds_cfg: dict) -> None:
 
 def make_schedule(variant, schedule_cfg: dict, jstar):
     """The object that draws σ and weights the loss: the variant (baseline) or models.schedule's
-    OptimalLossSchedule (imported only when asked: another module, written later)."""
+    OptimalLossSchedule."""
     name = schedule_cfg.get("name", "baseline")
     if name == "baseline":
         return variant
@@ -107,8 +109,6 @@ def make_schedule(variant, schedule_cfg: dict, jstar):
                              "(results/<study>/optimal_loss/jstar.csv)")
         if not Path(jstar).is_file():
             raise FileNotFoundError(f"--jstar file not found: {jstar}")
-        from models.schedule import OptimalLossSchedule
-
         kwargs = {k: v for k, v in schedule_cfg.items() if k not in ("name", "kwargs", "update_every_images")}
         kwargs.update(schedule_cfg.get("kwargs") or {})
         return OptimalLossSchedule(variant, str(jstar), **kwargs)
@@ -145,11 +145,6 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 
     Returns a summary dict {status: "done" | "stopped" | "already-done", images_seen, flops, snapshots, ...}.
     `stop_after_images` (debug) stops after that many images seen, with the state saved — as if killed."""
-    from accelerate.utils import DistributedType
-
-    from models import family
-    from models.diffusion import get_variant
-
     if not isinstance(cfg, dict) or "training" not in cfg:
         cfg = load_config(cfg)
     training = model_training(cfg, model)
@@ -273,8 +268,6 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
         start_trackers(accelerator, cfg.get("study", ""), model, training, arch_record, variant_record)
     bar = None
     if progress and is_main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total, initial=run.images_seen, unit="img", unit_scale=True, desc=f"train {model}",
                    dynamic_ncols=True, file=sys.stderr)
 

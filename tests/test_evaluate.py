@@ -176,7 +176,7 @@ def test_weighted_totals_match_the_edm_training_integral():
     u = math.log(lo) + (math.log(hi) - math.log(lo)) * np.linspace(0, 1, 2000) ** 4  # dense at small σ
     sig = np.exp(u)
     t = _table(sig, L(sig), np.zeros_like(sig))
-    density, weight = ev._variant_fns(v)
+    density, weight = ev.variant_fns(v)
     assert ev.weighted_totals(t, density, weight)["loss"] == pytest.approx(truth, rel=1e-3)
     # the checks this test exists for: a wrong density or an equal-weight rule is off by far more than 1e-3
     wrong_density = ev.weighted_totals(t, lambda s: density(s) / s, weight)["loss"]

@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
 import models.loop as loop_mod
+import models.train as train_module
 from models.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
 from models.run_folder import RunFolderMismatchError, fingerprint_differences
 from models.train import main, open_training_data, train
@@ -321,7 +321,7 @@ def test_optimal_loss_schedule_hook(digits, tmp_path, monkeypatch):
         def set_model_loss(self, tracker):
             calls["trackers"].append(tracker)
 
-    monkeypatch.setitem(sys.modules, "models.schedule", types.SimpleNamespace(OptimalLossSchedule=FakeSchedule))
+    monkeypatch.setattr(train_module, "OptimalLossSchedule", FakeSchedule)
     cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=32,
                    schedule={"name": "optimal-loss", "a": 1.0, "w_max": 10.0})
     with pytest.raises(ValueError, match="--jstar"):
