@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -256,41 +257,37 @@ def _per_sample_losses(data: CentredData, sigmas, estimator, m, subset_size, c_v
     return direct, a_minus_b
 
 
-def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None, n_samples: int | None = None,
-                          subset_size: int | None = None, C: float | None = None, seed: int = 0, device=None,
-                          chunk_size: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """J*(σ) per dimension (x0 target, VE coordinates) of the empirical distribution of `data` [N, …].
-
-    One row per σ with columns sigma, optimal_loss, stderr, estimator, n_samples, subset_size, C, conditional,
-    direct, direct_stderr, a_minus_b, a_minus_b_stderr.  `optimal_loss` is the direct mean ‖D* − x0‖²/D for
-    `full` and the A − B form for the subset estimators (module docstring).  `labels` [N] gives the
-    class-conditional J*.  Deterministic under `seed` for a device type (independent of chunk and batch sizes;
-    CPU and CUDA draw different ε, so they agree within the standard error)."""
-    if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of "
-                         f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
-    x0 = as_matrix(data, "data", check_finite=False)   # CentredData's mean / norms catch NaN and inf
-    n_total, dim = x0.shape
-    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+def _check_estimate_args(estimator: str, sig: np.ndarray, n_total: int, n_samples, subset_size, C) -> None:
     if sig.size == 0 or not np.all(np.isfinite(sig)) or not np.all(sig > 0):
         raise ValueError(f"sigmas must be a non-empty list of finite values > 0, got {sig.tolist()[:8]}")
     if n_samples is not None and int(n_samples) < 2:
         raise ValueError(f"n_samples must be >= 2 (a standard error needs two samples), got {n_samples}")
-    if subset_size is not None and estimator == "full":
-        subset_size = None  # the full estimator uses every point
-    if subset_size is not None and not 2 <= int(subset_size) <= n_total:
+    if subset_size is not None and estimator != "full" and not 2 <= int(subset_size) <= n_total:
         raise ValueError(f"subset_size must be in [2, N={n_total}], got {subset_size}")
     if C is not None and not (float(C) > 0 and math.isfinite(float(C))):
         raise ValueError(f"C must be a finite number > 0, got {C}")
-    dev = resolve_device(device)
 
+
+@dataclass
+class _ClassPlan:
+    """One class of a class-conditional estimate (or the whole set): its rows, size N_c, subset size L, samples M
+    and cDOL's C (None: stratified per sample)."""
+    label: int | None
+    members: torch.Tensor | None
+    n: int
+    size: int
+    m: int
+    c_value: float | None
+
+
+def _class_plans(estimator: str, x0: torch.Tensor, labels, n_samples, subset_size, C) -> list[_ClassPlan]:
+    n_total, dim = x0.shape
     if labels is None:
         parts = [(None, None)]
     else:   # members only: a class's rows are copied when its turn comes (never a second copy of the whole set)
         lab = as_labels(labels, n_total, "labels")
         parts = [(c, torch.nonzero(lab == c).squeeze(1)) for c in lab.unique().tolist()]
     m_total = int(n_samples) if n_samples is not None else None
-
     plans = []
     for c, members in parts:
         n = n_total if members is None else members.numel()
@@ -309,24 +306,53 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
             if size < 3 or n < 3:
                 raise ValueError(f"cdol-nn needs subset_size >= 3 and N >= 3, got {size} and {n}")
             c_val = float(C) if C is not None else None       # None: stratified, per sample
-        plans.append((c, members, n, size, m, c_val))
+        plans.append(_ClassPlan(c, members, n, size, m, c_val))
+    return plans
 
+
+def _estimate_classes(x0, plans: list[_ClassPlan], sig, estimator: str, seed: int, dev, chunk_size, progress):
+    """[(class weight N_c/N, direct losses [S, M_c], A − B losses [S, M_c])], one class at a time."""
     bar = None
     if progress:
-        bar = tqdm(total=sum(p[4] for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
+        bar = tqdm(total=sum(p.m for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
     try:
         parts_out = []
-        for c, members, n, size, m, c_val in plans:
-            d = CentredData(x0 if members is None else x0[members], dev)
-            part_seed = seed if c is None else _seed_of(seed, int(c), 7)
-            gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * n if estimator == "full" else _RNG_BLOCK * size) * d.dim
+        for p in plans:
+            d = CentredData(x0 if p.members is None else x0[p.members], dev)
+            part_seed = seed if p.label is None else _seed_of(seed, int(p.label), 7)
+            gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * p.n if estimator == "full" else _RNG_BLOCK * p.size) * d.dim
             with single_thread_if_small(dev, gemm):
-                direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
-            parts_out.append((n / n_total, direct, ab))
+                direct, ab = _per_sample_losses(d, sig, estimator, p.m, p.size, p.c_value, part_seed, chunk_size,
+                                                bar)
+            parts_out.append((p.n / x0.shape[0], direct, ab))
             del d   # this class's copy (and cached centred data) goes before the next class's is made
     finally:
         if bar is not None:
             bar.close()
+    return parts_out
+
+
+def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None, n_samples: int | None = None,
+                          subset_size: int | None = None, C: float | None = None, seed: int = 0, device=None,
+                          chunk_size: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """J*(σ) per dimension (x0 target, VE coordinates) of the empirical distribution of `data` [N, …].
+
+    One row per σ with columns sigma, optimal_loss, stderr, estimator, n_samples, subset_size, C, conditional,
+    direct, direct_stderr, a_minus_b, a_minus_b_stderr.  `optimal_loss` is the direct mean ‖D* − x0‖²/D for
+    `full` and the A − B form for the subset estimators (module docstring).  `labels` [N] gives the
+    class-conditional J*.  Deterministic under `seed` for a device type (independent of chunk and batch sizes;
+    CPU and CUDA draw different ε, so they agree within the standard error)."""
+    if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of "
+                         f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
+    x0 = as_matrix(data, "data", check_finite=False)   # CentredData's mean / norms catch NaN and inf
+    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    _check_estimate_args(estimator, sig, x0.shape[0], n_samples, subset_size, C)
+    if estimator == "full":
+        subset_size = None  # the full estimator uses every point
+    dev = resolve_device(device)
+    plans = _class_plans(estimator, x0, labels, n_samples, subset_size, C)
+    parts_out = _estimate_classes(x0, plans, sig, estimator, seed, dev, chunk_size, progress)
 
     def combine(which: int):
         """Class-weighted mean and its standard error (classes are independent samples)."""
@@ -338,14 +364,14 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     ab_mean, ab_se = combine(1)
     opt, se = (d_mean, d_se) if estimator == "full" else (ab_mean, ab_se)
     single = len(plans) == 1  # per-class L and C differ; report them only when they are one number
-    c_col = plans[0][5] if single else (float(C) if C is not None else None)
+    c_col = plans[0].c_value if single else (float(C) if C is not None else None)
     return pd.DataFrame({
         "sigma": sig,
         "optimal_loss": opt,
         "stderr": se,
         "estimator": estimator,
-        "n_samples": sum(p[4] for p in plans),
-        "subset_size": plans[0][3] if single else (int(subset_size) if subset_size else np.nan),
+        "n_samples": sum(p.m for p in plans),
+        "subset_size": plans[0].size if single else (int(subset_size) if subset_size else np.nan),
         "C": np.nan if c_col is None else c_col,
         "conditional": labels is not None,
         "direct": d_mean,
