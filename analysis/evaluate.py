@@ -263,18 +263,6 @@ class EvaluationInputs:
         return out
 
 
-def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512,
-                      device=None) -> dict:
-    """Squared errors per triple (float64 [M] each, per-dimension means):
-    `loss` ‖Dθ − x0‖²/D, `optimal_loss` ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.
-
-    denoise(x [B,C,H,W] float32, sigma [B] float32, labels [B] int64 or None) -> [B,C,H,W]; x_data [N,C,H,W];
-    denoised = D* of every triple [M, D] (optimal_loss/eval_denoised.npy). One denoiser: EvaluationInputs holds
-    what several share."""
-    inputs = EvaluationInputs(x_data, eval_set, np.asarray(denoised), labels=labels, batch_size=batch_size)
-    return inputs.errors(denoise, device=device)
-
-
 def per_sigma_table(errors: dict, sigma) -> pd.DataFrame:
     """Mean and standard error of each statistic for every σ of the evaluation set (rows in ascending σ)."""
     sigma = np.asarray(sigma, dtype=np.float64)
@@ -399,16 +387,6 @@ def _evaluate_one(snapshot, dataset, inputs: EvaluationInputs, ev: dict, has_lab
     df.insert(3, "images_seen", int(info.get("images_seen")))
     df.insert(4, "flops", float(info.get("flops")))
     return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
-
-
-def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,
-                      return_triples: bool = False):
-    """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
-    model, arch, params, images_seen and flops on every row. With ``return_triples`` also the per-triple arrays
-    (`triple_arrays`) that the study's bootstrap resamples."""
-    (df, triples), = evaluate_snapshots([snapshot], dataset, eval_set, denoised, batch_size=batch_size,
-                                        device=device)
-    return (df, triples) if return_triples else df
 
 
 def triple_arrays(errors: dict, sigma, weights) -> dict:

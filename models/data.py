@@ -111,12 +111,6 @@ def _convert(a: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _uint8_to_unit(u: np.ndarray) -> torch.Tensor:
-    """uint8 0..255 → float32 [−1, 1] through UINT8_TABLE."""
-    u = np.asarray(u)
-    return _convert(u, torch.empty(u.shape, dtype=torch.float32))
-
-
 def _resize(x: torch.Tensor, resolution: int | None, what: str) -> torch.Tensor:
     if resolution is None or (x.shape[-2] == resolution and x.shape[-1] == resolution):
         return x

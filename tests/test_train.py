@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
+def channel_rms(weight: torch.Tensor) -> torch.Tensor:
+    """RMS of each output channel of a weight over its fan-in (1 for a normalised MPConv weight, up to eps)."""
+    return weight.detach().to(torch.float32).flatten(1).square().mean(1).sqrt()
+
+
 def make_cfg(models=None, **training):
     tr = dict(total_images=256, batch_size=32, lr_rampup_images=64, lr_decay_images=128, ema_halflife_images=100,
               snapshots={"count": 2, "spacing": "geometric", "first_images": 128}, log_every_images=64)
@@ -637,7 +642,6 @@ def test_forced_normalisation_keeps_the_stored_weights_on_the_unit_sphere(full_r
     unit RMS per output channel (up to normalize's eps)."""
     from models.edm2 import MPConv
     from models.family import build
-    from models.weight_norm import channel_rms
 
     out, _ = full_run
     net = torch.load(out / "state.pt", weights_only=False)["net"]
