@@ -39,7 +39,7 @@ Estimators (B = E‖D̂‖², M noisy samples x_m = x0_{n_m} + σ ε_m)
 * Random numbers: sources, ε and subsets come from generators seeded by (seed, block of 64 samples), so the
   numbers do not depend on chunk or batch size, and the same ε / sources / subsets are reused for every σ and
   every estimator (common random numbers: smooth, monotone curves and paired estimator comparisons).  Sources
-  and subsets are drawn on the CPU; ε on the data's device (on a GPU the CPU generator would cost ~10× the
+  and subsets are drawn on the CPU; ε on the data's device (on a GPU the CPU generator would cost more than the
   distance GEMM), so a CUDA run draws other ε than a CPU run with the same seed: same numbers per device type,
   agreement across types within the standard error.
   Subsets are shared by the 64 samples of a block; stderr is the plain std/√M over samples (it ignores that
@@ -104,7 +104,7 @@ def _balanced_sources(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 def _block_noise(seed: int, block: int, rows: int, dim: int, device: torch.device) -> torch.Tensor:
-    """ε of one block of samples, drawn on the data's device: on a GPU the CPU generator would cost ~10× the
+    """ε of one block of samples, drawn on the data's device: on a GPU the CPU generator would cost more than the
     distance GEMM itself.  CUDA's generator (Philox) draws other numbers than the CPU's from the same seed."""
     g = torch.Generator(device=device).manual_seed(_seed_of(seed, block, 1))
     return torch.randn(rows, dim, generator=g, dtype=torch.float64, device=device)

@@ -18,8 +18,8 @@ Numerics (how the exact posterior stays exact and fast)
   row's running maximum: at small and intermediate σ the posterior is nearly one-hot and this GEMM all but
   vanishes, so the cost is one distance GEMM; at large σ (dense posterior) it is two.
 * The screen (_screened_posterior) makes concentrated posteriors cheaper still: the same product in a cheap
-  precision — bfloat16 on CUDA (tensor cores, ~15× the float32 rate); on the CPU int8 through fbgemm for large
-  batches with a source hint (~1.6× the float32 rate), else float32 for the rows that would otherwise need
+  precision — bfloat16 on CUDA (tensor cores); on the CPU int8 through fbgemm for large batches with a source
+  hint, else float32 for the rows that would otherwise need
   float64 — gives every logit within a rigorous bound B (rounding or quantisation of both operands, of the norms,
   of float32 accumulation, of the result; tests check each bound entry by entry).  Points
   whose logit cannot come within 50 nats of the row maximum are dropped (< e^-50 of the top weight each); the
@@ -81,8 +81,8 @@ def no_tf32():
 
 @contextlib.contextmanager
 def single_thread_if_small(device: torch.device, gemm_size: int):
-    """One CPU thread when each GEMM is small (subset estimators, or a dataset as small as digits): thread
-    start-up costs more than the work, and on a busy 2-core machine two threads ran 3-4× slower than one."""
+    """One CPU thread when each GEMM is small (subset estimators, or a dataset as small as digits): starting and
+    synchronising threads costs more than the work they share, the more so on a machine whose cores are busy."""
     old = torch.get_num_threads()
     if device.type == "cpu" and gemm_size < 2 ** 28:
         torch.set_num_threads(1)
@@ -255,7 +255,8 @@ def _stream_posterior(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor, 
 
     The logit −‖x − x0‖²/2σ² is, up to a per-row constant that the softmax ignores, (2⟨x, x0⟩ − ‖x0‖²)/2σ²:
     one GEMM of the augmented rows [x0, ‖x0‖²] · [x/σ², −1/2σ²] gives it with no elementwise pre-pass.  The
-    product is laid out [chunk, Q] (data-major): MKL runs that orientation ~15% faster than [Q, chunk].
+    product is laid out [chunk, Q] (data-major), the orientation MKL runs faster (benchmarks/bench_optimal_loss.py
+    times both).
     `init_max` (optional, float64 [Q]): the logit, in that convention, of one known data point per row (e.g. the
     source of x): seeding the running max with it lets chunks that hold nothing near x skip the value GEMM."""
     q, dim = xq.shape
@@ -407,7 +408,7 @@ def _screened_posterior(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor
         keep = approx >= threshold[None, :]
         # rows with too many candidates go to the streaming path before their pairs are materialised (the
         # limit is loose: without a hint, early chunks keep points that later ones rule out); the per-row count
-        # costs ~15× the total one, so it runs only when the total says some row may be over
+        # costs far more than the total one, so it runs only when the total says some row may be over
         if int(torch.count_nonzero(keep)) > 4 * max_candidates:
             over = counts + torch.count_nonzero(keep, dim=0) > 4 * max_candidates
             dense |= over
@@ -440,12 +441,11 @@ def _screened_posterior(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor
 
 
 def _screen_dtype(data: CentredData, fast: torch.Tensor, hinted: bool) -> tuple[torch.dtype | None, torch.Tensor]:
-    """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores: ~15× the
-    float32 rate); on the CPU every row in int8 when fbgemm is there, the batch's GEMM is large and each query
-    comes with a hint (~1.6× the float32 rate, quantisation included; without a hint the first chunks of a
-    multi-chunk pass cannot rule out enough points at intermediate σ and the screen would only add its GEMM),
-    else the rows that would otherwise need a float64 GEMM in float32 (a float32 screen plus float64 candidates
-    beats a float64 GEMM ~2×)."""
+    """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores); on the CPU
+    every row in int8 when fbgemm is there, the batch's GEMM is large and each query comes with a hint (faster than
+    float32 then, quantisation included; without a hint the first chunks of a multi-chunk pass cannot rule out
+    enough points at intermediate σ and the screen would only add its GEMM), else the rows that would otherwise
+    need a float64 GEMM in float32 (a float32 screen plus float64 candidates costs less than a float64 GEMM)."""
     every = torch.ones_like(fast)
     forced = {"bfloat16": torch.bfloat16, "int8": torch.int8, "float32": torch.float32}
     if _SCREEN == "off":

@@ -2,8 +2,8 @@
 
     FD = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁^½ Σ₂ Σ₁^½)^½)        (FID when the features are Inception-v3 pool3)
 
-Features.  By default a small MLP classifier trained here on the dataset's labels (digits: ~97 % held-out
-accuracy, a few seconds on a CPU); its penultimate activations (128-d) are the feature space — the "FID of small
+Features.  By default a small MLP classifier trained here on the dataset's labels (its held-out accuracy is
+recorded with it; seconds on a CPU for digits); its penultimate activations (128-d) are the feature space — the "FID of small
 data".  It is saved to the study folder so every model of a study is scored in the same space.  Inception
 features (real FID) only when the user points `--inception` at local weights: a TorchScript file (called as
 `module(images)` on float images in [0, 255], [B, 3, 299, 299], returning [B, 2048] features), or a torchvision

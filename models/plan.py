@@ -24,8 +24,8 @@ from models.atomic import atomic_path
 from models.checks import array_shape, parse_dataset_spec
 from models.config import ConfigError, load_config, model_training, step_resources, total_images
 
-# models.family (torch) is imported only to count parameters and FLOPs: the Snakefile's process imports this module
-# to print a plan and reads no torch.
+# models.family (torch) is imported only where parameters and FLOPs are counted (plan_rows): the plan rule prints a
+# finished plan (format_plan, read_plan) in the Snakefile's own process, which needs no torch for it.
 
 # Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
 # GPUs"), the default throughput of the plan.
