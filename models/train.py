@@ -61,7 +61,7 @@ def open_training_data(data) -> DatasetArrays:
 # pieces of the set-up
 # ----------------------------------------------------------------------------------------------------------------
 
-def _promote_scalar_params(net: torch.nn.Module) -> None:
+def promote_scalar_params(net: torch.nn.Module) -> None:
     """DeepSpeed broadcasts each parameter as `p.view(torch.uint8)`, which fails for 0-dim tensors (EDM2's scalar
     gains).  Give those a shape of [1] for the DeepSpeed run; every use of them broadcasts the same way.  The EMA
     copy keeps the original shapes, so snapshots are identical across launch modes."""
@@ -256,7 +256,7 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     net = family.net_from_kwargs(spec.arch_kwargs, device="cpu").to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float32)
     if use_ds:
-        _promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
+        promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
     n_params = sum(p.numel() for p in net.parameters())
     schedule = make_schedule(variant, training["schedule"], jstar)
     tracker = SigmaBinTracker(variant.sigma_min, variant.sigma_max, training["sigma_bins"],
