@@ -341,7 +341,7 @@ def check_packages(cfg: Mapping, basedir: str | os.PathLike, table=None) -> list
 
 def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> list[str]:
     """Every problem of a validated study config (load_config's output), one line each. `arch_names`: the known
-    architectures (default: models.family's table, which imports torch)."""
+    architectures (default: known_arch_names(), models.sizes' table)."""
     names = list(arch_names) if arch_names is not None else known_arch_names()
     return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
             + check_launch(cfg, basedir) + check_train_resources(cfg) + check_dataset(cfg)

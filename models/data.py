@@ -50,7 +50,7 @@ import torch
 from models.atomic import atomic_path
 from models.integrity import verify
 
-# Imported where used: scikit-learn (with SciPy, seconds to import) only for the bundled digits, Pillow only for
+# Imported where used: scikit-learn (a slow import, SciPy with it) only for the bundled digits, Pillow only for
 # image folders (an optional package: models.checks.PATH_PACKAGES).
 
 __all__ = ["Dataset", "DatasetArrays", "DatasetError", "UINT8_TABLE", "load_dataset", "main", "open_dataset",
