@@ -48,6 +48,11 @@ def normalize_forced_weights_(weights: list[torch.nn.Parameter]) -> None:
         w.copy_(w / norms.to(w.dtype))
 
 
+def channel_rms(weight: torch.Tensor) -> torch.Tensor:
+    """RMS of each output channel of a weight over its fan-in (1 for a normalised MPConv weight, up to eps)."""
+    return weight.detach().to(torch.float32).flatten(1).square().mean(1).sqrt()
+
+
 def channel_blocks(start: int, numel: int, fan_in: int):
     """Split the flat range [start, start + numel) of a weight [C_out, fan_in] into runs of whole channels and
     partial ones (a fragment's boundary may cut a channel): (first channel, channel count, slice of the range),

@@ -18,8 +18,8 @@ import yaml
 from models.edm2 import normalize
 from models.family import build
 from models.train import check_fp32_engine, train
-from models.weight_norm import channel_blocks, forced_weights, normalize_forced_weights_
-from test_train import channel_rms, free_port, read_log, run_cli
+from models.weight_norm import channel_blocks, channel_rms, forced_weights, normalize_forced_weights_
+from test_train import free_port, read_log, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

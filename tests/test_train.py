@@ -20,6 +20,7 @@ from models.data import Dataset, DatasetArrays, load_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
+from models.weight_norm import channel_rms
 import models.loop as loop_mod
 import models.train as train_module
 from models.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
@@ -30,11 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
-
-
-def channel_rms(weight: torch.Tensor) -> torch.Tensor:
-    """RMS of each output channel of a weight over its fan-in (1 for a normalised MPConv weight, up to eps)."""
-    return weight.detach().to(torch.float32).flatten(1).square().mean(1).sqrt()
 
 
 def make_cfg(models=None, **training):
