@@ -18,7 +18,6 @@ from analysis import fits
 from analysis.intervals import set_fields
 
 FLOORS = ("jstar", "free")
-COMPUTE_OPTIMAL_COLUMNS = ["floor", "E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent", "rmse_log", "n"]
 PARAMETERS = ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent")
 # the range each parameter lives in (intervals are clipped to it)
 BOUNDS = {"E": (0.0, math.inf), "A": (0.0, math.inf), "B": (0.0, math.inf), "a": (0.0, fits.JOINT_MAX_EXPONENT),

@@ -26,10 +26,17 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
 
-from models.atomic import atomic_path
+matplotlib.use("Agg")  # files only, never a window: before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.evaluate import read_eval_csv, total_weights, trapezoid_log_weights, variant_fns  # noqa: E402
+from models.atomic import atomic_path  # noqa: E402
+from models.diffusion import get_variant  # noqa: E402
+from models.schedule import find_sigma_star, jstar_points  # noqa: E402
 
 PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "excess_stderr", "gap", "gap_stderr"]
 
@@ -40,8 +47,6 @@ PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "exc
 
 def read_eval(csv) -> pd.DataFrame:
     """The per-σ rows (ascending σ) of one evaluation CSV (analysis/evaluate.py format)."""
-    from analysis.evaluate import read_eval_csv
-
     path = Path(csv)
     df = read_eval_csv(path)  # checked against its checksum and validated (one error naming a bad file)
     missing = set(PER_SIGMA) - set(df.columns)
@@ -63,9 +68,7 @@ def read_meta(path_or_dict) -> dict:
 
 def sigma_star_of(jstar_csv) -> float:
     """σ* of the study's J* curve, by the schedule's rule (models.schedule.find_sigma_star, default settings)."""
-    from models.schedule import find_sigma_star, read_jstar
-
-    return find_sigma_star(*read_jstar(jstar_csv))
+    return find_sigma_star(*jstar_points(jstar_csv))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -74,8 +77,6 @@ def sigma_star_of(jstar_csv) -> float:
 
 def log_sigma_mean(sigma, values) -> float:
     """Trapezoid mean of `values` over ln σ on the (ascending) grid; the value itself for one σ."""
-    from analysis.evaluate import trapezoid_log_weights
-
     q = trapezoid_log_weights(sigma)  # the study's one quadrature in ln σ
     return float(np.sum(q * np.asarray(values, np.float64)) / q.sum())
 
@@ -83,10 +84,7 @@ def log_sigma_mean(sigma, values) -> float:
 def edm_weighted(sigma, values, variant=None) -> float:
     """Σ_k c_k v_k under a variant's training density and weight (EDM's by default): the rule of
     analysis.evaluate.total_weights, whose trapezoid in ln σ and weights this reuses."""
-    from analysis.evaluate import _variant_fns, total_weights
-    from models.diffusion import get_variant
-
-    density, weight = _variant_fns(variant if variant is not None else get_variant("edm"))
+    density, weight = variant_fns(variant if variant is not None else get_variant("edm"))
     s = np.asarray(sigma, np.float64)
     return float(np.sum(total_weights(s, density, weight) * np.asarray(values, np.float64)))
 
@@ -165,11 +163,6 @@ def diagnosis_markdown(summary: pd.DataFrame) -> str:
 
 
 def plot_diagnosis(long_df: pd.DataFrame, jstar_csv, path, sigma_star=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for (model, variant), t in long_df.groupby(["model", "variant"], sort=False):
         label = variant if model.replace("_", "-") == variant else f"{model} ({variant})"
@@ -178,9 +171,7 @@ def plot_diagnosis(long_df: pd.DataFrame, jstar_csv, path, sigma_star=None) -> N
         axes[1].plot(t["sigma"][ok], t["relative_excess"][ok], marker="o", ms=3, label=label)
     lo = 0.3 * float(long_df["excess"][long_df["excess"] > 0].min())
     if jstar_csv is not None:
-        from models.schedule import read_jstar
-
-        s, j = read_jstar(jstar_csv)
+        s, j = jstar_points(jstar_csv)
         axes[0].plot(s, j, "k--", lw=1, label="J*(σ)")
     axes[0].set_ylim(bottom=lo)
     for ax in axes:
@@ -196,12 +187,10 @@ def plot_diagnosis(long_df: pd.DataFrame, jstar_csv, path, sigma_star=None) -> N
     axes[0].set_title("gap to the optimal loss" + (" (dotted: σ*)" if sigma_star is not None else ""))
     axes[1].set_title("gap relative to J*")
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
-def _save_fig(fig, path) -> None:
-    import matplotlib.pyplot as plt
-
+def save_fig(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
@@ -211,12 +200,12 @@ def _save_fig(fig, path) -> None:
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 
-def _write_csv(df: pd.DataFrame, path) -> None:
+def write_csv(df: pd.DataFrame, path) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
 
 
-def _write_text(text: str, path) -> None:
+def write_text(text: str, path) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -236,9 +225,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     s_star = sigma_star_of(args.jstar) if args.jstar else None
     long_df, summ = diagnose(args.eval, args.meta, args.jstar)
-    _write_csv(long_df, args.out)
-    _write_csv(summ, args.summary)
-    _write_text(diagnosis_markdown(summ), args.markdown)
+    write_csv(long_df, args.out)
+    write_csv(summ, args.summary)
+    write_text(diagnosis_markdown(summ), args.markdown)
     plot_diagnosis(long_df, args.jstar, args.figure, s_star)
     print(diagnosis_markdown(summ))
 

@@ -47,9 +47,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
+from analysis.resample import save_per_triple
 from models import integrity
 from models.atomic import atomic_path
+from models.data import open_dataset
+from models.denoiser import Denoiser
+from models.tables import read_checked_csv, read_jstar
 
 # the per-σ statistics and their column names in every CSV this module writes
 STATS = ("loss", "optimal_loss", "excess", "gap")
@@ -64,7 +69,9 @@ LOSS_COLUMNS = ["model", "arch", "params", "images_seen", "flops", "sigma", "wei
 # ---------------------------------------------------------------------------------------------------------------
 
 def sigma_grid(num_sigmas: int, sigma_min: float, sigma_max: float) -> np.ndarray:
-    """`num_sigmas` noise levels evenly spaced in ln σ from sigma_min to sigma_max (float64)."""
+    """`num_sigmas` noise levels evenly spaced in ln σ from sigma_min to sigma_max (float64): the σ grid of the
+    evaluation set and of the J* table alike. One level sits at the geometric midpoint √(sigma_min·sigma_max), the
+    centre of the range on the log scale every grid is spaced on."""
     num_sigmas = int(num_sigmas)
     if num_sigmas < 1:
         raise ValueError(f"num_sigmas must be >= 1, got {num_sigmas}")
@@ -109,8 +116,6 @@ def make_eval_set(n_data: int, sigmas, samples_per_sigma: int, seed: int) -> dic
 def eval_noise(shape, seeds):
     """ε for each triple: torch.randn(shape, generator=torch.Generator().manual_seed(seed)), stacked
     [len(seeds), *shape] float32 — each triple's noise depends on its own seed only (docs/internals.md)."""
-    import torch
-
     shape = tuple(int(s) for s in shape)
     seeds = np.atleast_1d(np.asarray(seeds, dtype=np.int64))
     out = torch.empty((len(seeds),) + shape, dtype=torch.float32)
@@ -191,8 +196,6 @@ def load_denoised(path, shape: tuple[int, int] | None = None) -> np.ndarray:
 
 def npz_num_items(path) -> int:
     """N of a dataset file, from its array header only (models.data.open_dataset maps, it does not read)."""
-    from models.data import open_dataset
-
     return len(open_dataset(path))
 
 
@@ -209,8 +212,6 @@ class EvaluationInputs:
     (optimal_loss/eval_denoised.npy, read batch by batch)."""
 
     def __init__(self, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512):
-        import torch
-
         x_data = torch.as_tensor(x_data)
         self.shape = tuple(x_data.shape[1:])
         self.dim = int(np.prod(self.shape))
@@ -236,13 +237,9 @@ class EvaluationInputs:
             self.optimal_loss[lo:hi] = ((self._dstar(lo, hi) - self._x0_64(x0)) ** 2).mean(1).numpy()
 
     def _x0_64(self, x0):
-        import torch
-
         return x0.to(torch.float64).reshape(x0.shape[0], self.dim)
 
     def _dstar(self, lo, hi):
-        import torch
-
         return torch.from_numpy(np.array(self.denoised[lo:hi], dtype=np.float64)).reshape(hi - lo, self.dim)
 
     def errors(self, denoise, *, device=None, labelled: bool = True) -> dict:
@@ -250,8 +247,6 @@ class EvaluationInputs:
         ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.  denoise(x [B,C,H,W] float32, sigma [B]
         float32, labels [B] int64 or None) -> [B,C,H,W]; `labelled` False passes labels None (an unconditional
         net)."""
-        import torch
-
         out = {"loss": np.empty(self.m, dtype=np.float64), "optimal_loss": self.optimal_loss.copy(),
                "excess": np.empty(self.m, dtype=np.float64)}
         for lo, hi, x, s, lab, x0 in self.batches:
@@ -266,18 +261,6 @@ class EvaluationInputs:
             out["excess"][lo:hi] = ((d - dstar) ** 2).mean(1).numpy()
         out["gap"] = out["loss"] - out["optimal_loss"]
         return out
-
-
-def per_triple_errors(denoise, x_data, eval_set: dict, denoised, *, labels=None, batch_size: int = 512,
-                      device=None) -> dict:
-    """Squared errors per triple (float64 [M] each, per-dimension means):
-    `loss` ‖Dθ − x0‖²/D, `optimal_loss` ‖D* − x0‖²/D, `excess` ‖Dθ − D*‖²/D, `gap` = loss − optimal_loss.
-
-    denoise(x [B,C,H,W] float32, sigma [B] float32, labels [B] int64 or None) -> [B,C,H,W]; x_data [N,C,H,W];
-    denoised = D* of every triple [M, D] (optimal_loss/eval_denoised.npy). One denoiser: EvaluationInputs holds
-    what several share."""
-    inputs = EvaluationInputs(x_data, eval_set, np.asarray(denoised), labels=labels, batch_size=batch_size)
-    return inputs.errors(denoise, device=device)
 
 
 def per_sigma_table(errors: dict, sigma) -> pd.DataFrame:
@@ -336,10 +319,8 @@ def weighted_totals(table: pd.DataFrame, sigma_density, loss_weight) -> dict:
     return out
 
 
-def _variant_fns(variant):
+def variant_fns(variant):
     """numpy wrappers of a models.diffusion.Variant's sigma_density and loss_weight (computed in float64)."""
-    import torch
-
     def density(s):
         return variant.sigma_density(torch.tensor(np.array(s, dtype=np.float64))).numpy()
 
@@ -353,10 +334,6 @@ def load_rows(dataset, eval_set: dict):
     """Only the dataset rows the evaluation set uses, as float32 (models.data.open_dataset's rows: a dataset file is
     memory-mapped and only these rows are read and converted), their labels (or None), and a copy of the evaluation
     set whose `index` points into those rows."""
-    import torch
-
-    from models.data import open_dataset
-
     index = np.asarray(eval_set["index"], dtype=np.int64)
     rows, inverse = np.unique(index, return_inverse=True)
     data = open_dataset(dataset)
@@ -373,8 +350,6 @@ def evaluate_snapshots(snapshots, dataset, eval_set, denoised, *, batch_size: in
     the noisy inputs once (EvaluationInputs): yields, per snapshot in order, its per-σ rows and one total row
     (sigma NaN, weighting "training") with the snapshot's model, arch, params, images_seen and flops on every
     row, and its per-triple arrays (`triple_arrays`) that the study's bootstrap resamples."""
-    import torch
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     ev = load_eval_set(eval_set) if not isinstance(eval_set, dict) else eval_set
     x_rows, label_rows, ev = load_rows(dataset, ev)
@@ -386,8 +361,6 @@ def evaluate_snapshots(snapshots, dataset, eval_set, denoised, *, batch_size: in
 
 
 def _evaluate_one(snapshot, dataset, inputs: EvaluationInputs, ev: dict, has_labels: bool, device):
-    from models.denoiser import Denoiser
-
     den = Denoiser.from_snapshot(snapshot, device=device)
     info = dict(den.snapshot_info)
     if den.label_dim > 0 and not has_labels:
@@ -404,7 +377,7 @@ def _evaluate_one(snapshot, dataset, inputs: EvaluationInputs, ev: dict, has_lab
                          "diverged; retrain the model (e.g. a lower training.lr)")
     table = per_sigma_table(errors, ev["sigma"])
     table["weighting"] = "none"
-    density, weight = _variant_fns(den.variant)
+    density, weight = variant_fns(den.variant)
     weights = total_weights(table["sigma"].to_numpy(dtype=np.float64), density, weight)
     total = {"sigma": math.nan, "weighting": "training", **weighted_totals(table, density, weight)}
     df = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
@@ -414,16 +387,6 @@ def _evaluate_one(snapshot, dataset, inputs: EvaluationInputs, ev: dict, has_lab
     df.insert(3, "images_seen", int(info.get("images_seen")))
     df.insert(4, "flops", float(info.get("flops")))
     return df[LOSS_COLUMNS], triple_arrays(errors, ev["sigma"], weights)
-
-
-def evaluate_snapshot(snapshot, dataset, eval_set, denoised, *, batch_size: int = 512, device=None,
-                      return_triples: bool = False):
-    """Per-σ rows and one total row (sigma NaN, weighting "training") for one snapshot file, with the snapshot's
-    model, arch, params, images_seen and flops on every row. With ``return_triples`` also the per-triple arrays
-    (`triple_arrays`) that the study's bootstrap resamples."""
-    (df, triples), = evaluate_snapshots([snapshot], dataset, eval_set, denoised, batch_size=batch_size,
-                                        device=device)
-    return (df, triples) if return_triples else df
 
 
 def triple_arrays(errors: dict, sigma, weights) -> dict:
@@ -459,23 +422,6 @@ def read_eval_csv(path) -> pd.DataFrame:
     if set(per["weighting"]) != {"none"} or set(total["weighting"]) != {"training"}:
         raise integrity.invalid(path, "weighting must be `none` on per-σ rows and `training` on the total")
     _check_finite(df, path)
-    return df
-
-
-def read_checked_csv(path, columns, what: str = "table") -> pd.DataFrame:
-    """A study's CSV checked against its checksum sidecar, parsed, and holding `columns`: IntegrityError naming the
-    file and its rebuild command otherwise (FileNotFoundError when it is missing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    integrity.verify(path)
-    try:
-        df = pd.read_csv(path)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as e:  # EmptyDataError is a ValueError
-        raise integrity.invalid(path, f"unreadable CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in columns if c not in df]
-    if missing:
-        raise integrity.invalid(path, f"lacks the columns {missing}")
     return df
 
 
@@ -624,8 +570,6 @@ def collect(eval_csvs, jstar_csv=None) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise ValueError("collect: no evaluation CSVs given")
     df = pd.concat(frames, ignore_index=True)
     if jstar_csv is not None:
-        from analysis.optimal_loss import read_jstar
-
         js = read_jstar(jstar_csv)
         df["jstar_grid"] = interp_log_sigma(js["sigma"], js["optimal_loss"], df["sigma"])
         df["jstar_grid_stderr"] = interp_log_sigma(js["sigma"], js["stderr"], df["sigma"])
@@ -750,7 +694,6 @@ def main(argv=None) -> int:
         else:
             losses, inv = collect(args.eval, args.jstar)
             if args.per_triple:
-                from analysis.resample import save_per_triple
                 save_per_triple(args.per_triple, collect_per_triple(losses, args.eval))
             _atomic_csv(losses, args.out)
             _atomic_csv(inv, args.invariant)

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 from scipy import special
+from scipy.optimize import least_squares
 
 from analysis.intervals import percentile_interval
 
@@ -307,8 +308,6 @@ def joint_polish(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delt
     """One row by scipy's bounded trust-region least squares (`least_squares`, method trf, converged to machine
     precision); Huber with f_scale = δ minimises Σ huber_δ(r) exactly. Integer weights repeat points. Returns
     (θ, objective)."""
-    from scipy.optimize import least_squares
-
     theta0 = np.asarray(theta0, dtype=np.float64)
     logl = np.asarray(logl, dtype=np.float64)
     w = np.ones(logl.shape) if weights is None else np.asarray(weights, dtype=np.float64)

@@ -35,7 +35,6 @@ from scipy import special
 LEVEL = 95.0
 MAX_INVALID_FRACTION = 0.025
 MIN_JACKKNIFE = 3            # models a jackknife needs (leave-one-out values)
-KINDS = ("estimate", "evaluation", "seed", "jackknife")
 
 
 def _forward(v, transform):

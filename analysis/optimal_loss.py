@@ -10,8 +10,6 @@ posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None) -> tenso
 estimate_optimal_loss(data, sigmas, *, estimator="full", labels=None, n_samples=None, subset_size=None, C=None,
                       seed=0, device=None) -> pandas.DataFrame
     J*(σ) on a σ grid with one of the estimators `full`, `dol`, `cdol`, `snis` (docs/science.md).
-eval_noise(shape, seeds) -> tensor
-    The ε of the study's fixed evaluation set (docs/internals.md).
 
 CLI
 ---
@@ -41,7 +39,7 @@ Estimators (B = E‖D̂‖², M noisy samples x_m = x0_{n_m} + σ ε_m)
 * Random numbers: sources, ε and subsets come from generators seeded by (seed, block of 64 samples), so the
   numbers do not depend on chunk or batch size, and the same ε / sources / subsets are reused for every σ and
   every estimator (common random numbers: smooth, monotone curves and paired estimator comparisons).  Sources
-  and subsets are drawn on the CPU; ε on the data's device (on a GPU the CPU generator would cost ~10× the
+  and subsets are drawn on the CPU; ε on the data's device (on a GPU the CPU generator would cost more than the
   distance GEMM), so a CUDA run draws other ε than a CPU run with the same seed: same numbers per device type,
   agreement across types within the standard error.
   Subsets are shared by the 64 samples of a block; stderr is the plain std/√M over samples (it ignores that
@@ -57,20 +55,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
-from analysis.evaluate import eval_noise, load_eval_set, read_checked_csv  # the eval set's ε and readers
-from analysis.posterior import (  # the exact posterior (kernel, screens, bounds); posterior_mean re-exported
-    _F32_LOGIT_TOL, _Data, _as_labels, _as_matrix, _default_chunk, _logit_error_bound, _no_tf32,
-    _posterior_centred, _resolve_device, _single_thread_if_small, posterior_mean)
-from models import integrity
+from analysis.evaluate import eval_noise, load_eval_set, sigma_grid  # the evaluation set's ε and σ
+# the exact posterior (kernel, screens, bounds); posterior_mean is also this module's documented interface
+from analysis.posterior import (F32_LOGIT_TOL, CentredData, as_labels, as_matrix, default_chunk, logit_error_bound,
+                                no_tf32, posterior_centred, posterior_mean, resolve_device, single_thread_if_small)
 from models.atomic import atomic_path
+from models.data import open_dataset
+from models.diffusion import get_process, to_process_curve
 
-__all__ = ["posterior_mean", "estimate_optimal_loss", "eval_noise", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
+__all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
 
 ESTIMATORS = ("full", "dol", "cdol", "snis")    # the paper's four (the CLI's "all")
 EXTRA_ESTIMATORS = ("cdol-nn",)                  # ours: cDOL with the source's nearest neighbours stratified out
@@ -103,7 +104,7 @@ def _balanced_sources(n: int, m: int, seed: int) -> torch.Tensor:
 
 
 def _block_noise(seed: int, block: int, rows: int, dim: int, device: torch.device) -> torch.Tensor:
-    """ε of one block of samples, drawn on the data's device: on a GPU the CPU generator would cost ~10× the
+    """ε of one block of samples, drawn on the data's device: on a GPU the CPU generator would cost more than the
     distance GEMM itself.  CUDA's generator (Philox) draws other numbers than the CPU's from the same seed."""
     g = torch.Generator(device=device).manual_seed(_seed_of(seed, block, 1))
     return torch.randn(rows, dim, generator=g, dtype=torch.float64, device=device)
@@ -121,20 +122,20 @@ def _block_subset(seed: int, block: int, n: int, size: int) -> torch.Tensor:
     return picked[torch.randperm(picked.numel(), generator=g)[:size]]   # a uniform subset, shuffled
 
 
-def _subset_logits(data: _Data, xq: torch.Tensor, sigma: float, subset: torch.Tensor) -> torch.Tensor:
+def _subset_logits(data: CentredData, xq: torch.Tensor, sigma: float, subset: torch.Tensor) -> torch.Tensor:
     """Logits −‖x − x0_s‖²/2σ² of the queries against one subset, float64 [B, L] (float32 GEMM when safe)."""
     sig = torch.full((xq.shape[0],), sigma, dtype=torch.float64, device=xq.device)
-    safe = bool((_logit_error_bound(xq, sig, data) <= _F32_LOGIT_TOL).all())
+    safe = bool((logit_error_bound(xq, sig, data) <= F32_LOGIT_TOL).all())
     dtype = torch.float32 if safe else torch.float64
     x, xs = xq.to(dtype), data.rows(subset, dtype)
-    with _no_tf32():
+    with no_tf32():
         g = (x @ xs.T).double()
     xs_sq = (xs.double() ** 2).sum(1) if dtype == torch.float64 else (xs ** 2).sum(1).double()
     dist = ((x.double() ** 2).sum(1)[:, None] + xs_sq[None, :] - 2.0 * g).clamp_(min=0)
     return dist.mul_(-0.5 / sigma ** 2)
 
 
-def _subset_denoise(data: _Data, estimator: str, xq, eps, src, sigma: float, subset, log_c: float):
+def _subset_denoise(data: CentredData, estimator: str, xq, eps, src, sigma: float, subset, log_c: float):
     """D̂ (centred, float64 [B, D]) of one block under a subset estimator."""
     xs = data.rows(subset, torch.float64)
     logits = _subset_logits(data, xq, sigma, subset)
@@ -155,12 +156,12 @@ def _nn_count(subset_size: int, n: int) -> int:
     return int(max(1, min(64, (subset_size - 1) // 4, n - 2)))
 
 
-def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
+def _knn_graph(data: CentredData, k: int, chunk: int | None) -> torch.Tensor:
     """[N, k] indices of each point's k nearest other points (float32 GEMM distances: the stratum only has to
     be near, not exactly the nearest — any fixed set per source keeps cdol-nn's sums unbiased).  O(N²·D), once
     per dataset, with a running top-k over data chunks."""
     out = torch.empty(data.n, k, dtype=torch.int64, device=data.device)
-    ch = chunk or _default_chunk(data.device, 1024, data.dim, data.n)
+    ch = chunk or default_chunk(data.device, 1024, data.dim, data.n)
     for r0 in range(0, data.n, 1024):
         rows = data.chunk(r0, r0 + 1024, torch.float32)
         b = rows.shape[0]
@@ -168,7 +169,7 @@ def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
         best_i = torch.full((b, k + 1), -1, dtype=torch.int64, device=data.device)
         for c0 in range(0, data.n, ch):
             cols = data.chunk(c0, c0 + ch, torch.float32)
-            with _no_tf32():
+            with no_tf32():
                 dist = (cols ** 2).sum(1)[None, :] - 2.0 * (rows @ cols.T)        # + ‖row‖², same per row
             idx = torch.arange(c0, c0 + cols.shape[0], device=data.device).expand(b, -1)
             v, pos = torch.cat([best_v, dist], 1).topk(k + 1, dim=1, largest=False)
@@ -179,7 +180,7 @@ def _knn_graph(data: _Data, k: int, chunk: int | None) -> torch.Tensor:
     return out
 
 
-def _nn_denoise(data: _Data, xq, eps, src, sigma: float, subset, knn, c_value):
+def _nn_denoise(data: CentredData, xq, eps, src, sigma: float, subset, knn, c_value):
     """cdol-nn's D̂ (centred, float64 [B, D]): the source and its K nearest neighbours exactly (C = 1), plus the
     random subset without them, weighted up by C = (N − 1 − K)/(its size) (stratified sampling: numerator and
     denominator of D* unbiased) or by the given C."""
@@ -210,7 +211,7 @@ def _nn_denoise(data: _Data, xq, eps, src, sigma: float, subset, knn, c_value):
     return den, var_tr.clamp_(min=0)
 
 
-def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, seed, chunk, bar):
+def _per_sample_losses(data: CentredData, sigmas, estimator, m, subset_size, c_value, seed, chunk, bar):
     """[len(σ), M] per-sample (direct, A − B) losses (per-dim) for one (class-)dataset.  The loop runs over
     groups of samples outside and σ inside, so each group's sources and ε are drawn once for all σ."""
     n, dim = data.n, data.dim
@@ -241,7 +242,7 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
             var_tr = None
             if estimator == "full":
                 sig = torch.full((xq.shape[0],), float(sigma), dtype=torch.float64, device=data.device)
-                den = _posterior_centred(data, xq, sig, chunk, hint=src, screen_log=screen_log)
+                den = posterior_centred(data, xq, sig, chunk, hint=src, screen_log=screen_log)
             elif estimator == "cdol-nn":
                 den, var_tr = _nn_denoise(data, xq, eps, src, float(sigma), subset, knn, c_value)
             else:
@@ -256,41 +257,37 @@ def _per_sample_losses(data: _Data, sigmas, estimator, m, subset_size, c_value, 
     return direct, a_minus_b
 
 
-def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None, n_samples: int | None = None,
-                          subset_size: int | None = None, C: float | None = None, seed: int = 0, device=None,
-                          chunk_size: int | None = None, progress: bool = False) -> pd.DataFrame:
-    """J*(σ) per dimension (x0 target, VE coordinates) of the empirical distribution of `data` [N, …].
-
-    One row per σ with columns sigma, optimal_loss, stderr, estimator, n_samples, subset_size, C, conditional,
-    direct, direct_stderr, a_minus_b, a_minus_b_stderr.  `optimal_loss` is the direct mean ‖D* − x0‖²/D for
-    `full` and the A − B form for the subset estimators (module docstring).  `labels` [N] gives the
-    class-conditional J*.  Deterministic under `seed` for a device type (independent of chunk and batch sizes;
-    CPU and CUDA draw different ε, so they agree within the standard error)."""
-    if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of "
-                         f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
-    x0 = _as_matrix(data, "data", check_finite=False)   # _Data's mean / norms catch NaN and inf
-    n_total, dim = x0.shape
-    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+def _check_estimate_args(estimator: str, sig: np.ndarray, n_total: int, n_samples, subset_size, C) -> None:
     if sig.size == 0 or not np.all(np.isfinite(sig)) or not np.all(sig > 0):
         raise ValueError(f"sigmas must be a non-empty list of finite values > 0, got {sig.tolist()[:8]}")
     if n_samples is not None and int(n_samples) < 2:
         raise ValueError(f"n_samples must be >= 2 (a standard error needs two samples), got {n_samples}")
-    if subset_size is not None and estimator == "full":
-        subset_size = None  # the full estimator uses every point
-    if subset_size is not None and not 2 <= int(subset_size) <= n_total:
+    if subset_size is not None and estimator != "full" and not 2 <= int(subset_size) <= n_total:
         raise ValueError(f"subset_size must be in [2, N={n_total}], got {subset_size}")
     if C is not None and not (float(C) > 0 and math.isfinite(float(C))):
         raise ValueError(f"C must be a finite number > 0, got {C}")
-    dev = _resolve_device(device)
 
+
+@dataclass
+class _ClassPlan:
+    """One class of a class-conditional estimate (or the whole set): its rows, size N_c, subset size L, samples M
+    and cDOL's C (None: stratified per sample)."""
+    label: int | None
+    members: torch.Tensor | None
+    n: int
+    size: int
+    m: int
+    c_value: float | None
+
+
+def _class_plans(estimator: str, x0: torch.Tensor, labels, n_samples, subset_size, C) -> list[_ClassPlan]:
+    n_total, dim = x0.shape
     if labels is None:
         parts = [(None, None)]
     else:   # members only: a class's rows are copied when its turn comes (never a second copy of the whole set)
-        lab = _as_labels(labels, n_total, "labels")
+        lab = as_labels(labels, n_total, "labels")
         parts = [(c, torch.nonzero(lab == c).squeeze(1)) for c in lab.unique().tolist()]
     m_total = int(n_samples) if n_samples is not None else None
-
     plans = []
     for c, members in parts:
         n = n_total if members is None else members.numel()
@@ -309,25 +306,53 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
             if size < 3 or n < 3:
                 raise ValueError(f"cdol-nn needs subset_size >= 3 and N >= 3, got {size} and {n}")
             c_val = float(C) if C is not None else None       # None: stratified, per sample
-        plans.append((c, members, n, size, m, c_val))
+        plans.append(_ClassPlan(c, members, n, size, m, c_val))
+    return plans
 
+
+def _estimate_classes(x0, plans: list[_ClassPlan], sig, estimator: str, seed: int, dev, chunk_size, progress):
+    """[(class weight N_c/N, direct losses [S, M_c], A − B losses [S, M_c])], one class at a time."""
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=sum(p[4] for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
+        bar = tqdm(total=sum(p.m for p in plans) * sig.size, desc=f"J* {estimator}", unit="x_t", leave=False)
     try:
         parts_out = []
-        for c, members, n, size, m, c_val in plans:
-            d = _Data(x0 if members is None else x0[members], dev)
-            part_seed = seed if c is None else _seed_of(seed, int(c), 7)
-            gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * n if estimator == "full" else _RNG_BLOCK * size) * d.dim
-            with _single_thread_if_small(dev, gemm):
-                direct, ab = _per_sample_losses(d, sig, estimator, m, size, c_val, part_seed, chunk_size, bar)
-            parts_out.append((n / n_total, direct, ab))
+        for p in plans:
+            d = CentredData(x0 if p.members is None else x0[p.members], dev)
+            part_seed = seed if p.label is None else _seed_of(seed, int(p.label), 7)
+            gemm = (_FULL_BATCH_BLOCKS * _RNG_BLOCK * p.n if estimator == "full" else _RNG_BLOCK * p.size) * d.dim
+            with single_thread_if_small(dev, gemm):
+                direct, ab = _per_sample_losses(d, sig, estimator, p.m, p.size, p.c_value, part_seed, chunk_size,
+                                                bar)
+            parts_out.append((p.n / x0.shape[0], direct, ab))
             del d   # this class's copy (and cached centred data) goes before the next class's is made
     finally:
         if bar is not None:
             bar.close()
+    return parts_out
+
+
+def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None, n_samples: int | None = None,
+                          subset_size: int | None = None, C: float | None = None, seed: int = 0, device=None,
+                          chunk_size: int | None = None, progress: bool = False) -> pd.DataFrame:
+    """J*(σ) per dimension (x0 target, VE coordinates) of the empirical distribution of `data` [N, …].
+
+    One row per σ with columns sigma, optimal_loss, stderr, estimator, n_samples, subset_size, C, conditional,
+    direct, direct_stderr, a_minus_b, a_minus_b_stderr.  `optimal_loss` is the direct mean ‖D* − x0‖²/D for
+    `full` and the A − B form for the subset estimators (module docstring).  `labels` [N] gives the
+    class-conditional J*.  Deterministic under `seed` for a device type (independent of chunk and batch sizes;
+    CPU and CUDA draw different ε, so they agree within the standard error)."""
+    if estimator not in ESTIMATORS + EXTRA_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of "
+                         f"{', '.join(ESTIMATORS + EXTRA_ESTIMATORS)}")
+    x0 = as_matrix(data, "data", check_finite=False)   # CentredData's mean / norms catch NaN and inf
+    sig = np.asarray(sigmas, dtype=np.float64).reshape(-1)
+    _check_estimate_args(estimator, sig, x0.shape[0], n_samples, subset_size, C)
+    if estimator == "full":
+        subset_size = None  # the full estimator uses every point
+    dev = resolve_device(device)
+    plans = _class_plans(estimator, x0, labels, n_samples, subset_size, C)
+    parts_out = _estimate_classes(x0, plans, sig, estimator, seed, dev, chunk_size, progress)
 
     def combine(which: int):
         """Class-weighted mean and its standard error (classes are independent samples)."""
@@ -339,14 +364,14 @@ def estimate_optimal_loss(data, sigmas, *, estimator: str = "full", labels=None,
     ab_mean, ab_se = combine(1)
     opt, se = (d_mean, d_se) if estimator == "full" else (ab_mean, ab_se)
     single = len(plans) == 1  # per-class L and C differ; report them only when they are one number
-    c_col = plans[0][5] if single else (float(C) if C is not None else None)
+    c_col = plans[0].c_value if single else (float(C) if C is not None else None)
     return pd.DataFrame({
         "sigma": sig,
         "optimal_loss": opt,
         "stderr": se,
         "estimator": estimator,
-        "n_samples": sum(p[4] for p in plans),
-        "subset_size": plans[0][3] if single else (int(subset_size) if subset_size else np.nan),
+        "n_samples": sum(p.m for p in plans),
+        "subset_size": plans[0].size if single else (int(subset_size) if subset_size else np.nan),
         "C": np.nan if c_col is None else c_col,
         "conditional": labels is not None,
         "direct": d_mean,
@@ -398,45 +423,12 @@ def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int 
 def _load(spec: str):
     """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset: the exact posterior needs every
     point, so the whole set is converted — once, chunk by chunk, into one float32 tensor."""
-    from models.data import open_dataset
     data = open_dataset(spec)
     return data.float32(), data.labels
 
 
-def read_jstar(path) -> pd.DataFrame:
-    """A J* table (optimal_loss/jstar.csv or an estimator's CSV) as the study reads it: checked against its
-    checksum sidecar and validated — columns sigma, optimal_loss, stderr; one estimator; σ finite, > 0, ascending
-    and geometric (the CLI's grid, so a row missing inside it is seen); finite J* and standard errors ≥ 0. A bad
-    table is one IntegrityError naming the file and the command that rebuilds it."""
-    df = read_checked_csv(path, ("sigma", "optimal_loss", "stderr"), "J* table")
-    if "estimator" in df and df["estimator"].nunique() > 1:
-        raise integrity.invalid(path, f"holds several estimators ({sorted(df['estimator'].unique())}); J* is one")
-    values = {c: pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64) for c in ("sigma", "optimal_loss",
-                                                                                       "stderr")}
-    for c, v in values.items():
-        if not np.all(np.isfinite(v)):
-            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
-    sig = values["sigma"]
-    if len(sig) < 2 or np.any(sig <= 0) or np.any(np.diff(sig) <= 0):
-        raise integrity.invalid(path, f"needs >= 2 rows of ascending σ > 0, got {len(sig)} rows")
-    steps = np.diff(np.log(sig))
-    if not np.allclose(steps, steps.mean(), rtol=1e-6, atol=0):
-        raise integrity.invalid(path, "its σ grid is not geometric (a row is missing or added)")
-    if np.any(values["stderr"] < 0):
-        raise integrity.invalid(path, "negative stderr")
-    return df.assign(**values)
-
-
-def _sigma_grid(lo: float, hi: float, k: int) -> np.ndarray:
-    if not (0 < lo <= hi) or k < 1:
-        raise ValueError(f"σ grid needs 0 < --sigma-min <= --sigma-max and --num-sigmas >= 1, got "
-                         f"{lo}, {hi}, {k}")
-    return np.geomspace(lo, hi, k) if k > 1 else np.array([lo])
-
-
 def _to_process(df: pd.DataFrame, process: str, target: str) -> pd.DataFrame:
     """Add t, process_loss, process_stderr for a named process/target (models.diffusion.to_process_curve)."""
-    from models.diffusion import get_process, to_process_curve
     t_all = get_process(process).t_from_sigma_ve(torch.tensor(df["sigma"].to_numpy(dtype=np.float64))).numpy()
     out = df.copy()
     out["process"], out["target"] = process, target
@@ -475,7 +467,10 @@ def _estimate_cli(argv) -> int:
     a = p.parse_args(argv)
     if (a.process is None) != (a.target is None):
         p.error("--process and --target go together")
-    sigmas = _sigma_grid(a.sigma_min, a.sigma_max, a.num_sigmas)
+    try:
+        sigmas = sigma_grid(a.num_sigmas, a.sigma_min, a.sigma_max)
+    except ValueError as err:
+        p.error(f"--num-sigmas / --sigma-min / --sigma-max: {err}")
     x, labels = _load(a.dataset)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")

@@ -33,7 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from analysis.forecast import LAW_LABELS, LAWS  # noqa: E402
+from analysis.frontier import lower_envelope  # noqa: E402
+from analysis.study_stats import model_families, pooled_fits  # noqa: E402
 from models.atomic import atomic_path  # noqa: E402
+from models.integrity import IntegrityError, verify  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
 STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal", "forecast")  # from the scaling step's tables
@@ -95,8 +99,6 @@ def _quantity(df: pd.DataFrame, quantity: str) -> pd.Series:
 
 def _on_frontier(losses: pd.DataFrame, rows: pd.DataFrame) -> np.ndarray:
     """For each row, whether its snapshot is on the study's one compute frontier (chosen on the total L)."""
-    from analysis.frontier import lower_envelope
-
     tot = _totals(losses)
     env = tot.iloc[lower_envelope(tot["flops"].to_numpy(dtype=float), tot["loss"].to_numpy(dtype=float))]
     keys = set(zip(env["model"], env["images_seen"]))
@@ -337,8 +339,6 @@ def plot_forecast(points: pd.DataFrame, forecast: pd.DataFrame, out) -> Path:
     """Every law's forecasts of the held-out sizes (forecast_points.csv, the estimate) against the measured total L:
     one panel per law, a point per held-out snapshot coloured by the held-out model (filled: on the frontier, the
     points every law is scored on), the diagonal, and the law's mean error over the splits with its interval."""
-    from analysis.forecast import LAW_LABELS, LAWS
-
     laws = [law for law in LAWS if law in set(points["law"])]
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), squeeze=False)
     if not laws:
@@ -379,8 +379,6 @@ def plot_families(losses: pd.DataFrame, exponents: pd.DataFrame | None, out) -> 
     """Architecture families side by side: total L (left) and L − J* (right) against compute; each family's
     snapshots in its own colour map (darker = larger model), its own compute frontier and its own fit from
     exponents.csv's per-family rows (legend: exponent with its bootstrap 95% interval)."""
-    from analysis.study_stats import model_families
-
     df = _totals(losses)
     df = df.assign(_family=model_families(df))
     fams = sorted(df["_family"].unique())
@@ -424,8 +422,6 @@ def plot_all(losses, exponents, jstar, estimators, outdir, profile=None, verdict
              compute_optimal=None, forecast=None, forecast_points=None) -> list[Path]:
     """Every figure into outdir (FIGURES names + .png). Arguments are tables or CSV paths; the offset profile, the
     compute-optimal and the forecast figures are drawn when their tables are given."""
-    from analysis.study_stats import pooled_fits
-
     read = lambda t: pd.read_csv(t) if not isinstance(t, pd.DataFrame) and t is not None else t  # noqa: E731
     losses, exponents, jstar, estimators, profile, verdict, compute_optimal, forecast, forecast_points = map(
         read, (losses, exponents, jstar, estimators, profile, verdict, compute_optimal, forecast, forecast_points))
@@ -476,8 +472,6 @@ def main(argv=None) -> int:
             ap.error(f"{a.figure}: --{key} is required")
         if not Path(path).is_file():
             ap.error(f"--{key}: file not found: {path}")
-    from models.integrity import IntegrityError, verify
-
     try:  # the study's intermediates (losses.csv, jstar.csv, estimators.csv) against their checksums
         for key in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal"):
             if getattr(a, key, None):
@@ -490,8 +484,6 @@ def main(argv=None) -> int:
                         a.compute_optimal, a.forecast, a.forecast_points)
     else:
         out = a.out or f"{a.figure}.png"
-        from analysis.study_stats import pooled_fits
-
         t = {k: pd.read_csv(getattr(a, k)) if getattr(a, k) else None
              for k in ("losses", "exponents", "jstar", "estimators", "profile", "verdict", "compute_optimal",
                        "forecast", "forecast_points")}

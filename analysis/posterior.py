@@ -18,8 +18,8 @@ Numerics (how the exact posterior stays exact and fast)
   row's running maximum: at small and intermediate σ the posterior is nearly one-hot and this GEMM all but
   vanishes, so the cost is one distance GEMM; at large σ (dense posterior) it is two.
 * The screen (_screened_posterior) makes concentrated posteriors cheaper still: the same product in a cheap
-  precision — bfloat16 on CUDA (tensor cores, ~15× the float32 rate); on the CPU int8 through fbgemm for large
-  batches with a source hint (~1.6× the float32 rate), else float32 for the rows that would otherwise need
+  precision — bfloat16 on CUDA (tensor cores); on the CPU int8 through fbgemm for large batches with a source
+  hint, else float32 for the rows that would otherwise need
   float64 — gives every logit within a rigorous bound B (rounding or quantisation of both operands, of the norms,
   of float32 accumulation, of the result; tests check each bound entry by entry).  Points
   whose logit cannot come within 50 nats of the row maximum are dropped (< e^-50 of the top weight each); the
@@ -41,10 +41,12 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["posterior_mean"]
+# posterior_mean is the exact D* for callers; the rest is what analysis/optimal_loss.py builds its estimators on
+__all__ = ["posterior_mean", "posterior_centred", "CentredData", "F32_LOGIT_TOL", "logit_error_bound", "no_tf32",
+           "default_chunk", "single_thread_if_small", "resolve_device", "as_matrix", "as_labels"]
 
 _U32 = 2.0 ** -24            # float32 unit roundoff
-_F32_LOGIT_TOL = 1e-2        # max logit error (nats) accepted from the float32 path
+F32_LOGIT_TOL = 1e-2         # max logit error (nats) accepted from the float32 path
 _NEGLIGIBLE_NATS = 50.0      # weights below e^-50 of the row max are skipped in the value GEMM
 _EXP_FLOOR = _NEGLIGIBLE_NATS + 30.0  # logits below max − 80 count as e^-80 (≤ N·1e-35 of the sum)
 _CACHE_BYTES = 2 ** 31       # the centred copy of the data is kept (per dtype) up to this size
@@ -61,7 +63,7 @@ _SCREEN_MIN_CANDIDATES = 256  # … or more than this, whichever is larger
 # --------------------------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _no_tf32():
+def no_tf32():
     """Full-precision matmuls for the distance GEMM: float32 without TF32 / bf16 shortcuts, and bfloat16 (the
     screen) with float32 reductions (cuBLAS may otherwise reduce split-K partial sums in bfloat16, which the
     screen's error bound does not cover); restores the settings."""
@@ -78,9 +80,9 @@ def _no_tf32():
 
 
 @contextlib.contextmanager
-def _single_thread_if_small(device: torch.device, gemm_size: int):
-    """One CPU thread when each GEMM is small (subset estimators, or a dataset as small as digits): thread
-    start-up costs more than the work, and on a busy 2-core machine two threads ran 3-4× slower than one."""
+def single_thread_if_small(device: torch.device, gemm_size: int):
+    """One CPU thread when each GEMM is small (subset estimators, or a dataset as small as digits): starting and
+    synchronising threads costs more than the work they share, the more so on a machine whose cores are busy."""
     old = torch.get_num_threads()
     if device.type == "cpu" and gemm_size < 2 ** 28:
         torch.set_num_threads(1)
@@ -90,7 +92,7 @@ def _single_thread_if_small(device: torch.device, gemm_size: int):
         torch.set_num_threads(old)
 
 
-def _resolve_device(device) -> torch.device:
+def resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cpu")
     dev = torch.device(device)
@@ -99,7 +101,7 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _as_matrix(data, name: str = "data", check_finite: bool = True) -> torch.Tensor:
+def as_matrix(data, name: str = "data", check_finite: bool = True) -> torch.Tensor:
     """[N, …] numpy/torch → [N, D] float tensor (float64 stays float64, everything else becomes float32)."""
     t = torch.as_tensor(data) if not isinstance(data, torch.Tensor) else data
     if t.ndim < 1 or t.shape[0] == 0:
@@ -113,7 +115,7 @@ def _as_matrix(data, name: str = "data", check_finite: bool = True) -> torch.Ten
     return t
 
 
-def _as_labels(labels, n: int, name: str) -> torch.Tensor:
+def as_labels(labels, n: int, name: str) -> torch.Tensor:
     lab = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).reshape(-1)
     if lab.numel() != n:
         raise ValueError(f"{name} has {lab.numel()} entries but there are {n} points")
@@ -124,7 +126,7 @@ def _as_labels(labels, n: int, name: str) -> torch.Tensor:
 
 
 
-class _Data:
+class CentredData:
     """The dataset on its device plus its float64 mean.  The exact path works on centred rows (distances are
     shift-invariant and smaller norms mean smaller GEMM rounding): in float64 exactly, in float32 with one
     rounding that the precision bound covers.  Keeps the largest centred norm (for that bound) and, when it fits
@@ -229,7 +231,7 @@ class _Data:
 # the exact posterior: streaming log-sum-exp over data chunks
 # --------------------------------------------------------------------------------------------------------
 
-def _logit_error_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data) -> torch.Tensor:
+def logit_error_bound(xq: torch.Tensor, sigma: torch.Tensor, data: CentredData) -> torch.Tensor:
     """Worst-case float32 logit error per query row (nats): GEMM rounding ~√D·u·‖x‖‖x0‖ (×2 in the distance)
     plus the rounding of the norm terms and of the max subtraction, all divided by 2σ²."""
     xn = xq.norm(dim=1)
@@ -237,7 +239,7 @@ def _logit_error_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data) -> to
     return err_dist / (2.0 * sigma ** 2)
 
 
-def _default_chunk(device: torch.device, q: int, dim: int, n: int) -> int:
+def default_chunk(device: torch.device, q: int, dim: int, n: int) -> int:
     """Data points per chunk: the [Q, chunk] logits ≤ 64 MB (CPU) / 1 GB (GPU) and the [chunk, D] centred copy
     ≤ 128 MB / 1 GB, at least 256 points (GEMM-sized); then evened out so the last chunk is not a sliver."""
     cap = 2 ** 24 if device.type == "cpu" else 2 ** 28
@@ -246,14 +248,15 @@ def _default_chunk(device: torch.device, q: int, dim: int, n: int) -> int:
     return -(-n // pieces)
 
 
-def _stream_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype,
+def _stream_posterior(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype,
                       chunk: int, init_max: torch.Tensor | None = None) -> torch.Tensor:
     """D*(x) (centred coords, float64 [Q, D]) for queries xq [Q, D] (float64, centred), σ [Q] (float64),
     doing the distance GEMM, logits and weights in `dtype` and the running (max, sum, numerator) in float64.
 
     The logit −‖x − x0‖²/2σ² is, up to a per-row constant that the softmax ignores, (2⟨x, x0⟩ − ‖x0‖²)/2σ²:
     one GEMM of the augmented rows [x0, ‖x0‖²] · [x/σ², −1/2σ²] gives it with no elementwise pre-pass.  The
-    product is laid out [chunk, Q] (data-major): MKL runs that orientation ~15% faster than [Q, chunk].
+    product is laid out [chunk, Q] (data-major), the orientation MKL runs faster (benchmarks/bench_optimal_loss.py
+    times both).
     `init_max` (optional, float64 [Q]): the logit, in that convention, of one known data point per row (e.g. the
     source of x): seeding the running max with it lets chunks that hold nothing near x skip the value GEMM."""
     q, dim = xq.shape
@@ -263,7 +266,7 @@ def _stream_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype:
     run_sum = torch.zeros(q, dtype=torch.float64, device=xq.device)
     acc = torch.zeros(q, dim, dtype=torch.float64, device=xq.device)
     for _, xc_aug in data.augmented_chunks(dtype, chunk):
-        with _no_tf32():
+        with no_tf32():
             logits = xc_aug @ x_aug.T                                     # the GEMM: [chunk, Q]
         chunk_max = logits.amax(dim=0).double()
         new_max = torch.maximum(run_max, chunk_max)
@@ -282,7 +285,7 @@ def _stream_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype:
         xv = xc_aug[:, :dim]
         if cols.numel() < pr.shape[0]:
             pr, xv = pr.index_select(0, cols), xv.index_select(0, cols)
-        with _no_tf32():
+        with no_tf32():
             contrib = (pr.T @ xv).double()
         if rows.numel() < q:
             acc.index_add_(0, rows, contrib)
@@ -291,7 +294,7 @@ def _stream_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype:
     return acc / run_sum[:, None]
 
 
-def _screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data, dtype: torch.dtype) -> torch.Tensor:
+def _screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: CentredData, dtype: torch.dtype) -> torch.Tensor:
     """A rigorous bound (nats) on |screened logit − exact logit| per query row when the augmented GEMM runs on
     operands rounded to `dtype` (bfloat16 or float32) with float32 accumulation and a `dtype` result.
 
@@ -336,7 +339,7 @@ def _int8_pack_queries(xq: torch.Tensor):
     return torch.ops.quantized.linear_prepack(wq, None), scale
 
 
-def _int8_screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data, scale: torch.Tensor) -> torch.Tensor:
+def _int8_screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: CentredData, scale: torch.Tensor) -> torch.Tensor:
     """A rigorous bound (nats) on |screened − exact logit| per query row for the int8 screen, which multiplies raw
     data rows a (fbgemm quantises them per chunk: 7-bit, so each entry is off by at most one step ≤ 2·max|a|/127,
     whatever zero point it picks) by the int8 queries x (off by ≤ half their own step) and subtracts the float32
@@ -352,14 +355,14 @@ def _int8_screen_bound(xq: torch.Tensor, sigma: torch.Tensor, data: _Data, scale
     return inv2s2 * (2 * d_dot + rounding + data.centred_sq_err)
 
 
-def _screen_logits(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int):
+def _screen_logits(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int):
     """Yield (start, [chunk, Q] screened logits) and return nothing; see _screened_posterior.  For bfloat16 /
     float32 the augmented GEMM of centred rows; for int8 (torch.int8) fbgemm's product of the raw rows with the
     int8 queries, less the centred norms — those logits are the centred ones plus ⟨x, mean⟩/σ² per row."""
     if dtype != torch.int8:
         x_aug = data.augmented_queries(xq, sigma, dtype)
         for start, xc_aug in data.augmented_chunks(dtype, chunk):
-            with _no_tf32():
+            with no_tf32():
                 yield start, xc_aug @ x_aug.T
         return
     packed, _ = _int8_pack_queries(xq)
@@ -370,7 +373,7 @@ def _screen_logits(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: to
         yield start, approx.mul_(2.0 * inv2s2[None, :]).addr_(data.centred_sq[start:stop], inv2s2, alpha=-1.0)
 
 
-def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int,
+def _screened_posterior(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor, dtype: torch.dtype, chunk: int,
                         init_max: torch.Tensor | None, max_candidates: int):
     """Exact D*(x) by screening, for the rows whose posterior is concentrated (most rows at small and
     intermediate σ): (1) the augmented GEMM in a cheap `dtype` (bfloat16 on a GPU's tensor cores) gives every
@@ -405,7 +408,7 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
         keep = approx >= threshold[None, :]
         # rows with too many candidates go to the streaming path before their pairs are materialised (the
         # limit is loose: without a hint, early chunks keep points that later ones rule out); the per-row count
-        # costs ~15× the total one, so it runs only when the total says some row may be over
+        # costs far more than the total one, so it runs only when the total says some row may be over
         if int(torch.count_nonzero(keep)) > 4 * max_candidates:
             over = counts + torch.count_nonzero(keep, dim=0) > 4 * max_candidates
             dense |= over
@@ -437,13 +440,12 @@ def _screened_posterior(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, dtyp
     return num / total.clamp(min=1e-300)[:, None], done
 
 
-def _screen_dtype(data: _Data, fast: torch.Tensor, hinted: bool) -> tuple[torch.dtype | None, torch.Tensor]:
-    """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores: ~15× the
-    float32 rate); on the CPU every row in int8 when fbgemm is there, the batch's GEMM is large and each query
-    comes with a hint (~1.6× the float32 rate, quantisation included; without a hint the first chunks of a
-    multi-chunk pass cannot rule out enough points at intermediate σ and the screen would only add its GEMM),
-    else the rows that would otherwise need a float64 GEMM in float32 (a float32 screen plus float64 candidates
-    beats a float64 GEMM ~2×)."""
+def _screen_dtype(data: CentredData, fast: torch.Tensor, hinted: bool) -> tuple[torch.dtype | None, torch.Tensor]:
+    """Which rows are screened, and in which precision: on CUDA every row in bfloat16 (tensor cores); on the CPU
+    every row in int8 when fbgemm is there, the batch's GEMM is large and each query comes with a hint (faster than
+    float32 then, quantisation included; without a hint the first chunks of a multi-chunk pass cannot rule out
+    enough points at intermediate σ and the screen would only add its GEMM), else the rows that would otherwise
+    need a float64 GEMM in float32 (a float32 screen plus float64 candidates costs less than a float64 GEMM)."""
     every = torch.ones_like(fast)
     forced = {"bfloat16": torch.bfloat16, "int8": torch.int8, "float32": torch.float32}
     if _SCREEN == "off":
@@ -457,7 +459,7 @@ def _screen_dtype(data: _Data, fast: torch.Tensor, hinted: bool) -> tuple[torch.
     return torch.float32, ~fast
 
 
-def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk: int | None,
+def posterior_centred(data: CentredData, xq: torch.Tensor, sigma: torch.Tensor, chunk: int | None,
                        hint: torch.Tensor | None = None, screen_log: list | None = None) -> torch.Tensor:
     """Exact D* for a batch of queries: screened rows first (_screened_posterior), then the rest streamed in
     float32 where the precision bound allows and float64 elsewhere (module docstring).
@@ -470,14 +472,14 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
     if hint is not None:   # exact logit of the hinted point, in _stream_posterior's convention
         x_h = data.rows(hint, torch.float64)
         init = ((xq ** 2).sum(1) - ((xq - x_h) ** 2).sum(1)) * (0.5 / sigma ** 2)
-    fast = _logit_error_bound(xq, sigma, data) <= _F32_LOGIT_TOL
+    fast = logit_error_bound(xq, sigma, data) <= F32_LOGIT_TOL
     todo = torch.ones_like(fast)
     screen_dtype, screened = _screen_dtype(data, fast, hinted=init is not None)
     if screen_log and min(screen_log) < 0.1:
         screened = torch.zeros_like(screened)
     idx = torch.nonzero(screened).squeeze(1)
     if idx.numel() > 0:
-        ch = chunk or _default_chunk(data.device, idx.numel(), data.dim, data.n)
+        ch = chunk or default_chunk(data.device, idx.numel(), data.dim, data.n)
         cap = max(_SCREEN_MIN_CANDIDATES, data.n // _SCREEN_MAX_FRACTION)
         den, done = _screened_posterior(data, xq[idx], sigma[idx], screen_dtype, ch,
                                         None if init is None else init[idx], cap)
@@ -489,7 +491,7 @@ def _posterior_centred(data: _Data, xq: torch.Tensor, sigma: torch.Tensor, chunk
         idx = torch.nonzero(mask).squeeze(1)
         if idx.numel() == 0:
             continue
-        ch = chunk or _default_chunk(data.device, idx.numel(), data.dim, data.n)
+        ch = chunk or default_chunk(data.device, idx.numel(), data.dim, data.n)
         if idx.numel() == xq.shape[0]:
             return _stream_posterior(data, xq, sigma, dtype, ch, init)
         out[idx] = _stream_posterior(data, xq[idx], sigma[idx], dtype, ch, None if init is None else init[idx])
@@ -517,10 +519,10 @@ def posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None, chun
     shaped like x_noisy (on `device`, default the CPU).  Streams the data in chunks of `chunk_size` points.
     `source_index` [Q] (optional): the index of the point each x was made from — a speed hint (the result is the
     same up to rounding); with labels, the index into the whole data set."""
-    dev = _resolve_device(device)
-    x0 = _as_matrix(data, "data", check_finite=False)   # _Data's mean / norms catch NaN and inf
+    dev = resolve_device(device)
+    x0 = as_matrix(data, "data", check_finite=False)   # CentredData's mean / norms catch NaN and inf
     x_shape = tuple(np.shape(x_noisy))
-    xq = _as_matrix(x_noisy, "x_noisy").double()
+    xq = as_matrix(x_noisy, "x_noisy").double()
     if xq.shape[1] != x0.shape[1]:
         raise ValueError(f"x_noisy has {xq.shape[1]} features per point but data has {x0.shape[1]}")
     if (labels is None) != (noisy_labels is None):
@@ -533,8 +535,8 @@ def posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None, chun
     if labels is None:
         groups = [(None, torch.arange(q))]
     else:
-        lab = _as_labels(labels, x0.shape[0], "labels")
-        qlab = _as_labels(noisy_labels, q, "noisy_labels")
+        lab = as_labels(labels, x0.shape[0], "labels")
+        qlab = as_labels(noisy_labels, q, "noisy_labels")
         missing = set(qlab.unique().tolist()) - set(lab.unique().tolist())
         if missing:
             raise ValueError(f"noisy_labels contain classes with no data points: {sorted(missing)[:10]}")
@@ -546,7 +548,7 @@ def posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None, chun
             raise ValueError(f"source_index must hold {q} indices in [0, {x0.shape[0]})")
     for c, rows in groups:
         members = None if c is None else torch.nonzero(lab == c).squeeze(1)
-        d = _Data(x0 if c is None else x0[members], dev)
+        d = CentredData(x0 if c is None else x0[members], dev)
         position = None
         if hint_all is not None and members is not None:   # whole-data index → index within the class
             position = torch.full((x0.shape[0],), -1, dtype=torch.int64)
@@ -558,7 +560,7 @@ def posterior_mean(data, x_noisy, sigma, *, labels=None, noisy_labels=None, chun
             if hint_all is not None:
                 hint = hint_all[r] if position is None else position[hint_all[r]]
                 hint = None if bool((hint < 0).any()) else hint.to(dev)   # a hint from another class: ignore
-            out[r.to(dev)] = _posterior_centred(d, xc, sig[r].to(dev), chunk_size, hint) + d.mean
+            out[r.to(dev)] = posterior_centred(d, xc, sig[r].to(dev), chunk_size, hint) + d.mean
     return out.reshape(x_shape)
 
 

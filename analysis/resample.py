@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from models.atomic import atomic_path
+from models.integrity import IntegrityError, invalid, verify
 
 PER_TRIPLE_KEYS = ("sigma", "level", "optimal_loss", "loss", "excess", "total_weight",
                    "model", "params", "images_seen", "flops")
@@ -98,8 +99,6 @@ def save_per_triple(path, arrays: dict) -> None:
 def load_per_triple(path) -> dict:
     """per_triple.npz, checked against its checksum sidecar (models.integrity) and validated (shapes, levels,
     finite values): a bad file is one error naming it and the command that rebuilds it."""
-    from models.integrity import IntegrityError, invalid, verify
-
     verify(path)
     try:
         with np.load(path, allow_pickle=False) as z:

@@ -2,8 +2,8 @@
 
     FD = ‖μ₁ − μ₂‖² + tr(Σ₁ + Σ₂ − 2(Σ₁^½ Σ₂ Σ₁^½)^½)        (FID when the features are Inception-v3 pool3)
 
-Features.  By default a small MLP classifier trained here on the dataset's labels (digits: ~97 % held-out
-accuracy, a few seconds on a CPU); its penultimate activations (128-d) are the feature space — the "FID of small
+Features.  By default a small MLP classifier trained here on the dataset's labels (its held-out accuracy is
+recorded with it; seconds on a CPU for digits); its penultimate activations (128-d) are the feature space — the "FID of small
 data".  It is saved to the study folder so every model of a study is scored in the same space.  Inception
 features (real FID) only when the user points `--inception` at local weights: a TorchScript file (called as
 `module(images)` on float images in [0, 255], [B, 3, 299, 299], returning [B, 2048] features), or a torchvision
@@ -29,6 +29,11 @@ import torch
 from torch import nn
 
 from models.atomic import atomic_path
+from models.data import open_dataset
+from models.integrity import load_torch
+from models.sampler import sample_snapshot
+
+# torchvision is no dependency: it is imported only to rebuild an Inception state dict (load_inception).
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,8 +152,6 @@ def load_classifier(path) -> FeatureClassifier:
     if not path.exists():
         raise FileNotFoundError(f"feature classifier not found: {path} (make it with "
                                 f"`python -m analysis.sample_quality train-classifier`)")
-    from models.integrity import load_torch
-
     ck = load_torch(path)
     model = FeatureClassifier(ck["in_dim"], ck["num_classes"], tuple(ck["hidden"]))
     model.load_state_dict(ck["state_dict"])
@@ -231,8 +234,6 @@ def score_samples(samples, reference, classifier: FeatureClassifier, *, inceptio
 def _load_npz_x(path):
     """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through models.data's reader
     (uint8 datasets become u/127.5 − 1, float samples stay as given)."""
-    from models.data import open_dataset
-
     data = open_dataset(path)
     return data.float32(), (None if data.labels is None else data.labels.numpy())
 
@@ -268,10 +269,6 @@ def main(argv=None) -> None:
     x, labels = _load_npz_x(args.data)
     meta = {}
     if args.snapshot:
-        from models.sampler import sample_snapshot
-
-        from models.integrity import load_torch
-
         snap = load_torch(args.snapshot)
         cond = int(snap["arch"].get("label_dim", 0) or 0) > 0
         lab = None

@@ -11,11 +11,11 @@ Modules of the statistics, each the one owner of its piece:
     analysis.forecast        forecast.csv, forecast_pairs.csv, forecast_points.csv, information.csv
     analysis.report          exponents.md
 
-Public interface (kept here for the code and users that import it from analysis.scaling):
-- ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent
-- ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β
-- ``holdout_error``, ``lower_envelope``, ``predict_power_law``; ``fit_table`` (point estimates from losses.csv
-  alone) and ``study_outputs`` (the whole analysis folder) for the study DAG.
+Public interface:
+- ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent (defined in analysis.fits)
+- ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β (defined in analysis.fits)
+- ``fit_table`` (point estimates from losses.csv alone) and ``study_outputs`` (the whole analysis folder) for the
+  study DAG.
 
 CLI::
 
@@ -37,15 +37,13 @@ import pandas as pd
 from analysis import forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
 from analysis.evaluate import read_losses
-from analysis.fits import fit_chinchilla, fit_power_law, holdout_error, predict_power_law
-from analysis.frontier import lower_envelope
+from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.resample import load_per_triple, replicates, replicates_from_losses
 from analysis.study_stats import POOLED, model_families, pooled_fits
 from models.atomic import atomic_path
 from models.integrity import IntegrityError
 
-__all__ = ["fit_power_law", "fit_chinchilla", "holdout_error", "predict_power_law", "lower_envelope", "fit_table",
-           "study_outputs", "model_families", "pooled_fits", "POOLED", "main"]
+__all__ = ["fit_power_law", "fit_chinchilla", "fit_table", "study_outputs", "main"]
 
 LOSSES_COLUMNS = ("model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss")
 STUDY_OUTPUTS = ("exponents.csv", "exponents.md", "verdict.csv", "offset_profile.csv", "compute_optimal.csv",

@@ -23,11 +23,16 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-from scipy import stats
+import matplotlib
 
-from analysis.diagnose import _save_fig, _write_csv, _write_text, gap_summary, read_eval, read_meta, sigma_star_of
+matplotlib.use("Agg")  # files only, never a window: before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from analysis.diagnose import (gap_summary, read_eval, read_meta, save_fig, sigma_star_of,  # noqa: E402
+                               write_csv, write_text)
 
 ARM_KEYS = ["arm", "arch", "variant", "logvar", "schedule", "schedule_kwargs"]
 GROUP_KEYS = ["arch", "variant", "logvar"]          # arms compared with one baseline
@@ -200,11 +205,6 @@ def comparison_markdown(comp: pd.DataFrame, level: float = 0.95) -> str:
 
 
 def plot_comparison(models: pd.DataFrame, path, sigma_star=None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = list(models.groupby(GROUP_KEYS, sort=True))
     n = len(groups) + 1
     fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 4.0), squeeze=False)
@@ -240,7 +240,7 @@ def plot_comparison(models: pd.DataFrame, path, sigma_star=None) -> None:
     ax.set_title("sample quality (dots: seeds, bar: mean)", fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    save_fig(fig, path)
 
 
 def main(argv=None) -> None:
@@ -256,10 +256,10 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     models = model_rows(args.eval, args.scores, args.meta)
     comp = compare_arms(models)
-    _write_csv(models, args.models)
-    _write_csv(comp, args.out)
+    write_csv(models, args.models)
+    write_csv(comp, args.out)
     md = comparison_markdown(comp)
-    _write_text(md, args.markdown)
+    write_text(md, args.markdown)
     plot_comparison(models, args.figure, sigma_star_of(args.jstar) if args.jstar else None)
     print(md)
 

@@ -35,6 +35,7 @@ from analysis.fits import power_law_fixed, power_law_free, power_law_predict
 from analysis.frontier import final_mask, frontier_mask, largest_model_mask
 from analysis.intervals import set_fields
 from analysis.resample import StudyReplicates
+from models.sizes import FAMILY
 
 MIN_POINTS_FOR_INTERVAL = 5
 QUANTITIES = ("raw", "minus_jstar", "excess", "free_offset")
@@ -369,8 +370,6 @@ def model_families(df: pd.DataFrame) -> pd.Series:
     name the table does not know is its own group). No `arch` column: one group, POOLED."""
     if "arch" not in df.columns:
         return pd.Series(POOLED, index=df.index)
-    from models.sizes import FAMILY
-
     return df["arch"].map(lambda a: FAMILY.get(a, a) if isinstance(a, str) else POOLED)
 
 

@@ -14,6 +14,9 @@ import time
 
 import torch
 
+from models.dropout import dropout_stream
+from models.family import build
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -29,9 +32,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    from models.dropout import dropout_stream
-    from models.family import build
 
     device = torch.device(args.device)
     torch.manual_seed(0)

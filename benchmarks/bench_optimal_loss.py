@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import analysis.posterior as posterior  # noqa: E402
+from analysis.optimal_loss import estimate_optimal_loss, posterior_mean  # noqa: E402
 
 
 def _sync(device):
@@ -64,7 +68,6 @@ def _cpu_name() -> str:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or platform.machine()
 
 
@@ -85,7 +88,6 @@ def _faster_orientation(f1, f2, device):
 
 def run_case(a) -> dict:
     """One measurement (runs inside the subprocess)."""
-    from analysis.optimal_loss import estimate_optimal_loss, posterior_mean
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
@@ -103,8 +105,7 @@ def run_case(a) -> dict:
             torch.set_float32_matmul_precision("highest")
             fn = _faster_orientation(lambda: x32 @ data.T, lambda: data @ x32.T, device)
         elif a.case in ("exact", "exact-noscreen"):
-            import analysis.posterior as ol
-            ol._SCREEN = "off" if a.case == "exact-noscreen" else "auto"
+            posterior._SCREEN = "off" if a.case == "exact-noscreen" else "auto"
             fn = lambda: estimate_optimal_loss(data, [a.sigma], estimator="full", n_samples=a.queries,
                                                device=device)
         elif a.case == "exact-amortised":     # K·Q samples in one call; reported per Q (see main)

@@ -17,14 +17,15 @@ import time
 
 import torch
 
+from models import family
+from models.data import load_dataset
+from models.denoiser import Denoiser
+from models.diffusion import get_variant
+from models.loop import per_example_losses
+from models.weight_norm import forced_weights, normalize_forced_weights_
+
 
 def bench(name: str, x_all: torch.Tensor, batch: int, steps: int, warmup: int) -> dict:
-    from models import family
-    from models.denoiser import Denoiser
-    from models.diffusion import get_variant
-    from models.train import per_example_losses
-    from models.weight_norm import forced_weights, normalize_forced_weights_
-
     _, c, h, _ = x_all.shape
     net = family.build(name, resolution=h, channels=c, device="cpu").train()
     ema = copy.deepcopy(net).requires_grad_(False)
@@ -62,8 +63,6 @@ def bench(name: str, x_all: torch.Tensor, batch: int, steps: int, warmup: int) -
 
 
 def main(argv=None) -> int:
-    from models.data import load_dataset
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--members", nargs="*", default=["t0", "t1", "t2", "t3", "t4", "t5", "t6"])
     p.add_argument("--batch", type=int, default=128)

@@ -20,11 +20,12 @@ alone and runs without the rest of the pipeline.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import math
+import os
 import platform
+import socket
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from models.family import SIZES, build, count_params, training_flops_per_image  # noqa: E402
+from models.family import build, count_params, training_flops_per_image  # noqa: E402
+from models.train import DS_ZERO_TUNING, promote_scalar_params  # noqa: E402
+from models.sizes import SIZES  # noqa: E402
 from models.weight_norm import forced_weights, normalize_forced_weights_  # noqa: E402
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -0.4, 1.0  # EDM2's ImageNet-512 latent settings
@@ -66,9 +69,6 @@ ENGINES = ("plain", "ddp", "zero2")
 
 def single_process_group() -> None:
     """A one-process torch.distributed group for DeepSpeed (a launcher would set these variables)."""
-    import os
-    import socket
-
     if "RANK" in os.environ:
         return
     with socket.socket() as sock:
@@ -80,15 +80,13 @@ def single_process_group() -> None:
 def zero2_engine(net, opt, batch: int):
     """DeepSpeed ZeRO-2 around `net` and its Adam, with the trainer's settings (models/train.py): an fp32 engine
     (the forward's bf16 comes from autocast, as under DDP)."""
-    import deepspeed
-
-    from models.train import DS_ZERO_TUNING, _promote_scalar_params
+    import deepspeed  # optional package
 
     single_process_group()
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 2, **DS_ZERO_TUNING},
               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
-    _promote_scalar_params(net)  # as the trainer does: DeepSpeed cannot broadcast 0-dim parameters
+    promote_scalar_params(net)  # as the trainer does: DeepSpeed cannot broadcast 0-dim parameters
     engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=type(opt)(net.parameters(), **opt.defaults),
                                              config=config)
     return engine, opt
@@ -196,7 +194,7 @@ def sync(device):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="EDM2 family training throughput and MFU (bf16 autocast, Adam).")
-    p.add_argument("--sizes", default="xs,s,m,l,xl,xxl", help="comma-separated sizes from models.family.SIZES")
+    p.add_argument("--sizes", default="xs,s,m,l,xl,xxl", help="comma-separated sizes from models.sizes.SIZES")
     p.add_argument("--batch", type=int, default=None, help="images per step (default 256 on GPU, 2 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per size")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")

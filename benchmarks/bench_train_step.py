@@ -27,6 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import models.train as train_module  # noqa: E402
+from models import family  # noqa: E402
+from models.config import load_config  # noqa: E402
+
 
 class StepClock:
     """Stands in for the loop's progress bar: the loop calls update() once per step, so the CPU and wall time
@@ -53,10 +57,6 @@ class StepClock:
 
 def time_training(model: str, steps: int, warmup: int, profile: bool) -> dict:
     """Per-step CPU and wall seconds of `steps` steps of `model` after `warmup` (models.train.train, one run)."""
-    import models.train as train_module
-    from models import family
-    from models.config import load_config
-
     cfg = load_config(ROOT / "workflow" / "config" / "default.yaml")
     batch = int(cfg["training"]["batch_size"])
     total = (warmup + steps) * batch

@@ -29,6 +29,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from models.data import load_dataset, save_npz  # noqa: E402
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -64,7 +66,7 @@ def kept_weights(out: Path) -> dict:
     state = torch.load(out / "state.pt", weights_only=False, map_location="cpu")
     if state.get("ds_dir") is None:
         return state["net"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional package
 
     ds_dir = out / state["ds_dir"]
     tag = next(p.name for p in ds_dir.iterdir() if p.is_dir())
@@ -89,8 +91,6 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default="plain,ddp-2,zero2-1,zero2-2")
     p.add_argument("--keep", default=None, help="keep the run folders here")
     args = p.parse_args(argv)
-
-    from models.data import load_dataset, save_npz
 
     total = args.steps * args.batch
     training = dict(total_images=total, batch_size=args.batch, batch_gpu=args.batch_gpu, lr=args.lr,

@@ -24,13 +24,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window: before pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.optimal_loss import estimate_optimal_loss  # noqa: E402
+from models.data import load_dataset  # noqa: E402
 
 
 def clustered_set(n=2000, dim=16, k=20, spread=0.25, seed=0):
@@ -40,7 +45,6 @@ def clustered_set(n=2000, dim=16, k=20, spread=0.25, seed=0):
 
 
 def load_sets(quick: bool):
-    from models.data import load_dataset
     digits = load_dataset("digits").x.reshape(1797, -1).numpy()
     sets = {"digits": digits}
     if not quick:
@@ -104,9 +108,6 @@ def summarise(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def figure(table: pd.DataFrame, summ: pd.DataFrame, path: Path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     sets = list(table["dataset"].unique())
     fig, axes = plt.subplots(len(sets), 3, figsize=(15, 4.2 * len(sets)), squeeze=False)
     for r, name in enumerate(sets):

@@ -7,11 +7,12 @@ Each problem is one line naming the key and the bad value, e.g.
 
 Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
 (min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
-mapping), batch_size against num_processes (and training.batch_gpu where set), num_processes against num_machines
-(and a distributed accelerate config for several nodes), a model's GPUs against its processes, dataset spec syntax,
-the optimal-loss subset_size against the dataset size where that size is known without loading the data, and the
-packages each configured path needs beyond the core install (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate
-config, Pillow for an image folder, each configured tracker's package), looked up without importing them.
+mapping), num_processes against num_machines (and a distributed accelerate config for several nodes), a model's GPUs
+against its processes, dataset spec syntax, the optimal-loss subset_size against the dataset size where that size is
+known without loading the data, and the packages each configured path needs beyond the core install
+(PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate config, Pillow for an image folder, each configured tracker's
+package), looked up without importing them. That every batch splits over its processes and micro-batches is
+load_config's check (models.config.micro_batch), made before these.
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import yaml
 
 from models.config import ConfigError, model_training, snapshot_marks, total_images
+from models.sizes import SIZES
 
 # Dataset sizes known without reading the data (models.data: sklearn's digits set).
 KNOWN_DATASET_SIZES = {"digits": 1797}
@@ -35,8 +38,6 @@ SPEC_FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or 
 
 def known_arch_names() -> list[str]:
     """Every architecture name of the model table (models.sizes: U-Net and DiT ladders; no torch)."""
-    from models.sizes import SIZES
-
     return list(SIZES)
 
 
@@ -134,21 +135,6 @@ def check_accelerate_config(path: str, key: str, basedir: str | os.PathLike) -> 
     return []
 
 
-def check_batches(training: Mapping) -> list[str]:
-    """batch_size divisible by num_processes; the per-process batch divisible by batch_gpu (where set)."""
-    batch = int(training["batch_size"])
-    n = int((training.get("launch") or {}).get("num_processes", 1))
-    if batch % n:
-        return [f"training.batch_size: {batch} is not divisible by training.launch.num_processes ({n})"]
-    batch_gpu = training.get("batch_gpu")
-    if batch_gpu is not None:
-        local = batch // n
-        if int(batch_gpu) < 1 or local % int(batch_gpu):
-            return [f"training.batch_gpu: {batch_gpu} does not divide the per-process batch "
-                    f"batch_size / num_processes = {batch} / {n} = {local}"]
-    return []
-
-
 def check_machines(training: Mapping, basedir: str | os.PathLike) -> list[str]:
     """A multi-node launch (num_machines > 1): the same number of processes on every node, and an accelerate
     config that starts a distributed run (one with distributed_type NO runs a single process)."""
@@ -174,8 +160,7 @@ def check_launch(cfg: Mapping, basedir: str | os.PathLike) -> list[str]:
         path = (training.get("launch") or {}).get("accelerate_config")
         return [] if path is None else check_accelerate_config(path, "training.launch.accelerate_config", basedir)
 
-    return (_per_model(cfg, check_batches) + _per_model(cfg, accelerate)
-            + _per_model(cfg, lambda training: check_machines(training, basedir)))
+    return _per_model(cfg, accelerate) + _per_model(cfg, lambda training: check_machines(training, basedir))
 
 
 def check_train_resources(cfg: Mapping) -> list[str]:
@@ -219,7 +204,6 @@ def array_shape(path: Path) -> tuple | None:
     """The shape of the image array of a .npy / .npz file (for .npz the first of models.data's image keys x,
     images, latents), from its header only; None when the file is missing or unreadable (the dataset job's error
     to report)."""
-    import numpy as np  # light; no torch
 
     def header(f):
         version = np.lib.format.read_magic(f)
@@ -357,7 +341,7 @@ def check_packages(cfg: Mapping, basedir: str | os.PathLike, table=None) -> list
 
 def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> list[str]:
     """Every problem of a validated study config (load_config's output), one line each. `arch_names`: the known
-    architectures (default: models.family's table, which imports torch)."""
+    architectures (default: known_arch_names(), models.sizes' table)."""
     names = list(arch_names) if arch_names is not None else known_arch_names()
     return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
             + check_launch(cfg, basedir) + check_train_resources(cfg) + check_dataset(cfg)

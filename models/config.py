@@ -13,11 +13,15 @@ YAML syntax error names the file, line and column.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
+import re
+import sys
 from pathlib import Path
 from typing import Mapping
 
+import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -160,8 +164,6 @@ def _check_batching(cfg: dict, where: str) -> None:
 def _validator(schema: Mapping, *, fill_defaults: bool = False):
     """jsonschema's validator for the schema's dialect; with fill_defaults, one that inserts each missing
     property's `default` (a deep copy) before validating it, so nested defaults fill in too."""
-    import jsonschema  # local: only needed when validating
-
     cls = jsonschema.validators.validator_for(schema)
     if fill_defaults:
         check_properties = cls.VALIDATORS["properties"]
@@ -192,8 +194,6 @@ def _describe(error) -> list[str]:
     if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
         known = set(error.schema.get("properties", {}))
         patterns = error.schema.get("patternProperties", {})
-        import re
-
         unknown = [k for k in error.instance if k not in known and not any(re.search(p, k) for p in patterns)]
         if unknown:
             hint = f" (known keys: {', '.join(sorted(known))})" if known else ""
@@ -225,10 +225,7 @@ def model_training(cfg: Mapping, name: str) -> dict:
     """The training settings of model NAME: the study's `training` defaults deep-merged with the model's
     `training` overrides.  A `snapshots` override that gives `images` wins over count/spacing (see
     snapshot_marks)."""
-    models = cfg.get("models") or {}
-    if name not in models:
-        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
-    entry = models[name] or {}
+    entry = _model_entry(cfg, name)
     overrides = dict(entry.get("training") or {})
     merged = _deep_merge(cfg.get("training") or {}, overrides)
     # an explicit list of snapshot marks in the override replaces the study's geometric/linear spec
@@ -238,6 +235,19 @@ def model_training(cfg: Mapping, name: str) -> dict:
     elif snap_override:
         merged["snapshots"].pop("images", None)
     return merged
+
+
+def model_variant(cfg: Mapping, name: str) -> dict:
+    """The variant section ({name, kwargs}) model NAME trains: its own `variant` where the entry has one, else the
+    study's."""
+    return _model_entry(cfg, name).get("variant") or cfg["variant"]
+
+
+def _model_entry(cfg: Mapping, name: str) -> Mapping:
+    models = cfg.get("models") or {}
+    if name not in models:
+        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
+    return models[name] or {}
 
 
 STEP_RESOURCE_DEFAULTS = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
@@ -312,14 +322,11 @@ def main(argv=None) -> int:
     """Check a study config as `snakemake -n` does before any job runs (YAML syntax, schema, DAG-time checks):
     every problem on its own line, exit 2. Snakemake reads --configfile itself and reports a YAML syntax error
     without its file or line; this names both."""
-    import argparse
-    import sys
+    from models.checks import check_study, known_arch_names  # models.checks builds on this module: not at the top
 
     ap = argparse.ArgumentParser(prog="python -m models.config", description=main.__doc__.split("\n")[0])
     ap.add_argument("config", help="study config YAML (workflow/config/*.yaml)")
     args = ap.parse_args(argv)
-    from models.checks import check_study, known_arch_names
-
     try:
         cfg = load_config(args.config)
         check_study(cfg, basedir=SCHEMA_PATH.parents[2], arch_names=known_arch_names())

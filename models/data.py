@@ -48,6 +48,10 @@ import numpy as np
 import torch
 
 from models.atomic import atomic_path
+from models.integrity import verify
+
+# Imported where used: scikit-learn (a slow import, SciPy with it) only for the bundled digits, Pillow only for
+# image folders (an optional package: models.checks.PATH_PACKAGES).
 
 __all__ = ["Dataset", "DatasetArrays", "DatasetError", "UINT8_TABLE", "load_dataset", "main", "open_dataset",
            "save_npz", "write_npz"]
@@ -105,12 +109,6 @@ def _convert(a: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         else:   # float data kept as given: one cast to float32 (numpy's, as load_dataset always did)
             dst.numpy()[...] = part
     return out
-
-
-def _uint8_to_unit(u: np.ndarray) -> torch.Tensor:
-    """uint8 0..255 → float32 [−1, 1] through UINT8_TABLE."""
-    u = np.asarray(u)
-    return _convert(u, torch.empty(u.shape, dtype=torch.float32))
 
 
 def _resize(x: torch.Tensor, resolution: int | None, what: str) -> torch.Tensor:
@@ -481,8 +479,6 @@ def open_dataset(spec, *, resolution: int | None = None) -> DatasetArrays:
     if path.suffix in (".npy", ".npz"):
         if not path.is_file():
             raise DatasetError(f"dataset file not found: {path}")
-        from models.integrity import verify
-
         verify(path)  # against PATH.sha256 where the dataset rule wrote one
         return _resized(_open_array_file(path), resolution)
     if path.is_dir():

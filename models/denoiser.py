@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F_nn
 from torch import nn
 
+from models import family
+from models.diffusion import get_variant
+from models.integrity import load_torch
+
 
 class Denoiser(nn.Module):
     def __init__(self, net: nn.Module, variant, label_dim: int | None = None):
@@ -76,8 +80,6 @@ class Denoiser(nn.Module):
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"snapshot not found: {path}")
-        from models.integrity import load_torch
-
         # checked against its sidecar and read as tensors and plain data only: a truncated, corrupted or crafted
         # snapshot is one error naming it and its rebuild command
         snap = load_torch(path)
@@ -86,8 +88,6 @@ class Denoiser(nn.Module):
             raise ValueError(f"{path}: not a training snapshot (missing {', '.join(missing)})")
         net = build_net(snap["arch"], device=device)
         net.load_state_dict(snap[weights])
-        from models.diffusion import get_variant
-
         variant = get_variant(snap["variant"]["name"], **(snap["variant"].get("kwargs") or {}))
         den = cls(net, variant, label_dim=snap["arch"].get("label_dim", 0))
         den.snapshot_info = {k: snap.get(k) for k in ("model", "images_seen", "flops", "params")}
@@ -97,8 +97,6 @@ class Denoiser(nn.Module):
 
 def build_net(arch: dict, device="cpu") -> nn.Module:
     """The raw network of a snapshot's `arch` record {name, resolution, channels, label_dim, ...}."""
-    from models import family
-
     if arch.get("kwargs"):  # the exact constructor arguments the run used
         return family.net_from_kwargs(dict(arch["kwargs"]), device=device)
     try:

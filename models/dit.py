@@ -217,19 +217,6 @@ class DiT(nn.Module):
         return label_matrix(class_labels, x, self.label_dim)
 
 
-def count_params_closed_form(*, img_resolution: int, img_channels: int, label_dim: int = 0, patch_size: int = 2,
-                             hidden_size: int = 384, depth: int = 12, mlp_ratio: float = 4.0,
-                             frequency_embedding_size: int = 256, logvar_channels: int = 128, **_ignored) -> int:
-    """Trainable parameters of DiT(...) by formula (per block (10 + 2r)·D² + (11 + r)·D for MLP ratio r)."""
-    d, c, p, m = hidden_size, img_channels, patch_size, int(hidden_size * mlp_ratio)
-    patch = c * p * p * d + d
-    t_emb = frequency_embedding_size * d + d + d * d + d
-    y_emb = label_dim * d
-    block = (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d) + (6 * d * d + 6 * d)
-    final = (2 * d * d + 2 * d) + (d * p * p * c + p * p * c)
-    return patch + t_emb + y_emb + depth * block + final + logvar_channels
-
-
 def _check_args(img_resolution, img_channels, label_dim, patch_size, hidden_size, depth, num_heads, dropout):
     if img_channels < 1 or label_dim < 0 or patch_size < 1 or depth < 1 or num_heads < 1:
         raise ValueError(f"DiT: need img_channels>=1, label_dim>=0, patch_size>=1, depth>=1, num_heads>=1; got "

@@ -49,9 +49,8 @@ from models.dit import DiT
 from models.edm2 import EDM2UNet
 
 # The tables (names, ladders, families) live in models.sizes, which imports no torch: the Snakefile reads them at
-# DAG time. Re-exported here, the module every caller already uses.
-from models.sizes import (DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, PAPER_PARAMS_M, PAPER_SIZES,  # noqa: E402,F401
-                          SIZES, TINY_SIZES, family_of)
+# DAG time.
+from models.sizes import FAMILY, SIZES, family_of
 
 FAMILIES = {"edm2": EDM2UNet, "dit": DiT}  # family -> constructor
 

@@ -32,12 +32,23 @@ import argparse
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from models.atomic import atomic_path
+
+try:
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct
+
+# torch (and models.run_folder, which imports it) are imported only where a torch file is read: every rule calls
+# this CLI on its outputs, and most of those calls never read one.
 
 SUFFIX = ".sha256"
 FULL_HASH_BYTES = 1 << 30   # files up to 1 GiB are hashed whole on every read
@@ -242,12 +253,6 @@ def check_folder(folder, records: dict) -> None:
 def numpy_array_globals() -> list:
     """What torch.load needs to rebuild a numpy array of a plain dtype (np.random.get_state()'s uint32 key, in
     training state written before it was stored as a list): constructors of data, no code."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
     return [_reconstruct, (_reconstruct, "numpy.core.multiarray._reconstruct"),
             (_reconstruct, "numpy._core.multiarray._reconstruct"), np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -267,9 +272,7 @@ def load_torch(path, *, map_location="cpu", mmap: bool = False, numpy_arrays: bo
     plain containers, numbers and strings only (`numpy_arrays`: also numpy arrays of plain dtypes). A file whose
     pickle holds anything else is refused (UnsafeFileError) without running any of it, and an unreadable one is
     an IntegrityError: one line naming the file and how to rebuild it."""
-    import pickle
-
-    import torch
+    import torch  # deferred: see the imports
 
     path = Path(path)
     verify(path)
@@ -322,7 +325,7 @@ def bad_run_files(rundir) -> list[str]:
     more than tensors and plain data raises UnsafeFileError instead: it is refused, not trained over."""
     errors = bad_snapshots(rundir)
     if (Path(rundir) / "state.pt").exists():
-        from models.run_folder import state_problems  # imports torch: only when there is a state to read
+        from models.run_folder import state_problems  # deferred (torch): see the imports
 
         errors += state_problems(Path(rundir))
     return errors

@@ -34,12 +34,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 
 from models import run_folder
 from models.dropout import dropout_stream
@@ -159,8 +161,6 @@ class Run:
 
 def save_state(run: Run) -> None:
     """state.pt (every rank takes part: the RNG states are gathered, DeepSpeed's checkpoint is collective)."""
-    from accelerate.utils import gather_object
-
     acc = run.accelerator
     rngs = gather_object([run_folder.rng_state(run.noise_gen)])
     ds_dir = None
@@ -204,8 +204,6 @@ def peak_memory_gib(device: torch.device) -> float:
     """The device's peak allocated memory (CUDA), or the process's peak resident set (CPU), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux: kilobytes
 
 
@@ -219,18 +217,114 @@ def tracker_values(record: dict) -> dict:
     return values
 
 
+@dataclass
+class Batch:
+    """This process's share of one global batch: images, labels, σ, ε and their positions in the image stream."""
+    x0: torch.Tensor
+    labels: torch.Tensor | None
+    sigma: torch.Tensor
+    noise: torch.Tensor
+    positions: torch.Tensor  # dropout masks are a function of them (models/dropout.py)
+
+
+def draw_batch(run: Run) -> Batch:
+    """The global batch of the next step, drawn alike on every rank; this rank keeps its slice."""
+    acc, batch = run.accelerator, int(run.training["batch_size"])
+    rank, device = acc.process_index, acc.device
+    local = batch // acc.num_processes
+    mine = slice(rank * local, (rank + 1) * local)
+    idx = batch_indices(run.images_seen, batch, run.data.shape[0], int(run.training["seed"]))[mine]
+    x0 = run.data.rows(idx, device)
+    labels = run.labels[idx].to(device) if run.labels is not None else None
+    # σ and ε of the whole global batch, drawn alike on every rank from one stream; each rank keeps its slice,
+    # so an image's draws depend on its place in the stream, not on the number of processes
+    sigma = run.schedule.sample_sigma(batch, generator=run.noise_gen, device=device).to(torch.float32)[mine]
+    noise = torch.randn((batch,) + tuple(x0.shape[1:]), generator=run.noise_gen, device=device)[mine]
+    positions = torch.arange(local, device=device) + (run.images_seen + rank * local)
+    return Batch(x0=x0, labels=labels, sigma=sigma, noise=noise, positions=positions)
+
+
+def accumulate_gradients(run: Run, b: Batch, step: int) -> tuple[torch.Tensor, float]:
+    """Forward and backward of the batch in `run.rounds` micro-batches: (per-image x0-losses of this rank, the
+    batch's loss averaged over every rank). Raises NonFiniteLossError on every rank when the loss is not finite."""
+    acc, training = run.accelerator, run.training
+    dims = math.prod(run.data.shape[1:])
+    x0_loss, loss_global = [], 0.0
+    for r in range(run.rounds):
+        part = slice(r * run.batch_gpu, (r + 1) * run.batch_gpu)
+        last = r == run.rounds - 1
+        acc.sync_gradients = last  # DeepSpeed: its accumulation boundary (and optimizer step)
+        with contextlib.nullcontext() if last else acc.no_sync(run.model_p):  # DDP: all-reduce once
+            with forward_precision(training, acc.device), \
+                    dropout_stream(run.raw_net, int(training["seed"]), b.positions[part]):
+                loss_ex, x0_part = per_example_losses(run.denoiser, run.schedule, b.x0[part], b.sigma[part],
+                                                      b.noise[part], None if b.labels is None else b.labels[part])
+            # every rank needs the same verdict, so the check uses the all-reduced loss (before a DeepSpeed
+            # backward on the last micro-batch steps the optimizer)
+            loss_part = acc.reduce(loss_ex.detach().mean(), reduction="mean")
+            if not torch.isfinite(loss_part):
+                all_sigma = acc.gather(b.sigma.detach())
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({float(loss_part)}) at step {step} (images seen "
+                    f"{run.images_seen}) of model {run.model}; σ of the batch: "
+                    f"{[float(f'{s:.4g}') for s in all_sigma.tolist()]}")
+            # EDM2's scale: Σ over dims and images / b; backward divides by `rounds`, DDP averages over ranks
+            acc.backward(loss_ex.sum() * (dims / run.batch_gpu))
+        x0_loss.append(x0_part.detach())
+        loss_global += float(loss_part) / run.rounds
+    return torch.cat(x0_loss), loss_global
+
+
+def optimizer_step(run: Run, logs: bool):
+    """Clip (training.grad_clip), step and clear the gradients; the gradient norm where it is clipped or logged,
+    else None."""
+    acc, training = run.accelerator, run.training
+    dims = math.prod(run.data.shape[1:])
+    grad_norm = None
+    if training["grad_clip"] and not run.use_ds:
+        grad_norm = acc.clip_grad_norm_(run.model_p.parameters(), float(training["grad_clip"]) * dims)
+    elif logs and not run.use_ds:
+        grad_norm = gradient_norm(run)
+    run.optimizer_p.step()
+    if logs and run.use_ds:
+        grad_norm = gradient_norm(run)
+    run.optimizer_p.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def update_ema(run: Run) -> float:
+    """The EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under ZeRO),
+    before they are renormalised, as EDM2's does; returns its β."""
+    beta = ema_beta(run.images_seen, int(run.training["batch_size"]), run.training)
+    with torch.no_grad():
+        for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
+            p_ema.lerp_(p.detach().to(torch.float32).reshape(p_ema.shape), 1.0 - beta)
+        for b_ema, b in zip(run.ema.buffers(), run.raw_net.buffers()):
+            b_ema.copy_(b)
+    normalize_forced_weights_(run.forced_weights)
+    return beta
+
+
+def log_record(run: Run, *, step: int, lr: float, beta: float, grad_norm, images_per_s: float) -> dict:
+    """One log.jsonl line: the running loss since the last one, the schedule, throughput and the σ tracker."""
+    acc = run.accelerator
+    dims = math.prod(run.data.shape[1:])
+    return {
+        "images_seen": run.images_seen, "step": step + 1, "loss": run.loss_sum / max(run.loss_n, 1),
+        "lr": lr, "ema_beta": beta, "flops": run.flops_per_image * run.images_seen,
+        "images_per_s": images_per_s, "world_size": acc.num_processes,
+        # of the per-dimension loss (grad_clip's scale), as EDM2's gradient scale multiplies it by dims
+        "grad_norm": float(grad_norm) / dims, "max_memory_gib": peak_memory_gib(acc.device),
+        **run.tracker.summary()}
+
+
 def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> str:
     """Train until total_images ("done") or stop_after_images ("stopped", state saved as if killed)."""
     acc, training, schedule = run.accelerator, run.training, run.schedule
-    world, rank = acc.num_processes, acc.process_index
-    device = acc.device
     batch = int(training["batch_size"])
-    local = batch // world
-    dims = math.prod(run.data.shape[1:])
     log_every = int(training["log_every_images"])
     sched_every = int(training["schedule"].get("update_every_images") or log_every)
     state_every = int(training.get("state_every_images") or 0)
-    seed = int(training["seed"])
     t_start, img_start = time.time(), run.images_seen
 
     def crossed(every):  # did the last step pass a multiple of `every` images?
@@ -238,67 +332,18 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
 
     while run.images_seen < run.total:
         step = run.images_seen // batch
-        mine = slice(rank * local, (rank + 1) * local)
-        idx = batch_indices(run.images_seen, batch, run.data.shape[0], seed)[mine]
-        x0 = run.data.rows(idx, device)
-        labels = run.labels[idx].to(device) if run.labels is not None else None
-        # σ and ε of the whole global batch, drawn alike on every rank from one stream; each rank keeps its slice,
-        # so an image's draws depend on its place in the stream, not on the number of processes
-        sigma = schedule.sample_sigma(batch, generator=run.noise_gen, device=device).to(torch.float32)[mine]
-        noise = torch.randn((batch,) + tuple(x0.shape[1:]), generator=run.noise_gen, device=device)[mine]
-
+        b = draw_batch(run)
         lr = learning_rate(run.images_seen + batch, training)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        # the stream positions of this process's images: dropout masks are a function of them (models/dropout.py)
-        positions = torch.arange(local, device=device) + (run.images_seen + rank * local)
-        x0_loss, loss_global = [], 0.0
-        for r in range(run.rounds):
-            part = slice(r * run.batch_gpu, (r + 1) * run.batch_gpu)
-            last = r == run.rounds - 1
-            acc.sync_gradients = last  # DeepSpeed: its accumulation boundary (and optimizer step)
-            with contextlib.nullcontext() if last else acc.no_sync(run.model_p):  # DDP: all-reduce once
-                with forward_precision(training, device), dropout_stream(run.raw_net, seed, positions[part]):
-                    loss_ex, x0_part = per_example_losses(run.denoiser, schedule, x0[part], sigma[part], noise[part],
-                                                          None if labels is None else labels[part])
-                # every rank needs the same verdict, so the check uses the all-reduced loss (before a DeepSpeed
-                # backward on the last micro-batch steps the optimizer)
-                loss_part = acc.reduce(loss_ex.detach().mean(), reduction="mean")
-                if not torch.isfinite(loss_part):
-                    all_sigma = acc.gather(sigma.detach())
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({float(loss_part)}) at step {step} (images seen "
-                        f"{run.images_seen}) of model {run.model}; σ of the batch: "
-                        f"{[float(f'{s:.4g}') for s in all_sigma.tolist()]}")
-                # EDM2's scale: Σ over dims and images / b; backward divides by `rounds`, DDP averages over ranks
-                acc.backward(loss_ex.sum() * (dims / run.batch_gpu))
-            x0_loss.append(x0_part.detach())
-            loss_global += float(loss_part) / run.rounds
-        x0_loss = torch.cat(x0_loss)
+        x0_loss, loss_global = accumulate_gradients(run, b, step)
         after = run.images_seen + batch
         logs = after // log_every != run.images_seen // log_every or after >= run.total  # this step is logged
-        grad_norm = None
-        if training["grad_clip"] and not run.use_ds:
-            grad_norm = acc.clip_grad_norm_(run.model_p.parameters(), float(training["grad_clip"]) * dims)
-        elif logs and not run.use_ds:
-            grad_norm = gradient_norm(run)
-        run.optimizer_p.step()
-        if logs and run.use_ds:
-            grad_norm = gradient_norm(run)
-        run.optimizer_p.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(run, logs)
         run.images_seen += batch
+        beta = update_ema(run)
 
-        # the EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under
-        # ZeRO), before they are renormalised, as EDM2's does
-        beta = ema_beta(run.images_seen, batch, training)
-        with torch.no_grad():
-            for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
-                p_ema.lerp_(p.detach().to(torch.float32).reshape(p_ema.shape), 1.0 - beta)
-            for b_ema, b in zip(run.ema.buffers(), run.raw_net.buffers()):
-                b_ema.copy_(b)
-        normalize_forced_weights_(run.forced_weights)
-
-        run.tracker.update(acc.gather(sigma.detach()), acc.gather(x0_loss.float()))
+        run.tracker.update(acc.gather(b.sigma.detach()), acc.gather(x0_loss.float()))
         run.loss_sum, run.loss_n = run.loss_sum + loss_global, run.loss_n + 1
         if bar is not None:
             bar.update(batch)
@@ -307,14 +352,8 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
             schedule.set_model_loss(run.tracker)
         if logs:
             if acc.is_main_process:
-                elapsed = max(time.time() - t_start, 1e-9)
-                record = {
-                    "images_seen": run.images_seen, "step": step + 1, "loss": run.loss_sum / max(run.loss_n, 1),
-                    "lr": lr, "ema_beta": beta, "flops": run.flops_per_image * run.images_seen,
-                    "images_per_s": (run.images_seen - img_start) / elapsed, "world_size": world,
-                    # of the per-dimension loss (grad_clip's scale), as EDM2's gradient scale multiplies it by dims
-                    "grad_norm": float(grad_norm) / dims, "max_memory_gib": peak_memory_gib(device),
-                    **run.tracker.summary()}
+                speed = (run.images_seen - img_start) / max(time.time() - t_start, 1e-9)
+                record = log_record(run, step=step, lr=lr, beta=beta, grad_norm=grad_norm, images_per_s=speed)
                 run_folder.append_log(run.out, record)
                 if acc.trackers:
                     acc.log(tracker_values(record), step=run.images_seen)

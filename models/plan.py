@@ -18,8 +18,14 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
+
+from models.atomic import atomic_path
 from models.checks import array_shape, parse_dataset_spec
 from models.config import ConfigError, load_config, model_training, step_resources, total_images
+
+# models.family (torch) is imported only where parameters and FLOPs are counted (plan_rows): the plan rule prints a
+# finished plan (format_plan, read_plan) in the Snakefile's own process, which needs no torch for it.
 
 # Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
 # GPUs"), the default throughput of the plan.
@@ -76,7 +82,7 @@ def model_mfu(cfg: Mapping, model: str, arch: str) -> float:
 
 def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
     """One row per model (COLUMNS) and notes on the assumptions made."""
-    from models import family
+    from models import family  # deferred (torch): see the imports
 
     resolution, channels, label_dim, _ = data_shape(cfg)
     peak = float((cfg.get("plan") or {}).get("peak_tflops", 989.0)) * 1e12
@@ -115,10 +121,6 @@ def plan_notes(cfg: Mapping) -> list[str]:
 
 
 def write_plan(cfg: Mapping, out) -> tuple[list[dict], list[str]]:
-    import pandas as pd
-
-    from models.atomic import atomic_path
-
     rows, notes = plan_rows(cfg)
     with atomic_path(out) as tmp:
         pd.DataFrame(rows, columns=COLUMNS).to_csv(tmp, index=False)
@@ -144,8 +146,6 @@ def format_plan(rows: list[dict], notes: list[str] = (), study: str = "") -> str
 
 
 def read_plan(path) -> list[dict]:
-    import pandas as pd
-
     return pd.read_csv(path).to_dict("records")
 
 

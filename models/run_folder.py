@@ -11,6 +11,7 @@ so state.pt records the size and sha256 of each of its files and they are checke
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import shutil
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from models import integrity
 from models.atomic import atomic_path
@@ -257,8 +259,6 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 def same_settings(old_config, new_config) -> bool:
     """Whether two resolved model configs (results/<study>/configs/<model>.yaml) train the same model: equal but
     for RESULT_NEUTRAL_KEYS of their training section."""
-    import yaml
-
     def settings(path):
         cfg = yaml.safe_load(Path(path).read_text()) or {}
         training = {k: v for k, v in (cfg.get("training") or {}).items() if k not in RESULT_NEUTRAL_KEYS}
@@ -268,8 +268,6 @@ def same_settings(old_config, new_config) -> bool:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m models.run_folder",
                                 description="same-settings OLD NEW: exit 0 when the resolved model configs train "
                                             "the same model (they may differ in batch_gpu and trackers), else 1")

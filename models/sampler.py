@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from models.atomic import atomic_path
+from models.denoiser import Denoiser
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -86,8 +87,6 @@ def sample_snapshot(snapshot, num: int, *, num_steps: int = 18, sigma_min: float
                     device="cpu") -> np.ndarray:
     """`num` samples (float32 numpy [num, C, H, W]) from a snapshot's EMA denoiser.  `shape` (C, H, W) is taken
     from the snapshot's arch record (resolution, channels) when not given; labels [num] for a conditional net."""
-    from models.denoiser import Denoiser
-
     den = Denoiser.from_snapshot(snapshot, device=device)
     if shape is None:
         arch = den.snapshot_arch

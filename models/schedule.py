@@ -41,11 +41,12 @@ the baseline); the loss weight is w_σ from the first step on.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+
+from models.tables import read_jstar
 
 SIGMA_STAR_RULES = ("fraction", "knee")
 _SUBGRID = 16  # points per bin for the bin averages of w and J* (uniform in ln σ)
@@ -55,15 +56,10 @@ _SUBGRID = 16  # points per bin for the bin averages of w and J* (uniform in ln 
 # the J* curve
 # --------------------------------------------------------------------------------------------------------------
 
-def read_jstar(jstar_csv) -> tuple[np.ndarray, np.ndarray]:
-    """(σ, J*) from an optimal_loss/jstar.csv, ascending σ, float64 (read and validated by
-    analysis.optimal_loss.read_jstar: a bad table is one error naming it)."""
-    from analysis.optimal_loss import read_jstar as read_table
-
-    path = Path(jstar_csv)
-    if not path.exists():
-        raise FileNotFoundError(f"optimal-loss schedule: J* curve not found: {path}")
-    df = read_table(path)
+def jstar_points(jstar_csv) -> tuple[np.ndarray, np.ndarray]:
+    """(σ, J*) from an optimal_loss/jstar.csv, ascending σ, float64 (read and validated by models.tables.read_jstar:
+    a missing or bad table is one error naming it)."""
+    df = read_jstar(jstar_csv)
     return df["sigma"].to_numpy(np.float64), df["optimal_loss"].to_numpy(np.float64)
 
 
@@ -88,7 +84,7 @@ class JStarCurve:
 
     @classmethod
     def from_csv(cls, jstar_csv) -> "JStarCurve":
-        return cls(*read_jstar(jstar_csv))
+        return cls(*jstar_points(jstar_csv))
 
     def __call__(self, sigma) -> np.ndarray:
         s = np.asarray(sigma, np.float64)

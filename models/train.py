@@ -18,17 +18,23 @@ import copy
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from tqdm.auto import tqdm
 
-from models import integrity, run_folder
-from models.config import load_config, micro_batch, model_training, snapshot_marks, total_images as _total_images
-from models.data import Dataset, DatasetArrays as HostData, open_dataset
+from models import family, integrity, run_folder
+from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
+from models.data import Dataset, DatasetArrays, open_dataset
 from models.denoiser import Denoiser
-from models.loop import (NonFiniteLossError, Run, batch_indices, ema_beta, learning_rate,  # noqa: F401 (API)
-                         per_example_losses, run_steps)
-from models.run_folder import RunFolderMismatchError, config_fingerprint, fingerprint_differences  # noqa: F401
+from models.diffusion import get_variant
+from models.loop import Run, learning_rate, run_steps
+from models.run_folder import RunFolderMismatchError, config_fingerprint
+from models.schedule import OptimalLossSchedule
 from models.sigma_bins import SigmaBinTracker
 from models.weight_norm import forced_weights, normalize_forced_weights_
 
@@ -42,12 +48,12 @@ DS_ZERO_TUNING = {"allgather_partitions": True, "allgather_bucket_size": 200_000
 # the training set on the host, in its stored dtype
 # ----------------------------------------------------------------------------------------------------------------
 
-def open_training_data(data) -> HostData:
-    """`data` as HostData (models.data.DatasetArrays, the project's one reader: the images in their stored dtype,
+def open_training_data(data) -> DatasetArrays:
+    """`data` as models.data.DatasetArrays (the project's one reader: the images in their stored dtype,
     memory-mapped where the file allows; `rows(idx, device)` converts only a step's batch rows, on the device):
     a models.data.Dataset (its tensor, not a copy) or any models.data spec (models.data.open_dataset)."""
     if isinstance(data, Dataset):
-        return HostData.from_dataset(data)
+        return DatasetArrays.from_dataset(data)
     return open_dataset(data)
 
 
@@ -55,7 +61,7 @@ def open_training_data(data) -> HostData:
 # pieces of the set-up
 # ----------------------------------------------------------------------------------------------------------------
 
-def _promote_scalar_params(net: torch.nn.Module) -> None:
+def promote_scalar_params(net: torch.nn.Module) -> None:
     """DeepSpeed broadcasts each parameter as `p.view(torch.uint8)`, which fails for 0-dim tensors (EDM2's scalar
     gains).  Give those a shape of [1] for the DeepSpeed run; every use of them broadcasts the same way.  The EMA
     copy keeps the original shapes, so snapshots are identical across launch modes."""
@@ -71,9 +77,6 @@ def make_accelerator(trackers=(), out=None):
     only turns on autocast around the forward (models/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
     finds no device backend and would count one process whatever the launcher started; naming gloo makes it set
     up DeepSpeed's process group over all of them.  `trackers` (training.trackers) log under the run folder `out`."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     handlers = []
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     if deepspeed and not torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
@@ -98,7 +101,7 @@ def check_fp32_engine(ds_cfg: dict) -> None:
 
 def make_schedule(variant, schedule_cfg: dict, jstar):
     """The object that draws σ and weights the loss: the variant (baseline) or models.schedule's
-    OptimalLossSchedule (imported only when asked: another module, written later)."""
+    OptimalLossSchedule."""
     name = schedule_cfg.get("name", "baseline")
     if name == "baseline":
         return variant
@@ -108,8 +111,6 @@ def make_schedule(variant, schedule_cfg: dict, jstar):
                              "(results/<study>/optimal_loss/jstar.csv)")
         if not Path(jstar).is_file():
             raise FileNotFoundError(f"--jstar file not found: {jstar}")
-        from models.schedule import OptimalLossSchedule
-
         kwargs = {k: v for k, v in schedule_cfg.items() if k not in ("name", "kwargs", "update_every_images")}
         kwargs.update(schedule_cfg.get("kwargs") or {})
         return OptimalLossSchedule(variant, str(jstar), **kwargs)
@@ -139,29 +140,34 @@ def start_trackers(accelerator, study: str, model: str, training: dict, arch: di
 # train(): set up, then run the loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
-          progress: bool = True, accelerator=None) -> dict:
-    """Train model NAME of study config `cfg` (a dict from load_config, or a path) on `data` (a .npz path, a
-    models.data spec, or a models.data.Dataset) into run folder `out`; resumes from out/state.pt if present.
+@dataclass
+class RunSpec:
+    """What a training run is — its settings, data, architecture and variant — and the fingerprint the run folder
+    is checked against before anything is resumed or reported done."""
+    model: str
+    training: dict
+    data: DatasetArrays
+    labels: torch.Tensor | None  # the data's labels when the study is class-conditional
+    arch_record: dict            # name, resolution, channels, label_dim, kwargs: what a snapshot rebuilds from
+    variant: Any
+    variant_record: dict
+    fingerprint: dict
 
-    Returns a summary dict {status: "done" | "stopped" | "already-done", images_seen, flops, snapshots, ...}.
-    `stop_after_images` (debug) stops after that many images seen, with the state saved — as if killed."""
-    from accelerate.utils import DistributedType
+    @property
+    def arch_kwargs(self) -> dict:
+        return self.arch_record["kwargs"]
 
-    from models import family
-    from models.diffusion import get_variant
+    @property
+    def label_dim(self) -> int:
+        return self.arch_record["label_dim"]
 
-    if not isinstance(cfg, dict) or "training" not in cfg:
-        cfg = load_config(cfg)
+
+def describe_run(cfg: dict, model: str, data) -> RunSpec:
+    """Model NAME of study config `cfg` on `data`: the data opened (it stays on the host in its stored dtype; each
+    step copies only this rank's rows to the device), the architecture for its shape, the variant, the
+    fingerprint."""
     training = model_training(cfg, model)
-    entry = cfg["models"][model]
-    arch_name = entry["arch"]
-    out = Path(out)
-    total = _total_images(training)
-    marks = snapshot_marks(training)
-    batch = int(training["batch_size"])
-
-    # ---- data (stays on the host in its stored dtype; each step copies only this rank's rows to the device) ----
+    arch_name = cfg["models"][model]["arch"]
     data_src = open_training_data(data)
     conditional = bool(cfg["dataset"].get("conditional"))
     if conditional and data_src.labels is None:
@@ -170,124 +176,173 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     _, C, H, W = data_src.shape
     if H != W:
         raise ValueError(f"dataset {data_src.name!r}: images must be square, got {H}x{W}")
-
-    # ---- what this run is: checked against the run folder before anything is resumed or reported done ----
     arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
                                  logvar=bool(training["logvar"]), dropout=float(training["dropout"]))
-    vcfg = entry.get("variant") or cfg["variant"]  # a model's own variant or the study's
+    vcfg = model_variant(cfg, model)
     variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
     variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
     fingerprint = config_fingerprint(training, {"name": arch_name, "kwargs": arch_kw}, variant_record,
                                      data_src.shape, label_dim)
+    arch_record = {"name": arch_name, "resolution": H, "channels": C, "label_dim": label_dim, "kwargs": arch_kw}
+    return RunSpec(model=model, training=training, data=data_src, labels=data_src.labels if conditional else None,
+                   arch_record=arch_record, variant=variant, variant_record=variant_record, fingerprint=fingerprint)
 
-    done = run_folder.read_done(out, fingerprint)
-    if done is not None:
-        return {**done, "status": "already-done"}
 
-    trackers = list(training.get("trackers") or [])  # Accelerate's experiment trackers (log.jsonl is the record)
-    accelerator = accelerator or make_accelerator(trackers, out)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    is_main = accelerator.is_main_process
-    device = accelerator.device
-    use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
+def check_world(accelerator) -> None:
+    """The launcher's process count is the one Accelerate sees (a CPU launch set up wrongly runs one process)."""
+    world = accelerator.num_processes
     launched = int(os.environ.get("WORLD_SIZE", world))
     if launched != world:
         raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
-                           f"({accelerator.distributed_type}, {device}); on CPU launch DDP with "
+                           f"({accelerator.distributed_type}, {accelerator.device}); on CPU launch DDP with "
                            "ACCELERATE_USE_CPU=1 and DeepSpeed without it (models.train.make_accelerator)")
+
+
+def configure_deepspeed(ds_cfg: dict, training: dict, batch_gpu: int, rounds: int, image_dims: int) -> None:
+    """DeepSpeed's batch, accumulation and clipping values (its "auto" ones: no DataLoader goes through prepare)
+    and the ZeRO tuning the config leaves unset, in place; refuses a config that would not train in fp32."""
+    check_fp32_engine(ds_cfg)
+    ds_cfg["train_micro_batch_size_per_gpu"] = batch_gpu
+    ds_cfg["train_batch_size"] = int(training["batch_size"])
+    ds_cfg["gradient_accumulation_steps"] = rounds
+    ds_cfg["gradient_clipping"] = float(training["grad_clip"] or 0.0) * image_dims
+    zero = ds_cfg.setdefault("zero_optimization", {})
+    for key, value in DS_ZERO_TUNING.items():
+        zero.setdefault(key, value)
+
+
+def restore_state(loaded: dict, *, net, optimizer, ema, tracker, schedule, variant, use_ds: bool) -> None:
+    """A resumed state.pt into the pieces that are not prepared yet (DeepSpeed restores its engine's own)."""
+    if not use_ds:
+        net.load_state_dict(loaded["net"])
+        optimizer.load_state_dict(loaded["optimizer"])
+    ema.load_state_dict(loaded["ema"])
+    tracker.load_state_dict(loaded["tracker"])
+    if hasattr(schedule, "load_state_dict") and loaded.get("schedule") is not None and schedule is not variant:
+        schedule.load_state_dict(loaded["schedule"])
+
+
+def prepare_engine(accelerator, net, optimizer, rounds: int, batch_gpu: int):
+    """(prepared net, prepared optimizer): the engine must accumulate `rounds` micro-batches, as configured."""
+    model_p, optimizer_p = accelerator.prepare(net, optimizer)
+    if accelerator.gradient_accumulation_steps != rounds:  # prepare takes DeepSpeed's value: it must be ours
+        raise RuntimeError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} micro-batches, "
+                           f"expected {rounds} (training.batch_gpu = {batch_gpu})")
+    return model_p, optimizer_p
+
+
+def unwrapped_fp32(accelerator, model_p):
+    """The prepared net's module, whose weights must be fp32 as EDM2's (the EMA, Adam and gradient accumulation
+    see them)."""
+    raw_net = accelerator.unwrap_model(model_p)
+    not_fp32 = sorted({str(p.dtype) for p in raw_net.parameters() if p.dtype != torch.float32})
+    if not_fp32:
+        raise RuntimeError(f"the prepared net holds {', '.join(not_fp32)} weights; training keeps them float32 "
+                           "(training.mixed_precision only sets the forward's autocast)")
+    return raw_net
+
+
+def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
+    """The net, its EMA, the schedule and σ tracker, the optimiser and the noise stream, resumed from out/state.pt
+    when it holds this run, prepared by Accelerate: everything models.loop.run_steps needs."""
+    training, variant = spec.training, spec.variant
+    world, device = accelerator.num_processes, accelerator.device
+    use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
     batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
     # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
     accelerator.gradient_accumulation_steps = rounds
 
-    # ---- net, variant, schedule, optimiser ----
     torch.manual_seed(int(training["seed"]))  # identical initial weights on every rank
-    net = family.net_from_kwargs(arch_kw, device="cpu").to(device).train()
+    net = family.net_from_kwargs(spec.arch_kwargs, device="cpu").to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float32)
     if use_ds:
-        _promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
+        promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
     n_params = sum(p.numel() for p in net.parameters())
-    arch_record = {"name": arch_name, "resolution": H, "channels": C, "label_dim": label_dim, "kwargs": arch_kw}
     schedule = make_schedule(variant, training["schedule"], jstar)
     tracker = SigmaBinTracker(variant.sigma_min, variant.sigma_max, training["sigma_bins"],
                               training["sigma_bin_decay"])
     if hasattr(schedule, "set_model_loss"):
         schedule.set_model_loss(tracker)
-    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(batch, training), betas=(0.9, 0.99), eps=1e-8)
+    optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(int(training["batch_size"]), training),
+                                 betas=(0.9, 0.99), eps=1e-8)
     # σ and ε: one stream for the global batch, the same on every rank (models/loop.py takes each rank's slice)
     noise_gen = torch.Generator(device=device).manual_seed(int(training["seed"]) * 1000 + 7919)
 
-    # ---- resume ----
-    loaded = run_folder.read_state(out, fingerprint, world)
+    loaded = run_folder.read_state(out, spec.fingerprint, world)
     if loaded is not None:
-        if not use_ds:
-            net.load_state_dict(loaded["net"])
-            optimizer.load_state_dict(loaded["optimizer"])
-        ema.load_state_dict(loaded["ema"])
-        tracker.load_state_dict(loaded["tracker"])
-        if hasattr(schedule, "load_state_dict") and loaded.get("schedule") is not None and schedule is not variant:
-            schedule.load_state_dict(loaded["schedule"])
-
-    if use_ds:  # no DataLoader goes through prepare, so DeepSpeed's "auto" batch/clip values are set here
-        ds_cfg = accelerator.state.deepspeed_plugin.deepspeed_config
-        check_fp32_engine(ds_cfg)
-        ds_cfg["train_micro_batch_size_per_gpu"] = batch_gpu
-        ds_cfg["train_batch_size"] = batch
-        ds_cfg["gradient_accumulation_steps"] = rounds
-        ds_cfg["gradient_clipping"] = float(training["grad_clip"] or 0.0) * C * H * W
-        zero = ds_cfg.setdefault("zero_optimization", {})
-        for key, value in DS_ZERO_TUNING.items():
-            zero.setdefault(key, value)
-    model_p, optimizer_p = accelerator.prepare(net, optimizer)
-    if accelerator.gradient_accumulation_steps != rounds:  # prepare takes DeepSpeed's value: it must be ours
-        raise RuntimeError(f"gradient accumulation is {accelerator.gradient_accumulation_steps} micro-batches, "
-                           f"expected {rounds} (training.batch_gpu = {batch_gpu})")
+        restore_state(loaded, net=net, optimizer=optimizer, ema=ema, tracker=tracker, schedule=schedule,
+                      variant=variant, use_ds=use_ds)
+    if use_ds:
+        image_dims = spec.arch_record["channels"] * spec.arch_record["resolution"] ** 2
+        configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, training, batch_gpu, rounds,
+                            image_dims)
+    model_p, optimizer_p = prepare_engine(accelerator, net, optimizer, rounds, batch_gpu)
     if loaded is not None and use_ds:
         accelerator.load_state(str(out / loaded["ds_dir"]))
     if loaded is not None:
-        run_folder.set_rng_state(loaded["rng"][rank], noise_gen)
-    raw_net = accelerator.unwrap_model(model_p)
-    not_fp32 = sorted({str(p.dtype) for p in raw_net.parameters() if p.dtype != torch.float32})
-    if not_fp32:  # the EMA, Adam and gradient accumulation must see fp32 weights, as EDM2's
-        raise RuntimeError(f"the prepared net holds {', '.join(not_fp32)} weights; training keeps them float32 "
-                           "(training.mixed_precision only sets the forward's autocast)")
+        run_folder.set_rng_state(loaded["rng"][accelerator.process_index], noise_gen)
+    raw_net = unwrapped_fp32(accelerator, model_p)
     forced = forced_weights(raw_net)
     if loaded is None:  # a resumed state holds weights normalised after their last step
         normalize_forced_weights_(forced)
 
-    # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
-    flops_per_image = float(family.training_flops_of(arch_kw))
-
     run = Run(accelerator=accelerator, model_p=model_p, optimizer=optimizer, optimizer_p=optimizer_p,
-              raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=label_dim), variant=variant,
-              schedule=schedule, tracker=tracker, data=data_src, labels=data_src.labels if conditional else None,
-              forced_weights=forced, noise_gen=noise_gen, training=training, model=model, out=out, marks=marks,
-              total=total, batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds, flops_per_image=flops_per_image,
-              fingerprint=fingerprint, arch_record=arch_record, variant_record=variant_record, n_params=n_params)
+              raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=spec.label_dim),
+              variant=variant, schedule=schedule, tracker=tracker, data=spec.data, labels=spec.labels,
+              forced_weights=forced, noise_gen=noise_gen, training=training, model=spec.model, out=out,
+              marks=snapshot_marks(training), total=total_images(training), batch_gpu=batch_gpu, rounds=rounds,
+              use_ds=use_ds,
+              # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
+              flops_per_image=float(family.training_flops_of(spec.arch_kwargs)),
+              fingerprint=spec.fingerprint, arch_record=spec.arch_record, variant_record=spec.variant_record,
+              n_params=n_params)
     if loaded is not None:
         run.images_seen, run.written = int(loaded["images_seen"]), list(loaded["snapshots"])
         # the interrupted log interval's running loss continues where it was
         run.loss_sum, run.loss_n = loaded.get("log_accumulator", (0.0, 0))
+    return run
+
+
+def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
+          progress: bool = True, accelerator=None) -> dict:
+    """Train model NAME of study config `cfg` (a dict from load_config, or a path) on `data` (a .npz path, a
+    models.data spec, or a models.data.Dataset) into run folder `out`; resumes from out/state.pt if present.
+
+    Returns a summary dict {status: "done" | "stopped" | "already-done", images_seen, flops, snapshots, ...}.
+    `stop_after_images` (debug) stops after that many images seen, with the state saved — as if killed."""
+    if not isinstance(cfg, dict) or "training" not in cfg:
+        cfg = load_config(cfg)
+    out = Path(out)
+    spec = describe_run(cfg, model, data)
+    done = run_folder.read_done(out, spec.fingerprint)
+    if done is not None:
+        return {**done, "status": "already-done"}
+
+    trackers = list(spec.training.get("trackers") or [])  # Accelerate's trackers (log.jsonl is the record)
+    accelerator = accelerator or make_accelerator(trackers, out)
+    check_world(accelerator)
+    run = build_run(spec, accelerator, out, jstar=jstar)
+    is_main = accelerator.is_main_process
     if is_main:
         (out / "snapshots").mkdir(parents=True, exist_ok=True)
         run_folder.truncate_log(out / "log.jsonl", run.images_seen)
     if trackers:
-        start_trackers(accelerator, cfg.get("study", ""), model, training, arch_record, variant_record)
+        start_trackers(accelerator, cfg.get("study", ""), model, spec.training, spec.arch_record,
+                       spec.variant_record)
     bar = None
     if progress and is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=run.images_seen, unit="img", unit_scale=True, desc=f"train {model}",
+        bar = tqdm(total=run.total, initial=run.images_seen, unit="img", unit_scale=True, desc=f"train {model}",
                    dynamic_ncols=True, file=sys.stderr)
 
     status = run_steps(run, stop_after_images=stop_after_images, bar=bar)
     if bar is not None:
         bar.close()
-    summary = {"model": model, "arch": arch_name, "images_seen": run.images_seen,
-               "flops": flops_per_image * run.images_seen, "flops_per_image": flops_per_image, "params": n_params,
-               "world_size": world, "snapshots": [f"snapshots/{s}" for s in run.written],
-               "snapshot_marks": marks}
+    summary = {"model": model, "arch": spec.arch_record["name"], "images_seen": run.images_seen,
+               "flops": run.flops_per_image * run.images_seen, "flops_per_image": run.flops_per_image,
+               "params": run.n_params, "world_size": accelerator.num_processes,
+               "snapshots": [f"snapshots/{s}" for s in run.written], "snapshot_marks": run.marks}
     if status == "done" and is_main:
-        run_folder.write_done(out, summary, run.written, fingerprint)
+        run_folder.write_done(out, summary, run.written, spec.fingerprint)
     for tracker in accelerator.trackers:  # the main process's (flushes TensorBoard's event file)
         tracker.finish()
     accelerator.wait_for_everyone()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError, load_config, model_training, seed_sizes, snapshot_marks, total_images
+from models.config import ConfigError, load_config, model_training, model_variant, seed_sizes, snapshot_marks, total_images
 
 
 def base(**extra):
@@ -64,6 +64,15 @@ def test_model_training_merges_overrides():
     assert cfg["training"]["batch_size"] == 128  # the study's section is not modified
     with pytest.raises(ConfigError, match="models.t9: unknown model"):
         model_training(cfg, "t9")
+
+
+def test_model_variant_is_the_entrys_own_else_the_studys():
+    own = {"name": "vp-eps", "kwargs": {}}
+    cfg = load_config(base(models={"t0": {"arch": "t0", "variant": own}, "t1": {"arch": "t1"}}))
+    assert model_variant(cfg, "t0") == own
+    assert model_variant(cfg, "t1") == cfg["variant"] and cfg["variant"]["name"] == "edm"
+    with pytest.raises(ConfigError, match="models.t9: unknown model"):
+        model_variant(cfg, "t9")
 
 
 def test_geometric_marks():

@@ -10,9 +10,9 @@ import torch
 
 from models import family
 from models.denoiser import Denoiser
-from models.dit import DiT, count_params_closed_form, sincos_pos_embed_2d
-from models.family import (DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, arch_kwargs, build, count_params,
-                           forward_flops_per_image, training_flops_per_image)
+from models.dit import DiT, sincos_pos_embed_2d
+from models.family import arch_kwargs, build, count_params, forward_flops_per_image, training_flops_per_image
+from models.sizes import DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, family_of
 from models.train import train
 from test_train import free_port, make_cfg, read_log, run_cli, snapshot_x0_loss
 
@@ -22,6 +22,19 @@ LATENT = dict(resolution=32, channels=4, label_dim=1000)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def count_params_closed_form(*, img_resolution: int, img_channels: int, label_dim: int = 0, patch_size: int = 2,
+                             hidden_size: int = 384, depth: int = 12, mlp_ratio: float = 4.0,
+                             frequency_embedding_size: int = 256, logvar_channels: int = 128, **_ignored) -> int:
+    """Trainable parameters of DiT(...) by formula (per block (10 + 2r)·D² + (11 + r)·D for MLP ratio r)."""
+    d, c, p, m = hidden_size, img_channels, patch_size, int(hidden_size * mlp_ratio)
+    patch = c * p * p * d + d
+    t_emb = frequency_embedding_size * d + d + d * d + d
+    y_emb = label_dim * d
+    block = (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d) + (6 * d * d + 6 * d)
+    final = (2 * d * d + 2 * d) + (d * p * p * c + p * p * c)
+    return patch + t_emb + y_emb + depth * block + final + logvar_channels
 
 
 def tiny(name="d0", seed=0, **shape):
@@ -65,7 +78,7 @@ def test_cpu_ladder_spans_30x_with_unet_like_flops():
 
 def test_family_table_names_every_dit():
     assert all(FAMILY[n] == "dit" for n in DIT_TINY_SIZES + DIT_PAPER_SIZES)
-    assert FAMILY["t3"] == "edm2" and family.family_of("d3") == "dit"
+    assert FAMILY["t3"] == "edm2" and family_of("d3") == "dit"
     assert isinstance(build("d3", **DIGITS), DiT)
     kw = arch_kwargs("d3", **DIGITS, dropout=0.1)
     assert kw["family"] == "dit" and kw["dropout"] == 0.1
@@ -285,7 +298,8 @@ def two_family_losses(jstar=0.05):
 
 
 def test_fits_per_family_recover_each_familys_exponent(tmp_path):
-    from analysis.scaling import POOLED, fit_table, pooled_fits, study_outputs
+    from analysis.scaling import fit_table, study_outputs
+    from analysis.study_stats import POOLED, pooled_fits
 
     df = two_family_losses()
     out = study_outputs(df, None, tmp_path)

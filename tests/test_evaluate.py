@@ -44,6 +44,7 @@ def test_eval_set_more_samples_than_data_and_bad_sigma():
 def test_sigma_grid_geometric():
     g = ev.sigma_grid(4, 0.1, 100.0)
     np.testing.assert_allclose(g, [0.1, 1.0, 10.0, 100.0])
+    np.testing.assert_allclose(ev.sigma_grid(1, 0.1, 10.0), [1.0])  # one level: the geometric midpoint
     with pytest.raises(ValueError, match="σ range"):
         ev.sigma_grid(3, 0.0, 1.0)
 
@@ -93,7 +94,7 @@ def _two_point_setup(a=0.7, n_per_sigma=400):
 
 def test_oracle_denoiser_has_zero_excess_and_loss_equal_jstar():
     data, es, dstar, oracle = _two_point_setup()
-    err = ev.per_triple_errors(oracle, data, es, dstar[:, None], batch_size=128)
+    err = ev.EvaluationInputs(data, es, dstar[:, None], batch_size=128).errors(oracle)
     assert np.max(err["excess"]) < 1e-20
     np.testing.assert_allclose(err["loss"], err["optimal_loss"], rtol=1e-9, atol=1e-20)
     table = ev.per_sigma_table(err, es["sigma"])
@@ -107,7 +108,7 @@ def test_oracle_denoiser_has_zero_excess_and_loss_equal_jstar():
 
 def test_identity_denoiser_has_loss_sigma_squared():
     data, es, dstar, _ = _two_point_setup()
-    err = ev.per_triple_errors(lambda x, s, lab: x, data, es, dstar[:, None], batch_size=97)
+    err = ev.EvaluationInputs(data, es, dstar[:, None], batch_size=97).errors(lambda x, s, lab: x)
     eps = ev.eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1).double().numpy()
     # exactly (σ·ε)² per triple (float32 rounding of x aside)
     np.testing.assert_allclose(err["loss"], (es["sigma"] * eps) ** 2, rtol=1e-5, atol=1e-9)
@@ -123,7 +124,7 @@ def test_identity_denoiser_has_loss_sigma_squared():
 def test_shape_mismatch_is_named():
     data, es, dstar, oracle = _two_point_setup(n_per_sigma=4)
     with pytest.raises(ValueError, match="D\\* array has shape"):
-        ev.per_triple_errors(oracle, data, es, dstar[:-1, None])
+        ev.EvaluationInputs(data, es, dstar[:-1, None]).errors(oracle)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,7 +176,7 @@ def test_weighted_totals_match_the_edm_training_integral():
     u = math.log(lo) + (math.log(hi) - math.log(lo)) * np.linspace(0, 1, 2000) ** 4  # dense at small σ
     sig = np.exp(u)
     t = _table(sig, L(sig), np.zeros_like(sig))
-    density, weight = ev._variant_fns(v)
+    density, weight = ev.variant_fns(v)
     assert ev.weighted_totals(t, density, weight)["loss"] == pytest.approx(truth, rel=1e-3)
     # the checks this test exists for: a wrong density or an equal-weight rule is off by far more than 1e-3
     wrong_density = ev.weighted_totals(t, lambda s: density(s) / s, weight)["loss"]
@@ -288,7 +289,7 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
     # the old path: the whole float32 array, the triples' own indices
     from models.denoiser import Denoiser
     den = Denoiser.from_snapshot(snap, device="cpu")
-    old = ev.per_triple_errors(lambda x, s, lab: den(x, s, lab), ds.x, es, dstar, device="cpu")
+    old = ev.EvaluationInputs(ds.x, es, dstar).errors(lambda x, s, lab: den(x, s, lab), device="cpu")
 
     reads = []
     real = DatasetArrays.stored_rows
@@ -302,7 +303,7 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
     tables = {}
     for name, path in (("u8", compact), ("f32", wide)):
         reads.clear()
-        tables[name] = ev.evaluate_snapshot(snap, path, es, dstar, device="cpu")
+        ((tables[name], _),) = ev.evaluate_snapshots([snap], path, es, dstar, device="cpu")
         assert len(reads) == 1 and np.array_equal(reads[0], np.unique(es["index"]))   # its rows, once
     pd.testing.assert_frame_equal(tables["u8"], tables["f32"], check_exact=True)
     table = ev.per_sigma_table(old, es["sigma"])

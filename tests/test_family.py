@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from models import edm2
-from models.family import (PAPER_PARAMS_M, PAPER_SIZES, SIZES, TINY_SIZES, arch_kwargs, build, count_params,
-                           forward_flops_per_image, net_from_kwargs, training_flops_per_image)
+from models.family import (arch_kwargs, build, count_params, forward_flops_per_image, net_from_kwargs,
+                           training_flops_per_image)
+from models.sizes import PAPER_PARAMS_M, PAPER_SIZES, SIZES, TINY_SIZES
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = dict(resolution=8, channels=1, label_dim=10)

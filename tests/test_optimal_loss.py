@@ -8,7 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.optimal_loss import (ESTIMATORS, eval_noise, estimate_optimal_loss, main, posterior_mean)
+import analysis.posterior as posterior
+from analysis.evaluate import eval_noise, sigma_grid
+from analysis.optimal_loss import ESTIMATORS, estimate_optimal_loss, main
+from analysis.posterior import (CentredData, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits,
+                                _screened_posterior, posterior_mean)
+from models.diffusion import get_process, x0_loss_factor
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -109,8 +114,7 @@ INT8 = pytest.param(torch.int8, marks=pytest.mark.skipif(
 @pytest.mark.parametrize("shift", [0.0, 3.0])
 def test_screen_bound_holds_for_every_entry(dtype, shift):
     # the bound must cover the worst entry for random data, offsets (a large mean) and σ from 0.002 to 80
-    from analysis.posterior import _Data, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits
-    data = _Data(torch.from_numpy(_near_duplicates(shift=shift)), torch.device("cpu"))
+    data = CentredData(torch.from_numpy(_near_duplicates(shift=shift)), torch.device("cpu"))
     rng = np.random.default_rng(0)
     src = rng.integers(0, data.n, 64)
     sig = torch.from_numpy(np.geomspace(0.002, 80, 64))
@@ -133,8 +137,7 @@ def test_screen_bound_holds_for_every_entry(dtype, shift):
 @pytest.mark.parametrize("mode", ["bfloat16", "float32", pytest.param("int8", marks=INT8.marks), "auto", "off"])
 def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
     # every mode must give the exact D*; screened rows are refined in float64, so they match to ~1e-12
-    import analysis.posterior as ol
-    monkeypatch.setattr(ol, "_SCREEN", mode)
+    monkeypatch.setattr(posterior, "_SCREEN", mode)
     data, x, sigmas = _twin_queries(seed=5)
     got = posterior_mean(data, x, torch.from_numpy(sigmas)).numpy()
     ref = reference_posterior(data, x, sigmas)
@@ -149,8 +152,7 @@ def test_screened_posterior_matches_float64_reference(monkeypatch, mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, INT8])
 def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
-    from analysis.posterior import _Data, _screened_posterior
-    data = _Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    data = CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     rng = np.random.default_rng(1)
     src = torch.from_numpy(rng.integers(0, data.n, 40))
     sig = torch.tensor([0.01] * 20 + [50.0] * 20, dtype=torch.float64)
@@ -163,44 +165,41 @@ def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
 
 
 def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
-    import analysis.posterior as ol
-    data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    data = posterior.CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     fast = torch.tensor([True, False, True])
-    dtype, rows = ol._screen_dtype(data, fast, hinted=True)       # a small batch: float32, the float64 rows only
+    dtype, rows = posterior._screen_dtype(data, fast, hinted=True)       # a small batch: float32, the float64 rows only
     assert dtype == torch.float32 and rows.tolist() == [False, True, False]
-    monkeypatch.setattr(ol, "_INT8_MIN_GEMM", 0)                    # as if the batch were large
-    dtype, rows = ol._screen_dtype(data, fast, hinted=True)
-    if ol._int8_available():
+    monkeypatch.setattr(posterior, "_INT8_MIN_GEMM", 0)                    # as if the batch were large
+    dtype, rows = posterior._screen_dtype(data, fast, hinted=True)
+    if posterior._int8_available():
         assert dtype == torch.int8 and bool(rows.all())
-    assert ol._screen_dtype(data, fast, hinted=False)[0] == torch.float32   # no hint: no int8 screen
-    monkeypatch.setattr(ol, "_SCREEN", "off")
-    assert ol._screen_dtype(data, fast, hinted=True)[0] is None
+    assert posterior._screen_dtype(data, fast, hinted=False)[0] == torch.float32   # no hint: no int8 screen
+    monkeypatch.setattr(posterior, "_SCREEN", "off")
+    assert posterior._screen_dtype(data, fast, hinted=True)[0] is None
 
 
 def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypatch):
-    import analysis.posterior as ol
-    monkeypatch.setattr(ol, "_SCREEN", "bfloat16")
-    monkeypatch.setattr(ol, "_SCREEN_MIN_CANDIDATES", 16)   # (the default, 256, exceeds this N = 200)
-    data = ol._Data(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    monkeypatch.setattr(posterior, "_SCREEN", "bfloat16")
+    monkeypatch.setattr(posterior, "_SCREEN_MIN_CANDIDATES", 16)   # (the default, 256, exceeds this N = 200)
+    data = posterior.CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     log = []
     for sigma, expect in ((50.0, [0.0]), (50.0, [0.0])):     # dense: logged once, then skipped
         sig = torch.full((30,), sigma, dtype=torch.float64)
         xq = data.rows(torch.arange(30), torch.float64) + sigma * torch.randn(30, data.dim, dtype=torch.float64)
-        got = ol._posterior_centred(data, xq, sig, None, screen_log=log)
+        got = posterior.posterior_centred(data, xq, sig, None, screen_log=log)
         assert log == expect
         ref = reference_posterior(data.rows(torch.arange(data.n), torch.float64), xq, sig)
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-6, rtol=0)
     small = []
     sig = torch.full((30,), 0.01, dtype=torch.float64)
-    ol._posterior_centred(data, data.rows(torch.arange(30), torch.float64), sig, None, screen_log=small)
+    posterior.posterior_centred(data, data.rows(torch.arange(30), torch.float64), sig, None, screen_log=small)
     assert small == [1.0]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("screen", ["auto", "off"])
 def test_cuda_matches_float64_reference(monkeypatch, screen):
-    import analysis.posterior as ol
-    monkeypatch.setattr(ol, "_SCREEN", screen)
+    monkeypatch.setattr(posterior, "_SCREEN", screen)
     data, x, sigmas = _twin_queries(seed=6)
     got = posterior_mean(data, x, torch.from_numpy(sigmas), device="cuda").cpu().numpy()
     ref = reference_posterior(data, x, sigmas)
@@ -425,7 +424,6 @@ def test_cli_estimate_and_denoise(tmp_path):
     assert np.isclose(df["sigma"].min(), 0.002) and np.isclose(df["sigma"].max(), 80.0)
     ok = df["process_loss"].notna()
     assert ok.any()
-    from models.diffusion import get_process, x0_loss_factor
     proc = get_process("vp")
     factor = x0_loss_factor("eps", proc, torch.tensor(df.loc[ok, "t"].to_numpy(dtype=np.float64))).numpy()
     np.testing.assert_allclose(df.loc[ok, "process_loss"], factor * df.loc[ok, "optimal_loss"], rtol=1e-9)
@@ -447,6 +445,21 @@ def test_cli_estimate_and_denoise(tmp_path):
         same = labels == labels[index[i]]
         ref = reference_posterior(flat[same], noisy[i].reshape(1, -1), sig[i])[0]
         np.testing.assert_allclose(den[i], ref, atol=2e-6)
+
+
+def test_cli_one_sigma_sits_where_the_evaluation_set_puts_it(tmp_path):
+    """A one-point J* grid is the evaluation set's one σ (analysis.evaluate.sigma_grid): the geometric midpoint,
+    so a one-σ study compares L and J* at the same noise level."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "dataset.npz", x=rng.uniform(-1, 1, (20, 1, 2, 2)).astype(np.float32))
+    out = tmp_path / "jstar.csv"
+    assert main(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(out), "--num-sigmas", "1",
+                 "--sigma-min", "0.01", "--sigma-max", "100", "--n-samples", "40"]) == 0
+    sigma = pd.read_csv(out)["sigma"].to_numpy()
+    np.testing.assert_allclose(sigma, [1.0], rtol=1e-12)
+    np.testing.assert_array_equal(sigma, sigma_grid(1, 0.01, 100.0))
+    with pytest.raises(SystemExit):  # an inverted range is the CLI's usage error, naming the flags
+        main(["--dataset", str(tmp_path / "dataset.npz"), "--out", str(out), "--sigma-min", "5", "--sigma-max", "1"])
 
 
 def test_source_index_hint_changes_nothing_but_speed():

@@ -47,7 +47,7 @@ def test_two_point_samples_land_on_plus_minus_a():
 
 
 def test_posterior_mean_oracle_also_lands_on_the_data():
-    from analysis.optimal_loss import posterior_mean
+    from analysis.posterior import posterior_mean
 
     data = torch.tensor([[-A], [A]], dtype=torch.float64)
     den = lambda x, s, labels=None: posterior_mean(data, x, s).to(x.dtype).reshape(x.shape)

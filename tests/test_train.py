@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +16,16 @@ import pytest
 import torch
 
 from models.config import load_config
-from models.data import Dataset, load_dataset
+from models.data import Dataset, DatasetArrays, load_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.sigma_bins import SigmaBinTracker
+from models.weight_norm import channel_rms
 import models.loop as loop_mod
-from models.train import (HostData, NonFiniteLossError, RunFolderMismatchError, batch_indices, ema_beta,
-                          fingerprint_differences, learning_rate, main, open_training_data, per_example_losses, train)
+import models.train as train_module
+from models.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
+from models.run_folder import RunFolderMismatchError, fingerprint_differences
+from models.train import main, open_training_data, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,7 +322,7 @@ def test_optimal_loss_schedule_hook(digits, tmp_path, monkeypatch):
         def set_model_loss(self, tracker):
             calls["trackers"].append(tracker)
 
-    monkeypatch.setitem(sys.modules, "models.schedule", types.SimpleNamespace(OptimalLossSchedule=FakeSchedule))
+    monkeypatch.setattr(train_module, "OptimalLossSchedule", FakeSchedule)
     cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=32,
                    schedule={"name": "optimal-loss", "a": 1.0, "w_max": 10.0})
     with pytest.raises(ValueError, match="--jstar"):
@@ -407,7 +409,7 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
     train(cfg, "t0", digits_u8, tmp_path / "from-dataset", progress=False)
 
     reads = []
-    real_rows = HostData.rows
+    real_rows = DatasetArrays.rows
 
     def recording_rows(self, idx, device):
         assert isinstance(self.x, np.memmap) and self.x.dtype == np.uint8   # still the stored uint8 on the host
@@ -417,7 +419,7 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
     def no_load_dataset(*a, **k):
         raise AssertionError("the trainer must not load a .npz as one float32 array")
 
-    monkeypatch.setattr(HostData, "rows", recording_rows)
+    monkeypatch.setattr(DatasetArrays, "rows", recording_rows)
     monkeypatch.setattr("models.data.load_dataset", no_load_dataset)
     train(cfg, "t0", str(path), tmp_path / "from-npz", progress=False)
     assert [len(i) for i in reads] == [32, 32]
@@ -636,7 +638,6 @@ def test_forced_normalisation_keeps_the_stored_weights_on_the_unit_sphere(full_r
     unit RMS per output channel (up to normalize's eps)."""
     from models.edm2 import MPConv
     from models.family import build
-    from models.weight_norm import channel_rms
 
     out, _ = full_run
     net = torch.load(out / "state.pt", weights_only=False)["net"]

@@ -7,7 +7,7 @@
 #
 # Works with any study config (it diagnoses that study's models). Needs the Snakefile's R, MODELS, MARKS,
 # TRAINING, PYTHON, the evaluate/optimal_loss rules and scaling.smk's models_table rule.
-# Helpers (final_eval, schedule_settings, model_table): workflow/rules/common.smk.
+# final_eval: workflow/rules/common.smk.
 
 
 rule diagnosis:

@@ -6,6 +6,31 @@
 # out. models.json tells the statistics which runs are seeds of one size.
 import json
 
+from models.config import model_variant
+
+
+def schedule_settings(schedule):
+    """A model's schedule settings beyond its name: the named keys and the free-form kwargs, as one dict."""
+    named = {k: v for k, v in schedule.items() if k not in ("name", "kwargs", "update_every_images")}
+    return {**named, **(schedule.get("kwargs") or {})}
+
+
+def model_table():
+    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs, size}: what the analyses group by (a model's
+    own variant, else the study's; size: the model-table entry a `seeds` run replicates, else the model itself)."""
+    return {
+        m: {
+            "size": config["models"][m].get("replicate_of") or m,
+            "variant": model_variant(config, m)["name"],
+            "schedule": TRAINING[m]["schedule"]["name"],
+            "seed": int(TRAINING[m]["seed"]),
+            "arch": config["models"][m]["arch"],
+            "logvar": bool(TRAINING[m].get("logvar", True)),
+            "schedule_kwargs": schedule_settings(TRAINING[m]["schedule"]),
+        }
+        for m in MODELS
+    }
+
 
 rule models_table:
     output:

@@ -8,7 +8,7 @@
 #   snakemake schedule --configfile workflow/config/schedule.yaml
 #   snakemake schedule_sweep --configfile workflow/config/schedule-sweep.yaml
 #
-# Include after diagnose.smk (uses its models_table rule and final_eval).
+# Uses scaling.smk's models_table rule and common.smk's final_eval.
 
 SQ = config["sample_quality"]
 

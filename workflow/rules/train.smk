@@ -25,8 +25,108 @@
 # job's first node; the launch line starts one `accelerate launch` per node with srun (launch_command). Every
 # node reads and writes the run folder, so results/ must be on a file system all nodes share; only the global
 # main process writes state.pt, snapshots, log.jsonl and done.json (DeepSpeed's checkpoint: every rank its part).
-# Helpers (resolved_config, snapshot_path, launch_command, train_resources, train_rule_resources):
-# workflow/rules/common.smk.
+# snapshot_path: workflow/rules/common.smk (the evaluation rules read the snapshots too).
+import os
+import shlex
+
+import yaml
+
+from models.checks import accelerate_distributed_type
+from models.config import model_variant
+
+
+def resolved_config(model):
+    """The study config as model's training job sees it: its merged training section, only its model entry,
+    and only the sections training reads. Deterministic YAML text."""
+    entry = config["models"][model]
+    cfg = {
+        "study": STUDY,
+        "dataset": config["dataset"],
+        "variant": model_variant(config, model),
+        "training": TRAINING[model],
+        "models": {model: {"arch": entry["arch"]}},
+    }
+    if TRAINING[model]["schedule"]["name"] == "optimal-loss":
+        cfg["optimal_loss"] = config["optimal_loss"]  # the schedule reads jstar.csv made with these settings
+    return yaml.safe_dump(cfg, sort_keys=True, default_flow_style=False)
+
+
+def _free_port_command():
+    """Shell text that prints a free TCP port of the host it runs on (the job's first node under SLURM)."""
+    return f"$({PYTHON} -c 'import socket; s = socket.socket(); s.bind((\"\", 0)); print(s.getsockname()[1])')"
+
+
+def launch_command(model):
+    """`accelerate launch …` (or plain python for one non-DeepSpeed process) up to the module name.
+    Multi-process jobs get a free rendezvous port picked when the job starts, so concurrent jobs on one node
+    never collide. A multi-node job (training.launch.num_machines > 1) runs under srun, one task per node, each
+    starting its node's `accelerate launch` (workflow/scripts/node_launch.sh: machine rank from SLURM_NODEID, the
+    rendezvous on the first node of the job, at the port picked on the node that runs the job script)."""
+    launch = TRAINING[model]["launch"]
+    n, machines = int(launch["num_processes"]), int(launch["num_machines"])
+    acc_cfg = repo_path(launch["accelerate_config"])
+    kind = accelerate_distributed_type(acc_cfg, BASEDIR)
+    if n == 1 and kind in ("NO", "no"):
+        return f"{PYTHON} -m models.train"
+    accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
+    accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
+    # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told; a
+    # DeepSpeed job must not be told (it would run as DDP): models.train.make_accelerator sets it up on gloo
+    cpu_ddp = not train_resources(model)["gpu"] and n > 1 and kind != "DEEPSPEED"
+    cpu = "ACCELERATE_USE_CPU=1 " if cpu_ddp else ""
+    launcher = f"{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines {machines}"
+    if machines == 1:
+        return f"{cpu}{launcher} --main_process_port {_free_port_command()} -m models.train"
+    if kind == "DEEPSPEED":  # each node's own launcher (torchrun), not DeepSpeed's ssh/pdsh runner
+        launcher += " --deepspeed_multinode_launcher standard"
+    res = train_resources(model)
+    node_launch = os.path.join(BASEDIR, "workflow", "scripts", "node_launch.sh")
+    return (
+        f"{cpu}srun --nodes={machines} --ntasks={machines} --ntasks-per-node=1 --cpus-per-task={res['threads']}"
+        f" --kill-on-bad-exit=1 bash {shlex.quote(node_launch)} {_free_port_command()} {launcher} -- -m models.train"
+    )
+
+
+def launcher_check(model):
+    """Shell text run before a multi-node training job: it needs SLURM's srun (the SLURM profile)."""
+    machines = int(TRAINING[model]["launch"]["num_machines"])
+    if machines == 1:
+        return ":"
+    return (
+        f"command -v srun > /dev/null || {{ echo 'train {model}: training.launch.num_machines = {machines} runs "
+        "under SLURM (srun not found): use --profile workflow/profiles/slurm' >&2; exit 1; }"
+    )
+
+
+def train_resources(model):
+    """gpu: GPUs of the job, one per training process over all its nodes (models.checks: a model's own
+    resources.gpus equals num_processes); nodes; threads: the CPUs of one node; omp: each process's threads."""
+    r = step_resources("train", model)
+    launch = TRAINING[model]["launch"]
+    n, machines = int(launch["num_processes"]), int(launch["num_machines"])
+    gpus = n if r["gpus"] else 0
+    return {
+        "gpu": gpus,
+        "nodes": machines,
+        "threads": gpus // machines * r["cpus_per_gpu"] if gpus else r["cpus"],
+        # intra-op threads of each training process: its share of the node's CPUs
+        "omp": r["cpus_per_gpu"] if gpus else r["cpus"],
+    }
+
+
+def train_rule_resources(model):
+    """The train rule's Snakemake resources. One node: gpu, cpus_per_gpu, runtime, mem_mb. Several nodes: the
+    SLURM executor plugin's MPI form — `mpi` makes its job step run the rule's shell once, on the first node,
+    which starts one task per node with srun; sbatch gets --nodes=M --ntasks=M --cpus-per-task (one node's
+    CPUs) and, through slurm_extra, --ntasks-per-node=1 and --gpus-per-node (the plugin's `gpu` would ask for
+    GPUs over the whole job, not per node). mem_mb is per node."""
+    res = train_resources(model)
+    base = rule_resources("train", model, gpus=res["gpu"])
+    if res["nodes"] == 1:
+        return base
+    extra = "--ntasks-per-node=1" + (f" --gpus-per-node={res['gpu'] // res['nodes']}" if res["gpu"] else "")
+    return {"nodes": res["nodes"], "tasks": res["nodes"], "mpi": "srun", "cpus_per_task": res["threads"],
+            "runtime": base["runtime"], "mem_mb": base["mem_mb"], "slurm_extra": extra}
 
 
 rule model_config:

@@ -14,15 +14,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for models.data (run as a script)
+from models.data import load_dataset  # noqa: E402
 
 
 def write_digits_imagefolder(out: Path, resolution: int = 16) -> int:
     """Write the folder; returns the number of images. Pixels: the digits resized (antialiased bilinear) to
     resolution², mapped to uint8 and copied to three channels."""
-    from PIL import Image
-
-    from models.data import load_dataset
-
     ds = load_dataset("digits", resolution=resolution)
     x = np.clip(np.rint((ds.x.numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)   # [N, 1, H, W] → uint8
     labels = ds.labels.numpy()
@@ -51,5 +51,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for models.data
     sys.exit(main())
