@@ -54,10 +54,9 @@ from models import integrity
 from models.atomic import atomic_path
 from models.data import open_dataset
 from models.denoiser import Denoiser
-from models.tables import read_checked_csv, read_jstar
+from models.tables import STATS, check_finite_statistics, read_checked_csv, read_jstar
 
 # the per-σ statistics and their column names in every CSV this module writes
-STATS = ("loss", "optimal_loss", "excess", "gap")
 INVARIANT_SIGMAS = 3.0  # L(σ) ≥ J*(σ) − 3 s.e. is the checked invariant
 LOSS_COLUMNS = ["model", "arch", "params", "images_seen", "flops", "sigma", "weighting", "n",
                 "loss", "loss_stderr", "optimal_loss", "optimal_loss_stderr", "excess", "excess_stderr",
@@ -421,22 +420,8 @@ def read_eval_csv(path) -> pd.DataFrame:
         raise integrity.invalid(path, "rows of several snapshots (model, images_seen)")
     if set(per["weighting"]) != {"none"} or set(total["weighting"]) != {"training"}:
         raise integrity.invalid(path, "weighting must be `none` on per-σ rows and `training` on the total")
-    _check_finite(df, path)
+    check_finite_statistics(df, path)
     return df
-
-
-def _check_finite(df: pd.DataFrame, path) -> None:
-    """Every statistic and its standard error the table has is finite (a standard error may be missing where
-    n = 1)."""
-    for c in [c for c in ["params", "images_seen", "flops", "n", *STATS] if c in df]:
-        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
-        if not np.all(np.isfinite(v)):
-            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
-    n = df["n"].to_numpy(np.float64) if "n" in df else np.full(len(df), 2.0)
-    for c in [f"{k}_stderr" for k in STATS if f"{k}_stderr" in df]:
-        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
-        if not np.all(np.isfinite(v) | (np.isnan(v) & (n <= 1))):
-            raise integrity.invalid(path, f"non-finite {c} in a row with n > 1")
 
 
 def read_triples(path, per_sigma: pd.DataFrame | None = None) -> dict:
@@ -601,26 +586,6 @@ def warn_invariant(invariant: pd.DataFrame, stream=None) -> int:
                   f"L={r['loss']:.6g} J*={r['optimal_loss']:.6g} z={r['invariant_z']:.2f}", file=stream)
         print("!" * 100, file=stream)
     return int(len(bad))
-
-
-FIT_COLUMNS = ["model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss"]  # what the fits need
-
-
-def read_losses(path) -> pd.DataFrame:
-    """analysis/losses.csv (or a table with at least its FIT_COLUMNS), checked against its sidecar and validated:
-    finite statistics and standard errors, and every snapshot with per-σ rows on one σ grid and one total row (what
-    the fits read)."""
-    df = read_checked_csv(path, FIT_COLUMNS, "losses table")
-    if df.empty:
-        raise integrity.invalid(path, "no rows")
-    _check_finite(df, path)
-    grids = df[df["sigma"].notna()].groupby(["model", "images_seen"])["sigma"].apply(lambda v: tuple(sorted(v)))
-    totals = df[df["sigma"].isna()].groupby(["model", "images_seen"]).size()
-    snaps = df.groupby(["model", "images_seen"]).size().index
-    if (len(grids) and (grids.nunique() > 1 or len(grids) != len(snaps))) or len(totals) != len(snaps) \
-            or (totals != 1).any():  # (a table of totals alone has no σ grid)
-        raise integrity.invalid(path, "every snapshot must have per-σ rows on one σ grid and one total row")
-    return df
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,12 +36,12 @@ import pandas as pd
 
 from analysis import forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
-from analysis.evaluate import read_losses
 from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.resample import load_per_triple, replicates, replicates_from_losses
 from analysis.study_stats import POOLED, model_families, pooled_fits
 from models.atomic import atomic_path
 from models.integrity import IntegrityError
+from models.tables import read_losses
 
 __all__ = ["fit_power_law", "fit_chinchilla", "fit_table", "study_outputs", "main"]
 

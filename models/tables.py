@@ -1,6 +1,7 @@
 """The study's CSV tables read back with their checks: any table against its checksum sidecar and columns
-(`read_checked_csv`), and the J* table that the evaluation, the optimal-loss schedule and the diagnosis read
-(`read_jstar`). A bad table is one IntegrityError naming the file and the command that rebuilds it (models.integrity).
+(`read_checked_csv`), the J* table that the evaluation, the optimal-loss schedule and the diagnosis read
+(`read_jstar`), and the losses table the fits read (`read_losses`). A bad table is one IntegrityError naming the
+file and the command that rebuilds it (models.integrity).
 No torch: the statistics and the diagnosis read these tables too."""
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pandas as pd
 from models import integrity
 
 JSTAR_COLUMNS = ("sigma", "optimal_loss", "stderr")
+STATS = ("loss", "optimal_loss", "excess", "gap")  # the per-σ statistics of an evaluation CSV
 
 
 def read_checked_csv(path, columns, what: str = "table") -> pd.DataFrame:
@@ -53,3 +55,37 @@ def read_jstar(path) -> pd.DataFrame:
     if np.any(values["stderr"] < 0):
         raise integrity.invalid(path, "negative stderr")
     return df.assign(**values)
+
+
+def check_finite_statistics(df: pd.DataFrame, path) -> None:
+    """Every statistic and its standard error the table has is finite (a standard error may be missing where
+    n = 1)."""
+    for c in [c for c in ["params", "images_seen", "flops", "n", *STATS] if c in df]:
+        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise integrity.invalid(path, f"non-finite {c} in {int((~np.isfinite(v)).sum())} row(s)")
+    n = df["n"].to_numpy(np.float64) if "n" in df else np.full(len(df), 2.0)
+    for c in [f"{k}_stderr" for k in STATS if f"{k}_stderr" in df]:
+        v = pd.to_numeric(df[c], errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(v) | (np.isnan(v) & (n <= 1))):
+            raise integrity.invalid(path, f"non-finite {c} in a row with n > 1")
+
+
+FIT_COLUMNS = ["model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss"]  # what the fits need
+
+
+def read_losses(path) -> pd.DataFrame:
+    """analysis/losses.csv (or a table with at least its FIT_COLUMNS), checked against its sidecar and validated:
+    finite statistics and standard errors, and every snapshot with per-σ rows on one σ grid and one total row (what
+    the fits read)."""
+    df = read_checked_csv(path, FIT_COLUMNS, "losses table")
+    if df.empty:
+        raise integrity.invalid(path, "no rows")
+    check_finite_statistics(df, path)
+    grids = df[df["sigma"].notna()].groupby(["model", "images_seen"])["sigma"].apply(lambda v: tuple(sorted(v)))
+    totals = df[df["sigma"].isna()].groupby(["model", "images_seen"]).size()
+    snaps = df.groupby(["model", "images_seen"]).size().index
+    if (len(grids) and (grids.nunique() > 1 or len(grids) != len(snaps))) or len(totals) != len(snaps) \
+            or (totals != 1).any():  # (a table of totals alone has no σ grid)
+        raise integrity.invalid(path, "every snapshot must have per-σ rows on one σ grid and one total row")
+    return df
