@@ -45,7 +45,7 @@ def md_table(header, rows) -> str:
 
 
 def verdict_counts(verdict: pd.DataFrame, axis: str) -> dict:
-    """The per-σ verdicts on ρ of one axis, counted (the README quotes these numbers)."""
+    """The per-σ verdicts on ρ of one axis, counted (docs/results.md quotes these numbers)."""
     per = verdict[(verdict["axis"] == axis) & verdict["sigma"].notna()]
     return per["verdict_rho"].value_counts().to_dict()
 

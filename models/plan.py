@@ -27,8 +27,8 @@ from models.config import ConfigError, load_config, model_training, step_resourc
 # models.family (torch) is imported only where parameters and FLOPs are counted (plan_rows): the plan rule prints a
 # finished plan (format_plan, read_plan) in the Snakefile's own process, which needs no torch for it.
 
-# Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; README, "Training on
-# GPUs"), the default throughput of the plan.
+# Training MFU of the EDM2 sizes measured on one H200 (bf16, 989 TFLOP/s dense peak; docs/performance.md,
+# "Training throughput, GPU"), the default throughput of the plan.
 MEASURED_MFU = {"xs": 0.170, "s": 0.236, "m": 0.299, "l": 0.317, "xl": 0.359, "xxl": 0.364}
 COLUMNS = ["model", "arch", "params", "flops_per_image", "total_images", "total_flops", "gpus", "gpu_hours",
            "mfu", "wall_hours", "nodes", "jobs"]

@@ -312,7 +312,7 @@ class OptimalLossSchedule:
         return torch.from_numpy(out)
 
     def describe(self) -> dict:
-        """The resolved constants (for logs and the README)."""
+        """The resolved constants (for logs and docs)."""
         return {"sigma_star": self.sigma_star, "w_max": self.w_max, "a": self.a, "mu": self.mu, "std": self.std,
                 "floor": self.floor, "bump": self.bump, "warmup_samples": self.warmup_samples,
                 "data_variance": self.curve.data_variance}
