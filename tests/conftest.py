@@ -53,7 +53,7 @@ def smoke_study(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("smoke")
     t0 = time.time()
-    smk("--configfile", CONFIGS / "smoke.yaml", "--cores", "2", directory=d, timeout=900)
+    smk("--configfile", CONFIGS / "smoke.yaml", "--cores", "2", directory=d, timeout=1800)
     print(f"\nsmoke study wall time: {time.time() - t0:.0f} s")
     return d
 
@@ -76,3 +76,28 @@ def copy_study(src: Path, dst: Path) -> Path:
 def study_copy(smoke_study, tmp_path):
     """A private copy of the finished smoke study, to damage."""
     return copy_study(smoke_study, tmp_path / "study")
+
+
+# Tests run in two worker processes (pyproject's addopts: pytest-xdist, --dist loadgroup). A test is sent to
+# either worker on its own, except where an expensive fixture would then be built twice: every test of the
+# finished smoke study goes to one worker (its session fixture runs the study once), a test that shares a
+# module-scoped fixture goes with the rest of its module, and a module may name its group itself (the FLOP
+# counts of the paper sizes, cached per process, are counted once).
+SHARED_BUT_CHEAP = {"digits"}
+
+
+def xdist_group(item) -> str | None:
+    if "smoke_study" in item.fixturenames:
+        return "smoke_study"
+    fixtures = getattr(item, "_fixtureinfo", None)
+    for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ()):
+        if name not in SHARED_BUT_CHEAP and defs[-1].scope in ("module", "session"):
+            return item.module.__name__
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = xdist_group(item)
+        if group is not None and item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(group))

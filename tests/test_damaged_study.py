@@ -9,14 +9,13 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from test_workflow import CONFIGS, REPO, SNAKEMAKE, kill_when_written, smk
+from test_workflow import CONFIGS, REPO, SNAKEMAKE, kill_when_written, run_module, smk
 
 pytestmark = pytest.mark.slow  # every probe needs the finished smoke study
 
@@ -30,7 +29,7 @@ def tables(directory) -> dict:
     return {t: (directory / STUDY / t).read_bytes() for t in TABLES}
 
 
-def run(*cmd, timeout=300):
+def run(*cmd, timeout=900):
     p = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -58,7 +57,7 @@ def writable(path):
 def collect(r):
     """`analysis.evaluate collect` as the collect_losses job runs it, into a scratch folder."""
     evals = sorted(str(p) for p in (r / "eval").glob("*/*.csv"))
-    return run(sys.executable, "-m", "analysis.evaluate", "collect", "--eval", *evals,
+    return run_module("analysis.evaluate", "collect", "--eval", *evals,
                "--jstar", r / "optimal_loss" / "jstar.csv", "--out", r / "scratch-losses.csv",
                "--invariant", r / "scratch-invariant.csv", "--per-triple", r / "scratch-per-triple.npz")
 
@@ -166,12 +165,12 @@ def test_damaged_losses_table_never_reaches_a_fit(study_copy):
     losses = r / "analysis" / "losses.csv"
     df = pd.read_csv(losses).drop(index=3)  # one σ of one snapshot
     df.to_csv(writable(losses), index=False)
-    scaling = [sys.executable, "-m", "analysis.scaling", "--losses", losses, "--per-triple",
+    scaling = ["analysis.scaling", "--losses", losses, "--per-triple",
                r / "analysis" / "per_triple.npz", "--out-dir", r / "scratch", "--n-replicates", "10"]
-    rc, out = run(*scaling)
+    rc, out = run_module(*scaling)
     assert rc == 2 and rebuild_command(one_error(out, losses))[-1] == "collect_losses"
     restamp(losses)
-    rc, out = run(*scaling)
+    rc, out = run_module(*scaling)
     assert rc == 2 and "one σ grid" in one_error(out, losses)
     assert not (r / "scratch" / "exponents.csv").exists()
 
@@ -179,7 +178,7 @@ def test_damaged_losses_table_never_reaches_a_fit(study_copy):
 def test_damaged_eval_set_and_denoised_are_named(study_copy):
     r = study_copy / STUDY
     snapshot = r / "snapshots" / "t0" / "snapshot-000000384.pt"
-    evaluate = [sys.executable, "-m", "analysis.evaluate", "snapshot", "--snapshot", snapshot,
+    evaluate = ["analysis.evaluate", "snapshot", "--snapshot", snapshot,
                 "--dataset", r / "data" / "dataset.npz", "--eval-set", r / "data" / "eval_set.npz",
                 "--denoised", r / "optimal_loss" / "eval_denoised.npy", "--out", r / "scratch.csv"]
     denoised = r / "optimal_loss" / "eval_denoised.npy"
@@ -187,14 +186,14 @@ def test_damaged_eval_set_and_denoised_are_named(study_copy):
     d[5, 3] = np.inf
     with open(writable(denoised), "wb") as f:
         np.save(f, d)
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and rebuild_command(one_error(out, denoised))[-1] == "optimal_denoiser"
     restamp(denoised)
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and "non-finite D* at triple 5" in one_error(out, denoised)
     eval_set = r / "data" / "eval_set.npz"
     writable(eval_set).write_bytes(eval_set.read_bytes()[:-100])
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and rebuild_command(one_error(out, eval_set))[-1] == "eval_set"
 
 
@@ -205,7 +204,7 @@ def test_damaged_eval_set_and_denoised_are_named(study_copy):
 def resume(r, model="t0"):
     """The trainer resuming the model's run folder (done.json removed), as a --forcerun train job runs it."""
     (r / "runs" / model / "done.json").unlink(missing_ok=True)
-    return run(sys.executable, "-m", "models.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
+    return run_module("models.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
                "--data", r / "data" / "dataset.npz", "--out", r / "runs" / model, "--no-progress")
 
 
@@ -223,7 +222,7 @@ def test_damaged_state_is_named_and_the_run_folder_check_flags_it(study_copy, da
     rc, out = resume(r)
     assert rc == 2
     one_error(out, state)
-    rc, out = run(sys.executable, "-m", "models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
     assert rc == 3 and str(state) in out  # the train rule then starts the model afresh (the same weights)
 
 
@@ -254,7 +253,7 @@ def test_crafted_state_is_refused_without_running(study_copy, payload):
     _forge(state, {**saved, "tracker": payload(marker)})
     rc, out = resume(r)
     assert rc == 2 and "refused" in one_error(out, state)
-    rc, out = run(sys.executable, "-m", "models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
     assert rc == 2 and "refused" in one_error(out, state)  # not "corrupt": the train rule stops, it does not retrain
     assert not marker.exists()
 
@@ -274,7 +273,7 @@ def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
                  "--eval-set", r / "data" / "eval_set.npz", "--denoised", r / "optimal_loss" / "eval_denoised.npy",
                  "--out", r / "scratch.csv"],
                 ["models.sampler", "--snapshot", snap, "--num", "2", "--out", r / "scratch.npz"]):
-        rc, out = run(sys.executable, "-m", *cli)
+        rc, out = run_module(*cli)
         assert rc != 0 and "refused" in out and str(snap) in out, out[-2000:]
     assert not marker.exists()
 
@@ -335,7 +334,7 @@ def test_bad_config_fails_the_dry_run_naming_everything(tmp_path, problem):
         expected = ["scaling.n_replicates: 0 is less than the minimum of 200", "95% interval"]
     if problem == "yaml":
         path.write_text((CONFIGS / "smoke.yaml").read_text().replace("  batch_size: 64", "  batch_size: [64"))
-        rc, out = run(sys.executable, "-m", "models.config", path)
+        rc, out = run_module("models.config", path)
         assert rc == 2 and f"{path}:8:" in out and "line 7" in out and "YAML syntax error" in out, out
         return
     path.write_text(yaml.safe_dump(cfg))
@@ -395,7 +394,7 @@ def test_killed_forcerun_and_garbled_files_recover_identically(study_copy):
     cmd = SNAKEMAKE + ["--directory", str(study_copy), "--configfile", SMOKE, "--cores", "1",
                        "--forcerun", "train_t0"]
     (r / "logs" / "train_t0.log").unlink()
-    kill_when_written(cmd, r / "logs" / "train_t0.log", timeout=300, settle=0)  # the job has started
+    kill_when_written(cmd, r / "logs" / "train_t0.log", timeout=1200, settle=0)  # the job has started
     assert not (r / "snapshots" / "t0" / "snapshot-000001024.pt").exists()
     smk("--unlock", "--configfile", SMOKE, directory=study_copy)
     snap = r / "snapshots" / "t1" / "snapshot-000000384.pt"
@@ -405,7 +404,7 @@ def test_killed_forcerun_and_garbled_files_recover_identically(study_copy):
     (r / "snapshots" / "t1" / "snapshot-000000384.pt.sha256").unlink()
     counts, _ = dry_run(study_copy)
     assert {"train_t0", "train_t1", "collect_losses"} <= set(counts), counts
-    smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, timeout=900)
+    smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, timeout=1800)
     assert "starting afresh" in (r / "logs" / "train_t0.log").read_text()
     assert tables(study_copy) == before
     counts, out = dry_run(study_copy)

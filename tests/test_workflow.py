@@ -21,7 +21,7 @@ CONFIGS = REPO / "workflow" / "config"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def smk(*args, directory, timeout=600, check=True):
+def smk(*args, directory, timeout=1800, check=True):
     """Run snakemake from the repository root with its working directory elsewhere."""
     cmd = SNAKEMAKE + ["--directory", str(directory)] + [str(a) for a in args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -29,6 +29,29 @@ def smk(*args, directory, timeout=600, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}")
     return p.returncode, out
+
+
+def run_module(module: str, *args) -> tuple[int, str]:
+    """`python -m module args` in this process: its exit status and its stdout and stderr together. An uncaught
+    exception gives status 1 and its traceback, as the interpreter would. For the CLIs whose own start-up a test
+    does not need (the workflow starts them as `python -m`; the smoke study runs that path end to end)."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = importlib.import_module(module).main([str(a) for a in args])
+        except SystemExit as e:  # argparse's errors, sys.exit(...)
+            rc = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    return int(rc or 0), out.getvalue()
 
 
 def descendants(pid: int) -> list[int]:
@@ -230,7 +253,7 @@ def test_slurm_profile_dry_run_has_gpu_resources(tmp_path):
                  directory=tmp_path)
     train = rule_resources_of(out, "train_xs")
     assert train["gpu"] == 8 and train["cpus_per_gpu"] == 8 and train["runtime"] == 2880
-    assert rule_resources_of(out, "evaluate")["gpu"] == 1
+    assert rule_resources_of(out, "evaluate_xs")["gpu"] == 1
 
 
 def test_multi_node_job_is_submitted_as_one_task_per_node(tmp_path):
@@ -412,25 +435,28 @@ def test_report_html(smoke_study):
     assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
 
 
-def _rebuild(out: str, path, directory):
-    """The error names the file and the rebuild command: run that command (with --cores) from the repository."""
+def _rebuild_command(out: str, path) -> list[str]:
+    """The error names the file and the command that rebuilds it (`snakemake … --forcerun RULE`)."""
     import shlex
 
     line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
     assert str(path) in line, line
     cmd = shlex.split(line.split("rebuild it with:", 1)[1])
     assert cmd[0] == "snakemake" and "--forcerun" in cmd
-    p = subprocess.run(SNAKEMAKE + cmd[1:] + ["--cores", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     return cmd
 
 
+def _run_from_repo(cmd: list[str], *extra) -> str:
+    """A `snakemake …` command line run from the repository, as a user pastes it."""
+    p = subprocess.run(SNAKEMAKE + cmd[1:] + list(extra), cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+
 def _evaluate_cli(r, snapshot):
-    p = subprocess.run([sys.executable, "-m", "analysis.evaluate", "snapshot", "--snapshot", str(snapshot),
-                        "--dataset", str(r / "data" / "dataset.npz"), "--eval-set", str(r / "data" / "eval_set.npz"),
-                        "--denoised", str(r / "optimal_loss" / "eval_denoised.npy"), "--out", str(r / "x.csv")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stdout + p.stderr
+    return run_module("analysis.evaluate", "snapshot", "--snapshot", snapshot, "--dataset", r / "data" / "dataset.npz",
+                      "--eval-set", r / "data" / "eval_set.npz", "--denoised", r / "optimal_loss" / "eval_denoised.npy",
+                      "--out", r / "x.csv")
 
 
 def _truncate(path):
@@ -440,42 +466,45 @@ def _truncate(path):
 
 
 @pytest.mark.slow
-def test_truncated_snapshot_named_and_rebuilt_identically(study_copy):
+def test_truncated_snapshots_and_dataset_named_and_rebuilt_identically(study_copy):
+    """Three damaged files, each named with the command that rebuilds it: t1's published snapshot (a copy: the
+    run folder's is intact, so its job republishes it without training), a t2 snapshot in the run folder and its
+    published copy (no state left to regenerate it: t2 is retrained, identically), the dataset. Each command
+    schedules its file's job and everything downstream; the dataset's, run, rebuilds all three and the study ends
+    with the same tables, nothing left to do."""
     r = study_copy / "results" / "smoke"
-    losses = (r / "analysis" / "losses.csv").read_bytes()
+    tables = {t: (r / "analysis" / t).read_bytes() for t in ("losses.csv", "exponents.csv", "verdict.csv")}
     published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
-    in_run = r / "runs" / "t1" / "snapshots" / "snapshot-000000384.pt"
-    # a published snapshot is a copy: truncating it leaves the run folder's intact
     assert published.stat().st_ino != (r / "runs" / "t1" / "snapshots" / published.name).stat().st_ino
     _truncate(published)
     rc, out = _evaluate_cli(r, published)
     assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
-    cmd = _rebuild(out, published, study_copy)
-    assert "train_t1" in cmd
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
-    # a bad snapshot in the run folder (no state left to regenerate it): the model is retrained, identically
+    downstream = {"collect_losses": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}
+    plan = _run_from_repo(_rebuild_command(out, published), "-n")
+    assert job_counts(plan) == {"train_t1": 1, "evaluate_t1": 1, **downstream}, plan[-3000:]
+
+    in_run = r / "runs" / "t2" / "snapshots" / "snapshot-000000384.pt"
     _truncate(in_run)
-    _truncate(r / "snapshots" / "t1" / in_run.name)
-    rc, out = _evaluate_cli(r, r / "snapshots" / "t1" / in_run.name)
-    assert rc == 2
-    _rebuild(out, r / "snapshots" / "t1" / in_run.name, study_copy)
-    assert "starting afresh" in (r / "logs" / "train_t1.log").read_text()
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
-    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
-    assert "Nothing to be done" in dry
+    _truncate(r / "snapshots" / "t2" / in_run.name)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t2" / in_run.name)
+    assert rc == 2 and out.count("error:") == 1
+    plan = job_counts(_run_from_repo(_rebuild_command(out, r / "snapshots" / "t2" / in_run.name), "-n"))
+    # (t1's truncated copy, newer than its evaluation, adds evaluate_t1 here by its modification time)
+    assert {"train_t2": 1, "evaluate_t2": 1, **downstream}.items() <= plan.items(), plan
+    assert "train_t0" not in plan and "train_t1" not in plan and "dataset" not in plan, plan
 
-
-@pytest.mark.slow
-def test_truncated_dataset_named_and_rebuilt_identically(study_copy):
-    r = study_copy / "results" / "smoke"
-    losses = (r / "analysis" / "losses.csv").read_bytes()
     dataset = r / "data" / "dataset.npz"
     _truncate(dataset)
     rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
     assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
-    cmd = _rebuild(out, dataset, study_copy)
+    cmd = _rebuild_command(out, dataset)
     assert cmd[-1] == "dataset"
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
+    _run_from_repo(cmd, "--cores", "2")
+    assert "starting afresh" not in (r / "logs" / "train_t1.log").read_text()   # republished, not retrained
+    assert "starting afresh" in (r / "logs" / "train_t2.log").read_text()
+    assert {t: (r / "analysis" / t).read_bytes() for t in tables} == tables
+    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in dry
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -496,7 +525,7 @@ def test_killed_training_resumes(tmp_path):
     run, first = r / "runs" / "t1", r / "runs" / "t1" / "snapshots" / "snapshot-000000256.pt"
     target = "results/resume/runs/t1/done.json"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
-    kill_when_written(cmd, first, timeout=400)  # snakemake and the trainer: as if the node died
+    kill_when_written(cmd, first, timeout=1200)  # snakemake and the trainer: as if the node died
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
@@ -508,7 +537,7 @@ def test_killed_training_resumes(tmp_path):
     first_inode, first_bytes = first.stat().st_ino, first.read_bytes()
 
     smk("--unlock", "--configfile", config, directory=tmp_path)  # a SIGKILLed snakemake leaves its lock
-    smk("--configfile", config, "--cores", "2", target, directory=tmp_path, timeout=600)
+    smk("--configfile", config, "--cores", "2", target, directory=tmp_path, timeout=1800)
 
     assert (run / "done.json").exists()
     # resumed, not restarted: the snapshot written before the kill is the same file

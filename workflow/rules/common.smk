@@ -186,6 +186,22 @@ def train_resources(model):
     }
 
 
+def train_cost(model):
+    """A proxy of a model's training cost known without building its net: images × width² (× depth for a DiT)."""
+    from models.config import total_images
+    from models.sizes import SIZES
+
+    size = SIZES.get(config["models"][model]["arch"], {})
+    width = size.get("model_channels") or size.get("hidden_size") or 1
+    return total_images(TRAINING[model]) * width**2 * size.get("depth", 1)
+
+
+def train_priority(model):
+    """The training job's Snakemake priority, its rank by cost: the costliest training starts first, so the
+    longest job never starts last with the other cores idle beside it (longest-processing-time first)."""
+    return sorted(MODELS, key=lambda m: (train_cost(m), m)).index(model)
+
+
 def train_rule_resources(model):
     """The train rule's Snakemake resources. One node: gpu, cpus_per_gpu, runtime, mem_mb. Several nodes: the
     SLURM executor plugin's MPI form — `mpi` makes its job step run the rule's shell once, on the first node,

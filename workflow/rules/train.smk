@@ -65,6 +65,7 @@ for _model in MODELS:
             jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
             omp=_res["omp"],
         threads: _res["threads"]
+        priority: train_priority(_model)
         resources:
             **train_rule_resources(_model),
         benchmark:
