@@ -83,7 +83,7 @@ def study_copy(smoke_study, tmp_path):
 # finished smoke study goes to one worker (its session fixture runs the study once), a test that shares a
 # module-scoped fixture goes with the rest of its module, and a module may name its group itself (the FLOP
 # counts of the paper sizes, cached per process, are counted once).
-SHARED_BUT_CHEAP = {"digits"}
+SHARED_BUT_CHEAP = {"digits", "_one_thread"}
 
 
 def xdist_group(item) -> str | None:
@@ -91,11 +91,13 @@ def xdist_group(item) -> str | None:
         return "smoke_study"
     fixtures = getattr(item, "_fixtureinfo", None)
     for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ()):
-        if name not in SHARED_BUT_CHEAP and defs[-1].scope in ("module", "session"):
+        ours = bool(defs[-1].baseid)  # a fixture of tests/, not pytest's own (tmp_path_factory is session-wide)
+        if ours and name not in SHARED_BUT_CHEAP and defs[-1].scope in ("module", "session"):
             return item.module.__name__
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         group = xdist_group(item)
