@@ -77,29 +77,3 @@ def study_copy(smoke_study, tmp_path):
     """A private copy of the finished smoke study, to damage."""
     return copy_study(smoke_study, tmp_path / "study")
 
-
-# Tests run in two worker processes (pyproject's addopts: pytest-xdist, --dist loadgroup). A test is sent to
-# either worker on its own, except where an expensive fixture would then be built twice: every test of the
-# finished smoke study goes to one worker (its session fixture runs the study once), a test that shares a
-# module-scoped fixture goes with the rest of its module, and a module may name its group itself (the FLOP
-# counts of the paper sizes, cached per process, are counted once).
-SHARED_BUT_CHEAP = {"digits", "_one_thread"}
-
-
-def xdist_group(item) -> str | None:
-    if "smoke_study" in item.fixturenames:
-        return "smoke_study"
-    fixtures = getattr(item, "_fixtureinfo", None)
-    for name, defs in (fixtures.name2fixturedefs.items() if fixtures else ()):
-        ours = bool(defs[-1].baseid)  # a fixture of tests/, not pytest's own (tmp_path_factory is session-wide)
-        if ours and name not in SHARED_BUT_CHEAP and defs[-1].scope in ("module", "session"):
-            return item.module.__name__
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        group = xdist_group(item)
-        if group is not None and item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(group))

@@ -1,9 +1,11 @@
-"""A finished smoke study probed as a careless or hostile user would: every truncated, garbled, NaN-carrying,
-missing or crafted intermediate fails with one line naming the file and the command that rebuilds it, or the study
-recovers to byte-identical tables; no pickled payload runs.
+"""The finished smoke study: its tables and figures, what Snakemake reruns on it, its report; and the study probed
+as a careless or hostile user would: every truncated, garbled, NaN-carrying, missing or crafted intermediate fails
+with one line naming the file and the command that rebuilds it, or the study recovers to byte-identical tables; no
+pickled payload runs.
 
-Each probe damages its own copy of the session's one finished study (conftest.smoke_study / study_copy). Most call
-the reader a job would call (fast); a few run `snakemake` end to end (slow)."""
+Every test of the finished study is in this module, so the one test worker that runs them runs the study once
+(tests/conftest.py smoke_study). Each probe damages its own copy of it (study_copy). Most call the reader a job would
+call, in this process (fast); a few run `snakemake` end to end (slow)."""
 
 import json
 import os
@@ -15,7 +17,8 @@ import pandas as pd
 import pytest
 import torch
 
-from test_workflow import CONFIGS, REPO, SNAKEMAKE, kill_when_written, run_module, smk
+from test_workflow import (CONFIGS, REPO, SNAKEMAKE, job_counts, kill_when_written, load_cfg, marks_of, run_module,
+                           smk, write_cfg)
 
 pytestmark = pytest.mark.slow  # every probe needs the finished smoke study
 
@@ -300,8 +303,6 @@ def test_legacy_state_with_numpy_rng_is_read(study_copy):
 # ---------------------------------------------------------------------------------------------------------------
 
 def dry_run(directory, *args):
-    from test_workflow import job_counts
-
     _, out = smk("-n", "--configfile", SMOKE, *args, directory=directory)
     return job_counts(out), out
 
@@ -351,8 +352,6 @@ def test_truncated_eval_csv_stops_snakemake_and_its_command_reruns_what_read_it(
     """Truncated in place, the CSV is newer than losses.csv: `snakemake` reruns collect_losses, which stops on it.
     Its rebuild command reruns its evaluation and everything downstream (the identical tables after such a rerun:
     test_killed_forcerun_and_garbled_files_recover_identically)."""
-    from test_workflow import job_counts
-
     csv = study_copy / STUDY / "eval" / "t1" / "000000384.csv"
     writable(csv).write_bytes(csv.read_bytes()[:-200])
     rc, out = smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, check=False)
@@ -410,3 +409,167 @@ def test_killed_forcerun_and_garbled_files_recover_identically(study_copy):
     counts, out = dry_run(study_copy)
     assert "Nothing to be done" in out
     json.loads((r / "runs" / "t0" / "done.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the finished study: its tables and figures, what Snakemake reruns, its report, rebuilt files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(smoke_study):
+    cfg = load_cfg("smoke")
+    r = smoke_study / "results" / "smoke"
+    losses = pd.read_csv(r / "analysis" / "losses.csv")
+    required = ["model", "params", "images_seen", "flops", "sigma", "loss", "loss_stderr", "optimal_loss",
+                "optimal_loss_stderr", "excess", "excess_stderr"]
+    assert set(required) <= set(losses.columns)
+    n_snap = sum(len(marks_of(cfg, m)) for m in cfg["models"])
+    assert len(losses) == n_snap * (cfg["evaluation"]["num_sigmas"] + 1)
+    assert losses["sigma"].isna().sum() == n_snap  # one weighted total per snapshot
+    per = losses[losses["sigma"].notna()]
+    assert (per["excess"] >= 0).all() and (per["optimal_loss"] >= 0).all()
+    # every snapshot was evaluated on the same triples: one J* per σ
+    assert per.groupby("sigma")["optimal_loss"].nunique().max() == 1
+    inv = pd.read_csv(r / "analysis" / "invariant.csv")
+    assert len(inv) == len(per) and inv["invariant_ok"].all()
+    ex = pd.read_csv(r / "analysis" / "exponents.csv")
+    assert {"raw", "minus_jstar"} <= set(ex["quantity"])
+    assert (r / "analysis" / "exponents.md").read_text().strip()
+    # a total interval holds its evaluation-only interval (it adds the models' spread); ρ never passes 1; fits with
+    # fewer than 5 points carry no interval and say so
+    for table in ("exponents.csv", "verdict.csv", "compute_optimal.csv"):
+        t = pd.read_csv(r / "analysis" / table)
+        for lo in [c for c in t.columns if c.endswith("_ci_lo") and not c.endswith("_eval_ci_lo")]:
+            key = lo[: -len("_ci_lo")]
+            has = t[lo].notna() & t[f"{key}_eval_ci_lo"].notna()
+            assert ((t.loc[has, lo] <= t.loc[has, f"{key}_eval_ci_lo"] + 1e-12)
+                    & (t.loc[has, f"{key}_eval_ci_hi"] <= t.loc[has, f"{key}_ci_hi"] + 1e-12)).all(), (table, key)
+    assert (ex["rho_ci_hi"].dropna() <= 1).all()
+    assert pd.read_csv(r / "analysis" / "forecast.csv")["note"].str.contains("needs ≥ 4 model sizes").all()
+    few = ex[(ex["n"] < 5) & ex["exponent"].notna()]
+    assert few["exponent_ci_lo"].isna().all() and few["note"].str.contains("no interval").all()
+    verdict = pd.read_csv(r / "analysis" / "verdict.csv")
+    assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
+    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
+                 "offset_profile", "compute_optimal", "forecast"):
+        assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
+
+
+@pytest.mark.slow
+def test_finished_study_reruns_nothing(smoke_study):
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_study, tmp_path):
+    cfg = load_cfg("smoke")
+    cfg["models"]["t3"] = {"arch": "t3"}
+    _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
+    counts = job_counts(out)
+    assert counts == {"model_config": 1, "train_t3": 1, "evaluate_t3": 1, "collect_losses": 1,
+                      "models_table": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_benchmark_files_are_collected_and_never_rerun_a_job(study_copy):
+    """Every job of the smoke study wrote its benchmark file and benchmarks.csv has a line per rule that ran.
+    Deleting the benchmark files (a study from before them, a cleaned folder) reruns nothing; deleting the table
+    reruns only the rule that writes it."""
+    import shutil
+
+    r = study_copy / "results" / "smoke"
+    table = pd.read_csv(r / "benchmarks.csv").set_index("rule")
+    ran = {"dataset", "eval_set", "optimal_loss_estimator", "jstar", "estimators", "optimal_denoiser", "model_config",
+           "train_t0", "train_t1", "train_t2", "evaluate_t0", "evaluate_t1", "evaluate_t2", "collect_losses",
+           "models_table", "scaling", "figures"}
+    assert set(table.index) == ran | {"total"}, table.index
+    assert table.loc["train_t1", "jobs"] == 1 and table.loc["train_t1", "wall_s"] > 0
+    assert table.loc["total", "jobs"] == len(list((r / "benchmarks").rglob("*.tsv")))
+    shutil.rmtree(r / "benchmarks")
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in out, out[-3000:]
+    (r / "benchmarks.csv").unlink()
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert job_counts(out) == {"benchmarks": 1, "all": 1}, out[-3000:]
+
+
+@pytest.mark.slow
+def test_report_html(smoke_study):
+    smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
+    html = (smoke_study / "report.html").read_text(errors="replace")
+    assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+    assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
+
+
+def _rebuild_command(out: str, path) -> list[str]:
+    """The error names the file and the command that rebuilds it (`snakemake … --forcerun RULE`)."""
+    import shlex
+
+    line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
+    assert str(path) in line, line
+    cmd = shlex.split(line.split("rebuild it with:", 1)[1])
+    assert cmd[0] == "snakemake" and "--forcerun" in cmd
+    return cmd
+
+
+def _run_from_repo(cmd: list[str], *extra) -> str:
+    """A `snakemake …` command line run from the repository, as a user pastes it."""
+    p = subprocess.run(SNAKEMAKE + cmd[1:] + list(extra), cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+
+def _evaluate_cli(r, snapshot):
+    return run_module("analysis.evaluate", "snapshot", "--snapshot", snapshot, "--dataset", r / "data" / "dataset.npz",
+                      "--eval-set", r / "data" / "eval_set.npz", "--denoised", r / "optimal_loss" / "eval_denoised.npy",
+                      "--out", r / "x.csv")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    os.chmod(path, 0o644)  # published snapshots are read-only
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_truncated_snapshots_and_dataset_named_and_rebuilt_identically(study_copy):
+    """Three damaged files, each named with the command that rebuilds it: t1's published snapshot (a copy: the
+    run folder's is intact, so its job republishes it without training), a t2 snapshot in the run folder and its
+    published copy (no state left to regenerate it: t2 is retrained, identically), the dataset. Each command
+    schedules its file's job and everything downstream; the dataset's, run, rebuilds all three and the study ends
+    with the same tables, nothing left to do."""
+    r = study_copy / "results" / "smoke"
+    tables = {t: (r / "analysis" / t).read_bytes() for t in ("losses.csv", "exponents.csv", "verdict.csv")}
+    published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
+    assert published.stat().st_ino != (r / "runs" / "t1" / "snapshots" / published.name).stat().st_ino
+    _truncate(published)
+    rc, out = _evaluate_cli(r, published)
+    assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
+    downstream = {"collect_losses": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}
+    plan = _run_from_repo(_rebuild_command(out, published), "-n")
+    assert job_counts(plan) == {"train_t1": 1, "evaluate_t1": 1, **downstream}, plan[-3000:]
+
+    in_run = r / "runs" / "t2" / "snapshots" / "snapshot-000000384.pt"
+    _truncate(in_run)
+    _truncate(r / "snapshots" / "t2" / in_run.name)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t2" / in_run.name)
+    assert rc == 2 and out.count("error:") == 1
+    plan = job_counts(_run_from_repo(_rebuild_command(out, r / "snapshots" / "t2" / in_run.name), "-n"))
+    # (t1's truncated copy, newer than its evaluation, adds evaluate_t1 here by its modification time)
+    assert {"train_t2": 1, "evaluate_t2": 1, **downstream}.items() <= plan.items(), plan
+    assert "train_t0" not in plan and "train_t1" not in plan and "dataset" not in plan, plan
+
+    dataset = r / "data" / "dataset.npz"
+    _truncate(dataset)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
+    assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
+    cmd = _rebuild_command(out, dataset)
+    assert cmd[-1] == "dataset"
+    _run_from_repo(cmd, "--cores", "2")
+    assert "starting afresh" not in (r / "logs" / "train_t1.log").read_text()   # republished, not retrained
+    assert "starting afresh" in (r / "logs" / "train_t2.log").read_text()
+    assert {t: (r / "analysis" / t).read_bytes() for t in tables} == tables
+    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in dry

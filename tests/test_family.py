@@ -10,9 +10,6 @@ from models import edm2
 from models.family import (PAPER_PARAMS_M, PAPER_SIZES, SIZES, TINY_SIZES, arch_kwargs, build, count_params,
                            forward_flops_per_image, net_from_kwargs, training_flops_per_image)
 
-# one worker counts every FLOP of these tests (models.family caches the counts per process: tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("flop_counts")
-
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = dict(resolution=8, channels=1, label_dim=10)
 

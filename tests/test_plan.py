@@ -9,9 +9,6 @@ import torch
 from models.config import ConfigError, load_config
 from models.plan import MEASURED_MFU, data_shape, format_plan, model_mfu, plan_rows
 
-# one worker counts every FLOP of these tests (models.family caches the counts per process: tests/conftest.py)
-pytestmark = pytest.mark.xdist_group("flop_counts")
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "workflow" / "config"
 
