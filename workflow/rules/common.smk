@@ -198,8 +198,14 @@ def train_cost(model):
 
 def train_priority(model):
     """The training job's Snakemake priority, its rank by cost: the costliest training starts first, so the
-    longest job never starts last with the other cores idle beside it (longest-processing-time first)."""
+    longest job never starts last with the other cores idle beside it (longest-processing-time first). A model's
+    evaluation job has the same rank."""
     return sorted(MODELS, key=lambda m: (train_cost(m), m)).index(model)
+
+
+# Above every training rank: the quick jobs that trainings and evaluations wait for (model configs, the evaluation
+# set, D*, the J* estimators) run first, so no evaluation waits behind a training it does not need.
+PREREQUISITE_PRIORITY = len(MODELS)
 
 
 def train_rule_resources(model):

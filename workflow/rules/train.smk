@@ -34,6 +34,7 @@ rule model_config:
         f"{R}/configs/{{model}}.yaml",
     params:
         text=lambda wc: resolved_config(wc.model),
+    priority: PREREQUISITE_PRIORITY
     benchmark:
         benchmark_file("model_config", "{model}", in_snakemake=True)
     run:
