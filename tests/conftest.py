@@ -7,8 +7,14 @@ import shutil
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread in each test process unless told otherwise (the workflow's jobs and the launchers set their
+# own): the two test workers share two cores, where OpenMP threads spin-waiting beside each other cost more time
+# than they save. Set before torch is imported, which reads it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture
