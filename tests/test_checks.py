@@ -278,7 +278,7 @@ def test_snakemake_dry_run_fails_while_the_dag_is_built_without_deepspeed(tmp_pa
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None\n")
     p = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path / "run"),
                         "--configfile", str(CONFIGS / "paper-img512.yaml")], cwd=REPO, capture_output=True,
-                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(hide)})
+                       text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(hide)})
     assert p.returncode != 0
     lines = [line for line in (p.stdout + p.stderr).splitlines() if "needs DeepSpeed" in line]
     assert len(lines) == 1 and "deepspeed-zero2.yaml" in lines[0] and "[models l, xl, xxl]" in lines[0]

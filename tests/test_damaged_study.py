@@ -1,22 +1,24 @@
-"""A finished smoke study probed as a careless or hostile user would: every truncated, garbled, NaN-carrying,
-missing or crafted intermediate fails with one line naming the file and the command that rebuilds it, or the study
-recovers to byte-identical tables; no pickled payload runs.
+"""The finished smoke study: its tables and figures, what Snakemake reruns on it, its report; and the study probed
+as a careless or hostile user would: every truncated, garbled, NaN-carrying, missing or crafted intermediate fails
+with one line naming the file and the command that rebuilds it, or the study recovers to byte-identical tables; no
+pickled payload runs.
 
-Each probe damages its own copy of the session's one finished study (conftest.smoke_study / study_copy). Most call
-the reader a job would call (fast); a few run `snakemake` end to end (slow)."""
+Every test of the finished study is in this module, so the one test worker that runs them runs the study once
+(tests/conftest.py smoke_study). Each probe damages its own copy of it (study_copy). Most call the reader a job would
+call, in this process (fast); a few run `snakemake` end to end (slow)."""
 
 import json
 import os
 import shlex
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from test_workflow import CONFIGS, REPO, SNAKEMAKE, kill_when_written, smk
+from test_workflow import (CONFIGS, REPO, SNAKEMAKE, job_counts, kill_when_written, load_cfg, marks_of, run_module,
+                           smk, write_cfg)
 
 pytestmark = pytest.mark.slow  # every probe needs the finished smoke study
 
@@ -30,7 +32,7 @@ def tables(directory) -> dict:
     return {t: (directory / STUDY / t).read_bytes() for t in TABLES}
 
 
-def run(*cmd, timeout=300):
+def run(*cmd, timeout=900):
     p = subprocess.run([str(c) for c in cmd], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -58,7 +60,7 @@ def writable(path):
 def collect(r):
     """`analysis.evaluate collect` as the collect_losses job runs it, into a scratch folder."""
     evals = sorted(str(p) for p in (r / "eval").glob("*/*.csv"))
-    return run(sys.executable, "-m", "analysis.evaluate", "collect", "--eval", *evals,
+    return run_module("analysis.evaluate", "collect", "--eval", *evals,
                "--jstar", r / "optimal_loss" / "jstar.csv", "--out", r / "scratch-losses.csv",
                "--invariant", r / "scratch-invariant.csv", "--per-triple", r / "scratch-per-triple.npz")
 
@@ -166,12 +168,12 @@ def test_damaged_losses_table_never_reaches_a_fit(study_copy):
     losses = r / "analysis" / "losses.csv"
     df = pd.read_csv(losses).drop(index=3)  # one σ of one snapshot
     df.to_csv(writable(losses), index=False)
-    scaling = [sys.executable, "-m", "analysis.scaling", "--losses", losses, "--per-triple",
+    scaling = ["analysis.scaling", "--losses", losses, "--per-triple",
                r / "analysis" / "per_triple.npz", "--out-dir", r / "scratch", "--n-replicates", "10"]
-    rc, out = run(*scaling)
+    rc, out = run_module(*scaling)
     assert rc == 2 and rebuild_command(one_error(out, losses))[-1] == "collect_losses"
     restamp(losses)
-    rc, out = run(*scaling)
+    rc, out = run_module(*scaling)
     assert rc == 2 and "one σ grid" in one_error(out, losses)
     assert not (r / "scratch" / "exponents.csv").exists()
 
@@ -179,7 +181,7 @@ def test_damaged_losses_table_never_reaches_a_fit(study_copy):
 def test_damaged_eval_set_and_denoised_are_named(study_copy):
     r = study_copy / STUDY
     snapshot = r / "snapshots" / "t0" / "snapshot-000000384.pt"
-    evaluate = [sys.executable, "-m", "analysis.evaluate", "snapshot", "--snapshot", snapshot,
+    evaluate = ["analysis.evaluate", "snapshot", "--snapshot", snapshot,
                 "--dataset", r / "data" / "dataset.npz", "--eval-set", r / "data" / "eval_set.npz",
                 "--denoised", r / "optimal_loss" / "eval_denoised.npy", "--out", r / "scratch.csv"]
     denoised = r / "optimal_loss" / "eval_denoised.npy"
@@ -187,14 +189,14 @@ def test_damaged_eval_set_and_denoised_are_named(study_copy):
     d[5, 3] = np.inf
     with open(writable(denoised), "wb") as f:
         np.save(f, d)
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and rebuild_command(one_error(out, denoised))[-1] == "optimal_denoiser"
     restamp(denoised)
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and "non-finite D* at triple 5" in one_error(out, denoised)
     eval_set = r / "data" / "eval_set.npz"
     writable(eval_set).write_bytes(eval_set.read_bytes()[:-100])
-    rc, out = run(*evaluate)
+    rc, out = run_module(*evaluate)
     assert rc == 2 and rebuild_command(one_error(out, eval_set))[-1] == "eval_set"
 
 
@@ -205,7 +207,7 @@ def test_damaged_eval_set_and_denoised_are_named(study_copy):
 def resume(r, model="t0"):
     """The trainer resuming the model's run folder (done.json removed), as a --forcerun train job runs it."""
     (r / "runs" / model / "done.json").unlink(missing_ok=True)
-    return run(sys.executable, "-m", "models.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
+    return run_module("models.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
                "--data", r / "data" / "dataset.npz", "--out", r / "runs" / model, "--no-progress")
 
 
@@ -223,7 +225,7 @@ def test_damaged_state_is_named_and_the_run_folder_check_flags_it(study_copy, da
     rc, out = resume(r)
     assert rc == 2
     one_error(out, state)
-    rc, out = run(sys.executable, "-m", "models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
     assert rc == 3 and str(state) in out  # the train rule then starts the model afresh (the same weights)
 
 
@@ -254,7 +256,7 @@ def test_crafted_state_is_refused_without_running(study_copy, payload):
     _forge(state, {**saved, "tracker": payload(marker)})
     rc, out = resume(r)
     assert rc == 2 and "refused" in one_error(out, state)
-    rc, out = run(sys.executable, "-m", "models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
     assert rc == 2 and "refused" in one_error(out, state)  # not "corrupt": the train rule stops, it does not retrain
     assert not marker.exists()
 
@@ -274,7 +276,7 @@ def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
                  "--eval-set", r / "data" / "eval_set.npz", "--denoised", r / "optimal_loss" / "eval_denoised.npy",
                  "--out", r / "scratch.csv"],
                 ["models.sampler", "--snapshot", snap, "--num", "2", "--out", r / "scratch.npz"]):
-        rc, out = run(sys.executable, "-m", *cli)
+        rc, out = run_module(*cli)
         assert rc != 0 and "refused" in out and str(snap) in out, out[-2000:]
     assert not marker.exists()
 
@@ -301,8 +303,6 @@ def test_legacy_state_with_numpy_rng_is_read(study_copy):
 # ---------------------------------------------------------------------------------------------------------------
 
 def dry_run(directory, *args):
-    from test_workflow import job_counts
-
     _, out = smk("-n", "--configfile", SMOKE, *args, directory=directory)
     return job_counts(out), out
 
@@ -335,7 +335,7 @@ def test_bad_config_fails_the_dry_run_naming_everything(tmp_path, problem):
         expected = ["scaling.n_replicates: 0 is less than the minimum of 200", "95% interval"]
     if problem == "yaml":
         path.write_text((CONFIGS / "smoke.yaml").read_text().replace("  batch_size: 64", "  batch_size: [64"))
-        rc, out = run(sys.executable, "-m", "models.config", path)
+        rc, out = run_module("models.config", path)
         assert rc == 2 and f"{path}:8:" in out and "line 7" in out and "YAML syntax error" in out, out
         return
     path.write_text(yaml.safe_dump(cfg))
@@ -352,8 +352,6 @@ def test_truncated_eval_csv_stops_snakemake_and_its_command_reruns_what_read_it(
     """Truncated in place, the CSV is newer than losses.csv: `snakemake` reruns collect_losses, which stops on it.
     Its rebuild command reruns its evaluation and everything downstream (the identical tables after such a rerun:
     test_killed_forcerun_and_garbled_files_recover_identically)."""
-    from test_workflow import job_counts
-
     csv = study_copy / STUDY / "eval" / "t1" / "000000384.csv"
     writable(csv).write_bytes(csv.read_bytes()[:-200])
     rc, out = smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, check=False)
@@ -395,7 +393,7 @@ def test_killed_forcerun_and_garbled_files_recover_identically(study_copy):
     cmd = SNAKEMAKE + ["--directory", str(study_copy), "--configfile", SMOKE, "--cores", "1",
                        "--forcerun", "train_t0"]
     (r / "logs" / "train_t0.log").unlink()
-    kill_when_written(cmd, r / "logs" / "train_t0.log", timeout=300, settle=0)  # the job has started
+    kill_when_written(cmd, r / "logs" / "train_t0.log", timeout=1200, settle=0)  # the job has started
     assert not (r / "snapshots" / "t0" / "snapshot-000001024.pt").exists()
     smk("--unlock", "--configfile", SMOKE, directory=study_copy)
     snap = r / "snapshots" / "t1" / "snapshot-000000384.pt"
@@ -405,9 +403,173 @@ def test_killed_forcerun_and_garbled_files_recover_identically(study_copy):
     (r / "snapshots" / "t1" / "snapshot-000000384.pt.sha256").unlink()
     counts, _ = dry_run(study_copy)
     assert {"train_t0", "train_t1", "collect_losses"} <= set(counts), counts
-    smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, timeout=900)
+    smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, timeout=1800)
     assert "starting afresh" in (r / "logs" / "train_t0.log").read_text()
     assert tables(study_copy) == before
     counts, out = dry_run(study_copy)
     assert "Nothing to be done" in out
     json.loads((r / "runs" / "t0" / "done.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the finished study: its tables and figures, what Snakemake reruns, its report, rebuilt files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(smoke_study):
+    cfg = load_cfg("smoke")
+    r = smoke_study / "results" / "smoke"
+    losses = pd.read_csv(r / "analysis" / "losses.csv")
+    required = ["model", "params", "images_seen", "flops", "sigma", "loss", "loss_stderr", "optimal_loss",
+                "optimal_loss_stderr", "excess", "excess_stderr"]
+    assert set(required) <= set(losses.columns)
+    n_snap = sum(len(marks_of(cfg, m)) for m in cfg["models"])
+    assert len(losses) == n_snap * (cfg["evaluation"]["num_sigmas"] + 1)
+    assert losses["sigma"].isna().sum() == n_snap  # one weighted total per snapshot
+    per = losses[losses["sigma"].notna()]
+    assert (per["excess"] >= 0).all() and (per["optimal_loss"] >= 0).all()
+    # every snapshot was evaluated on the same triples: one J* per σ
+    assert per.groupby("sigma")["optimal_loss"].nunique().max() == 1
+    inv = pd.read_csv(r / "analysis" / "invariant.csv")
+    assert len(inv) == len(per) and inv["invariant_ok"].all()
+    ex = pd.read_csv(r / "analysis" / "exponents.csv")
+    assert {"raw", "minus_jstar"} <= set(ex["quantity"])
+    assert (r / "analysis" / "exponents.md").read_text().strip()
+    # a total interval holds its evaluation-only interval (it adds the models' spread); ρ never passes 1; fits with
+    # fewer than 5 points carry no interval and say so
+    for table in ("exponents.csv", "verdict.csv", "compute_optimal.csv"):
+        t = pd.read_csv(r / "analysis" / table)
+        for lo in [c for c in t.columns if c.endswith("_ci_lo") and not c.endswith("_eval_ci_lo")]:
+            key = lo[: -len("_ci_lo")]
+            has = t[lo].notna() & t[f"{key}_eval_ci_lo"].notna()
+            assert ((t.loc[has, lo] <= t.loc[has, f"{key}_eval_ci_lo"] + 1e-12)
+                    & (t.loc[has, f"{key}_eval_ci_hi"] <= t.loc[has, f"{key}_ci_hi"] + 1e-12)).all(), (table, key)
+    assert (ex["rho_ci_hi"].dropna() <= 1).all()
+    assert pd.read_csv(r / "analysis" / "forecast.csv")["note"].str.contains("needs ≥ 4 model sizes").all()
+    few = ex[(ex["n"] < 5) & ex["exponent"].notna()]
+    assert few["exponent_ci_lo"].isna().all() and few["note"].str.contains("no interval").all()
+    verdict = pd.read_csv(r / "analysis" / "verdict.csv")
+    assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
+    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
+                 "offset_profile", "compute_optimal", "forecast"):
+        assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
+
+
+@pytest.mark.slow
+def test_finished_study_reruns_nothing(smoke_study):
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_study, tmp_path):
+    cfg = load_cfg("smoke")
+    cfg["models"]["t3"] = {"arch": "t3"}
+    _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
+    counts = job_counts(out)
+    assert counts == {"model_config": 1, "train_t3": 1, "evaluate_t3": 1, "collect_losses": 1,
+                      "models_table": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}, counts
+
+
+@pytest.mark.slow
+def test_benchmark_files_are_collected_and_never_rerun_a_job(study_copy):
+    """Every job of the smoke study wrote its benchmark file and benchmarks.csv has a line per rule that ran.
+    Deleting the benchmark files (a study from before them, a cleaned folder) reruns nothing; deleting the table
+    reruns only the rule that writes it."""
+    import shutil
+
+    r = study_copy / "results" / "smoke"
+    table = pd.read_csv(r / "benchmarks.csv").set_index("rule")
+    ran = {"dataset", "eval_set", "optimal_loss_estimator", "jstar", "estimators", "optimal_denoiser", "model_config",
+           "train_t0", "train_t1", "train_t2", "evaluate_t0", "evaluate_t1", "evaluate_t2", "collect_losses",
+           "models_table", "scaling", "figures"}
+    assert set(table.index) == ran | {"total"}, table.index
+    assert table.loc["train_t1", "jobs"] == 1 and table.loc["train_t1", "wall_s"] > 0
+    assert table.loc["total", "jobs"] == len(list((r / "benchmarks").rglob("*.tsv")))
+    shutil.rmtree(r / "benchmarks")
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in out, out[-3000:]
+    (r / "benchmarks.csv").unlink()
+    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert job_counts(out) == {"benchmarks": 1, "all": 1}, out[-3000:]
+
+
+@pytest.mark.slow
+def test_report_html(smoke_study):
+    smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
+    html = (smoke_study / "report.html").read_text(errors="replace")
+    assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
+    assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
+
+
+def _rebuild_command(out: str, path) -> list[str]:
+    """The error names the file and the command that rebuilds it (`snakemake … --forcerun RULE`)."""
+    import shlex
+
+    line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
+    assert str(path) in line, line
+    cmd = shlex.split(line.split("rebuild it with:", 1)[1])
+    assert cmd[0] == "snakemake" and "--forcerun" in cmd
+    return cmd
+
+
+def _run_from_repo(cmd: list[str], *extra) -> str:
+    """A `snakemake …` command line run from the repository, as a user pastes it."""
+    p = subprocess.run(SNAKEMAKE + cmd[1:] + list(extra), cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+
+def _evaluate_cli(r, snapshot):
+    return run_module("analysis.evaluate", "snapshot", "--snapshot", snapshot, "--dataset", r / "data" / "dataset.npz",
+                      "--eval-set", r / "data" / "eval_set.npz", "--denoised", r / "optimal_loss" / "eval_denoised.npy",
+                      "--out", r / "x.csv")
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    os.chmod(path, 0o644)  # published snapshots are read-only
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_truncated_snapshots_and_dataset_named_and_rebuilt_identically(study_copy):
+    """Three damaged files, each named with the command that rebuilds it: t1's published snapshot (a copy: the
+    run folder's is intact, so its job republishes it without training), a t2 snapshot in the run folder and its
+    published copy (no state left to regenerate it: t2 is retrained, identically), the dataset. Each command
+    schedules its file's job and everything downstream; the dataset's, run, rebuilds all three and the study ends
+    with the same tables, nothing left to do."""
+    r = study_copy / "results" / "smoke"
+    tables = {t: (r / "analysis" / t).read_bytes() for t in ("losses.csv", "exponents.csv", "verdict.csv")}
+    published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
+    assert published.stat().st_ino != (r / "runs" / "t1" / "snapshots" / published.name).stat().st_ino
+    _truncate(published)
+    rc, out = _evaluate_cli(r, published)
+    assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
+    downstream = {"collect_losses": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}
+    plan = _run_from_repo(_rebuild_command(out, published), "-n")
+    assert job_counts(plan) == {"train_t1": 1, "evaluate_t1": 1, **downstream}, plan[-3000:]
+
+    in_run = r / "runs" / "t2" / "snapshots" / "snapshot-000000384.pt"
+    _truncate(in_run)
+    _truncate(r / "snapshots" / "t2" / in_run.name)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t2" / in_run.name)
+    assert rc == 2 and out.count("error:") == 1
+    plan = job_counts(_run_from_repo(_rebuild_command(out, r / "snapshots" / "t2" / in_run.name), "-n"))
+    # (t1's truncated copy, newer than its evaluation, adds evaluate_t1 here by its modification time)
+    assert {"train_t2": 1, "evaluate_t2": 1, **downstream}.items() <= plan.items(), plan
+    assert "train_t0" not in plan and "train_t1" not in plan and "dataset" not in plan, plan
+
+    dataset = r / "data" / "dataset.npz"
+    _truncate(dataset)
+    rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
+    assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
+    cmd = _rebuild_command(out, dataset)
+    assert cmd[-1] == "dataset"
+    _run_from_repo(cmd, "--cores", "2")
+    assert "starting afresh" not in (r / "logs" / "train_t1.log").read_text()   # republished, not retrained
+    assert "starting afresh" in (r / "logs" / "train_t2.log").read_text()
+    assert {t: (r / "analysis" / t).read_bytes() for t in tables} == tables
+    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
+    assert "Nothing to be done" in dry

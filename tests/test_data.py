@@ -274,7 +274,7 @@ def test_cli_error_exit_code(tmp_path, capsys):
 def test_cli_module_entry_point(tmp_path):
     np.save(tmp_path / "a.npy", _rand_uint8((3, 5, 5, 3)))  # NHWC: dim 1 = 5 is not a channel count
     r = subprocess.run([sys.executable, "-m", "models.data", str(tmp_path / "a.npy"), "--out",
-                        str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=60)
+                        str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "N=3" in r.stdout and "(3, 5, 5)" in r.stdout
 

@@ -130,7 +130,7 @@ def launch(engine, config, data, out, *extra, cwd=ROOT):
     prefix, env = launcher(engine)
     run_cli(prefix + ["-m", "models.train", "--config", str(config), "--model", "t0", "--data", str(data),
                       "--out", str(out), "--no-progress", *extra], {"PYTHONPATH": str(ROOT), **env},
-            timeout=400, cwd=cwd)
+            timeout=1200, cwd=cwd)
     return out
 
 

@@ -1,8 +1,6 @@
 """The EDM2 family: paper parameter counts, the tiny ladder, magnitude preservation, labels, FLOPs, the CLI."""
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -236,13 +234,13 @@ def test_paper_forward_flops_match_edm2_table():
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
 
-def test_cli_prints_table():
-    res = subprocess.run([sys.executable, "-m", "models.family", "--resolution", "8", "--channels", "1",
-                          "--label-dim", "10", "--names", "t0,t2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
-    lines = res.stdout.splitlines()
-    assert any("parameters" in l and "GFLOPs" in l for l in lines), res.stdout
+def test_cli_prints_table(capsys):
+    from models.family import main
+
+    assert main(["--resolution", "8", "--channels", "1", "--label-dim", "10", "--names", "t0,t2"]) == 0
+    stdout = capsys.readouterr().out
+    lines = stdout.splitlines()
+    assert any("parameters" in l and "GFLOPs" in l for l in lines), stdout
     for name in ("t0", "t2"):
         row = next(l for l in lines if l.split() and l.split()[0] == name)
         params = int(row.split()[2].replace(",", ""))
@@ -251,10 +249,12 @@ def test_cli_prints_table():
         assert math.isclose(printed, training_flops_per_image(name, **DIGITS) / 1e9, rel_tol=1e-3)
 
 
-def test_cli_rejects_unknown_name():
-    res = subprocess.run([sys.executable, "-m", "models.family", "--resolution", "8", "--channels", "1",
-                          "--names", "t0,zz", "--no-flops"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "zz" in res.stderr
+def test_cli_rejects_unknown_name(capsys):
+    from models.family import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--resolution", "8", "--channels", "1", "--names", "t0,zz", "--no-flops"])
+    assert exit_.value.code != 0 and "zz" in capsys.readouterr().err
 
 
 def test_gpu_benchmark_imports_and_runs_on_cpu(capsys):

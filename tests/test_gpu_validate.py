@@ -22,7 +22,7 @@ def test_cpu_rehearsal_writes_the_report_and_every_row(tmp_path):
 
     out = tmp_path / "gpu-validate"
     proc = subprocess.run(["bash", "benchmarks/gpu_validate.sh", "--cpu-rehearsal", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=1800)
     rows = pd.read_csv(out / "results.csv")
     assert (rows["status"] == "ok").all(), rows.loc[rows["status"] != "ok", ["part", "item", "status"]]
     assert proc.returncode == 0, proc.stdout[-3000:]

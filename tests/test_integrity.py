@@ -302,7 +302,7 @@ def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payloa
     with open(rng_file, "wb") as f:
         pickle.dump(payload(marker), f)
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=170)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and f"error: {rng_file}:" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
     assert integrity.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh

@@ -72,7 +72,7 @@ def test_digits_imagefolder_script(tmp_path):
 @pytest.mark.slow
 def test_rehearsal_end_to_end(tmp_path):
     t0 = time.time()
-    smk("--configfile", CONFIG, "--cores", "2", directory=tmp_path, timeout=1200)
+    smk("--configfile", CONFIG, "--cores", "2", directory=tmp_path, timeout=1800)
     print(f"\npaper rehearsal wall time: {time.time() - t0:.0f} s")
     cfg = load_config(CONFIG)
     r = tmp_path / "results" / cfg["study"]
@@ -102,7 +102,7 @@ def test_killed_two_process_training_resumes(tmp_path):
     run, first = r / "runs" / "t0", r / "runs" / "t0" / "snapshots" / "snapshot-000000256.pt"
     target = f"results/{cfg['study']}/runs/t0/done.json"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
-    kill_when_written(cmd, first, timeout=500)  # snakemake, the launcher and both ranks, as if the node died
+    kill_when_written(cmd, first, timeout=1200)  # snakemake, the launcher and both ranks, as if the node died
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
@@ -206,12 +206,12 @@ def test_two_machines_train_what_one_machine_does_and_resume_after_a_kill(tmp_pa
     run = tmp_path / two_run
     first = run / "snapshots" / "snapshot-000000256.pt"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(two), "--cores", "2", f"{two_run}/done.json"]
-    kill_when_written(cmd, first, timeout=500, env=env)
+    kill_when_written(cmd, first, timeout=1200, env=env)
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     assert 256 <= torch.load(run / "state.pt", weights_only=False)["images_seen"] < 2048
     first_inode = first.stat().st_ino
     smk("--unlock", "--configfile", two, directory=tmp_path)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     done = json.loads((run / "done.json").read_text())
     assert done["world_size"] == 2 and done["images_seen"] == 2048

@@ -834,7 +834,7 @@ def write_cli_config(tmp_path, **training):
     return path
 
 
-def run_cli(cmd, env_extra, timeout=170, cwd=ROOT):
+def run_cli(cmd, env_extra, timeout=900, cwd=ROOT):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -1,5 +1,5 @@
-"""The Snakemake workflow: dry-runs of every config, the smoke study end to end, incremental model sizes, nothing
-to redo on a finished study, resumption of a killed training job, bad config keys.
+"""The Snakemake workflow: dry-runs of every config, incremental model sizes, resumption of a killed training job,
+bad config keys (the finished smoke study's tests: tests/test_damaged_study.py).
 
 Fast tests are dry-runs (`snakemake -n`, no job runs). The @slow ones run real studies in a temporary working
 directory (`snakemake --directory TMP`), so the repository's results/ is never touched."""
@@ -21,7 +21,7 @@ CONFIGS = REPO / "workflow" / "config"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
-def smk(*args, directory, timeout=600, check=True):
+def smk(*args, directory, timeout=1800, check=True):
     """Run snakemake from the repository root with its working directory elsewhere."""
     cmd = SNAKEMAKE + ["--directory", str(directory)] + [str(a) for a in args]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
@@ -29,6 +29,29 @@ def smk(*args, directory, timeout=600, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{out[-6000:]}")
     return p.returncode, out
+
+
+def run_module(module: str, *args) -> tuple[int, str]:
+    """`python -m module args` in this process: its exit status and its stdout and stderr together. An uncaught
+    exception gives status 1 and its traceback, as the interpreter would. For the CLIs whose own start-up a test
+    does not need (the workflow starts them as `python -m`; the smoke study runs that path end to end)."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            rc = importlib.import_module(module).main([str(a) for a in args])
+        except SystemExit as e:  # argparse's errors, sys.exit(...)
+            rc = e.code if isinstance(e.code, int) or e.code is None else 1
+            if not isinstance(e.code, (int, type(None))):
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    return int(rc or 0), out.getvalue()
 
 
 def descendants(pid: int) -> list[int]:
@@ -318,165 +341,9 @@ def test_plan_reads_no_dataset(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the smoke study, end to end (slow)
+# the smoke study end to end: tests/test_damaged_study.py (every test of the finished study in one module, so the
+# one test worker that runs them runs the study once)
 # ---------------------------------------------------------------------------------------------------------------
-
-# `smoke_study` (the finished smoke study, run once per session) and `study_copy` (a private copy to damage) are
-# tests/conftest.py's.
-
-
-@pytest.mark.slow
-def test_smoke_study_end_to_end(smoke_study):
-    cfg = load_cfg("smoke")
-    r = smoke_study / "results" / "smoke"
-    losses = pd.read_csv(r / "analysis" / "losses.csv")
-    required = ["model", "params", "images_seen", "flops", "sigma", "loss", "loss_stderr", "optimal_loss",
-                "optimal_loss_stderr", "excess", "excess_stderr"]
-    assert set(required) <= set(losses.columns)
-    n_snap = sum(len(marks_of(cfg, m)) for m in cfg["models"])
-    assert len(losses) == n_snap * (cfg["evaluation"]["num_sigmas"] + 1)
-    assert losses["sigma"].isna().sum() == n_snap  # one weighted total per snapshot
-    per = losses[losses["sigma"].notna()]
-    assert (per["excess"] >= 0).all() and (per["optimal_loss"] >= 0).all()
-    # every snapshot was evaluated on the same triples: one J* per σ
-    assert per.groupby("sigma")["optimal_loss"].nunique().max() == 1
-    inv = pd.read_csv(r / "analysis" / "invariant.csv")
-    assert len(inv) == len(per) and inv["invariant_ok"].all()
-    ex = pd.read_csv(r / "analysis" / "exponents.csv")
-    assert {"raw", "minus_jstar"} <= set(ex["quantity"])
-    assert (r / "analysis" / "exponents.md").read_text().strip()
-    # a total interval holds its evaluation-only interval (it adds the models' spread); ρ never passes 1; fits with
-    # fewer than 5 points carry no interval and say so
-    for table in ("exponents.csv", "verdict.csv", "compute_optimal.csv"):
-        t = pd.read_csv(r / "analysis" / table)
-        for lo in [c for c in t.columns if c.endswith("_ci_lo") and not c.endswith("_eval_ci_lo")]:
-            key = lo[: -len("_ci_lo")]
-            has = t[lo].notna() & t[f"{key}_eval_ci_lo"].notna()
-            assert ((t.loc[has, lo] <= t.loc[has, f"{key}_eval_ci_lo"] + 1e-12)
-                    & (t.loc[has, f"{key}_eval_ci_hi"] <= t.loc[has, f"{key}_ci_hi"] + 1e-12)).all(), (table, key)
-    assert (ex["rho_ci_hi"].dropna() <= 1).all()
-    assert pd.read_csv(r / "analysis" / "forecast.csv")["note"].str.contains("needs ≥ 4 model sizes").all()
-    few = ex[(ex["n"] < 5) & ex["exponent"].notna()]
-    assert few["exponent_ci_lo"].isna().all() and few["note"].str.contains("no interval").all()
-    verdict = pd.read_csv(r / "analysis" / "verdict.csv")
-    assert {"delta_rho", "delta_rho_ci_lo", "delta_rho_ci_hi"} <= set(verdict.columns)
-    for name in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals",
-                 "offset_profile", "compute_optimal", "forecast"):
-        assert (r / "figures" / f"{name}.png").stat().st_size > 1000, name
-
-
-@pytest.mark.slow
-def test_finished_study_reruns_nothing(smoke_study):
-    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=smoke_study)
-    assert "Nothing to be done" in out, out[-3000:]
-
-
-@pytest.mark.slow
-def test_adding_a_model_to_a_finished_study_reruns_only_its_dependents(smoke_study, tmp_path):
-    cfg = load_cfg("smoke")
-    cfg["models"]["t3"] = {"arch": "t3"}
-    _, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "plus.yaml"), directory=smoke_study)
-    counts = job_counts(out)
-    assert counts == {"model_config": 1, "train_t3": 1, "evaluate_t3": 1, "collect_losses": 1,
-                      "models_table": 1, "scaling": 1, "figures": 1, "benchmarks": 1, "all": 1}, counts
-
-
-@pytest.mark.slow
-def test_benchmark_files_are_collected_and_never_rerun_a_job(study_copy):
-    """Every job of the smoke study wrote its benchmark file and benchmarks.csv has a line per rule that ran.
-    Deleting the benchmark files (a study from before them, a cleaned folder) reruns nothing; deleting the table
-    reruns only the rule that writes it."""
-    import shutil
-
-    r = study_copy / "results" / "smoke"
-    table = pd.read_csv(r / "benchmarks.csv").set_index("rule")
-    ran = {"dataset", "eval_set", "optimal_loss_estimator", "jstar", "estimators", "optimal_denoiser", "model_config",
-           "train_t0", "train_t1", "train_t2", "evaluate_t0", "evaluate_t1", "evaluate_t2", "collect_losses",
-           "models_table", "scaling", "figures"}
-    assert set(table.index) == ran | {"total"}, table.index
-    assert table.loc["train_t1", "jobs"] == 1 and table.loc["train_t1", "wall_s"] > 0
-    assert table.loc["total", "jobs"] == len(list((r / "benchmarks").rglob("*.tsv")))
-    shutil.rmtree(r / "benchmarks")
-    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
-    assert "Nothing to be done" in out, out[-3000:]
-    (r / "benchmarks.csv").unlink()
-    _, out = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
-    assert job_counts(out) == {"benchmarks": 1, "all": 1}, out[-3000:]
-
-
-@pytest.mark.slow
-def test_report_html(smoke_study):
-    smk("--configfile", CONFIGS / "smoke.yaml", "--report", "report.html", directory=smoke_study)
-    html = (smoke_study / "report.html").read_text(errors="replace")
-    assert len(html) > 10000 and "scaling.png" in html and "gap_per_sigma.png" in html
-    assert "benchmarks.csv" in html and "Cost of the study" in html  # the per-rule cost table
-
-
-def _rebuild(out: str, path, directory):
-    """The error names the file and the rebuild command: run that command (with --cores) from the repository."""
-    import shlex
-
-    line = next(ln for ln in out.splitlines() if "rebuild it with:" in ln)
-    assert str(path) in line, line
-    cmd = shlex.split(line.split("rebuild it with:", 1)[1])
-    assert cmd[0] == "snakemake" and "--forcerun" in cmd
-    p = subprocess.run(SNAKEMAKE + cmd[1:] + ["--cores", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    return cmd
-
-
-def _evaluate_cli(r, snapshot):
-    p = subprocess.run([sys.executable, "-m", "analysis.evaluate", "snapshot", "--snapshot", str(snapshot),
-                        "--dataset", str(r / "data" / "dataset.npz"), "--eval-set", str(r / "data" / "eval_set.npz"),
-                        "--denoised", str(r / "optimal_loss" / "eval_denoised.npy"), "--out", str(r / "x.csv")],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    return p.returncode, p.stdout + p.stderr
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    os.chmod(path, 0o644)  # published snapshots are read-only
-    path.write_bytes(data[: len(data) // 2])
-
-
-@pytest.mark.slow
-def test_truncated_snapshot_named_and_rebuilt_identically(study_copy):
-    r = study_copy / "results" / "smoke"
-    losses = (r / "analysis" / "losses.csv").read_bytes()
-    published = r / "snapshots" / "t1" / "snapshot-000001024.pt"
-    in_run = r / "runs" / "t1" / "snapshots" / "snapshot-000000384.pt"
-    # a published snapshot is a copy: truncating it leaves the run folder's intact
-    assert published.stat().st_ino != (r / "runs" / "t1" / "snapshots" / published.name).stat().st_ino
-    _truncate(published)
-    rc, out = _evaluate_cli(r, published)
-    assert rc == 2 and out.count("error:") == 1 and "Traceback" not in out
-    cmd = _rebuild(out, published, study_copy)
-    assert "train_t1" in cmd
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
-    # a bad snapshot in the run folder (no state left to regenerate it): the model is retrained, identically
-    _truncate(in_run)
-    _truncate(r / "snapshots" / "t1" / in_run.name)
-    rc, out = _evaluate_cli(r, r / "snapshots" / "t1" / in_run.name)
-    assert rc == 2
-    _rebuild(out, r / "snapshots" / "t1" / in_run.name, study_copy)
-    assert "starting afresh" in (r / "logs" / "train_t1.log").read_text()
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
-    _, dry = smk("-n", "--configfile", CONFIGS / "smoke.yaml", directory=study_copy)
-    assert "Nothing to be done" in dry
-
-
-@pytest.mark.slow
-def test_truncated_dataset_named_and_rebuilt_identically(study_copy):
-    r = study_copy / "results" / "smoke"
-    losses = (r / "analysis" / "losses.csv").read_bytes()
-    dataset = r / "data" / "dataset.npz"
-    _truncate(dataset)
-    rc, out = _evaluate_cli(r, r / "snapshots" / "t0" / "snapshot-000001024.pt")
-    assert rc == 2 and out.count("error:") == 1 and "BadZipFile" not in out
-    cmd = _rebuild(out, dataset, study_copy)
-    assert cmd[-1] == "dataset"
-    assert (r / "analysis" / "losses.csv").read_bytes() == losses
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # a training job killed midway resumes (slow)
@@ -496,7 +363,7 @@ def test_killed_training_resumes(tmp_path):
     run, first = r / "runs" / "t1", r / "runs" / "t1" / "snapshots" / "snapshot-000000256.pt"
     target = "results/resume/runs/t1/done.json"
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(config), "--cores", "2", target]
-    kill_when_written(cmd, first, timeout=400)  # snakemake and the trainer: as if the node died
+    kill_when_written(cmd, first, timeout=1200)  # snakemake and the trainer: as if the node died
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
@@ -508,7 +375,7 @@ def test_killed_training_resumes(tmp_path):
     first_inode, first_bytes = first.stat().st_ino, first.read_bytes()
 
     smk("--unlock", "--configfile", config, directory=tmp_path)  # a SIGKILLed snakemake leaves its lock
-    smk("--configfile", config, "--cores", "2", target, directory=tmp_path, timeout=600)
+    smk("--configfile", config, "--cores", "2", target, directory=tmp_path, timeout=1800)
 
     assert (run / "done.json").exists()
     # resumed, not restarted: the snapshot written before the kill is the same file

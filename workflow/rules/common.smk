@@ -6,9 +6,9 @@ import shlex
 import sys
 
 from models.checks import check_study, known_arch_names
-from models.config import ConfigError, load_config, model_training, snapshot_marks
+from models.config import ConfigError, load_config, model_training, snapshot_marks, total_images
 from models.config import step_resources as study_step_resources
-from models.sizes import FAMILY
+from models.sizes import FAMILY, SIZES
 
 
 # Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
@@ -102,6 +102,25 @@ MODEL_FAMILIES = sorted({FAMILY.get(config["models"][m]["arch"], config["models"
 # ---- snapshots and the final evaluation of each model (train, evaluate, diagnose and schedule rules) ----
 def snapshot_path(model, images):
     return f"{R}/snapshots/{model}/snapshot-{int(images):09d}.pt"
+
+
+def train_cost(model):
+    """A proxy of a model's training cost known without building its net: images × width² (× depth for a DiT)."""
+    size = SIZES.get(config["models"][model]["arch"], {})
+    width = size.get("model_channels") or size.get("hidden_size") or 1
+    return total_images(TRAINING[model]) * width**2 * size.get("depth", 1)
+
+
+def train_priority(model):
+    """A training job's Snakemake priority, its rank by cost: the costliest training starts first, so the longest
+    job never starts last with the other cores idle beside it (longest-processing-time first). A model's
+    evaluation job has the same rank."""
+    return sorted(MODELS, key=lambda m: (train_cost(m), m)).index(model)
+
+
+# Above every training rank: the quick jobs that trainings and evaluations wait for (model configs, the evaluation
+# set, D*, the J* estimators) run first, so no evaluation waits behind a training it does not need.
+PREREQUISITE_PRIORITY = len(MODELS)
 
 
 def final_eval(model):

@@ -45,6 +45,7 @@ rule eval_set:
         sidecar(f"{R}/data/eval_set.npz"),
     params:
         ev=config["evaluation"],
+    priority: PREREQUISITE_PRIORITY
     resources:
         gpu=0,
         runtime=10,

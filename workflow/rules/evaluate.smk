@@ -37,6 +37,7 @@ for _model in MODELS:
             model=_model,
             batch=config["evaluation"]["batch_size"],
             device=device_flag("evaluate"),
+        priority: train_priority(_model)
         threads: step_threads("evaluate")
         resources:
             **rule_resources("evaluate"),

@@ -33,6 +33,7 @@ rule optimal_loss_estimator:
         sidecar(f"{R}/optimal_loss/estimators/{{est}}.csv"),
     params:
         flags=optimal_loss_flags(),
+    priority: PREREQUISITE_PRIORITY
     threads: step_threads("optimal_loss")
     resources:
         **rule_resources("optimal_loss"),
@@ -54,6 +55,7 @@ rule jstar:
     output:
         f"{R}/optimal_loss/jstar.csv",
         sidecar(f"{R}/optimal_loss/jstar.csv"),
+    priority: PREREQUISITE_PRIORITY
     benchmark:
         benchmark_file("jstar")
     shell:
@@ -91,6 +93,7 @@ rule optimal_denoiser:
     params:
         conditional="--conditional" if config["dataset"]["conditional"] else "",
         device=device_flag("optimal_loss"),
+    priority: PREREQUISITE_PRIORITY
     threads: step_threads("optimal_loss")
     resources:
         **rule_resources("optimal_loss"),

@@ -134,6 +134,7 @@ rule model_config:
         f"{R}/configs/{{model}}.yaml",
     params:
         text=lambda wc: resolved_config(wc.model),
+    priority: PREREQUISITE_PRIORITY
     benchmark:
         benchmark_file("model_config", "{model}", in_snakemake=True)
     run:
@@ -165,6 +166,7 @@ for _model in MODELS:
             jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
             omp=_res["omp"],
         threads: _res["threads"]
+        priority: train_priority(_model)
         resources:
             **train_rule_resources(_model),
         benchmark:
