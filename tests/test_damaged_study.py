@@ -238,13 +238,15 @@ def test_truncated_state_without_checksum_is_named(study_copy):
     assert rc == 2 and "not a readable torch file" in one_error(out, state)
 
 
-def _forge(path, obj):
-    """Replace a study's torch file by `obj` and its sidecar to match (an attacker who rewrites both)."""
+def _plant_payload(path, key, payload, marker):
+    """Rewrite a study's torch file with `payload(marker)` under `key` and its sidecar to match (an attacker who
+    rewrites both)."""
     from models import integrity
 
+    saved = torch.load(path, weights_only=True)
     rebuild = (integrity.read_record(path) or {}).get("rebuild")
     writable(path)
-    torch.save(obj, path)
+    torch.save({**saved, key: payload(marker)}, path)
     integrity.stamp(path, rebuild=rebuild)
 
 
@@ -252,8 +254,7 @@ def test_crafted_state_is_refused_without_running(study_copy, payload):
     r = study_copy / STUDY
     state = r / "runs" / "t0" / "state.pt"
     marker = study_copy / "payload-ran"
-    saved = torch.load(state, weights_only=True)
-    _forge(state, {**saved, "tracker": payload(marker)})
+    _plant_payload(state, "tracker", payload, marker)
     rc, out = resume(r)
     assert rc == 2 and "refused" in one_error(out, state)
     rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
@@ -268,8 +269,7 @@ def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
     r = study_copy / STUDY
     snap = r / "snapshots" / "t1" / "snapshot-000001024.pt"
     marker = study_copy / "payload-ran"
-    saved = torch.load(snap, weights_only=True)
-    _forge(snap, {**saved, "model": payload(marker)})
+    _plant_payload(snap, "model", payload, marker)
     with pytest.raises(UnsafeFileError, match="posix.system"):
         Denoiser.from_snapshot(snap)
     for cli in (["analysis.evaluate", "snapshot", "--snapshot", snap, "--dataset", r / "data" / "dataset.npz",
@@ -367,11 +367,11 @@ def test_crafted_files_stop_snakemake_and_never_run(study_copy, payload):
     r = study_copy / STUDY
     marker = study_copy / "payload-ran"
     snap = r / "snapshots" / "t1" / "snapshot-000000384.pt"
-    _forge(snap, {**torch.load(snap, weights_only=True), "arch": payload(marker)})
+    _plant_payload(snap, "arch", payload, marker)
     rc, out = smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, check=False)
     assert rc != 0 and f"error: {snap.relative_to(study_copy)}: refused" in out, out[-3000:]
     state = r / "runs" / "t0" / "state.pt"
-    _forge(state, {**torch.load(state, weights_only=True), "rng": payload(marker)})
+    _plant_payload(state, "rng", payload, marker)
     rc, out = smk("--configfile", SMOKE, "--cores", "2", "--forcerun", "train_t0", directory=study_copy, check=False)
     assert rc != 0 and f"error: {state.relative_to(study_copy)}: refused" in out, out[-3000:]
     rc, out = smk("--configfile", SMOKE, "--cores", "2", directory=study_copy, check=False)  # t0's outputs are gone
