@@ -294,14 +294,13 @@ def optimizer_step(run: Run, logs: bool):
 
 def update_ema(run: Run) -> float:
     """The EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under ZeRO),
-    before they are renormalised, as EDM2's does; returns its β."""
+    before the forced weight normalisation renormalises them, as EDM2's does; returns its β."""
     beta = ema_beta(run.images_seen, int(run.training["batch_size"]), run.training)
     with torch.no_grad():
         for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
             p_ema.lerp_(p.detach().to(torch.float32).reshape(p_ema.shape), 1.0 - beta)
         for b_ema, b in zip(run.ema.buffers(), run.raw_net.buffers()):
             b_ema.copy_(b)
-    normalize_forced_weights_(run.forced_weights)
     return beta
 
 
@@ -342,6 +341,7 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
         grad_norm = optimizer_step(run, logs)
         run.images_seen += batch
         beta = update_ema(run)
+        normalize_forced_weights_(run.forced_weights)  # after the EMA, on the weights the optimizer owns
 
         run.tracker.update(acc.gather(b.sigma.detach()), acc.gather(x0_loss.float()))
         run.loss_sum, run.loss_n = run.loss_sum + loss_global, run.loss_n + 1
