@@ -54,7 +54,7 @@ from models import integrity
 from models.atomic import atomic_path
 from models.data import open_dataset
 from models.denoiser import Denoiser
-from models.tables import STATS, check_finite_statistics, read_checked_csv, read_jstar
+from models.tables import STATS, check_finite_statistics, read_checked_csv, read_checked_npz, read_jstar
 
 # the per-σ statistics and their column names in every CSV this module writes
 INVARIANT_SIGMAS = 3.0  # L(σ) ≥ J*(σ) − 3 s.e. is the checked invariant
@@ -134,22 +134,11 @@ def save_eval_set(eval_set: dict, path) -> Path:
 
 
 def _read_npz(path, keys) -> dict:
-    """The named arrays of an .npz (no pickle), checked against its sidecar; IntegrityError naming the file when it
-    cannot be read or lacks a key."""
+    """read_checked_npz of a file that must exist (FileNotFoundError naming it otherwise)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"not found: {path}")
-    integrity.verify(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in keys if k not in z.files]
-            if missing:
-                raise integrity.invalid(path, f"lacks the arrays {missing}")
-            return {k: z[k] for k in keys}
-    except integrity.IntegrityError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, a truncated member, a pickled object array, ...
-        raise integrity.invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
+    return read_checked_npz(path, keys)
 
 
 def load_eval_set(path) -> dict:

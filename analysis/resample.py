@@ -36,7 +36,8 @@ import numpy as np
 import pandas as pd
 
 from models.atomic import atomic_path
-from models.integrity import IntegrityError, invalid, verify
+from models.integrity import invalid
+from models.tables import read_checked_npz
 
 PER_TRIPLE_KEYS = ("sigma", "level", "optimal_loss", "loss", "excess", "total_weight",
                    "model", "params", "images_seen", "flops")
@@ -99,17 +100,7 @@ def save_per_triple(path, arrays: dict) -> None:
 def load_per_triple(path) -> dict:
     """per_triple.npz, checked against its checksum sidecar (models.integrity) and validated (shapes, levels,
     finite values): a bad file is one error naming it and the command that rebuilds it."""
-    verify(path)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in PER_TRIPLE_KEYS if k not in z.files]
-            if missing:
-                raise invalid(path, f"not a per-triple file (missing {missing})")
-            out = {k: z[k] for k in PER_TRIPLE_KEYS}
-    except IntegrityError:
-        raise
-    except Exception as e:  # zipfile.BadZipFile, a truncated member, a pickled object array, ...
-        raise invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
+    out = read_checked_npz(path, PER_TRIPLE_KEYS)
     if out["loss"].ndim != 2:
         raise invalid(path, f"loss has shape {list(out['loss'].shape)}, expected [snapshots, triples]")
     s, m = out["loss"].shape

@@ -1,5 +1,5 @@
-"""The study's CSV tables read back with their checks: any table against its checksum sidecar and columns
-(`read_checked_csv`), the J* table that the evaluation, the optimal-loss schedule and the diagnosis read
+"""The study's tables and arrays read back with their checks: any CSV table against its checksum sidecar and
+columns (`read_checked_csv`), any .npz of arrays against its sidecar and keys (`read_checked_npz`), the J* table that the evaluation, the optimal-loss schedule and the diagnosis read
 (`read_jstar`), and the losses table the fits read (`read_losses`). A bad table is one IntegrityError naming the
 file and the command that rebuilds it (models.integrity).
 No torch: the statistics and the diagnosis read these tables too."""
@@ -32,6 +32,22 @@ def read_checked_csv(path, columns, what: str = "table") -> pd.DataFrame:
     if missing:
         raise integrity.invalid(path, f"lacks the columns {missing}")
     return df
+
+
+def read_checked_npz(path, keys) -> dict:
+    """The named arrays of a study's .npz (no pickle), checked against its checksum sidecar: IntegrityError naming
+    the file and its rebuild command when it cannot be read or lacks a key."""
+    integrity.verify(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z.files]
+            if missing:
+                raise integrity.invalid(path, f"lacks the arrays {missing}")
+            return {k: z[k] for k in keys}
+    except integrity.IntegrityError:
+        raise
+    except Exception as e:  # zipfile.BadZipFile, a truncated member, a pickled object array, ...
+        raise integrity.invalid(path, f"unreadable ({type(e).__name__}: {e})") from None
 
 
 def read_jstar(path) -> pd.DataFrame:
