@@ -330,8 +330,7 @@ def prediction_table(model, kind, points, actual, log_residual, unit_of, n_units
     """PREDICTION_COLUMNS at ``points`` [P, 2] (N, D; D NaN for the law in N): the law's value with its bootstrap
     interval (ci) and jackknife, and a new run's loss (pi, see the module's doc)."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    tokens = None if np.isnan(points[:, 1]).all() else points[:, 1]
-    logp = model.log_predict(points[:, 0], tokens)                          # [R, P]
+    logp = model.log_predict(points[:, 0], points[:, 1])                    # [R, P]
     boot, loo = kind == "bootstrap", kind == "leave_one_out"
     widen = widening(n_units, model.n_free)
     law_draws = logp[0] + widen * (logp[boot] - logp[0])                     # widened about the estimate
@@ -591,9 +590,10 @@ def _column(df: pd.DataFrame, name: str, option: str, source: str, *, positive=T
     bad = ~np.isfinite(v) | ((v <= 0) if positive else (v < 0))
     if bad.any():
         i = int(np.argmax(bad))
+        raw = df[name].iloc[i]
         raise TableError(f"{source} column {name!r} ({option}): {int(bad.sum())} values are not "
                          f"{'positive' if positive else 'non-negative'} numbers (first on line {i + 2}: "
-                         f"{df[name].iloc[i]!r})")
+                         f"{'empty' if pd.isna(raw) else raw})")
     return v
 
 
