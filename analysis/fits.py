@@ -670,6 +670,8 @@ def fit_chinchilla(params, tokens, loss, *, drop_highest: int = 0, huber_delta: 
         th = np.array([joint_polish(t, un, ud, logl, weights=c, huber_delta=huber_delta)[0]
                        for t, c in zip(th, counts)])
         draws = joint_params(th, scale)
+        # a floor at the bound of log E is a floor of 0 (not e^−50 ≈ 2e−22), as the estimate's own
+        draws["E"] = np.where(th[:, 4] <= joint_bounds(5)[0][4] + 1e-9, 0.0, draws["E"])
         for key, src in zip(names, ("E", "A", "B", "a", "b")):
             out[f"{key}_ci"] = percentile_interval(draws[src], bounds=(0.0, math.inf))
     return out

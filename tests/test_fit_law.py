@@ -252,3 +252,19 @@ def test_rolling_origin_uses_the_studys_splits_and_is_exact_on_an_exact_law(tmp_
     assert (table["train_max_params"] < table["held_out_params"]).all()
     with pytest.raises(ValueError, match="at least 4 distinct params"):
         fl.rolling_origin(n[:9], loss[:9], d[:9], floor=1.8)
+
+
+def test_chinchilla_command_floor_at_bound_prints_zero(tmp_path, capsys):
+    """`analysis.scaling chinchilla` on data without a floor: the bootstrap floors at the bound of log E are 0, so
+    the interval starts at 0 (at bound), not at e^−50 ≈ 2e−22."""
+    from analysis import scaling
+
+    rng = np.random.default_rng(1)
+    n = np.repeat(np.logspace(7, 9, 5), 4)
+    d = np.tile(np.logspace(9, 11, 4), 5)
+    loss = chinchilla_law(n, d, E=0.0) * np.exp(rng.normal(0, 0.002, n.size))
+    f = fit_chinchilla(n, d, loss, n_bootstrap=40, seed=0)
+    assert f["E"] == 0.0 and f["E_ci"][0] == 0.0 and f["E_ci"][1] > 0
+    pd.DataFrame({"params": n, "tokens": d, "loss": loss}).to_csv(tmp_path / "t.csv", index=False)
+    assert scaling.main(["chinchilla", "--csv", str(tmp_path / "t.csv"), "--n-bootstrap", "40"]) == 0
+    assert "E     = 0   95% CI [0 (at bound), " in capsys.readouterr().out
