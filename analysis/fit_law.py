@@ -15,11 +15,12 @@ run's rows are its final row (the most tokens) or all of them (``rows``).
 Intervals (95%). `ci`: the percentile interval of the bootstrap draws, widened about the estimate by √(G/(G − k))
 (G units, k fitted parameters; log space for E, A, B): a spread measured from G units about a k-parameter fit is
 too small by about that much — the small-sample correction HC1 makes to a sandwich variance, with units for
-observations; on simulated ladders of 24 runs the plain percentile interval covered 89–94%, the widened one 94–97%.
-`jackknife`: estimate ± t·se of the leave-one-unit-out fits, se = √((G−1)/G·Σ(θ₋g − θ̄)²) (unreliable for a Huber
-fit, whose estimate moves in steps like a median's). A prediction also gets `pi`, an interval for the loss of a new
-run: each bootstrap draw of the law (widened as above) plus the log residual of a random row of a random unit, that
-residual widened by the same factor (residuals are smaller than the noise they estimate).
+observations (simulated ladders of 24 runs: the plain percentile interval covered 89.5–93.5%, the widened one
+92.5–96.5%; docs/fit-your-own-table.md). `jackknife`: estimate ± t·se of the leave-one-unit-out fits,
+se = √((G−1)/G·Σ(θ₋g − θ̄)²) (unreliable for a Huber fit, whose estimate moves in steps like a median's).
+A prediction also gets `pi`, an interval for the loss of a new run: each bootstrap draw of the law (widened as
+above) plus the log residual of a random row of a random unit, that residual widened by the same factor
+(residuals are smaller than the noise they estimate).
 
 A parameter at a bound of its range (a floor driven to 0, an exponent at 0 or at analysis.fits.JOINT_MAX_EXPONENT,
 a term that vanished) is set to that bound exactly and named in the `at_bound` column.
@@ -396,11 +397,10 @@ def _starts(spec, n, d, logl, scale, log_floor, huber_delta):
     grid = np.atleast_2d(np.asarray(spec, dtype=np.float64))
     if grid.shape[1] != 5 or not np.isfinite(grid).all():
         raise ValueError(f"starts as numbers must be rows (log A, log B, log E, alpha, beta), got shape {grid.shape}")
-    theta = fits._from_epoch(grid, scale)
-    return theta if log_floor is None else theta[:, :4]
+    return fits.epoch_starts(n, d, logl, scale, top_k=None, log_floor=log_floor, grid=grid)
 
 
-def _select(n, l, d, runs, floor, rows, drop_highest):
+def _select(n, l, d, runs, rows, drop_highest):
     """The points a fit uses: the highest ``drop_highest`` losses dropped (in table order, as
     analysis.fits.fit_chinchilla), then each run's final row where ``rows`` is "final". Returns the index."""
     if not 0 <= drop_highest < n.size:
@@ -430,25 +430,10 @@ def fit_law(params, loss, tokens=None, *, law: str | None = None, runs=None, row
     n = _positive("params", params)
     l = _positive("loss", loss, n.size)
     d = None if tokens is None else _positive("tokens", tokens, n.size)
-    law = law or ("nd" if d is not None else "n")
-    if law not in LAWS:
-        raise ValueError(f"law must be one of {LAWS}, got {law!r}")
-    if law == "nd" and d is None:
-        raise ValueError("the law in N and D (law 'nd') needs tokens")
-    if huber_delta == "auto":
-        huber_delta = HUBER_DELTA if law == "nd" else None
-    if law == "n" and huber_delta is not None:
-        raise ValueError("the law in N alone is fitted by least squares (as the study fits it); "
-                         "it takes no huber_delta")
-    if huber_delta is not None and not (math.isfinite(huber_delta) and huber_delta > 0):
-        raise ValueError(f"huber_delta must be a positive number or None, got {huber_delta!r}")
-    if runs is not None and len(runs) != n.size:
-        raise ValueError(f"runs has {len(runs)} labels, params has {n.size}")
-    if n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be ≥ 0, got {n_bootstrap}")
+    law, huber_delta = _check_options(law, d, huber_delta, runs, n.size, n_bootstrap)
     fl = _floor_values(floor, n.size)
     fixed = not isinstance(floor, str) and np.ndim(floor) == 0
-    keep = _select(n, l, d, runs, fl, rows, drop_highest)
+    keep = _select(n, l, d, runs, rows, drop_highest)
     n, l = n[keep], l[keep]
     d = None if d is None else d[keep]
     fl = None if fl is None else fl[keep]
@@ -468,6 +453,27 @@ def fit_law(params, loss, tokens=None, *, law: str | None = None, runs=None, row
                   rows=rows if runs is not None else "all", n_points=int(n.size), n_units=rs.n_units,
                   objective=float(objective), parameters=params_table, draws=draws, predictions=preds, notes=notes,
                   _model=model)
+
+
+def _check_options(law, d, huber_delta, runs, size, n_bootstrap):
+    """(law, Huber δ) checked, their defaults filled in."""
+    law = law or ("nd" if d is not None else "n")
+    if law not in LAWS:
+        raise ValueError(f"law must be one of {LAWS}, got {law!r}")
+    if law == "nd" and d is None:
+        raise ValueError("the law in N and D (law 'nd') needs tokens")
+    if huber_delta == "auto":
+        huber_delta = HUBER_DELTA if law == "nd" else None
+    if law == "n" and huber_delta is not None:
+        raise ValueError("the law in N alone is fitted by least squares (as the study fits it); "
+                         "it takes no huber_delta")
+    if huber_delta is not None and not (math.isfinite(huber_delta) and huber_delta > 0):
+        raise ValueError(f"huber_delta must be a positive number or None, got {huber_delta!r}")
+    if runs is not None and len(runs) != size:
+        raise ValueError(f"runs has {len(runs)} labels, params has {size}")
+    if n_bootstrap < 0:
+        raise ValueError(f"n_bootstrap must be ≥ 0, got {n_bootstrap}")
+    return law, huber_delta
 
 
 def _check_enough(law, n, d, fl, l):
@@ -542,7 +548,7 @@ def rolling_origin(params, loss, tokens=None, *, runs=None, rows: str = "all", f
     l = _positive("loss", loss, n.size)
     d = None if tokens is None else _positive("tokens", tokens, n.size)
     fl = _floor_values(floor, n.size)
-    keep = _select(n, l, d, runs, fl, rows, drop_highest)
+    keep = _select(n, l, d, runs, rows, drop_highest)
     size = np.array([float(f"{v:.6g}") for v in n[keep]])
     snaps = pd.DataFrame({"model": size, "params": size})
     cuts = splits(snaps)

@@ -607,10 +607,14 @@ def _from_epoch(grid, scale):
 
 
 def epoch_starts(n, d, logl, scale, *, top_k: int | None = 60, huber_delta: float | None = 1e-3,
-                 log_floor=None) -> np.ndarray:
+                 log_floor=None, grid=None) -> np.ndarray:
     """Epoch AI's grid of starts as θ rows on normalised n = log(N/N_s), d = log(D/D_s) (``scale`` = (N_s, D_s)):
     all 5400, or with ``top_k`` the k most promising by their objective, kept diverse (``profile_starts``). With a
-    fixed ``log_floor`` the grid's e is moot: its starts are θ[:4], each once."""
+    fixed ``log_floor`` the grid's e is moot: its starts are θ[:4], each once. ``grid``: other rows (a, b, e, α, β)
+    in Epoch's parametrisation instead (then ``top_k`` must be None)."""
+    if grid is not None:
+        theta = _from_epoch(np.atleast_2d(grid), scale)
+        return theta if log_floor is None else theta[:, :4]
     grid = chinchilla_grid()
     starts = _from_epoch(grid, scale)
     fixed = log_floor is not None
