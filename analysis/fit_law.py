@@ -532,7 +532,7 @@ def _fit_rows(law, n, d, l, fl, weights, huber_delta, starts):
 # ----------------------------------------------------------------------------------------------------------------
 # rolling origin: fit up to a size, predict the next
 # ----------------------------------------------------------------------------------------------------------------
-ROLLING_COLUMNS = ["split", "n_train_sizes", "train_max_params", "held_out_params"] + PREDICTION_COLUMNS
+ROLLING_COLUMNS = ["n_train_sizes", "train_max_params", "held_out_params"] + PREDICTION_COLUMNS
 
 
 def rolling_origin(params, loss, tokens=None, *, runs=None, rows: str = "all", floor="free", last: int | None = 3,
@@ -566,7 +566,7 @@ def rolling_origin(params, loss, tokens=None, *, runs=None, rows: str = "all", f
                         actual=l[keep][te], **kw)
         except ValueError as err:
             raise ValueError(f"rolling origin, split {k} (train on N ≤ {max(train):.6g}): {err}") from None
-        out.append(f.predictions.assign(split=k, n_train_sizes=k, train_max_params=max(train),
+        out.append(f.predictions.assign(n_train_sizes=k, train_max_params=max(train),
                                         held_out_params=test))
     return pd.concat(out, ignore_index=True)[ROLLING_COLUMNS]
 
@@ -686,7 +686,7 @@ def _parser() -> argparse.ArgumentParser:
 def _inputs(args, df: pd.DataFrame, source: str) -> dict:
     """fit_law's arguments from the table's columns."""
     kw = {"params": _column(df, args.params, "--params", source), "loss": _column(df, args.loss, "--loss", source)}
-    if args.law == "nd" or (args.tokens in df.columns and args.tokens != "tokens"):
+    if args.law == "nd" or args.tokens in df.columns:        # the law in N: tokens only order a run's rows
         kw["tokens"] = _column(df, args.tokens, "--tokens", source)
     if args.run is not None:
         if args.run not in df.columns:
@@ -782,8 +782,8 @@ def main(argv=None) -> int:
     print(summary_text(fit))
     if rolling is not None:
         cover = rolling["in_pi"].mean()
-        print(f"rolling origin: {rolling['split'].nunique()} splits, {len(rolling)} held-out points, mean |log error| "
-              f"{np.abs(rolling['log_error']).mean():.4g}, inside the new-run interval {cover:.0%}")
+        print(f"rolling origin: {rolling['n_train_sizes'].nunique()} splits, {len(rolling)} held-out points, "
+              f"mean |log error| {np.abs(rolling['log_error']).mean():.4g}, inside the new-run interval {cover:.0%}")
     if args.out is not None:
         names = write_outputs(fit, args.out, rolling)
         print(f"wrote {', '.join(names)} to {args.out}")

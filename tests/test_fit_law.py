@@ -246,7 +246,7 @@ def test_rolling_origin_uses_the_studys_splits_and_is_exact_on_an_exact_law(tmp_
     loss = chinchilla_law(n, d)
     table = fl.rolling_origin(n, loss, d, floor=1.8, last=None, huber_delta=None, n_bootstrap=10, starts="study")
     expect = splits(pd.DataFrame({"model": n, "params": n}))
-    assert sorted(table["split"].unique()) == [k for k, _, _ in expect] == [3, 4, 5]
+    assert sorted(table["n_train_sizes"].unique()) == [k for k, _, _ in expect] == [3, 4, 5]
     np.testing.assert_allclose(table["held_out_params"], np.repeat([n[9], n[12], n[15]], 3), rtol=1e-5)
     np.testing.assert_allclose(table["log_error"], 0.0, atol=1e-7)
     assert (table["train_max_params"] < table["held_out_params"]).all()
