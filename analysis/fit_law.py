@@ -15,8 +15,8 @@ run's rows are its final row (the most tokens) or all of them (``rows``).
 Intervals (95%). `ci`: the percentile interval of the bootstrap draws, widened about the estimate by √(G/(G − k))
 (G units, k fitted parameters; log space for E, A, B): a spread measured from G units about a k-parameter fit is
 too small by about that much — the small-sample correction HC1 makes to a sandwich variance, with units for
-observations (simulated ladders of 24 runs: the plain percentile interval covered 89.5–93.5%, the widened one
-92.5–96.5%; docs/fit-your-own-table.md). `jackknife`: estimate ± t·se of the leave-one-unit-out fits,
+observations (simulated ladders of 24 runs: the plain percentile interval covered 91.5–93%, the widened one
+93–95.5%; docs/fit-your-own-table.md). `jackknife`: estimate ± t·se of the leave-one-unit-out fits,
 se = √((G−1)/G·Σ(θ₋g − θ̄)²) (unreliable for a Huber fit, whose estimate moves in steps like a median's).
 A prediction also gets `pi`, an interval for the loss of a new run: each bootstrap draw of the law (widened as
 above) plus the log residual of a random row of a random unit, that residual widened by the same factor
