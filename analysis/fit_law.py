@@ -443,6 +443,8 @@ def fit_law(params, loss, tokens=None, *, law: str | None = None, runs=None, row
     model, objective = _fit_rows(law, n, d, l, fl, rs.weights, huber_delta, starts)
     values = model.values()
     notes = _notes(rs, runs is not None, leave_one_out)
+    if rs.n_units <= model.n_free:
+        notes.append(f"{rs.n_units} units for {model.n_free} fitted parameters: no bootstrap intervals")
     draws = pd.DataFrame({"kind": rs.kind, "left_out": rs.left_out, **{k: values[k] for k in PARAMETERS[law]}})
     params_table = parameter_table(values, rs.kind, law, fixed_floor=fixed, widen=widening(rs.n_units, model.n_free))
     log_resid = np.log(l) - model.log_predict(n, d)[0]
