@@ -648,7 +648,7 @@ def _huber_arg(spec: str):
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m analysis.fit_law",
                                  description="Fit a scaling law to a CSV table of (N, D, L) — L = E + A/N^alpha + "
-                                             "B/D^beta, or L = E + A/N^alpha — with 95%% intervals from resampling "
+                                             "B/D^beta, or L = E + A/N^alpha — with 95% intervals from resampling "
                                              "whole runs, and predict L at new (N, D). See docs/fit-your-own-table.md.")
     ap.add_argument("table", help="CSV file ('-' = standard input)")
     ap.add_argument("--params", default="params", metavar="COL", help="column of N, parameters (default: params)")
