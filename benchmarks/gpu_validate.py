@@ -23,12 +23,14 @@ card's name, driver, torch version and date. Exit status 0 when every item is ok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -136,8 +138,56 @@ def log(message: str) -> None:
 THREADS: dict = {}  # OMP_NUM_THREADS for every part's processes (the CPU rehearsal: one each)
 
 
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: (parent pid, process group, session)} of every process now, read from /proc/PID/stat."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session
+        table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def process_tree(root: int, table: dict) -> set[int]:
+    """`root`, its descendants, and whatever still runs in its process group or session (started with
+    start_new_session, so an orphan re-parented to init is still found by them); a descendant that made a new
+    session of its own (snakemake's jobs, torchrun's workers) is found by parenthood."""
+    tree = {pid for pid, (_, group, session) in table.items() if root in (pid, group, session)}
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _, _) in table.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree - {os.getpid()}
+
+
+def kill_tree(root: int) -> set[int]:
+    """Stop every process of `root`'s tree (so none forks or is re-parented while the tree is walked again),
+    until a walk finds no new one, then kill them all: a part that runs out of time leaves nothing behind.
+    Returns the pids killed."""
+    stopped: set[int] = set()
+    for _ in range(100):
+        found = process_tree(root, process_table()) - stopped
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= found
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
 def run(cmd, *, timeout: float, cwd=ROOT, env=None, log_to: Path | None = None) -> tuple[int | None, str]:
-    """(return code or None on timeout, the output's tail) of `cmd`; its whole output goes to `log_to`."""
+    """(return code or None on timeout, the output's tail) of `cmd`; its whole output goes to `log_to`.  On a
+    timeout the whole process tree is killed (kill_tree), not only the process group."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **THREADS, **(env or {})}
     with open(log_to or os.devnull, "w") as out:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -145,7 +195,7 @@ def run(cmd, *, timeout: float, cwd=ROOT, env=None, log_to: Path | None = None) 
         try:
             rc = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            kill_tree(proc.pid)
             proc.wait()
             rc = None
     tail = Path(log_to).read_text()[-2000:] if log_to else ""

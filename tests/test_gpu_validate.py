@@ -53,3 +53,41 @@ def test_a_failing_model_is_reported_and_the_rest_still_measured(tmp_path):
     assert rows["a"]["status"] == rows["b"]["status"] == "ok"
     assert rows["bad"]["status"].startswith("ddp: failed") and "no-such-size" in rows["bad"]["status"]
     assert rows["b"]["ddp_images_per_s"] > 0
+
+
+def alive(pid: int) -> bool:
+    """A process that runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_part_out_of_time_leaves_no_process_behind(tmp_path):
+    """A part's command whose child left its process group for a session of its own (as snakemake's jobs and a
+    launcher's workers do) and started a grandchild: on the timeout all three are killed."""
+    import os
+    import signal
+    import time
+
+    pids = tmp_path / "pids"
+    grandchild = "import time; time.sleep(600)"
+    child = (f"import os, subprocess, sys, time; g = subprocess.Popen([sys.executable, '-c', {grandchild!r}]); "
+             f"open({str(pids)!r}, 'w').write(f'{{os.getpid()}} {{g.pid}}'); time.sleep(600)")
+    parent = tmp_path / "parent.py"
+    parent.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, '-c', {child!r}], "
+                      "start_new_session=True)\ntime.sleep(600)\n")
+    started = []
+    try:
+        rc, _ = gpu_validate.run([sys.executable, parent], timeout=8, log_to=tmp_path / "log")
+        assert rc is None                                       # the budget ran out
+        assert pids.exists(), "the grandchild did not start within the budget"
+        started = [int(p) for p in pids.read_text().split()]
+        deadline = time.time() + 10
+        while any(alive(p) for p in started) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(alive(p) for p in started), started       # main: the session's two kept running
+    finally:
+        for pid in started:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
