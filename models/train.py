@@ -326,6 +326,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     # fp32 means fp32 outside bf16 autocast, as in EDM2's training loop: no TF32 in matmuls or cuDNN convolutions
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True  # cuDNN autotunes each convolution shape once, as EDM2's loop does
     trackers = list(spec.training.get("trackers") or [])  # Accelerate's trackers (log.jsonl is the record)
     accelerator = accelerator or make_accelerator(trackers, out)
     check_world(accelerator)
