@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast around the forward")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--mask-numel", type=int, default=256 * 16 * 16, help="elements per image, masks alone")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +99,25 @@ def main(argv=None) -> int:
     for kind in masks:
         print(f"  {kind:14s} {med[kind] * 1e3:8.1f} ms   {med[kind] / med['torch']:.3f}x torch's dropout")
     print(f"  current / first version: {med['current'] / med['first version']:.3f}")
+    masks_alone(args, device)
+
+
+def masks_alone(args, device) -> None:
+    """The masks of one layer's activation alone (--mask-numel elements per image), both versions interleaved."""
+    positions = torch.arange(args.batch, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {"first version": [], "current": []}
+    for repeat in range(args.repeats + 1):
+        for kind, fn in (("first version", keep_mask_first_version), ("current", dropout.keep_mask)):
+            sync()
+            t = time.perf_counter()
+            fn(0, 3, positions, args.mask_numel, args.dropout)
+            sync()
+            if repeat:  # the first round warms up
+                times[kind].append(time.perf_counter() - t)
+    first, current = (statistics.median(times[k]) for k in ("first version", "current"))
+    print(f"  masks alone ({args.batch} x {args.mask_numel:,} elements): first version {first * 1e3:.2f} ms, "
+          f"current {current * 1e3:.2f} ms (ratio {current / first:.3f})")
     return 0
 
 
