@@ -101,6 +101,15 @@ def check_fp32_engine(ds_cfg: dict, mixed_precision: str = "no") -> None:
                          "whole parameters on every rank): use stage 1 or 2")
 
 
+def trainer_backends() -> None:
+    """The trainer's backend settings (the step benchmarks set the same): fp32 means fp32 outside bf16 autocast, as
+    in EDM2's training loop — no TF32 in matmuls or cuDNN convolutions — and cuDNN autotunes each convolution
+    shape once (EDM2's cudnn.benchmark)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+
+
 def make_schedule(variant, schedule_cfg: dict, jstar):
     """The object that draws σ and weights the loss: the variant (baseline) or models.schedule's
     OptimalLossSchedule."""
@@ -323,10 +332,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if done is not None:
         return {**done, "status": "already-done"}
 
-    # fp32 means fp32 outside bf16 autocast, as in EDM2's training loop: no TF32 in matmuls or cuDNN convolutions
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cudnn.benchmark = True  # cuDNN autotunes each convolution shape once, as EDM2's loop does
+    trainer_backends()
     trackers = list(spec.training.get("trackers") or [])  # Accelerate's trackers (log.jsonl is the record)
     accelerator = accelerator or make_accelerator(trackers, out)
     check_world(accelerator)
