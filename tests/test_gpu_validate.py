@@ -33,11 +33,19 @@ def test_cpu_rehearsal_writes_the_report_and_every_row(tmp_path):
     assert [item.split("~")[0] for item in steps["item"]] == PAPER_MODELS   # one row per paper model
     for engine in ("ddp", "zero2"):
         assert (steps[f"{engine}_images_per_s"] > 0).all() and (steps[f"{engine}_mfu"] > 0).all()
-    parity = rows[rows["part"] == "parity"].set_index("metric")["value"]
-    assert 0 <= parity["output_rel_diff"] < gpu_validate.PARITY_TOLERANCE
+    parity = rows[rows["part"] == "parity"].set_index(["item", "metric"])["value"]
+    for precision in ("fp32", "bf16"):                                       # through the trainer, both
+        assert 0 <= parity[("t0 " + precision, "output_rel_diff")] < gpu_validate.PARITY_TOLERANCE
     study = rows[rows["part"] == "study"].set_index("item")
     assert study.loc["loss falls", "value"] < 1 and study.loc["snapshots evaluated", "value"] >= 3
+    assert study.loc["trainer steps-only rate", "value"] > 0
+    ratios = rows[rows["part"] == "ratios"]
+    assert len(ratios) == 2 * len(PAPER_MODELS) + 1                          # ZeRO-2 / DDP ×2, trainer / bench
+    assert (ratios.loc[ratios["metric"] == "throughput ZeRO-2 / DDP", "value"] > 0).all()
+    assert ratios.loc[ratios["metric"] == "trainer steps-only / bench images/s", "value"].iloc[0] > 0
     assert set(rows.loc[rows["part"] == "dstar", "item"]) == {"matmul", "exact D*", "exact / matmul speed"}
+    exact = rows.loc[rows["item"] == "exact D*", "detail"].iloc[0]
+    assert float(exact.split("J* = ")[1].split(";")[0]) > 0                   # the D* item times real work
     report = (out / "report.md").read_text()
     assert rows["card"].iloc[0] in report and "all ok" in report
     assert all(f"| {item} |" in report for item in steps["item"])
