@@ -3,19 +3,23 @@
     bash benchmarks/gpu_validate.sh                   # one GPU, ≤ 8 minutes
     bash benchmarks/gpu_validate.sh --cpu-rehearsal   # the same script with tiny sizes on the CPU (≤ 3 minutes)
 
-Four parts, each with its own time budget (a part or model that runs out of it is reported, not waited for):
-  step    every paper model (EDM2 xs … xxl at paper-img64's shape and its configured batch_gpu; DiT dit12 … dit27 at
-          32×32×4 latents, 32 images per GPU) takes optimizer steps at that batch under the DDP path (one process:
-          net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (benchmarks/bench_train_gpu.py: measure):
-          images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
-  parity  the trainer (python -m models.train) runs the same few steps of xs in fp32 once on the DDP path and
-          once under ZeRO-2 (accelerate launch, deepspeed-zero2.yaml); their denoisers must agree to a small
-          fraction of what the steps changed (output_difference)
+Four parts, each with its own time budget (a part or model that runs out of it is reported, not waited for, and
+killed with its whole process tree: kill_tree), and items derived from them:
+  step    every paper model (EDM2 xs … xxl at paper-img64's shape and its configured batch_gpu, then DiT dit12 …
+          dit27 at 32×32×4 latents, 32 images per GPU) takes optimizer steps at that batch under the DDP path (one
+          process: net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (DeepSpeed's torch_autocast on,
+          as the trainer builds it; benchmarks/bench_train_gpu.py: measure), both engines of a model in one worker
+          before the next model: images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
+  parity  the trainer (python -m models.train) runs the same few steps of xs once on the DDP path and once under
+          ZeRO-2 (accelerate launch, deepspeed-zero2.yaml), in fp32 and in bf16; their denoisers must agree to a
+          small fraction of what the steps changed (output_difference)
   study   a short study of xs through the real `snakemake` DAG (workflow/config/gpu-validate.yaml) on a synthetic
           labelled 64×64 set at paper-img64's settings: the loss falls, every snapshot is evaluated, fits and
-          figures are made
+          figures are made; the trainer's steps-only images/s (log.jsonl's images_per_s_steps)
   dstar   the exact D* (estimate_optimal_loss, "full") at ImageNet-64's dimension (3×64×64) against the plain
-          matmul of the same FLOPs (benchmarks/bench_optimal_loss.py's cases)
+          matmul of the same FLOPs (benchmarks/bench_optimal_loss.py's cases), at a σ where J* > 0 (printed)
+  ratios  ZeRO-2 / DDP throughput (not ok below 0.9) and peak memory (not ok above 1.1) per model; the trainer's
+          steps-only rate over the step part's DDP rate of the same model (not ok below 0.9)
 Writes OUT/report.md and OUT/results.csv (default OUT = results/gpu-validate, cleared first), every row with the
 card's name, driver, torch version and date. Exit status 0 when every item is ok.
 """
