@@ -46,7 +46,7 @@ def test_bf16_turns_deepspeeds_autocast_on_with_fp32_reduction():
     assert ds_cfg["torch_autocast"] == {"enabled": True, "dtype": "bf16", "lower_precision_safe_modules": []}
 
 
-def test_deepspeeds_reading_of_the_section(monkeypatch):
+def test_deepspeeds_reading_of_the_section():
     """DeepSpeed's own config parser reads the built section as bf16 autocast with no module reduced in bf16."""
     from deepspeed.runtime.config import get_lower_precision_safe_modules, get_torch_autocast_dtype, \
         get_torch_autocast_enabled

@@ -38,8 +38,7 @@ def test_checksum_is_taken_while_writing(tmp_path, monkeypatch):
     assert side["previous"] == {k: first[k] for k in ("size", "sha256", "sample_sha256")}
     monkeypatch.undo()
     assert integrity.load_torch(path)["n"] == 4        # verified against the sidecar, then read
-    assert [p.name for p in tmp_path.iterdir()] == sorted(["state.pt", "state.pt.sha256"]) or \
-        sorted(p.name for p in tmp_path.iterdir()) == ["state.pt", "state.pt.sha256"]    # no temp file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt", "state.pt.sha256"]   # no temp file left
 
 
 def recorded_state_saves(monkeypatch) -> list[int]:
