@@ -4,62 +4,41 @@
     python benchmarks/bench_train_cpu.py --members t0 t2 --steps 10 --threads 1
 
 Run it with --threads 1 to get the per-job rate of a `snakemake --cores 2` study (two 1-thread jobs in parallel).
-One step = what models/train.py does per batch: noise, forward through the preconditioned denoiser, EDM loss with
-the learned log-variance, backward, gradient clipping, Adam, EMA update, forced weight normalisation.  The first
-`--warmup` steps are not timed.
+One step is the trainer's own (benchmarks/bench_train_step.py: models.train.train with the default study's
+settings — data rows, σ and ε draws, micro-batching, StreamDropout at --dropout, the preconditioned forward, the
+EDM2 loss, backward, Adam, the EMA, forced weight normalisation, the σ tracker, logging — and the trainer's backend
+settings).  The first `--warmup` steps are not timed.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-from models import family
-from models.data import load_dataset
-from models.denoiser import Denoiser
-from models.diffusion import get_variant
-from models.loop import per_example_losses
-from models.weight_norm import forced_weights, normalize_forced_weights_
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_train_step import time_training  # noqa: E402
+from models import family  # noqa: E402
+from models.config import load_config  # noqa: E402
+from models.data import Dataset, save_npz  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench(name: str, x_all: torch.Tensor, batch: int, steps: int, warmup: int) -> dict:
-    _, c, h, _ = x_all.shape
-    net = family.build(name, resolution=h, channels=c, device="cpu").train()
-    ema = copy.deepcopy(net).requires_grad_(False)
-    forced = forced_weights(net)
-    variant = get_variant("edm")
-    den = Denoiser(net, variant)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-8)
-    g = torch.Generator().manual_seed(0)
-
-    def step():
-        idx = torch.randint(0, x_all.shape[0], (batch,), generator=g)
-        x0 = x_all[idx]
-        sigma = variant.sample_sigma(batch, generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        loss, _ = per_example_losses(den, variant, x0, sigma, noise, None)
-        loss.mean().backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), net.parameters()):
-                pe.lerp_(p, 0.01)
-        normalize_forced_weights_(forced)
-
-    for _ in range(warmup):
-        step()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-    flops = family.training_flops_per_image(name, resolution=h, channels=c)
-    return {"name": name, "shape": f"{c}x{h}x{h}", "batch": batch, "params": family.count_params(net),
-            "gflops_per_img": flops / 1e9, "s_per_step": dt / steps, "img_per_s": steps * batch / dt,
-            "img_per_cpu_s": steps * batch / cpu}
+def bench(name: str, data, shape: tuple, batch: int, steps: int, warmup: int, dropout: float) -> dict:
+    """The trainer's steps of size `name` on `data` (a models.data spec) of images `shape` (C, H, W)."""
+    cfg = load_config(ROOT / "workflow" / "config" / "default.yaml")
+    cfg["training"]["dropout"] = dropout
+    r = time_training(name, steps, warmup, False, config=cfg, data=data, batch_size=batch)
+    c, h, _ = shape
+    params = family.count_params(family.build(name, resolution=h, channels=c, device="meta"))
+    return {"name": name, "shape": f"{c}x{h}x{h}", "batch": batch, "params": params,
+            "gflops_per_img": r["flops"] / batch / 1e9, "s_per_step": r["wall"], "img_per_s": r["images_per_s"],
+            "img_per_cpu_s": batch / r["cpu"]}
 
 
 def main(argv=None) -> int:
@@ -72,16 +51,19 @@ def main(argv=None) -> int:
     p.add_argument("--xs", default="32x3", help="xs data as RESxCHANNELS (e.g. 32x3, 64x4); 'none' to skip")
     p.add_argument("--xs-batch", type=int, default=2)
     p.add_argument("--xs-steps", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.0, help="training.dropout (StreamDropout), as configured")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    digits = load_dataset("digits").x
-    rows = [bench(m, digits, args.batch, args.steps, args.warmup) for m in args.members]
+    rows = [bench(m, "digits", (1, 8, 8), args.batch, args.steps, args.warmup, args.dropout) for m in args.members]
     if args.xs != "none":
         res, ch = (int(v) for v in args.xs.lower().split("x"))
-        xs_data = torch.randn(16, ch, res, res)
-        rows.append(bench("xs", xs_data, args.xs_batch, args.xs_steps, 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            g = torch.Generator().manual_seed(0)
+            xs_data = save_npz(Dataset(torch.randn(16, ch, res, res, generator=g).clamp(-1, 1), None, "noise"),
+                               Path(tmp) / "xs.npz")
+            rows.append(bench("xs", str(xs_data), (ch, res, res), args.xs_batch, args.xs_steps, 1, args.dropout))
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'model':6} {'data':8} {'batch':>5} {'params':>12} {'GFLOP/img':>10} {'s/step':>8} {'img/s':>9} "

@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from models.family import build, count_params, training_flops_per_image  # noqa: E402
-from models.train import DS_ZERO_TUNING, promote_scalar_params  # noqa: E402
+from models.checks import torch_autocast_section  # noqa: E402
+from models.train import DS_ZERO_TUNING, promote_scalar_params, trainer_backends  # noqa: E402
 from models.sizes import SIZES  # noqa: E402
 from models.weight_norm import forced_weights, normalize_forced_weights_  # noqa: E402
 
@@ -77,15 +78,16 @@ def single_process_group() -> None:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def zero2_engine(net, opt, batch: int):
+def zero2_engine(net, opt, batch: int, precision: str = "bf16"):
     """DeepSpeed ZeRO-2 around `net` and its Adam, with the trainer's settings (models/train.py): an fp32 engine
-    (the forward's bf16 comes from autocast, as under DDP)."""
+    with DeepSpeed's torch_autocast on under bf16 (the forward's bf16 as under DDP, gradients reduced in fp32)."""
     import deepspeed  # optional package
 
     single_process_group()
     config = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 2, **DS_ZERO_TUNING},
-              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+              "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+              "torch_autocast": torch_autocast_section(precision)}  # the engine's forward re-enters autocast
     promote_scalar_params(net)  # as the trainer does: DeepSpeed cannot broadcast 0-dim parameters
     engine, opt, _, _ = deepspeed.initialize(model=net, optimizer=type(opt)(net.parameters(), **opt.defaults),
                                              config=config)
@@ -111,7 +113,7 @@ def measure(name: str, *, batch: int, steps: int, warmup: int, device: torch.dev
         ema = copy.deepcopy(net).eval().requires_grad_(False).float() if engine != "plain" else None
         opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         if engine == "zero2":
-            model, opt = zero2_engine(net, opt, batch)
+            model, opt = zero2_engine(net, opt, batch, "bf16" if bf16 else "no")
         else:
             model = torch.compile(net) if compile else net
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -181,15 +183,44 @@ def bench_size(name, args, device) -> dict:
 
 
 def fast_gpu_settings() -> None:
-    """TF32 matmuls and convolutions, cuDNN autotuning: how a GPU training run is timed here."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
+    """The trainer's own backend settings (models.train.trainer_backends: TF32 off, cuDNN autotuning): a step is
+    timed as the trainer runs it."""
+    trainer_backends()
 
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def synthetic_set(folder: Path, n: int, channels: int, resolution: int, label_dim: int) -> Path:
+    """n random uint8-valued images (as an image folder's) with labels 0 … label_dim − 1, as a models.data .npz."""
+    from models.data import Dataset, save_npz
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, channels, resolution, resolution), generator=g).float() / 127.5 - 1
+    labels = torch.arange(n) % label_dim if label_dim else None
+    return save_npz(Dataset(x, labels, "synthetic"), folder / "synthetic.npz", compact=True)
+
+
+def trainer_row(name: str, args, config: dict, data: Path) -> dict:
+    """The trainer's own step (bench_train_step.time_training: models.train.train with the study's settings for
+    `name` — its batch_gpu, dropout, precision, EMA — on the device, data path included) as a row of the table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_train_step import time_training
+    from models.config import model_training
+
+    training = model_training({**config, "models": {name: config["models"].get(name, {"arch": name})}}, name)
+    batch = args.batch or int(training.get("batch_gpu") or training["batch_size"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    r = time_training(name, args.steps, args.warmup, False, config=config, data=str(data), batch_size=batch)
+    flops = r["flops"] / batch
+    tflops = r["images_per_s"] * flops / 1e12
+    return {"name": name, "params": count_params(build(name, resolution=args.resolution, channels=args.channels,
+                                                       label_dim=args.label_dim, device="meta")),
+            "batch": batch, "gflops_per_img": flops / 1e9, "images_per_s": r["images_per_s"], "tflops": tflops,
+            "mfu": tflops / args.peak_tflops, "mem_gib": r["mem_gib"], "dropout": r["dropout"]}
 
 
 def main(argv=None) -> int:
@@ -207,6 +238,10 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the net first (not with zero2)")
     p.add_argument("--engine", choices=ENGINES, default="plain",
                    help="plain: net + Adam; ddp: + the fp32 EMA (one DDP-path process); zero2: DeepSpeed ZeRO-2")
+    p.add_argument("--trainer", default=None, metavar="CONFIG",
+                   help="time the trainer's own step (models.train.train) with this study config's settings for "
+                        "each size (its batch_gpu as the batch unless --batch, its dropout and precision) on "
+                        "synthetic uint8 images of --resolution/--channels/--label-dim; --engine is then unused")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
                    help="bf16 autocast (default on GPU) or plain fp32 (default on CPU, where bf16 is emulated and slow)")
     args = p.parse_args(argv)
@@ -214,7 +249,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible (use --device cpu for the smoke check)")
     on_gpu = device.type == "cuda"
-    args.batch = args.batch or (256 if on_gpu else 2)
+    args.batch = args.batch or (None if args.trainer else 256 if on_gpu else 2)
     args.precision = args.precision or ("bf16" if on_gpu else "fp32")
     args.warmup = args.warmup if args.warmup is not None else (5 if on_gpu else 1)
     names = [n.strip() for n in args.sizes.split(",") if n.strip()]
@@ -227,15 +262,24 @@ def main(argv=None) -> int:
     card = device_name(device)
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
     print(f"# card: {card} | {precision} | {args.resolution}x{args.resolution}x{args.channels}, "
-          f"{args.label_dim} labels | engine {args.engine} | batch {args.batch} | {args.steps} timed steps | "
+          f"{args.label_dim} labels | {'the trainer: ' + args.trainer if args.trainer else 'engine ' + args.engine}"
+          f" | batch {args.batch or 'batch_gpu'} | {args.steps} timed steps | "
           f"peak {args.peak_tflops} TFLOP/s | torch {torch.__version__}")
     header = (f"{'size':<5} {'params (M)':>10} {'batch':>6} {'train GFLOP/img':>16} {'img/s':>10} "
               f"{'TFLOP/s':>9} {'MFU':>7} {'peak mem GiB':>12}  card")
     print(header)
     print("-" * len(header))
+    config, tmp = None, None
+    if args.trainer:
+        from models.config import load_config
+        import tempfile
+
+        config, tmp = load_config(args.trainer), tempfile.TemporaryDirectory()
+        n = max(args.label_dim, 256)  # the trainer's stream cycles through seeded epochs of it
+        data = synthetic_set(Path(tmp.name), n, args.channels, args.resolution, args.label_dim)
     for name in names:
         try:
-            r = bench_size(name, args, device)
+            r = trainer_row(name, args, config, data) if config is not None else bench_size(name, args, device)
         except torch.cuda.OutOfMemoryError:
             print(f"{name:<5} {'out of memory at batch ' + str(args.batch):>60}  {card}")
             torch.cuda.empty_cache()
@@ -245,6 +289,8 @@ def main(argv=None) -> int:
               flush=True)
         if on_gpu:
             torch.cuda.empty_cache()
+    if tmp is not None:
+        tmp.cleanup()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""A training step of the real loop against a plain matmul of the same FLOPs, on this CPU.
+"""A training step of the real loop against a plain matmul of the same FLOPs, on this CPU; `time_training` is the
+trainer-step timing every step benchmark uses (bench_train_cpu.py, bench_train_gpu.py --trainer).
 
     python benchmarks/bench_train_step.py                       # t5 of the default study, one thread
     python benchmarks/bench_train_step.py --models t0 t5 --steps 10 --profile
@@ -16,6 +17,7 @@ a fraction of the matmul's: 1.0 would be a training step at GEMM speed.  Times a
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import tempfile
@@ -28,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import models.train as train_module  # noqa: E402
-from models import family  # noqa: E402
-from models.config import load_config  # noqa: E402
+from models.config import load_config, model_training  # noqa: E402
 
 
 class StepClock:
@@ -55,13 +56,30 @@ class StepClock:
         pass
 
 
-def time_training(model: str, steps: int, warmup: int, profile: bool) -> dict:
-    """Per-step CPU and wall seconds of `steps` steps of `model` after `warmup` (models.train.train, one run)."""
-    cfg = load_config(ROOT / "workflow" / "config" / "default.yaml")
-    batch = int(cfg["training"]["batch_size"])
-    total = (warmup + steps) * batch
-    cfg["training"].update(total_images=total, snapshots={"images": [total]}, log_every_images=total)
+def step_study(config: dict, model: str, steps: int, warmup: int, batch_size: int | None = None) -> dict:
+    """`config` (a loaded study config) cut to `model` and warmup + steps of its own training settings (batch,
+    micro-batching, dropout, precision, EMA, schedule), one log line at the end, one snapshot (written after the
+    last timed step)."""
+    cfg = copy.deepcopy(config)
     cfg["models"] = {model: cfg["models"].get(model, {"arch": model})}
+    training = cfg["models"][model].setdefault("training", {})
+    batch = int(batch_size or model_training(cfg, model)["batch_size"])
+    total = (warmup + steps) * batch
+    training.update(total_images=total, batch_size=batch, snapshots={"images": [total]}, log_every_images=total,
+                    state_every_images=None, trackers=[])
+    training.pop("launch", None)     # one process here, whatever the study launches
+    return cfg
+
+
+def time_training(model: str, steps: int, warmup: int, profile: bool, *, config: dict | None = None,
+                  data="digits", batch_size: int | None = None) -> dict:
+    """Per-step CPU and wall seconds of `steps` steps of `model` after `warmup` (models.train.train, one run: the
+    trainer's own step and backend settings, on the device Accelerate picks), and images/s; `config` a loaded
+    study config (default: the default study), `data` any models.data spec."""
+    base = config if config is not None else load_config(ROOT / "workflow" / "config" / "default.yaml")
+    cfg = step_study(base, model, steps, warmup, batch_size)
+    training = model_training(cfg, model)
+    batch = int(training["batch_size"])
     profiler = None
     if profile:
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
@@ -78,17 +96,19 @@ def time_training(model: str, steps: int, warmup: int, profile: bool) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             if profiler is not None:
                 profiler.start()
-            train_module.train(cfg, model, "digits", Path(tmp) / model, progress=False)
+            result = train_module.train(cfg, model, data, Path(tmp) / model, progress=False)
             if profiler is not None:
                 profiler.stop()
     finally:
         train_module.run_steps = real_run_steps
     cpu, wall = clock.cpu[warmup:], clock.wall[warmup:]
-    arch = family.arch_kwargs(cfg["models"][model]["arch"], resolution=8, channels=1, label_dim=0,
-                              logvar=bool(cfg["training"].get("logvar", True)))
-    flops = float(family.training_flops_of(arch)) * batch
-    out = {"model": model, "batch": batch, "flops": flops, "cpu": sorted(cpu)[len(cpu) // 2],
-           "wall": sorted(wall)[len(wall) // 2]}
+    flops = float(result["flops_per_image"]) * batch
+    on_gpu = torch.cuda.is_available()
+    out = {"model": model, "batch": batch, "batch_gpu": training.get("batch_gpu"), "flops": flops,
+           "dropout": float(training["dropout"]), "mixed_precision": training["mixed_precision"],
+           "cpu": sorted(cpu)[len(cpu) // 2], "wall": sorted(wall)[len(wall) // 2],
+           "images_per_s": batch * len(wall) / sum(wall),
+           "mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if on_gpu else float("nan")}
     if profiler is not None:
         out["profile"] = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
     return out

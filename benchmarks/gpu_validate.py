@@ -3,19 +3,23 @@
     bash benchmarks/gpu_validate.sh                   # one GPU, ≤ 8 minutes
     bash benchmarks/gpu_validate.sh --cpu-rehearsal   # the same script with tiny sizes on the CPU (≤ 3 minutes)
 
-Four parts, each with its own time budget (a part or model that runs out of it is reported, not waited for):
-  step    every paper model (EDM2 xs … xxl at paper-img64's shape and its configured batch_gpu; DiT dit12 … dit27 at
-          32×32×4 latents, 32 images per GPU) takes optimizer steps at that batch under the DDP path (one process:
-          net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (benchmarks/bench_train_gpu.py: measure):
-          images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
-  parity  the trainer (python -m models.train) runs the same few steps of xs in fp32 once on the DDP path and
-          once under ZeRO-2 (accelerate launch, deepspeed-zero2.yaml); their denoisers must agree to a small
-          fraction of what the steps changed (output_difference)
+Four parts, each with its own time budget (a part or model that runs out of it is reported, not waited for, and
+killed with its whole process tree: kill_tree), and items derived from them:
+  step    every paper model (EDM2 xs … xxl at paper-img64's shape and its configured batch_gpu, then DiT dit12 …
+          dit27 at 32×32×4 latents, 32 images per GPU) takes optimizer steps at that batch under the DDP path (one
+          process: net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (DeepSpeed's torch_autocast on,
+          as the trainer builds it; benchmarks/bench_train_gpu.py: measure), both engines of a model in one worker
+          before the next model: images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
+  parity  the trainer (python -m models.train) runs the same few steps of xs once on the DDP path and once under
+          ZeRO-2 (accelerate launch, deepspeed-zero2.yaml), in fp32 and in bf16; their denoisers must agree to a
+          small fraction of what the steps changed (output_difference)
   study   a short study of xs through the real `snakemake` DAG (workflow/config/gpu-validate.yaml) on a synthetic
           labelled 64×64 set at paper-img64's settings: the loss falls, every snapshot is evaluated, fits and
-          figures are made
+          figures are made; the trainer's steps-only images/s (log.jsonl's images_per_s_steps)
   dstar   the exact D* (estimate_optimal_loss, "full") at ImageNet-64's dimension (3×64×64) against the plain
-          matmul of the same FLOPs (benchmarks/bench_optimal_loss.py's cases)
+          matmul of the same FLOPs (benchmarks/bench_optimal_loss.py's cases), at a σ where J* > 0 (printed)
+  ratios  ZeRO-2 / DDP throughput (not ok below 0.9) and peak memory (not ok above 1.1) per model; the trainer's
+          steps-only rate over the step part's DDP rate of the same model (not ok below 0.9)
 Writes OUT/report.md and OUT/results.csv (default OUT = results/gpu-validate, cleared first), every row with the
 card's name, driver, torch version and date. Exit status 0 when every item is ok.
 """
@@ -23,12 +27,14 @@ card's name, driver, torch version and date. Exit status 0 when every item is ok
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 # DiT has no paper config here: its paper's global batch of 256 over 8 GPUs, at ImageNet-256's SD-VAE latents.
 DIT_SHAPE, DIT_BATCH_GPU = (32, 4, 1000), 32
 PEAK_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM, the MFU's denominator (as the plan's)
+RATIO_FLOOR, RATIO_CEILING = 0.9, 1.1   # ZeRO-2 / DDP throughput and peak memory; trainer / bench steps-only rate
 PARITY_TOLERANCE = 1e-2  # ‖D_ZeRO-2 − D_DDP‖ / ‖D_DDP − D_init‖ after the parity steps (output_difference)
 COLUMNS = ["card", "driver", "torch", "date", "part", "item", "status", "params", "batch_gpu", "shape",
            "ddp_images_per_s", "ddp_mfu", "ddp_peak_gib", "ddp_reserved_gib",
@@ -61,6 +68,14 @@ class Setting:
     budget: dict = field(default_factory=dict)   # seconds per part
 
 
+def posterior_sigma(n: int, dim: int) -> float:
+    """A σ at which the D* benchmark's data (n uniform points in [−1, 1]^dim, bench_optimal_loss._make) has J* > 0:
+    a noisy point's logit gap from its source to another point is about ‖x_s − x_n‖²/(2σ²) = dim/(3σ²); at
+    σ² = 2·dim/(3 ln n) it is ln(n)/2, so the posterior spreads over many points and the estimator does the
+    whole softmax (at σ = 1 every posterior collapses onto its source, J* = 0, and the screen skips the work)."""
+    return round(math.sqrt(2 * dim / (3 * math.log(n))), 1)
+
+
 def gpu_setting(config: Path) -> Setting:
     """The paper models at the configured batch_gpu of `config` (paper-img64.yaml) and DiT's."""
     from models.config import load_config, micro_batch, model_training
@@ -75,11 +90,18 @@ def gpu_setting(config: Path) -> Setting:
         models.append((name, cfg["models"][name]["arch"], shape,
                        micro_batch(training, training["launch"]["num_processes"])[0]))
     models += [(name, name, DIT_SHAPE, DIT_BATCH_GPU) for name in DIT_PAPER_SIZES]
-    return Setting(device="cuda", models=models, steps=3, warmup=2, precision="bf16",
+    # Budgets from the H200 run of 2026-12-04 (8 minutes in all): the step part measured 8 model-engine pairs in
+    # 270 s, one worker per engine (process start, build, 2 + 3 steps, cuDNN autotuning twice per shape): now one
+    # worker for both engines of a model (autotuned once), 1 + 2 steps, 22 pairs, and ZeRO-2 no longer twice the
+    # DDP time; parity took 85 s for two fp32 runs (DDP 20 s, ZeRO-2 65 s with DeepSpeed's start), now four runs
+    # (fp32 and bf16; DeepSpeed's ops compiled by the first); the study 193 s, of which training 109 s with 2 GB
+    # saves re-read for their checksums (now written in the background, hashed as written) and J* 43 s on 8,192
+    # images: now 24 steps on 4,096 images; D* about 30 s.
+    return Setting(device="cuda", models=models, steps=2, warmup=1, precision="bf16",
                    parity={"arch": "xs", "batch": 16, "steps": 4},
-                   study={"n": 8192, "resolution": 64, "classes": 1000, "overrides": {}},
-                   dstar={"n": 65536, "dim": 3 * 64 * 64, "queries": 1024},
-                   budget={"step": 270, "parity": 45, "study": 125, "dstar": 35})
+                   study={"n": 4096, "resolution": 64, "classes": 1000, "overrides": {}},
+                   dstar={"n": 65536, "dim": 3 * 64 * 64, "queries": 1024, "sigma": posterior_sigma(65536, 3 * 64 * 64)},
+                   budget={"step": 230, "parity": 100, "study": 120, "dstar": 30})
 
 
 def cpu_rehearsal_setting() -> Setting:
@@ -103,7 +125,7 @@ def cpu_rehearsal_setting() -> Setting:
         "plan": {"label_dim": 10}}}
     return Setting(device="cpu", models=edm2 + dit, steps=1, warmup=1, precision="fp32",
                    parity={"arch": "t0", "batch": 16, "steps": 4},
-                   study=study, dstar={"n": 4096, "dim": 768, "queries": 128},
+                   study=study, dstar={"n": 4096, "dim": 768, "queries": 128, "sigma": posterior_sigma(4096, 768)},
                    budget={"step": 90, "parity": 90, "study": 150, "dstar": 30})
 
 
@@ -136,8 +158,56 @@ def log(message: str) -> None:
 THREADS: dict = {}  # OMP_NUM_THREADS for every part's processes (the CPU rehearsal: one each)
 
 
+def process_table() -> dict[int, tuple[int, int, int]]:
+    """{pid: (parent pid, process group, session)} of every process now, read from /proc/PID/stat."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, session
+        table[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return table
+
+
+def process_tree(root: int, table: dict) -> set[int]:
+    """`root`, its descendants, and whatever still runs in its process group or session (started with
+    start_new_session, so an orphan re-parented to init is still found by them); a descendant that made a new
+    session of its own (snakemake's jobs, torchrun's workers) is found by parenthood."""
+    tree = {pid for pid, (_, group, session) in table.items() if root in (pid, group, session)}
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _, _) in table.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree - {os.getpid()}
+
+
+def kill_tree(root: int) -> set[int]:
+    """Stop every process of `root`'s tree (so none forks or is re-parented while the tree is walked again),
+    until a walk finds no new one, then kill them all: a part that runs out of time leaves nothing behind.
+    Returns the pids killed."""
+    stopped: set[int] = set()
+    for _ in range(100):
+        found = process_tree(root, process_table()) - stopped
+        if not found:
+            break
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGSTOP)
+        stopped |= found
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return stopped
+
+
 def run(cmd, *, timeout: float, cwd=ROOT, env=None, log_to: Path | None = None) -> tuple[int | None, str]:
-    """(return code or None on timeout, the output's tail) of `cmd`; its whole output goes to `log_to`."""
+    """(return code or None on timeout, the output's tail) of `cmd`; its whole output goes to `log_to`.  On a
+    timeout the whole process tree is killed (kill_tree), not only the process group."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), **THREADS, **(env or {})}
     with open(log_to or os.devnull, "w") as out:
         proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -145,7 +215,7 @@ def run(cmd, *, timeout: float, cwd=ROOT, env=None, log_to: Path | None = None) 
         try:
             rc = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            kill_tree(proc.pid)
             proc.wait()
             rc = None
     tail = Path(log_to).read_text()[-2000:] if log_to else ""
@@ -165,7 +235,8 @@ RESTART = 3  # a step worker's exit status: go on with the remaining models in a
 
 
 def step_worker(argv) -> int:
-    """Runs inside its own process: measure each model of --models (JSON) with one engine, one JSON line each."""
+    """Runs inside its own process: measure each (model, engine) job of --jobs (JSON) in order, one JSON line each.
+    One process for both engines of a model: cuDNN autotunes each shape once (the trainer's backend settings)."""
     import torch
 
     from benchmarks.bench_train_gpu import fast_gpu_settings, measure
@@ -175,18 +246,18 @@ def step_worker(argv) -> int:
     if device.type == "cuda":
         fast_gpu_settings()
     with open(a.out, "a") as out:
-        for item, arch, (resolution, channels, label_dim), batch in a.models:
-            out.write(json.dumps({"item": item, "started": True}) + "\n")
+        for item, arch, (resolution, channels, label_dim), batch, engine in a.jobs:
+            out.write(json.dumps({"item": item, "engine": engine, "started": True}) + "\n")
             out.flush()
             try:  # FLOPs are counted meanwhile by another process (flops_worker): not here
-                r = measure(arch, batch=batch, steps=a.steps, warmup=a.warmup, device=device, engine=a.engine,
+                r = measure(arch, batch=batch, steps=a.steps, warmup=a.warmup, device=device, engine=engine,
                             precision=a.precision, resolution=resolution, channels=channels, label_dim=label_dim,
                             flops_per_image=math.nan)
             except torch.cuda.OutOfMemoryError as e:
-                out.write(json.dumps({"item": item, "status": f"out of memory: {str(e).splitlines()[0][:150]}"})
-                          + "\n")
+                out.write(json.dumps({"item": item, "engine": engine,
+                                      "status": f"out of memory: {str(e).splitlines()[0][:150]}"}) + "\n")
                 return RESTART  # what an out-of-memory error leaves behind must not count against the next model
-            out.write(json.dumps({"item": item, **r, "status": "ok"}) + "\n")
+            out.write(json.dumps({"item": item, "engine": engine, **r, "status": "ok"}) + "\n")
             out.flush()
     return 0
 
@@ -214,56 +285,62 @@ def flops_worker(argv) -> int:
     return 0
 
 
+def run_step_jobs(setting: Setting, work: Path, jobs: list, deadline: float) -> dict:
+    """{(item, engine): record} of the jobs, in order, by worker processes: a worker that dies or runs out of
+    memory is followed by a fresh one for the rest; what the time left cannot reach is 'not run: time budget'."""
+    out, status, todo = work / "step.jsonl", {}, list(jobs)
+    while todo:
+        left = deadline - time.time()
+        if left < 5:
+            break
+        log(f"step: {', '.join(f'{j[0]}/{j[4]}' for j in todo)} ({left:.0f} s)")
+        args = {"device": setting.device, "jobs": todo, "steps": setting.steps, "warmup": setting.warmup,
+                "precision": setting.precision, "out": str(out)}
+        rc, tail = run([sys.executable, Path(__file__), "--worker-step", json.dumps(args)], timeout=left,
+                       log_to=work / "step.log")
+        keys = [(j[0], j[4]) for j in todo]
+        records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+        records = [r for r in records if (r["item"], r["engine"]) in keys]  # this worker's
+        finished = {(r["item"], r["engine"]): r for r in records if not r.get("started")}
+        started = {(r["item"], r["engine"]) for r in records if r.get("started")} - set(finished)
+        why = "time budget" if rc is None else f"failed: {last_line(tail)}"
+        for key in keys:
+            if key in finished:
+                status[key] = finished[key]
+            elif key in started or (rc not in (0, RESTART) and not started and not finished):
+                status[key] = {"status": why}  # it died there, or before any model
+        todo = [j for j in todo if (j[0], j[4]) not in status]
+        if rc is None:
+            break
+    for job in todo:
+        status[(job[0], job[4])] = {"status": "not run: time budget"}
+    return status
+
+
 def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero2")) -> list[dict]:
-    """Worker processes measure the models, one engine after the other (the DDP path gets half the budget); a
-    worker that dies or runs out of memory on a model is followed by a fresh one for the rest. The FLOPs per
-    image (for MFU) are counted by a process of their own meanwhile."""
+    """Each model under every engine before the next model (setting.models: the EDM2 sizes before the DiTs), in
+    worker processes (run_step_jobs). The FLOPs per image (for MFU) are counted by a process of their own
+    meanwhile."""
     rows = {item: {"part": "step", "item": item, "params": None, "batch_gpu": batch,
                    "shape": f"{c}×{r}×{r}, {k} labels"} for item, _, (r, c, k), batch in setting.models}
-    status = {}
     deadline = time.time() + budget
     flops_file = work / "flops.json"
     flops_log = open(work / "flops.log", "w")
     counting = subprocess.Popen([sys.executable, Path(__file__), "--worker-flops", json.dumps(setting.models),
                                  flops_file], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **THREADS},
-                                stdout=flops_log, stderr=subprocess.STDOUT)
-    for engine in engines:
-        out = work / f"step-{engine}.jsonl"
-        todo = list(setting.models)
-        while todo:
-            left = (deadline - time.time()) / (len(engines) - engines.index(engine))
-            if left < 5:
-                break
-            log(f"step: {engine} on {', '.join(m[0] for m in todo)} ({left:.0f} s)")
-            args = {"device": setting.device, "models": todo, "steps": setting.steps, "warmup": setting.warmup,
-                    "engine": engine, "precision": setting.precision, "out": str(out)}
-            rc, tail = run([sys.executable, Path(__file__), "--worker-step", json.dumps(args)], timeout=left,
-                           log_to=work / f"step-{engine}.log")
-            records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
-            records = [r for r in records if r["item"] in {m[0] for m in todo}]  # this worker's
-            finished = {r["item"]: r for r in records if not r.get("started")}
-            started = {r["item"] for r in records if r.get("started")} - set(finished)
-            why = "time budget" if rc is None else f"failed: {last_line(tail)}"
-            for item in [m[0] for m in todo]:
-                if item in finished:
-                    status.setdefault(item, {})[engine] = finished[item]
-                elif item in started or (rc not in (0, RESTART) and not started and not finished):
-                    status.setdefault(item, {})[engine] = {"status": why}  # it died there, or before any model
-            todo = [m for m in todo if engine not in status.get(m[0], {})]
-            if rc is None:
-                break
-        for item, *_ in todo:
-            status.setdefault(item, {})[engine] = {"status": "not run: time budget"}
+                                stdout=flops_log, stderr=subprocess.STDOUT, start_new_session=True)
+    status = run_step_jobs(setting, work, [(*m, e) for m in setting.models for e in engines], deadline)
     try:
         counting.wait(timeout=max(deadline - time.time(), 30))
     except subprocess.TimeoutExpired:
-        counting.kill()
+        kill_tree(counting.pid)
+        counting.wait()
     flops_log.close()
     flops = json.loads(flops_file.read_text()) if flops_file.exists() else {}
     for item, row in rows.items():
         states = []
         for engine in engines:
-            rec = status.get(item, {}).get(engine, {"status": "not run"})
+            rec = status.get((item, engine), {"status": "not run"})
             states.append(rec["status"])
             if rec["status"] == "ok":
                 row["params"] = rec["params"]
@@ -277,11 +354,34 @@ def part_step(setting: Setting, work: Path, budget: float, engines=("ddp", "zero
     return list(rows.values())
 
 
+def engine_ratios(step_rows: list[dict], judged: bool) -> list[dict]:
+    """ZeRO-2 / DDP per model: throughput (not ok below RATIO_FLOOR) and peak allocated memory (not ok above
+    RATIO_CEILING). `judged` False (the CPU rehearsal's tiny stand-ins, no device memory): reported, not judged."""
+    rows = []
+    for r in step_rows:
+        for metric, key, limit in (("throughput ZeRO-2 / DDP", "images_per_s", RATIO_FLOOR),
+                                   ("peak memory ZeRO-2 / DDP", "peak_gib", RATIO_CEILING)):
+            a, b = r.get(f"zero2_{key}"), r.get(f"ddp_{key}")
+            measured = a is not None and b is not None and not math.isnan(a) and not math.isnan(b) and b > 0
+            value = a / b if measured else None
+            if not judged:
+                status = "ok"
+            elif value is None:
+                status = f"not measured: {r['status']}"
+            elif (value < limit) if key == "images_per_s" else (value > limit):
+                status = f"not ok: {'below' if key == 'images_per_s' else 'above'} {limit}"
+            else:
+                status = "ok"
+            rows.append({"part": "ratios", "item": r["item"], "metric": metric, "value": value, "status": status,
+                         "detail": "" if judged else "CPU rehearsal: reported, not judged"})
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # part 2: ZeRO-2 vs DDP through the trainer
 # ----------------------------------------------------------------------------------------------------------------
 
-def parity_config(setting: Setting, folder: Path, data: Path) -> Path:
+def parity_config(setting: Setting, folder: Path, data: Path, precision: str = "no") -> Path:
     import yaml
 
     p = setting.parity
@@ -290,9 +390,10 @@ def parity_config(setting: Setting, folder: Path, data: Path) -> Path:
            "variant": {"name": "edm", "kwargs": {"P_mean": -0.8, "P_std": 1.6, "sigma_data": 0.5}},
            "training": {"total_images": images, "batch_size": p["batch"], "lr": 0.012, "lr_rampup_images": 0,
                         "lr_decay_images": 0, "ema_halflife_images": 0, "grad_clip": None,
-                        "mixed_precision": "no", "snapshots": {"images": [images]}, "log_every_images": p["batch"]},
+                        "mixed_precision": precision, "snapshots": {"images": [images]},
+                        "log_every_images": p["batch"]},
            "models": {"m": {"arch": p["arch"]}}}
-    path = folder / "parity.yaml"
+    path = folder / f"parity-{precision}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -329,34 +430,46 @@ def output_difference(ddp_run: Path, zero2_run: Path, data: Path, seed: int = 0)
 
 
 def part_parity(setting: Setting, work: Path, data: Path, budget: float) -> list[dict]:
+    """The trainer on the DDP path and under ZeRO-2, in fp32 and in bf16 (where ZeRO-2's forward must run the DDP
+    path's autocast: an fp32 forward against a bf16 one parts them by far more than the tolerance)."""
     folder = work / "parity"
     folder.mkdir()
-    cfg = parity_config(setting, folder, data)
+    deadline = time.time() + budget
+    rows = []
+    for precision in ("no", "bf16"):
+        rows += parity_runs(setting, folder, data, precision, deadline)
+    return rows
+
+
+def parity_runs(setting: Setting, folder: Path, data: Path, precision: str, deadline: float) -> list[dict]:
+    cfg = parity_config(setting, folder, data, precision)
+    name = "fp32" if precision == "no" else precision
+    item = f"{setting.parity['arch']} {name}"
     accelerate = Path(sys.executable).with_name("accelerate")
     launchers = {
         "ddp": [sys.executable, "-m", "models.train"],
         "zero2": [accelerate, "launch", "--config_file", ROOT / "workflow/accelerate/deepspeed-zero2.yaml",
                   "--num_processes", "1", "--main_process_port", "0", "-m", "models.train"],
     }
-    deadline = time.time() + budget
     losses = {}
     for engine, launcher in launchers.items():
-        log(f"parity: the trainer, {engine}")
-        out = folder / engine
+        log(f"parity: the trainer, {engine}, {name}")
+        out = folder / f"{engine}-{name}"
         rc, tail = run(launcher + ["--config", cfg, "--model", "m", "--data", data, "--out", out, "--no-progress"],
-                       timeout=deadline - time.time(), log_to=folder / f"{engine}.log")
+                       timeout=deadline - time.time(), log_to=folder / f"{engine}-{name}.log")
         if rc != 0:
             why = "time budget" if rc is None else f"{engine} failed: {last_line(tail)}"
-            return [{"part": "parity", "item": setting.parity["arch"], "status": why}]
+            return [{"part": "parity", "item": item, "metric": m, "status": why}
+                    for m in ("output_rel_diff", "loss_rel_diff")]
         losses[engine] = [json.loads(x)["loss"] for x in (out / "log.jsonl").read_text().splitlines()]
-    rel = output_difference(folder / "ddp", folder / "zero2", data)
+    rel = output_difference(folder / f"ddp-{name}", folder / f"zero2-{name}", data)
     loss_gap = max(abs(a - b) / abs(a) for a, b in zip(losses["ddp"], losses["zero2"]))
     steps = setting.parity["steps"]
-    return [{"part": "parity", "item": setting.parity["arch"], "metric": "output_rel_diff", "value": rel,
+    return [{"part": "parity", "item": item, "metric": "output_rel_diff", "value": rel,
              "status": "ok" if rel < PARITY_TOLERANCE else f"FAILED: above {PARITY_TOLERANCE:g}",
-             "detail": f"{steps} fp32 steps of {setting.parity['batch']} images; ‖D_zero2 − D_ddp‖ / "
+             "detail": f"{steps} {name} steps of {setting.parity['batch']} images; ‖D_zero2 − D_ddp‖ / "
                        "‖D_ddp − D_init‖ at σ = 0.1, 1, 10"},
-            {"part": "parity", "item": setting.parity["arch"], "metric": "loss_rel_diff", "value": loss_gap,
+            {"part": "parity", "item": item, "metric": "loss_rel_diff", "value": loss_gap,
              "status": "ok" if loss_gap < PARITY_TOLERANCE else f"FAILED: above {PARITY_TOLERANCE:g}",
              "detail": "largest relative difference of a logged step's loss"}]
 
@@ -400,7 +513,9 @@ def part_study(setting: Setting, work: Path, data: Path, budget: float) -> list[
     if rc != 0:
         why = "time budget" if rc is None else f"snakemake failed: {last_line(tail)}"
         return [{"part": "study", "item": "snakemake", "status": why, "value": seconds, "metric": "seconds"}]
-    loss = [json.loads(x)["loss"] for x in (study / "runs" / model / "log.jsonl").read_text().splitlines()]
+    log_lines = [json.loads(x) for x in (study / "runs" / model / "log.jsonl").read_text().splitlines()]
+    loss = [line["loss"] for line in log_lines]
+    rates = sorted(line["images_per_s_steps"] for line in log_lines[1:] if line.get("images_per_s_steps"))
     snapshots = sorted((study / "snapshots" / model).glob("snapshot-*.pt"))
     evals = sorted((study / "eval" / model).glob("*.csv"))
     fits = pd.read_csv(study / "analysis" / "exponents.csv")
@@ -420,6 +535,10 @@ def part_study(setting: Setting, work: Path, data: Path, budget: float) -> list[
         {"part": "study", "item": "fits and figures", "metric": "fitted rows of exponents.csv", "value": fitted,
          "status": "ok" if fitted and figures else "FAILED: no fit or no figure",
          "detail": f"{len(fits)} rows, {len(figures)} figures"},
+        {"part": "study", "item": "trainer steps-only rate", "metric": "images/s",
+         "value": rates[len(rates) // 2] if rates else None, "status": "ok" if rates else "FAILED: no rate logged",
+         "arch": cfg["models"][model]["arch"],
+         "detail": f"median of log.jsonl's images_per_s_steps over {len(rates)} intervals after the first"},
     ]
 
 
@@ -435,20 +554,52 @@ def part_dstar(setting: Setting, work: Path, budget: float) -> list[dict]:
         log(f"dstar: {case}, N = {d['n']:,}, D = {d['dim']:,}, Q = {d['queries']:,}")
         rc, tail = run([sys.executable, ROOT / "benchmarks/bench_optimal_loss.py", f"--case={case}",
                         f"--device={setting.device}", f"--n={d['n']}", f"--dim={d['dim']}",
-                        f"--queries={d['queries']}", "--repeats=3"],
+                        f"--queries={d['queries']}", f"--sigma={d['sigma']}", "--repeats=3"],
                        timeout=deadline - time.time(), log_to=work / f"dstar-{case}.log")
         if rc != 0:
             why = "time budget" if rc is None else f"failed: {last_line(tail)}"
             return [{"part": "dstar", "item": case, "status": why}]
         results[case] = json.loads(last_line(tail))
-    shape = f"N = {d['n']:,}, D = {d['dim']:,} (3×64×64), Q = {d['queries']:,}, σ = 1"
+    shape = f"N = {d['n']:,}, D = {d['dim']:,}, Q = {d['queries']:,}, σ = {d['sigma']:g}"
     m, e = results["matmul"], results["exact"]
+    work_done = "ok" if e["jstar"] > 0 else "not ok: J* = 0, every posterior collapsed (the screen skipped the work)"
     return [{"part": "dstar", "item": "matmul", "metric": "seconds", "value": m["seconds"], "status": "ok",
              "detail": f"{shape}; float32, TF32 off, {m['gflops']:.0f} GFLOP/s"},
-            {"part": "dstar", "item": "exact D*", "metric": "seconds", "value": e["seconds"], "status": "ok",
+            {"part": "dstar", "item": "exact D*", "metric": "seconds", "value": e["seconds"], "status": work_done,
              "detail": f"estimate_optimal_loss(full); J* = {e['jstar']:.5g}; peak +{e['peak_extra_mib']:.0f} MiB"},
             {"part": "dstar", "item": "exact / matmul speed", "metric": "ratio", "value": m["seconds"] / e["seconds"],
              "status": "ok", "detail": "> 1: faster than the plain matmul of the same FLOPs"}]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# items derived from the parts: ZeRO-2 / DDP, the trainer against the bench
+# ----------------------------------------------------------------------------------------------------------------
+
+def trainer_against_bench(rows: list[dict], setting: Setting, judged: bool) -> list[dict]:
+    """The study's trainer, steps only (log.jsonl), over the step part's DDP-path rate of the same model at the
+    same batch_gpu (not ok below RATIO_FLOOR): the benchmark is the trainer's step when they agree."""
+    trainer = next((r for r in rows if r.get("item") == "trainer steps-only rate" and r.get("value")), None)
+    bench_item = next((m[0] for m in setting.models if trainer and m[1] == trainer["arch"]), None)
+    bench = next((r for r in rows if r["part"] == "step" and r["item"] == bench_item), {})
+    value = trainer["value"] / bench["ddp_images_per_s"] if trainer and bench.get("ddp_images_per_s") else None
+    if not judged:
+        status = "ok"
+    elif value is None:
+        status = "not measured: the study or the step part did not give its rate"
+    else:
+        status = "ok" if value >= RATIO_FLOOR else f"not ok: below {RATIO_FLOOR}"
+    return [{"part": "ratios", "item": bench_item or "trainer", "metric": "trainer steps-only / bench images/s",
+             "value": value, "status": status,
+             "detail": "" if judged else "CPU rehearsal: the study's shape is not the bench's; reported, not judged"}]
+
+
+def derived_items(rows: list[dict], setting: Setting, parts: list[str]) -> list[dict]:
+    judged = setting.device == "cuda"
+    step_rows = [r for r in rows if r["part"] == "step"]
+    out = engine_ratios(step_rows, judged) if "step" in parts else []
+    if {"step", "study"} <= set(parts):
+        out += trainer_against_bench(rows, setting, judged)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -470,7 +621,7 @@ def write_results(rows: list[dict], card: dict, out: Path) -> None:
 
 
 def report_text(rows: list[dict], card: dict, setting: Setting, command: str, seconds: float) -> str:
-    by = {p: [r for r in rows if r["part"] == p] for p in ("step", "parity", "study", "dstar")}
+    by = {p: [r for r in rows if r["part"] == p] for p in ("step", "parity", "study", "ratios", "dstar")}
     bad = [r for r in rows if r["status"] != "ok"]
     kind = "CPU rehearsal (tiny stand-ins; no GPU number here)" if setting.device == "cpu" else "GPU validation"
     lines = [f"# {kind}: {card['card']}", "",
@@ -489,7 +640,8 @@ def report_text(rows: list[dict], card: dict, setting: Setting, command: str, se
                       f"{fmt(r.get(f'{e}_peak_gib'), '.1f')} ({fmt(r.get(f'{e}_reserved_gib'), '.1f')})"]
         lines.append("| " + " | ".join(cells + [r["status"]]) + " |")
     for part, title in (("parity", "ZeRO-2 vs DDP, the trainer"), ("study", "A short study through snakemake"),
-                        ("dstar", "D* at ImageNet-64's dimension against the same-FLOP matmul")):
+                        ("ratios", "ZeRO-2 / DDP from the step part, and the trainer's steps-only rate against the bench"),
+                        ("dstar", "D* at ImageNet-64's dimension against the same-FLOP matmul, where J* > 0")):
         lines += ["", f"## {title}", "", "| item | metric | value | status | detail |", "|---|---|---|---|---|"]
         lines += [f"| {r['item']} | {r.get('metric') or ''} | {fmt(r.get('value'), '.4g')} | {r['status']} | "
                   f"{r.get('detail') or ''} |" for r in by[part]]
@@ -559,6 +711,7 @@ def main(argv=None) -> int:
             rows.append({"part": part, "item": part, "status": f"FAILED: {type(e).__name__}: {e}"[:300]})
         log(f"{part}: {time.time() - t0:.0f} s, " + ", ".join(f"{r['item']} {r['status']}" for r in rows
                                                               if r["part"] == part))
+    rows += derived_items(rows, setting, parts)
     seconds = time.time() - start
     write_results(rows, card, out)
     (out / "report.md").write_text(report_text(rows, card, setting, command, seconds))

@@ -11,13 +11,15 @@ mapping), num_processes against num_machines (and a distributed accelerate confi
 against its processes, dataset spec syntax, the optimal-loss subset_size against the dataset size where that size is
 known without loading the data, and the packages each configured path needs beyond the core install
 (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate config, Pillow for an image folder, each configured tracker's
-package), looked up without importing them. That every batch splits over its processes and micro-batches is
+package), looked up without importing them, and a DeepSpeed JSON that would train in another precision than the DDP
+path (bf16/fp16 engine, a torch_autocast or communication dtype at odds with training.mixed_precision). That every batch splits over its processes and micro-batches is
 load_config's check (models.config.micro_batch), made before these.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import zipfile
@@ -345,7 +347,7 @@ def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iter
     names = list(arch_names) if arch_names is not None else known_arch_names()
     return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
             + check_launch(cfg, basedir) + check_train_resources(cfg) + check_dataset(cfg)
-            + check_packages(cfg, basedir))
+            + check_packages(cfg, basedir) + check_deepspeed_precision(cfg, basedir))
 
 
 def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> None:
@@ -353,3 +355,87 @@ def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterabl
     problems = study_problems(cfg, basedir=basedir, arch_names=arch_names)
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DeepSpeed's arithmetic against the DDP path's
+# --------------------------------------------------------------------------------------------------------------
+
+BF16_NAMES = ("bfloat16", "bf16", "torch.bfloat16")   # DeepSpeed's spellings of bfloat16 (its DtypeEnum)
+FP32_NAMES = ("float32", "fp32", "torch.float32", "float")
+
+
+def torch_autocast_section(mixed_precision: str) -> dict:
+    """DeepSpeed's `torch_autocast` section for training.mixed_precision: the engine's forward re-enters autocast
+    itself (deepspeed/runtime/torch_autocast.py turns an outside autocast off unless this section is on), so bf16
+    must be said here too.  `lower_precision_safe_modules: []`: no parameter gets a bf16 communication dtype, so
+    ZeRO reduces every gradient in fp32 as DDP does (DeepSpeed's default list, nn.Linear and nn.Conv*, would reduce
+    the DiTs' linear layers in bf16)."""
+    if mixed_precision == "bf16":
+        return {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return {"enabled": False}
+
+
+def _enabled(section) -> bool:
+    return isinstance(section, Mapping) and str(section.get("enabled", False)).lower() == "true"
+
+
+def deepspeed_precision_problems(ds_cfg: Mapping, mixed_precision: str) -> list[str]:
+    """Why a DeepSpeed config would train in another precision than the DDP path under training.mixed_precision
+    (fp32 weights, gradients and their reduction; the forward in bf16 autocast or fp32): one line each, empty when
+    it trains alike.  A `torch_autocast` section is compared after the trainer's own fills its unset keys."""
+    ddp = "bf16 autocast" if mixed_precision == "bf16" else "fp32"
+    problems = [f"enables {mode}: the engine would hold {mode} weights and run the forward in {mode}, the DDP "
+                f"path runs fp32 weights with a {ddp} forward (remove the {mode} section)"
+                for mode in ("bf16", "fp16") if _enabled(ds_cfg.get(mode))]
+    wanted = torch_autocast_section(mixed_precision)
+    section = {**wanted, **(ds_cfg.get("torch_autocast") or {})}
+    if _enabled(section) != wanted["enabled"]:
+        state = "on" if _enabled(section) else "off"
+        problems.append(f"turns torch_autocast {state}: the engine's forward would run in "
+                        f"{'fp32' if state == 'off' else section.get('dtype')} where the DDP path's runs in {ddp} "
+                        f"(training.mixed_precision: {mixed_precision}; remove the torch_autocast section)")
+    elif _enabled(section):
+        if str(section.get("dtype")) not in BF16_NAMES:
+            problems.append(f"torch_autocast.dtype {section.get('dtype')!r}: the DDP path's forward runs in bf16")
+        if section.get("lower_precision_safe_modules"):
+            problems.append(f"torch_autocast.lower_precision_safe_modules {section['lower_precision_safe_modules']}"
+                            ": ZeRO would reduce their gradients in bf16, the DDP path reduces every gradient "
+                            "in fp32 (remove the key)")
+    comm = ds_cfg.get("communication_data_type")
+    if comm is not None and str(comm) not in FP32_NAMES:
+        problems.append(f"communication_data_type {comm!r}: gradients would be reduced in {comm}, the DDP path "
+                        "reduces them in fp32 (remove the key)")
+    return problems
+
+
+def deepspeed_config_file(path: str, basedir: str | os.PathLike) -> Path | None:
+    """The DeepSpeed JSON a DeepSpeed accelerate config names (deepspeed_config.deepspeed_config_file), or None."""
+    try:
+        with open(_accelerate_config_path(path, basedir)) as f:
+            parsed = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return None
+    inline = (parsed or {}).get("deepspeed_config") if isinstance(parsed, Mapping) else None
+    name = inline.get("deepspeed_config_file") if isinstance(inline, Mapping) else None
+    return None if not name or str(name).lower() == "none" else _accelerate_config_path(str(name), basedir)
+
+
+def check_deepspeed_precision(cfg: Mapping, basedir: str | os.PathLike) -> list[str]:
+    """A model launched under DeepSpeed whose DeepSpeed JSON would train in another precision than the DDP path
+    (deepspeed_precision_problems), named with the file; the trainer refuses the same config when it starts."""
+    def problems(training):
+        path = (training.get("launch") or {}).get("accelerate_config")
+        if path is None or accelerate_distributed_type(path, basedir) != "DEEPSPEED":
+            return []
+        json_file = deepspeed_config_file(path, basedir)
+        if json_file is None:
+            return []
+        try:
+            ds_cfg = json.loads(json_file.read_text())
+        except (OSError, ValueError) as e:
+            return [f"training.launch.accelerate_config {path}: DeepSpeed config {json_file} unreadable ({e})"]
+        return [f"training.launch.accelerate_config {path}: DeepSpeed config {json_file} {line}"
+                for line in deepspeed_precision_problems(ds_cfg, str(training.get("mixed_precision", "no")))]
+
+    return _per_model(cfg, problems)

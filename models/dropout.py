@@ -18,6 +18,7 @@ same masks on every device and thread count.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -34,33 +35,72 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return (x >> 16) ^ x
 
 
-def _absorb(key: torch.Tensor, value) -> torch.Tensor:
-    """Fold a non-negative integer (or int64 tensor) of up to 64 bits into a 32-bit key."""
-    value = torch.as_tensor(value, dtype=torch.int64, device=key.device)
-    key = mix32(key ^ (value & _MASK32))
+def _mix_rounds_(x: torch.Tensor) -> torch.Tensor:
+    """mix32 but for its final xor-shift, in place (no temporaries but one shift per round)."""
+    for _ in range(2):
+        x ^= x >> 16
+        x *= _MULTIPLIER
+        x &= _MASK32
+    return x
+
+
+def _mix32_int(x: int) -> int:
+    """mix32 of one Python int (the same arithmetic on the host: no tensor, no copy to the device)."""
+    for _ in range(2):
+        x = ((x >> 16) ^ x) * _MULTIPLIER & _MASK32
+    return (x >> 16) ^ x
+
+
+def _absorb_int(key: int, value: int) -> int:
+    key = _mix32_int(key ^ (value & _MASK32))
+    return _mix32_int(key ^ (value >> 32 & _MASK32))
+
+
+def _absorb(key: torch.Tensor | int, value: torch.Tensor) -> torch.Tensor:
+    """Fold non-negative int64 values (up to 64 bits) into 32-bit keys; `key` a tensor or a Python int."""
+    key = mix32(value & _MASK32 ^ key)
     return mix32(key ^ (value >> 32 & _MASK32))
+
+
+@functools.lru_cache(maxsize=4096)
+def layer_key(seed: int, layer: int) -> int:
+    """The 32-bit key of (seed, layer), computed on the host once: a Python int, so keying a batch by it copies
+    nothing to the device (a tensor made from it would, twice per layer and forward: a sync on a GPU)."""
+    return _absorb_int(_absorb_int(0, int(seed)), int(layer))
 
 
 def image_keys(seed: int, layer: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Two 32-bit round keys [B] per image from (seed, layer, stream position)."""
-    base = _absorb(_absorb(torch.zeros((), dtype=torch.int64, device=positions.device), seed), layer)
-    key = _absorb(base, positions.to(torch.int64))
+    key = _absorb(layer_key(seed, layer), positions.to(torch.int64))
     return key, mix32(key ^ 0x9E3779B9)
 
 
 def keep_mask(seed: int, layer: int, positions: torch.Tensor, numel: int, p: float) -> torch.Tensor:
     """Bool [B, numel]: which elements of each image's activation survive dropout with probability p.  One 32-bit
     hash decides two neighbouring elements (16 bits each: p is applied to within 2^-16), which halves the
-    hashing, the part of the cost that grows with the activations."""
+    hashing, the part of the cost that grows with the activations.  The hash u = mix32(mix32(c ^ k1) ^ k2) of pair
+    c runs in place on one int64 buffer; its last xor-shift is folded into the two decisions (u's high half is
+    the pre-xor value's, its low half that xored with the high), which are written straight into the
+    interleaved mask: 25 elementwise passes over the pairs, no stacked copy."""
     pairs = (numel + 1) // 2
     if pairs >= 1 << 32:
         raise ValueError(f"StreamDropout: {numel} elements per image exceed the hash's counter")
     k1, k2 = image_keys(seed, layer, positions)
     counter = torch.arange(pairs, dtype=torch.int64, device=positions.device)
-    u = mix32(mix32(counter[None] ^ k1[:, None]) ^ k2[:, None])
+    x = torch.bitwise_xor(counter[None], k1[:, None])
+    _mix_rounds_(x)
+    x ^= x >> 16                     # mix32's final xor-shift
+    x ^= k2[:, None]
+    _mix_rounds_(x)
+    high = x >> 16                   # u >> 16
+    x ^= high
+    x &= 0xFFFF                      # u & 0xFFFF
     threshold = round(p * 65536)
-    keep = torch.stack([(u & 0xFFFF) >= threshold, (u >> 16) >= threshold], dim=2)
-    return keep.reshape(positions.shape[0], 2 * pairs)[:, :numel]
+    keep = torch.empty((positions.shape[0], pairs, 2), dtype=torch.bool, device=positions.device)
+    torch.ge(x, threshold, out=keep[:, :, 0])
+    torch.ge(high, threshold, out=keep[:, :, 1])
+    keep = keep.reshape(positions.shape[0], 2 * pairs)
+    return keep if numel == 2 * pairs else keep[:, :numel]
 
 
 class StreamDropout(nn.Module):

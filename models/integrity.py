@@ -118,12 +118,38 @@ def stamp(path, *, rebuild: str | None = None, rec: dict | None = None) -> dict:
     return rec
 
 
-def replace_stamped(tmp, path, *, rebuild: str | None = None) -> dict:
+class HashingWriter:
+    """A binary file's `write` that also feeds the bytes to sha256 and counts them: the checksum of a file is
+    had as it is written (torch.save writes its zip sequentially through `write`), not by reading it again."""
+
+    def __init__(self, f):
+        self.f, self.sha256, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def written(self) -> dict:
+        """{"size", "sha256"} of the bytes written so far."""
+        return {"size": self.size, "sha256": self.sha256.hexdigest()}
+
+
+def replace_stamped(tmp, path, *, rebuild: str | None = None, written: dict | None = None) -> dict:
     """Move the finished file `tmp` onto `path` with its sidecar, so that a kill at any moment leaves a `path` that
     matches its sidecar: the sidecar (the new record, and the old file's as `previous`) is written first, then
-    the file is renamed into place."""
+    the file is renamed into place.  `written`: the size and sha256 of tmp as a HashingWriter wrote it (only its
+    first and last SAMPLE_BYTES are read then, for the sampled hash)."""
     path = Path(path)
-    rec = record(tmp, rebuild=rebuild)
+    if written is not None and int(written["size"]) == Path(tmp).stat().st_size:
+        rec = {"file": path.name, **written, "sample_sha256": sample_sha256(tmp, int(written["size"]))}
+        if rebuild:
+            rec["rebuild"] = rebuild
+    else:
+        rec = record(tmp, rebuild=rebuild)
     rec["file"] = path.name
     previous = _current_record(path)
     if previous is not None:
@@ -135,7 +161,9 @@ def replace_stamped(tmp, path, *, rebuild: str | None = None) -> dict:
 
 def _current_record(path: Path) -> dict | None:
     """The record that `path` as it is now matches: its sidecar's (or the sidecar's `previous`), a fresh one for
-    a file without a sidecar, None for a missing file or one that matches neither (a damaged file stays refused)."""
+    a file without a sidecar, None for a missing file or one that matches neither (a damaged file stays refused).
+    Matched by size and sampled hash: the record keeps the recorded sha256, which every full check compares, so
+    a multi-GB file being replaced is not read whole to choose its record."""
     if not path.exists():
         return None
     try:
@@ -144,7 +172,9 @@ def _current_record(path: Path) -> dict | None:
         return None
     if rec is None:
         return record(path)
-    return next((r for r in (rec, rec.get("previous")) if isinstance(r, dict) and _matches(path, r)), None)
+    return next((r for r in (rec, rec.get("previous")) if isinstance(r, dict)
+                 and _matches(path, r, full=False if "sample_sha256" in r else None)),
+                None)
 
 
 def read_record(path) -> dict | None:

@@ -36,10 +36,12 @@ import contextlib
 import math
 import resource
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 
@@ -157,6 +159,53 @@ class Run:
     written: list = field(default_factory=list)
     loss_sum: float = 0.0        # the open log interval's running loss
     loss_n: int = 0
+    saves: Any = None            # BackgroundSaves while run_steps runs
+
+
+class BackgroundSaves:
+    """The run folder's writes on one worker thread, in order: a save stalls the steps only while its tensors are
+    copied to the host (`host_copy`); the bytes go to disk, hashed on the way (run_folder.atomic_torch_save),
+    while the next steps run.  `wait()` finishes every pending write and re-raises one that failed."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-folder-save")
+        self.pending: list = []
+
+    def submit(self, write, *args) -> None:
+        self.pending.append(self.pool.submit(write, *args))
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            future.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def host_copy(obj):
+    """`obj` with every tensor (and numpy array) copied to the host: what a background write may read while the
+    next steps update the weights, moments and EMA in place."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return obj.copy()
+    if isinstance(obj, dict):
+        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_copy(v) for v in obj)
+    return obj
+
+
+def write_in_background(run: Run, write, *args) -> None:
+    """write(*args) on the run's save thread (run_steps sets one up), or here and now without one."""
+    if run.saves is None:
+        write(*args)
+    else:
+        run.saves.submit(write, *args)
 
 
 def save_state(run: Run) -> None:
@@ -165,13 +214,15 @@ def save_state(run: Run) -> None:
     rngs = gather_object([run_folder.rng_state(run.noise_gen)])
     ds_dir = None
     if run.use_ds:  # ZeRO partitions optimizer state over ranks: DeepSpeed's own (collective) checkpoint
+        if run.saves is not None:
+            run.saves.wait()  # the last state.pt is written (it removes the checkpoints older than its own)
         ds_dir = f"state-ds/{run.images_seen:09d}"
         acc.save_state(str(run.out / ds_dir))
         acc.wait_for_everyone()  # every rank's files are written before state.pt records their checksums
     if acc.is_main_process:
         schedule = run.schedule
         own_schedule = schedule is not run.variant and hasattr(schedule, "state_dict")
-        state = {"images_seen": run.images_seen, "snapshots": run.written, "world_size": acc.num_processes,
+        state = {"images_seen": run.images_seen, "snapshots": list(run.written), "world_size": acc.num_processes,
                  "ema": run.ema.state_dict(), "tracker": run.tracker.state_dict(), "rng": rngs,
                  "flops_per_image": run.flops_per_image, "model": run.model,
                  "log_accumulator": (run.loss_sum, run.loss_n), "config_fingerprint": run.fingerprint,
@@ -179,14 +230,14 @@ def save_state(run: Run) -> None:
         if not run.use_ds:
             state["net"] = run.raw_net.state_dict()
             state["optimizer"] = run.optimizer.state_dict()
-        run_folder.write_state(run.out, state, ds_dir)
+        write_in_background(run, run_folder.write_state, run.out, host_copy(state), ds_dir)
     acc.wait_for_everyone()
 
 
 def save_snapshot(run: Run) -> None:
     if run.accelerator.is_main_process:
-        run_folder.write_snapshot(run.out, run.images_seen, {
-            "ema": run.ema.state_dict(), "arch": run.arch_record, "variant": run.variant_record,
+        write_in_background(run, run_folder.write_snapshot, run.out, run.images_seen, {
+            "ema": host_copy(run.ema.state_dict()), "arch": run.arch_record, "variant": run.variant_record,
             "images_seen": run.images_seen, "flops": run.flops_per_image * run.images_seen, "params": run.n_params,
             "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes})
     run.written.append(run_folder.snapshot_path(run.out, run.images_seen).name)
@@ -209,7 +260,8 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def tracker_values(record: dict) -> dict:
     """What a log.jsonl line shows Accelerate's trackers: its numbers, the per-σ-bin loss one scalar per bin."""
-    values = {k: record[k] for k in ("loss", "lr", "images_per_s", "grad_norm", "max_memory_gib", "ema_beta")
+    values = {k: record[k] for k in ("loss", "lr", "images_per_s", "images_per_s_steps", "grad_norm",
+                                     "max_memory_gib", "ema_beta")
               if record.get(k) is not None}
     for center, loss in zip(record["sigma_bin_centers"], record["sigma_bin_x0_loss"]):
         if loss is not None:
@@ -304,27 +356,46 @@ def update_ema(run: Run) -> float:
     return beta
 
 
-def log_record(run: Run, *, step: int, lr: float, beta: float, grad_norm, images_per_s: float) -> dict:
-    """One log.jsonl line: the running loss since the last one, the schedule, throughput and the σ tracker."""
+def log_record(run: Run, *, step: int, lr: float, beta: float, grad_norm, images_per_s: float,
+               steps_images_per_s: float | None = None) -> dict:
+    """One log.jsonl line: the running loss since the last one, the schedule, throughput (`images_per_s` since
+    the run (re)started; `images_per_s_steps` of this interval's steps, the time its saves stalled left out) and
+    the σ tracker."""
     acc = run.accelerator
     dims = math.prod(run.data.shape[1:])
     return {
         "images_seen": run.images_seen, "step": step + 1, "loss": run.loss_sum / max(run.loss_n, 1),
         "lr": lr, "ema_beta": beta, "flops": run.flops_per_image * run.images_seen,
-        "images_per_s": images_per_s, "world_size": acc.num_processes,
+        "images_per_s": images_per_s, "images_per_s_steps": steps_images_per_s, "world_size": acc.num_processes,
         # of the per-dimension loss (grad_clip's scale), as EDM2's gradient scale multiplies it by dims
         "grad_norm": float(grad_norm) / dims, "max_memory_gib": peak_memory_gib(acc.device),
         **run.tracker.summary()}
 
 
 def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> str:
-    """Train until total_images ("done") or stop_after_images ("stopped", state saved as if killed)."""
+    """Train until total_images ("done") or stop_after_images ("stopped", state saved as if killed).  Snapshots
+    and state.pt are written on a background thread (BackgroundSaves); every write is finished on return."""
+    run.saves = BackgroundSaves()
+    try:
+        return step_loop(run, stop_after_images=stop_after_images, bar=bar)
+    finally:
+        saves, run.saves = run.saves, None
+        saves.close()
+
+
+def state_due(run: Run, is_mark: bool, crossed) -> bool:
+    """state.pt keeps its own schedule, training.state_every_images (the snapshot marks when that is unset)."""
+    state_every = int(run.training.get("state_every_images") or 0)
+    return crossed(state_every) if state_every else is_mark
+
+
+def step_loop(run: Run, *, stop_after_images: int | None, bar) -> str:
     acc, training, schedule = run.accelerator, run.training, run.schedule
     batch = int(training["batch_size"])
     log_every = int(training["log_every_images"])
     sched_every = int(training["schedule"].get("update_every_images") or log_every)
-    state_every = int(training.get("state_every_images") or 0)
     t_start, img_start = time.time(), run.images_seen
+    t_interval, img_interval, saving = t_start, run.images_seen, 0.0  # the open log interval, its saves' time
 
     def crossed(every):  # did the last step pass a multiple of `every` images?
         return run.images_seen // every != (run.images_seen - batch) // every
@@ -352,18 +423,25 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
             schedule.set_model_loss(run.tracker)
         if logs:
             if acc.is_main_process:
-                speed = (run.images_seen - img_start) / max(time.time() - t_start, 1e-9)
-                record = log_record(run, step=step, lr=lr, beta=beta, grad_norm=grad_norm, images_per_s=speed)
+                now = time.time()
+                speed = (run.images_seen - img_start) / max(now - t_start, 1e-9)
+                # the interval's images over its time less what its saves stalled: the steps' own rate
+                steps_speed = (run.images_seen - img_interval) / max(now - t_interval - saving, 1e-9)
+                record = log_record(run, step=step, lr=lr, beta=beta, grad_norm=grad_norm, images_per_s=speed,
+                                    steps_images_per_s=steps_speed)
                 run_folder.append_log(run.out, record)
                 if acc.trackers:
                     acc.log(tracker_values(record), step=run.images_seen)
             run.loss_sum, run.loss_n = 0.0, 0
+            t_interval, img_interval, saving = time.time(), run.images_seen, 0.0
+        t_save = time.time()
         is_mark = any(run.images_seen == m for m in run.marks)
         if is_mark:
             save_snapshot(run)
         stop = stop_after_images is not None and stop_after_images <= run.images_seen < run.total
-        if is_mark or stop or (state_every and crossed(state_every)):
+        if stop or state_due(run, is_mark, crossed):
             save_state(run)
+        saving += time.time() - t_save
         if stop:
             return "stopped"
     return "done"

@@ -88,10 +88,23 @@ def check_fingerprint(saved: dict | None, current: dict, what: Path, out: Path) 
 # files
 # ----------------------------------------------------------------------------------------------------------------
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+def atomic_torch_save(obj, path: Path) -> dict:
+    """The one way a run folder's torch files are written: torch.save via a temp file in the same folder, renamed
+    into place with its checksum sidecar (models.integrity.replace_stamped: a kill at any moment leaves a `path`
+    that matches its sidecar, never a half-written file); the sha256 is taken from the bytes as they are written
+    (integrity.HashingWriter), not by reading a multi-GB file again.  Written through a file object, torch names
+    the folder inside the zip 'archive', whatever the temp file is called.  Returns the sidecar's record."""
+    hashed: dict = {}
+
+    def finish(tmp, final):
+        hashed["record"] = integrity.replace_stamped(tmp, final, written=hashed.get("written"))
+
+    with atomic_path(path, finish=finish) as tmp:
+        with open(tmp, "wb") as f:
+            writer = integrity.HashingWriter(f)
+            torch.save(obj, writer)
+        hashed["written"] = writer.written()
+    return hashed["record"]
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -177,8 +190,7 @@ def write_state(out: Path, state: dict, ds_dir: str | None) -> None:
     record = {"version": STATE_VERSION, **state, "ds_dir": ds_dir}
     if ds_dir is not None:
         record["ds_files"] = integrity.folder_records(out / ds_dir)
-    with atomic_path(out / "state.pt", finish=integrity.replace_stamped) as tmp:
-        torch.save(record, tmp)
+    atomic_torch_save(record, out / "state.pt")
     if ds_dir is not None:  # older DeepSpeed checkpoints are no longer referenced
         for old in (out / "state-ds").iterdir():
             if old.name != Path(ds_dir).name:
@@ -191,9 +203,7 @@ def snapshot_path(out: Path, images_seen: int) -> Path:
 
 def write_snapshot(out: Path, images_seen: int, record: dict) -> None:
     """One snapshot file, atomically, with its checksum stamped as written (later readers detect corruption)."""
-    path = snapshot_path(out, images_seen)
-    atomic_torch_save(record, path)
-    integrity.stamp(path)
+    atomic_torch_save(record, snapshot_path(out, images_seen))
 
 
 def write_done(out: Path, summary: dict, written: list[str], fingerprint: dict) -> None:

@@ -28,6 +28,7 @@ from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
 from models import family, integrity, run_folder
+from models.checks import deepspeed_precision_problems, torch_autocast_section
 from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
 from models.data import Dataset, DatasetArrays, open_dataset
 from models.denoiser import Denoiser
@@ -85,18 +86,28 @@ def make_accelerator(trackers=(), out=None):
                        project_dir=None if out is None else str(out))
 
 
-def check_fp32_engine(ds_cfg: dict) -> None:
-    """DeepSpeed must run its engine in fp32: its bf16/fp16 modes make the module weights, the averaged weights
-    and the gradient accumulation half precision.  ZeRO stage 3 partitions the parameters themselves, which the
-    forced weight normalisation does not handle."""
-    for mode in ("bf16", "fp16"):
-        if str((ds_cfg.get(mode) or {}).get("enabled", False)).lower() == "true":
-            raise ValueError(f"the DeepSpeed config enables {mode}; remove it: the engine keeps fp32 weights and "
-                             "training.mixed_precision sets the forward's autocast")
+def check_fp32_engine(ds_cfg: dict, mixed_precision: str = "no") -> None:
+    """DeepSpeed must train as the DDP path does (models.checks.deepspeed_precision_problems, also checked when
+    the DAG is built): an fp32 engine (its bf16/fp16 modes make the module weights, the averaged weights and the
+    gradient accumulation half precision), the forward in the autocast training.mixed_precision names, gradients
+    reduced in fp32.  ZeRO stage 3 partitions the parameters themselves, which the forced weight normalisation
+    does not handle."""
+    problems = deepspeed_precision_problems(ds_cfg, mixed_precision)
+    if problems:
+        raise ValueError("the DeepSpeed config " + "; ".join(problems))
     stage = int((ds_cfg.get("zero_optimization") or {}).get("stage", 0))
     if stage > 2:
         raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported (forced weight normalisation needs "
                          "whole parameters on every rank): use stage 1 or 2")
+
+
+def trainer_backends() -> None:
+    """The trainer's backend settings (the step benchmarks set the same): fp32 means fp32 outside bf16 autocast, as
+    in EDM2's training loop — no TF32 in matmuls or cuDNN convolutions — and cuDNN autotunes each convolution
+    shape once (EDM2's cudnn.benchmark)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
 
 
 def make_schedule(variant, schedule_cfg: dict, jstar):
@@ -200,8 +211,11 @@ def check_world(accelerator) -> None:
 
 def configure_deepspeed(ds_cfg: dict, training: dict, batch_gpu: int, rounds: int, image_dims: int) -> None:
     """DeepSpeed's batch, accumulation and clipping values (its "auto" ones: no DataLoader goes through prepare)
-    and the ZeRO tuning the config leaves unset, in place; refuses a config that would not train in fp32."""
-    check_fp32_engine(ds_cfg)
+    and the ZeRO tuning the config leaves unset, in place; refuses a config that would not train as the DDP path
+    does, and turns DeepSpeed's own autocast on under bf16 (its engine forward re-enters autocast by it)."""
+    mixed_precision = str(training["mixed_precision"])
+    check_fp32_engine(ds_cfg, mixed_precision)
+    ds_cfg["torch_autocast"] = {**torch_autocast_section(mixed_precision), **(ds_cfg.get("torch_autocast") or {})}
     ds_cfg["train_micro_batch_size_per_gpu"] = batch_gpu
     ds_cfg["train_batch_size"] = int(training["batch_size"])
     ds_cfg["gradient_accumulation_steps"] = rounds
@@ -318,9 +332,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
     if done is not None:
         return {**done, "status": "already-done"}
 
-    # fp32 means fp32 outside bf16 autocast, as in EDM2's training loop: no TF32 in matmuls or cuDNN convolutions
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    trainer_backends()
     trackers = list(spec.training.get("trackers") or [])  # Accelerate's trackers (log.jsonl is the record)
     accelerator = accelerator or make_accelerator(trackers, out)
     check_world(accelerator)

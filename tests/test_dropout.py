@@ -75,3 +75,60 @@ def test_stream_dropout_in_a_net():
     with pytest.raises(ValueError, match="3 stream positions for a batch of 4"):
         with dropout_stream(net, seed=1, positions=torch.arange(3)):
             net(x)
+
+
+# The masks of models/dropout.py as first released (sha256 of the bool mask's bytes, its number of kept elements
+# and its first row's first 16 decisions): a faster hash must draw exactly these, or resumed runs would change.
+PINNED_MASKS = [
+    ((0, 0, [0, 1, 2, 3, 4, 5, 6, 7], 300, 0.1), "401db87fb47f2d01", 2168,
+     [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0, 1]),
+    ((7, 3, list(range(1000, 1016)), 2047, 0.5), "81384310abcb43e0", 16363,
+     [1, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 1, 0]),
+    ((123456789, 11, [0, 5, (1 << 32) + 3, (1 << 40) + 17], 4096, 0.25), "2b4b26ee6ece6d02", 12225,
+     [1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1]),
+    (((1 << 40) + 5, 2, [0, 1, 2], 1, 0.3), "75c8fd04ad916aec", 3, [1]),
+]
+
+
+@pytest.mark.parametrize("args,sha,kept,first", PINNED_MASKS)
+def test_masks_are_the_pinned_ones(args, sha, kept, first):
+    import hashlib
+
+    seed, layer, positions, numel, p = args
+    keep = keep_mask(seed, layer, torch.tensor(positions), numel, p)
+    assert keep.shape == (len(positions), numel) and keep.dtype == torch.bool
+    assert hashlib.sha256(keep.contiguous().numpy().tobytes()).hexdigest()[:16] == sha
+    assert int(keep.sum()) == kept and keep[0, :16].int().tolist() == first
+
+
+def test_keys_make_no_tensor_from_host_values(monkeypatch):
+    """A tensor built from a Python number (torch.tensor / as_tensor / full) is a host-to-device copy on a GPU, a
+    sync twice per layer and forward; the keys of a batch come from its positions and host integers only."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("keep_mask built a tensor from a host value")
+
+    positions = torch.arange(5, 13)
+    expected = keep_mask(3, 4, positions, 50, 0.2)
+    for name in ("tensor", "as_tensor", "full", "scalar_tensor"):
+        monkeypatch.setattr(torch, name, refuse)
+    assert torch.equal(keep_mask(3, 4, positions, 50, 0.2), expected)
+
+
+def test_the_hash_makes_fewer_passes():
+    """Elementwise kernels over the [B, pairs] hash (counted with a dispatch mode): 25 (the first version made 27
+    and a stacked copy)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountBig(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.numel() >= 8 * 500 and func.overloadpacket.__name__ not in \
+                    ("empty", "select", "slice", "view", "unsqueeze", "expand", "as_strided", "alias"):
+                CountBig.calls += 1     # a kernel that writes the elements, not a view or an allocation
+            return out
+
+    with CountBig():
+        keep_mask(0, 1, torch.arange(8), 1000, 0.1)
+    assert 0 < CountBig.calls <= 25, CountBig.calls

@@ -169,6 +169,7 @@ def full_run(tmp_path_factory, digits):
 def test_training_turns_tf32_off(full_run):
     """EDM2 trains fp32 outside autocast without TF32; torch's default lets cuDNN convolutions use it."""
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.benchmark          # and autotunes each convolution shape once, as EDM2 does
 
 
 def test_run_folder_contents(full_run, digits):
