@@ -22,10 +22,10 @@ What one step does (global batch B split evenly over the processes, b = B / proc
   (half-life in images, EDM-style ramp; see `ema_beta`), then EDM2's forced weight normalisation of the weights
   the optimizer owns (models/weight_norm.py; also once before the first step).
 
-EMA choice: EDM2 uses a "power" EMA (σ_rel profiles, reconstructable post hoc).  We keep EDM's (2022) classic
-exponential EMA with a half-life in images and its ramp-up (half-life ≤ ema_rampup_ratio·images seen): one
-buffer instead of two, and every snapshot of a scaling study is then averaged the same way relative to its own
-length early on.  It is not the EDM2 post-hoc EMA; a study that needs that would add it here.
+EMA choice (training.ema): by default EDM's (2022) classic exponential EMA with a half-life in images and its
+ramp-up (half-life ≤ ema_rampup_ratio·images seen): one buffer.  `kind: power` keeps EDM2's power-function EMA
+profiles instead (models/power_ema.py: one buffer per σ_rel, stored with every snapshot and, every
+profile_every_images, in profile files), from which any other EMA length is reconstructed after training.
 
 models/train.py builds a `Run` (net, optimiser, data, schedule, resumed state) and calls `run_steps`.
 """
@@ -43,8 +43,9 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 
-from models import run_folder
+from models import integrity, run_folder
 from models.dropout import dropout_stream
+from models.power_ema import profile_path
 from models.weight_norm import normalize_forced_weights_
 
 
@@ -157,6 +158,8 @@ class Run:
     written: list = field(default_factory=list)
     loss_sum: float = 0.0        # the open log interval's running loss
     loss_n: int = 0
+    power_ema: Any = None        # models.power_ema.PowerEMA under training.ema.kind = power (then `ema` is its first)
+    profile_marks: list = field(default_factory=list)  # images seen at which a profile-only file is written
 
 
 def save_state(run: Run) -> None:
@@ -176,6 +179,8 @@ def save_state(run: Run) -> None:
                  "flops_per_image": run.flops_per_image, "model": run.model,
                  "log_accumulator": (run.loss_sum, run.loss_n), "config_fingerprint": run.fingerprint,
                  "schedule": schedule.state_dict() if own_schedule else None}
+        if run.power_ema is not None:
+            state["ema_power"] = run.power_ema.state_dict()
         if not run.use_ds:
             state["net"] = run.raw_net.state_dict()
             state["optimizer"] = run.optimizer.state_dict()
@@ -185,11 +190,25 @@ def save_state(run: Run) -> None:
 
 def save_snapshot(run: Run) -> None:
     if run.accelerator.is_main_process:
-        run_folder.write_snapshot(run.out, run.images_seen, {
+        record = {
             "ema": run.ema.state_dict(), "arch": run.arch_record, "variant": run.variant_record,
             "images_seen": run.images_seen, "flops": run.flops_per_image * run.images_seen, "params": run.n_params,
-            "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes})
+            "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes}
+        if run.power_ema is not None:  # its first profile's tensors are `ema`'s: stored once
+            record["ema_power"] = run.power_ema.record(int(run.training["batch_size"]))
+        run_folder.write_snapshot(run.out, run.images_seen, record)
     run.written.append(run_folder.snapshot_path(run.out, run.images_seen).name)
+
+
+def save_profiles(run: Run) -> None:
+    """A profile-only file (ema_profiles/profile-<images>.pt): the power-EMA profiles, densely in time for the
+    post-hoc reconstruction, without the rest of a snapshot."""
+    if run.accelerator.is_main_process:
+        path = profile_path(run.out, run.images_seen)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        run_folder.atomic_torch_save({"ema_power": run.power_ema.record(int(run.training["batch_size"])),
+                                      "images_seen": run.images_seen, "model": run.model}, path)
+        integrity.stamp(path)
 
 
 def gradient_norm(run: Run) -> float:
@@ -294,7 +313,10 @@ def optimizer_step(run: Run, logs: bool):
 
 def update_ema(run: Run) -> float:
     """The EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under ZeRO),
-    before the forced weight normalisation renormalises them, as EDM2's does; returns its β."""
+    before the forced weight normalisation renormalises them, as EDM2's does; returns its β (the first power
+    profile's under training.ema.kind = power)."""
+    if run.power_ema is not None:
+        return run.power_ema.update(run.raw_net)[0]
     beta = ema_beta(run.images_seen, int(run.training["batch_size"]), run.training)
     with torch.no_grad():
         for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
@@ -361,6 +383,8 @@ def run_steps(run: Run, *, stop_after_images: int | None = None, bar=None) -> st
         is_mark = any(run.images_seen == m for m in run.marks)
         if is_mark:
             save_snapshot(run)
+        elif run.power_ema is not None and run.images_seen in run.profile_marks:
+            save_profiles(run)
         stop = stop_after_images is not None and stop_after_images <= run.images_seen < run.total
         if is_mark or stop or (state_every and crossed(state_every)):
             save_state(run)

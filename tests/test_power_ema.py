@@ -1,0 +1,243 @@
+"""EDM2's power-function EMA (models/power_ema.py): σ_rel ↔ γ, the accumulator against its closed-form weights,
+the post-hoc reconstruction against an oracle that accumulated the target directly, and the trainer's profiles
+(snapshots, profile files, exact resumption, the config's errors)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import models.power_ema as pe
+from models.config import ConfigError, load_config
+from models.train import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# σ_rel ↔ γ and the accumulator
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_sigma_rel_and_gamma_convert_both_ways():
+    # EDM2's stored profiles: σ_rel 0.05 ↔ γ ≈ 16.97, 0.10 ↔ γ ≈ 6.94 (its paper's table)
+    assert pe.sigma_rel_to_gamma(0.05) == pytest.approx(16.97, abs=0.01)
+    assert pe.sigma_rel_to_gamma(0.10) == pytest.approx(6.94, abs=0.01)
+    for s in (0.01, 0.05, 0.1, 0.2, 0.28):
+        assert pe.gamma_to_sigma_rel(pe.sigma_rel_to_gamma(s)) == pytest.approx(s, rel=1e-13)
+    # the relative width is the profile's own: std of τ under (γ+1)τ^γ on [0, 1], by quadrature
+    g = pe.sigma_rel_to_gamma(0.1)
+    tau = (np.arange(200_000) + 0.5) / 200_000
+    p = (g + 1) * tau ** g / 200_000
+    assert math.sqrt(p @ tau ** 2 - (p @ tau) ** 2) == pytest.approx(0.1, rel=1e-6)
+    with pytest.raises(ValueError, match="σ_rel must lie in"):
+        pe.sigma_rel_to_gamma(0.29)
+
+
+def one_parameter_net(n):
+    net = torch.nn.Linear(n, 1, bias=False)
+    net.weight.data.zero_()
+    return net
+
+
+def test_accumulated_profile_is_its_closed_form_weighting():
+    """Feeding the unit vectors e_1 … e_T as the raw weights, the EMA after T steps is the weight vector itself:
+    it must be w_{γ,T}(k) = (k^(γ+1) − (k−1)^(γ+1))/T^(γ+1), whatever the earlier β's were."""
+    T = 40
+    net = one_parameter_net(T)
+    ema = pe.PowerEMA(one_parameter_net(T), [0.05, 0.2])
+    for k in range(T):
+        net.weight.data.zero_()
+        net.weight.data[0, k] = 1.0
+        ema.update(net)
+    k = np.arange(1, T + 1, dtype=np.float64)
+    for module, g in zip(ema.modules, ema.gammas):
+        direct = (k ** (g + 1) - (k - 1) ** (g + 1)) / T ** (g + 1)
+        np.testing.assert_allclose(module.weight.detach().double().numpy()[0], direct, rtol=2e-5, atol=1e-9)
+        np.testing.assert_allclose(pe.profile_weights(g, T, k), direct, rtol=1e-12)
+        assert pe.profile_weights(g, T, k).sum() == pytest.approx(1.0, rel=1e-12)
+    assert ema.steps == T
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reconstruction against an oracle
+# ---------------------------------------------------------------------------------------------------------------
+
+def synthetic_run(tmp_path, sigma_rels, steps=96, every=8, dim=64, seed=0):
+    """Raw weights a random walk with drift, profiles stored every `every` steps as files; returns the files and
+    the raw weights of every step [steps, dim] (float64)."""
+    gen = torch.Generator().manual_seed(seed)
+    net = one_parameter_net(dim)
+    ema = pe.PowerEMA(one_parameter_net(dim), sigma_rels)
+    files, thetas = [], []
+    for step in range(1, steps + 1):
+        net.weight.data += 0.05 + torch.randn(1, dim, generator=gen) * 0.3
+        thetas.append(net.weight.detach().double().reshape(-1).clone())
+        ema.update(net)
+        if step % every == 0:
+            path = tmp_path / f"profile-{step:09d}.pt"
+            torch.save({"ema_power": ema.record(batch_size=1)}, path)
+            files.append(path)
+    return files, torch.stack(thetas)
+
+
+def independent_weights(sol):
+    """(W [stored, T*], w* [T*]): the stored profiles' and the target's weights over the steps 1..T*, from the
+    difference of powers written out (not models.power_ema's own form)."""
+    t_out, g_out = sol.target
+    k = np.arange(1, t_out + 1, dtype=np.float64)
+
+    def w(g, t):
+        kk = np.minimum(k, t)
+        return np.where(k <= t, (kk ** (g + 1) - (kk - 1) ** (g + 1)) / t ** (g + 1), 0.0)
+
+    return np.stack([w(g, t) for t, g in sol.stored]), w(g_out, t_out)
+
+
+def residual_weights(sol) -> np.ndarray:
+    """r(k) = Σ_i x_i·w_i(k) − w*(k), checked to be the constrained least-squares optimum: its reported size
+    matches, and r is equally correlated with every stored profile (the normal equations with Σ x = 1:
+    Wr = −λ·1)."""
+    W, w_out = independent_weights(sol)
+    r = sol.coefficients @ W - w_out
+    assert sol.residual_rel_l2 == pytest.approx(np.linalg.norm(r) / np.linalg.norm(w_out), rel=1e-6, abs=1e-12)
+    assert sol.residual_l1 == pytest.approx(np.abs(r).sum(), rel=1e-6, abs=1e-12)
+    correlations = W @ r
+    assert np.ptp(correlations) <= 1e-9 * np.linalg.norm(W, axis=1).max() * max(np.linalg.norm(r), 1e-300)
+    return r
+
+
+def check_against_oracle(rec: dict, oracle: dict, sol, thetas: torch.Tensor, keys=("weight",)) -> float:
+    """The reconstruction misses the oracle by exactly Σ_k r(k)·θ_k (the raw weights θ_k of every step [T, P],
+    `keys` concatenated), up to fp32 rounding; hence by at most Σ|r|·max|θ|. Returns the largest miss."""
+    miss = torch.cat([(rec[k].double() - oracle[k].double()).reshape(-1) for k in keys])
+    predicted = torch.from_numpy(residual_weights(sol)) @ thetas
+    scale = float(thetas.abs().max())
+    print(f"residual rel L2 {sol.residual_rel_l2:.3g}, L1 {sol.residual_l1:.3g}; max |θ_rec − θ_oracle| "
+          f"{float(miss.abs().max()):.3g} (bound Σ|r|·max|θ| = {sol.residual_l1 * scale:.3g}), "
+          f"max |miss − Σ r(k)θ_k| {float((miss - predicted).abs().max()):.3g}")
+    torch.testing.assert_close(miss, predicted, rtol=0, atol=2e-6 * scale)
+    assert float(miss.abs().max()) <= sol.residual_l1 * scale + 2e-6 * scale
+    return float(miss.abs().max())
+
+
+@pytest.mark.parametrize("target", [0.07, 0.15])
+def test_reconstruction_matches_a_directly_accumulated_oracle(tmp_path, target):
+    stored = [0.05, 0.10]
+    files, thetas = synthetic_run(tmp_path, stored + [target])
+    rec, sol = pe.reconstruct(files, target, use_sigma_rels=stored)
+    profiles = torch.load(files[-1])["ema_power"]["profiles"]
+    print(f"\nσ_rel {target} from {stored}: ", end="")
+    err = check_against_oracle(rec, profiles[2], sol, thetas)
+    oracle = profiles[2]["weight"].double()
+    assert sol.coefficients.sum() == pytest.approx(1.0, abs=1e-12)
+    # and it is a real reconstruction: far closer than either stored profile of the same step
+    last = torch.load(files[-1])["ema_power"]["profiles"]
+    for i in range(2):
+        assert err < 0.2 * float((last[i]["weight"].double() - oracle).abs().max())
+
+
+def test_reconstructing_a_stored_profile_returns_it(tmp_path):
+    files, _thetas = synthetic_run(tmp_path, [0.05, 0.10])
+    stored = torch.load(files[-1])["ema_power"]["profiles"]
+    for i, s in enumerate((0.05, 0.10)):
+        rec, sol = pe.reconstruct(files, s)
+        assert sol.residual_rel_l2 < 1e-9
+        torch.testing.assert_close(rec["weight"], stored[i]["weight"], rtol=0, atol=2e-6)
+    # at an earlier stored step too (only the profiles stored by then take part)
+    rec, sol = pe.reconstruct(files, 0.10, steps=48)
+    torch.testing.assert_close(rec["weight"], torch.load(files[5])["ema_power"]["profiles"][1]["weight"],
+                               rtol=0, atol=2e-6)
+    with pytest.raises(ValueError, match="no stored profile at step 50"):
+        pe.reconstruct(files, 0.10, steps=50)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer's profiles
+# ---------------------------------------------------------------------------------------------------------------
+
+def power_cfg(sigma_rel=(0.05, 0.10), **training):
+    tr = dict(total_images=256, batch_size=32, lr_rampup_images=64, lr_decay_images=128,
+              snapshots={"count": 2, "spacing": "geometric", "first_images": 128}, log_every_images=64,
+              ema={"kind": "power", "sigma_rel": list(sigma_rel), "profile_every_images": 32})
+    tr.update(training)
+    return load_config({"study": "test", "training": tr, "models": {"t0": {"arch": "t0"}}})
+
+
+@pytest.fixture(scope="module")
+def power_run(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("power")
+    train(power_cfg(), "t0", digits, out, progress=False)
+    return out
+
+
+def test_snapshots_and_profile_files_hold_every_profile(power_run):
+    snap = torch.load(power_run / "snapshots" / "snapshot-000000256.pt", weights_only=True)
+    rec = snap["ema_power"]
+    assert rec["sigma_rel"] == [0.05, 0.10] and rec["steps"] == 8 and rec["batch_size"] == 32
+    assert rec["gamma"] == pytest.approx([pe.sigma_rel_to_gamma(0.05), pe.sigma_rel_to_gamma(0.10)])
+    for k, v in snap["ema"].items():  # the snapshot's `ema` is the first profile, fp32
+        assert torch.equal(v, rec["profiles"][0][k]) and v.dtype in (torch.float32, torch.int64, torch.bool)
+    assert not all(torch.equal(rec["profiles"][0][k], rec["profiles"][1][k]) for k in snap["ema"])
+    # profile files at every 32 images but the snapshot marks (128, 256)
+    names = sorted(p.name for p in (power_run / pe.PROFILE_DIR).glob("*.pt"))
+    assert names == [f"profile-{i:09d}.pt" for i in (32, 64, 96, 160, 192, 224)]
+    assert [int(pe.read_power_record(p)["steps"]) for p in pe.run_profile_files(power_run)] == [4, 8, 1, 2, 3, 5,
+                                                                                                 6, 7]
+
+
+def test_power_run_resumes_bit_exactly(power_run, digits, tmp_path):
+    cfg = power_cfg()
+    assert train(cfg, "t0", digits, tmp_path, stop_after_images=96, progress=False)["status"] == "stopped"
+    assert train(cfg, "t0", digits, tmp_path, progress=False)["status"] == "done"
+    for a in pe.run_profile_files(power_run):
+        b = tmp_path / a.relative_to(power_run)
+        ra, rb = pe.read_power_record(a), pe.read_power_record(b)
+        assert ra["steps"] == rb["steps"]
+        for pa, pb in zip(ra["profiles"], rb["profiles"]):
+            for k in pa:
+                assert torch.equal(pa[k], pb[k]), f"{a.name}: {k}"
+
+
+def test_trained_profiles_reconstruct_a_third_profile_within_the_residual(digits, tmp_path, monkeypatch):
+    """The oracle in a real run: the trainer also accumulates σ_rel 0.07; reconstructed from the 0.05 and 0.10
+    profiles alone it must agree to the residual bound (max |θ_k| recorded at every step)."""
+    thetas, keys = [], []
+    update = pe.PowerEMA.update
+
+    def recording(self, net):  # the raw weights each update averages in, under the EMA's parameter names
+        keys[:] = [name for name, _ in self.modules[0].named_parameters()]
+        thetas.append(torch.cat([p.detach().double().reshape(-1) for p in net.parameters()]))
+        return update(self, net)
+
+    monkeypatch.setattr(pe.PowerEMA, "update", recording)
+    # 32 steps, profiles stored at 4 of them: fewer stored vectors (8) than steps, so the fit is not exact
+    cfg = power_cfg((0.05, 0.10, 0.07), total_images=512, batch_size=16,
+                    ema={"kind": "power", "sigma_rel": [0.05, 0.10, 0.07], "profile_every_images": 128})
+    train(cfg, "t0", digits, tmp_path, progress=False)
+    files = pe.run_profile_files(tmp_path)
+    assert len(files) == 4
+    rec, sol = pe.reconstruct(files, 0.07, use_sigma_rels=[0.05, 0.10])
+    oracle = pe.read_power_record(tmp_path / "snapshots" / "snapshot-000000512.pt")["profiles"][2]
+    print("\ntrained t0, σ_rel 0.07 from 0.05/0.10 over 32 steps: ", end="")
+    err = check_against_oracle(rec, oracle, sol, torch.stack(thetas), keys)
+    for name in set(oracle) - set(keys):  # buffers: copied from the profile at the target, not averaged
+        assert torch.equal(rec[name], oracle[name])
+    assert sol.residual_rel_l2 > 1e-4  # a real fit, not an identity
+    stored = pe.read_power_record(tmp_path / "snapshots" / "snapshot-000000512.pt")["profiles"][:2]
+    nearest = min(max(float((p[k].double() - oracle[k].double()).abs().max()) for k in oracle
+                      if oracle[k].is_floating_point()) for p in stored)
+    print(f"  the nearest stored profile differs from the oracle by {nearest:.3g}")
+    assert err < 0.5 * nearest
+
+
+def test_power_only_keys_need_kind_power():
+    base = {"study": "t", "models": {"t0": {"arch": "t0", "training": {"ema": {"sigma_rel": [0.1]}}}}}
+    with pytest.raises(ConfigError, match=r"my.yaml: models.t0.training.ema.sigma_rel: set, but"):
+        load_config(base, where="my.yaml")
+    with pytest.raises(ConfigError, match=r"my.yaml: training.ema.sigma_rel.0: 0.3 is greater"):
+        load_config({"study": "t", "models": {"t0": {"arch": "t0"}},
+                     "training": {"ema": {"kind": "power", "sigma_rel": [0.3]}}}, where="my.yaml")
+    # a model may switch its own EMA on; the study's section stays classic
+    cfg = load_config({"study": "t", "models": {"t0": {"arch": "t0", "training": {"ema": {"kind": "power"}}}}})
+    assert "ema" not in cfg["training"]
