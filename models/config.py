@@ -163,13 +163,17 @@ def _check_batching(cfg: dict, where: str) -> None:
 
 
 def _check_ema(cfg: dict, where: str) -> None:
-    """training.ema's power-only keys need `kind: power` (in the study's section or the model's override)."""
+    """training.ema's power-only keys need `kind: power` (in the study's section or the model's override), and so
+    does every model of a study with an `ema_sweep`."""
     problems = []
     for name, entry in (cfg.get("models") or {}).items():
         ema = model_training(cfg, name).get("ema") or {}
         own = ((entry or {}).get("training") or {}).get("ema") or {}
         key = f"models.{name}.training.ema" if own else "training.ema"
         if ema.get("kind", "classic") != "power":
+            if cfg.get("ema_sweep") is not None:
+                problems.append(f"{where}: ema_sweep: model {name} keeps the classic EMA; the sweep rebuilds EMA "
+                                f"lengths from power profiles: set {key}.kind: power")
             for extra in ("sigma_rel", "profile_every_images"):
                 if ema.get(extra) is not None:
                     problems.append(f"{where}: {key}.{extra}: set, but {key}.kind is "

@@ -243,13 +243,18 @@ def run_profile_files(run_dir) -> list[Path]:
     return sorted((run_dir / "snapshots").glob("snapshot-*.pt")) + sorted((run_dir / PROFILE_DIR).glob("*.pt"))
 
 
-def reconstruct(files, sigma_rel: float, steps: int | None = None, *,
-                use_sigma_rels=None) -> tuple[dict, Reconstruction]:
+def read_profiles(files) -> list[tuple[Path, dict]]:
+    """(path, `ema_power` record) of every file, read once for several reconstructions (`reconstruct(records=)`)."""
+    return [(Path(f), read_power_record(f)) for f in files]
+
+
+def reconstruct(files, sigma_rel: float, steps: int | None = None, *, use_sigma_rels=None,
+                records=None) -> tuple[dict, Reconstruction]:
     """The EMA of relative width `sigma_rel` after `steps` optimizer steps (default: the latest stored), as an
     fp32 state dict, from the power-EMA profiles of `files` (snapshots and profile files of one run); only those
     stored at or before `steps` take part (and, given `use_sigma_rels`, only profiles of those σ_rel). Buffers
-    come from a profile stored at `steps`."""
-    records = [(Path(f), read_power_record(f)) for f in files]
+    come from a profile stored at `steps`. `records` (from read_profiles) stands in for reading `files`."""
+    records = read_profiles(files) if records is None else records
     entries = [(p, rec, e) for p, rec in records for e in stored_profiles(rec, p)
                if use_sigma_rels is None or any(math.isclose(e[2], s, rel_tol=1e-12) for s in use_sigma_rels)]
     if not entries:

@@ -5,6 +5,7 @@ the post-hoc reconstruction against an oracle that accumulated the target direct
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -241,3 +242,83 @@ def test_power_only_keys_need_kind_power():
     # a model may switch its own EMA on; the study's section stays classic
     cfg = load_config({"study": "t", "models": {"t0": {"arch": "t0", "training": {"ema": {"kind": "power"}}}}})
     assert "ema" not in cfg["training"]
+
+
+@pytest.mark.slow
+def test_profiles_under_ddp_and_zero2_match_the_plain_trainer(digits, tmp_path):
+    """The profiles live on each process's module copy, fed from the weights the optimizer wrote (ZeRO-2: its exact
+    replica of the fp32 master): 2-process DDP and 2-process ZeRO-2 (stopped midway and resumed) store the plain
+    trainer's profiles, in every snapshot and profile file, to float32 reduction error."""
+    from models.data import save_npz
+    from test_engines import PARITY, launch, max_relative_difference, write_config
+
+    data = save_npz(digits, tmp_path / "digits.npz")
+    ema = {"kind": "power", "sigma_rel": [0.05, 0.10], "profile_every_images": 64}
+    config = write_config(tmp_path / "cfg", batch_gpu=8, ema=ema)
+    train(load_config({"study": "engines", "training": {**PARITY, "ema": ema}, "models": {"t0": {"arch": "t0"}}}),
+          "t0", data, tmp_path / "plain", progress=False)
+    launch("ddp-2", config, data, tmp_path / "ddp-2")
+    launch("zero2-2", config, data, tmp_path / "zero2-2", "--stop-after-images", "96")
+    launch("zero2-2", config, data, tmp_path / "zero2-2")
+    reference = pe.run_profile_files(tmp_path / "plain")
+    assert [p.name for p in reference] == ["snapshot-000000096.pt", "snapshot-000000192.pt", "profile-000000064.pt",
+                                           "profile-000000128.pt"]
+    for engine in ("ddp-2", "zero2-2"):
+        for ref in reference:
+            a = pe.read_power_record(ref)
+            b = pe.read_power_record(tmp_path / engine / ref.relative_to(tmp_path / "plain"))
+            assert a["steps"] == b["steps"]
+            for pa, pb in zip(a["profiles"], b["profiles"]):
+                assert set(pa) == set(pb) and all(pb[k].shape == pa[k].shape for k in pa)  # scalars unpromoted
+                diff = max_relative_difference(pb, pa)
+                print(f"{engine} {ref.name}: max relative profile difference {diff:.2e}")
+                assert diff <= 1e-4, (engine, ref.name, diff)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the evaluation over EMA lengths
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_halves_alternate_within_each_sigma_level():
+    from analysis.ema_sweep import halves
+
+    sigma = np.array([0.1, 0.1, 0.1, 0.1, 1.0, 1.0, 1.0, 1.0])
+    assert halves(sigma).tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert halves(np.array([1.0, 0.1, 1.0, 0.1])).tolist() == [0, 0, 1, 1]
+
+
+def test_ema_sweep_evaluates_the_final_snapshot_at_each_sigma_rel(power_run, digits, tmp_path):
+    from analysis import ema_sweep
+    from analysis import evaluate as ev
+    from analysis.optimal_loss import denoise_eval_set
+    from models.data import save_npz
+
+    data = save_npz(digits, tmp_path / "d.npz")
+    es = ev.make_eval_set(len(digits.x), ev.sigma_grid(4, 0.05, 5.0), 8, seed=3)
+    ev.save_eval_set(es, tmp_path / "es.npz")
+    np.save(tmp_path / "dstar.npy", denoise_eval_set(digits.x, es))
+    common = ["--dataset", str(data), "--eval-set", str(tmp_path / "es.npz"), "--denoised",
+              str(tmp_path / "dstar.npy"), "--device", "cpu"]
+    files = [str(p) for p in pe.run_profile_files(power_run)]
+    grid = [0.03, 0.05, 0.07, 0.10, 0.2]
+    out = tmp_path / "sweep" / "t0.csv"
+    out.parent.mkdir()
+    assert ema_sweep.main(["evaluate", "--files", *files, "--sigma-rel", *map(str, grid), "--out", str(out),
+                           *common]) == 0
+    table = pd.read_csv(out)
+    assert table["sigma_rel"].tolist() == grid and set(table["snapshot"]) == {256} and set(table["steps"]) == {8}
+    # equal triples per σ in each half: the totals are linear in the per-σ means, so all = the halves' mean
+    np.testing.assert_allclose(table["loss"], (table["loss_a"] + table["loss_b"]) / 2, rtol=1e-12)
+    assert table["best"].sum() == 1 and table.loc[table["best"], "loss_a"].iloc[0] == table["loss_a"].min()
+    # σ_rel 0.05 is the stored first profile, the snapshot's `ema`: the standard evaluation's total
+    ((standard, _),) = ev.evaluate_snapshots([files[1]], data, es, np.load(tmp_path / "dstar.npy"), device="cpu")
+    total = standard[standard["sigma"].isna()].iloc[0]
+    row = table[table["sigma_rel"] == 0.05].iloc[0]
+    assert row["residual_rel_l2"] < 1e-9
+    assert row["loss"] == pytest.approx(total["loss"], rel=1e-5)
+    assert row["stderr"] == pytest.approx(total["loss_stderr"], rel=1e-4)
+    assert table["loss"].nunique() == len(grid)  # every σ_rel is another average of the weights
+    figure = tmp_path / "ema_sweep.png"
+    assert ema_sweep.main(["collect", "--sweeps", str(out), "--out", str(tmp_path / "ema_sweep.csv"),
+                           "--figure", str(figure)]) == 0
+    assert figure.stat().st_size > 0 and len(pd.read_csv(tmp_path / "ema_sweep.csv")) == len(grid)
