@@ -166,6 +166,11 @@ def _check_ema(cfg: dict, where: str) -> None:
     """training.ema's power-only keys need `kind: power` (in the study's section or the model's override), and so
     does every model of a study with an `ema_sweep`."""
     problems = []
+    sweep = cfg.get("ema_sweep")
+    if sweep is not None and not any(math.isclose(float(sweep["fixed_sigma_rel"]), float(s), rel_tol=1e-9)
+                                     for s in sweep["sigma_rel"]):
+        problems.append(f"{where}: ema_sweep.fixed_sigma_rel: {sweep['fixed_sigma_rel']} is not on the grid "
+                        f"ema_sweep.sigma_rel {sweep['sigma_rel']}")
     for name, entry in (cfg.get("models") or {}).items():
         ema = model_training(cfg, name).get("ema") or {}
         own = ((entry or {}).get("training") or {}).get("ema") or {}

@@ -322,3 +322,58 @@ def test_ema_sweep_evaluates_the_final_snapshot_at_each_sigma_rel(power_run, dig
     assert ema_sweep.main(["collect", "--sweeps", str(out), "--out", str(tmp_path / "ema_sweep.csv"),
                            "--figure", str(figure)]) == 0
     assert figure.stat().st_size > 0 and len(pd.read_csv(tmp_path / "ema_sweep.csv")) == len(grid)
+
+
+def sweep_arrays(params, loss_of_sigma_rel, grid, k_levels=3, per_level=4, jstar=0.1, half_b_shift=None):
+    """Per-triple arrays of one model's sweep whose every triple of σ_rel s has loss loss_of_sigma_rel(s) (plus
+    `half_b_shift[s]` on half B), J* = jstar everywhere: totals known in closed form."""
+    level = np.repeat(np.arange(1, k_levels + 1), per_level)
+    half = np.tile(np.arange(per_level) % 2, k_levels)
+    weights = np.array([0.2, 0.5, 0.3])[:k_levels]
+    loss = np.stack([np.full(level.size, loss_of_sigma_rel(s)) + (half == 1) * (half_b_shift or {}).get(s, 0.0)
+                     for s in grid])
+    return {"loss": loss, "optimal_loss": np.full(level.size, jstar), "level": level, "half": half,
+            "total_weight": weights, "sigma_rel": np.array(grid), "params": np.int64(params)}
+
+
+def test_best_length_is_chosen_on_half_a_and_reported_on_half_b():
+    from analysis.ema_sweep import exponents_at, half_totals
+
+    grid = [0.05, 0.1, 0.2]
+    # half A prefers 0.1 (loss 1.0 against 1.1), half B would prefer 0.2 (1.1 − 0.3): the choice must be A's
+    a = sweep_arrays(10, {0.05: 1.2, 0.1: 1.0, 0.2: 1.1}.get, grid, half_b_shift={0.2: -0.3, 0.1: 0.05})
+    totals, jstar = half_totals(a)
+    np.testing.assert_allclose(totals[:, 0], [1.2, 1.0, 1.1])           # Σ weights = 1 here
+    np.testing.assert_allclose(totals[:, 1], [1.2, 1.05, 0.8])
+    assert jstar == pytest.approx([0.1, 0.1])
+    b = sweep_arrays(100, {0.05: 0.6, 0.1: 0.5, 0.2: 0.55}.get, grid)
+    got = exponents_at([a, b], fixed=0)
+    assert got[("raw", "best")] == pytest.approx(math.log(0.5 / 1.05) / math.log(10), rel=1e-12)
+    assert got[("raw", "fixed")] == pytest.approx(math.log(0.6 / 1.2) / math.log(10), rel=1e-12)
+    assert got[("minus_jstar", "best")] == pytest.approx(math.log(0.4 / 0.95) / math.log(10), rel=1e-12)
+
+
+def test_exponents_at_the_best_and_a_fixed_length_side_by_side():
+    """Sizes whose best EMA length grows with size: the fixed length favours the small ones, so the best-length
+    exponent is steeper; noise-free triples make every replicate the estimate."""
+    from analysis.ema_sweep import exponent_table
+
+    grid = [0.03, 0.05, 0.1, 0.2]
+    params = [1e3, 1e4, 1e5]
+    best = {1e3: 0.03, 1e4: 0.1, 1e5: 0.2}
+    arrays = [sweep_arrays(p, lambda s, p=p: 2.0 * p ** -0.3 * (1 + math.log(s / best[p]) ** 2), grid, jstar=0.01)
+              for p in params]
+    table = exponent_table(arrays, 0.05, n_replicates=20).set_index(["quantity", "ema"])
+    fixed = [2.0 * p ** -0.3 * (1 + math.log(0.05 / best[p]) ** 2) for p in params]
+    expected_fixed = np.polyfit(np.log(params), np.log(fixed), 1)[0]
+    assert table.loc[("raw", "best"), "exponent"] == pytest.approx(-0.3, rel=1e-9)
+    assert table.loc[("raw", "fixed"), "exponent"] == pytest.approx(expected_fixed, rel=1e-9)
+    assert table.loc[("raw", "best - fixed"), "exponent"] == pytest.approx(-0.3 - expected_fixed, rel=1e-9)
+    assert table.loc[("raw", "best - fixed"), "exponent"] < -0.01
+    minus = [v - 0.01 for v in fixed]
+    assert table.loc[("minus_jstar", "fixed"), "exponent"] == pytest.approx(np.polyfit(np.log(params),
+                                                                                      np.log(minus), 1)[0])
+    for _, row in table.iterrows():
+        assert row["ci_lo"] == pytest.approx(row["exponent"]) and row["ci_hi"] == pytest.approx(row["exponent"])
+    with pytest.raises(ValueError, match="not on the grid"):
+        exponent_table(arrays, 0.07, n_replicates=2)

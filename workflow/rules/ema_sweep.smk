@@ -9,7 +9,9 @@ def ema_sweep_products():
     """The sweep's table, its checksum and its figure, when the config asks for it."""
     if config.get("ema_sweep") is None:
         return []
-    return [f"{R}/analysis/ema_sweep.csv", sidecar(f"{R}/analysis/ema_sweep.csv"), f"{R}/figures/ema_sweep.png"]
+    table = f"{R}/analysis/ema_sweep.csv"
+    return [table, sidecar(table), f"{R}/analysis/ema_exponents.csv", f"{R}/analysis/ema_sweep.md",
+            f"{R}/figures/ema_sweep.png"]
 
 
 if config.get("ema_sweep") is not None:
@@ -30,6 +32,7 @@ if config.get("ema_sweep") is not None:
                 ),
             output:
                 f"{R}/ema_sweep/{_model}.csv",
+                f"{R}/ema_sweep/{_model}.npz",
             params:
                 profiles=f"{R}/runs/{_model}/ema_profiles",
                 grid=" ".join(str(s) for s in config["ema_sweep"]["sigma_rel"]),
@@ -51,16 +54,24 @@ if config.get("ema_sweep") is not None:
 
     rule ema_sweep:
         input:
-            [f"{R}/ema_sweep/{m}.csv" for m in MODELS],
+            csv=[f"{R}/ema_sweep/{m}.csv" for m in MODELS],
+            npz=[f"{R}/ema_sweep/{m}.npz" for m in MODELS],
         output:
             table=f"{R}/analysis/ema_sweep.csv",
+            exponents=f"{R}/analysis/ema_exponents.csv",
+            md=f"{R}/analysis/ema_sweep.md",
             figure=f"{R}/figures/ema_sweep.png",
             checksum=sidecar(f"{R}/analysis/ema_sweep.csv"),
+        params:
+            fixed=config["ema_sweep"]["fixed_sigma_rel"],
+            replicates=config["scaling"]["n_replicates"],
+            seed=config["scaling"]["seed"],
         benchmark:
             benchmark_file("ema_sweep")
         log:
             f"{R}/logs/ema_sweep.log",
         shell:
-            "{PYTHON} -m analysis.ema_sweep collect --sweeps {input:q} --out {output.table:q}"
-            " --figure {output.figure:q} > {log:q} 2>&1"
+            "{PYTHON} -m analysis.ema_sweep collect --sweeps {input.csv:q} --out {output.table:q}"
+            " --figure {output.figure:q} --exponents {output.exponents:q} --markdown {output.md:q}"
+            " --fixed-sigma-rel {params.fixed} --n-replicates {params.replicates} --seed {params.seed} > {log:q} 2>&1"
             " && {PYTHON} -m models.integrity stamp {output.table:q} --rebuild {REBUILD:q}' --forcerun ema_sweep'"
