@@ -28,7 +28,10 @@ if config.get("ema_sweep") is not None:
                 eval_set=f"{R}/data/eval_set.npz",
                 denoised=f"{R}/optimal_loss/eval_denoised.npy",
                 checksums=sidecars(
-                    *_snapshots, f"{R}/data/dataset.npz", f"{R}/data/eval_set.npz", f"{R}/optimal_loss/eval_denoised.npy"
+                    *_snapshots,
+                    f"{R}/data/dataset.npz",
+                    f"{R}/data/eval_set.npz",
+                    f"{R}/optimal_loss/eval_denoised.npy",
                 ),
             output:
                 f"{R}/ema_sweep/{_model}.csv",
