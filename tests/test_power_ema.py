@@ -180,6 +180,10 @@ def test_snapshots_and_profile_files_hold_every_profile(power_run):
     for k, v in snap["ema"].items():  # the snapshot's `ema` is the first profile, fp32
         assert torch.equal(v, rec["profiles"][0][k]) and v.dtype in (torch.float32, torch.int64, torch.bool)
     assert not all(torch.equal(rec["profiles"][0][k], rec["profiles"][1][k]) for k in snap["ema"])
+    # `ema` shares the first profile's storage: a snapshot is barely larger than a profile-only file (2 copies)
+    one_copy = 4 * sum(v.numel() for v in snap["ema"].values())
+    size = (power_run / "snapshots" / "snapshot-000000256.pt").stat().st_size
+    assert size - (power_run / pe.PROFILE_DIR / "profile-000000224.pt").stat().st_size < one_copy / 4
     # profile files at every 32 images but the snapshot marks (128, 256)
     names = sorted(p.name for p in (power_run / pe.PROFILE_DIR).glob("*.pt"))
     assert names == [f"profile-{i:09d}.pt" for i in (32, 64, 96, 160, 192, 224)]
