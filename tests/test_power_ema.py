@@ -381,3 +381,14 @@ def test_exponents_at_the_best_and_a_fixed_length_side_by_side():
         assert row["ci_lo"] == pytest.approx(row["exponent"]) and row["ci_hi"] == pytest.approx(row["exponent"])
     with pytest.raises(ValueError, match="not on the grid"):
         exponent_table(arrays, 0.07, n_replicates=2)
+
+
+def test_plan_notes_what_the_profiles_cost():
+    from models.plan import ema_notes
+
+    cfg = power_cfg((0.05, 0.10, 0.2))  # 256 images, batch 32; snapshots at 128, 256; profiles every 32
+    (note,) = ema_notes(cfg, [{"model": "t0", "params": 250_000_000}])
+    # 3 profiles × 1 GB; 2 more than the classic EMA's one copy; 8 stored points (32 … 256) × 3 GB
+    assert "3 power-EMA profiles, 3.00 GB" in note and "+2.00 GB" in note and "~8 stored points (~24 GB" in note
+    classic = load_config({"study": "t", "models": {"t0": {"arch": "t0"}}})
+    assert ema_notes(classic, [{"model": "t0", "params": 1}]) == []
