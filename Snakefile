@@ -56,6 +56,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/scaling.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/ema_sweep.smk"  # loss against the EMA length, where the config has an `ema_sweep`
 include: "workflow/rules/diagnose.smk"  # `snakemake diagnose` (diagnosis of the variants)
 include: "workflow/rules/schedule.smk"  # `snakemake schedule` (optimal-loss schedule study)
 include: "workflow/rules/plan.smk"  # `snakemake plan`: parameters, FLOPs and GPU-hours of every model
@@ -101,7 +102,7 @@ def study_files():
 
 def study_products():
     """Everything the default target makes but the cost table: the intermediates, the tables and the figures."""
-    return study_files() + [f"{R}/analysis/exponents.csv", f"{R}/analysis/exponents.md"] + FIGURES
+    return study_files() + [f"{R}/analysis/exponents.csv", f"{R}/analysis/exponents.md"] + FIGURES + ema_sweep_products()
 
 
 rule all:

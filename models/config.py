@@ -85,6 +85,7 @@ def load_config(path_or_dict: str | Path | Mapping, *, schema: Mapping | None = 
     _validate(cfg, schema, where)  # defaults must themselves be valid (catches a broken schema)
     expand_seeds(cfg, where)
     _check_batching(cfg, where)
+    _check_ema(cfg, where)
     return cfg
 
 
@@ -157,6 +158,31 @@ def _check_batching(cfg: dict, where: str) -> None:
             micro_batch(training, training["launch"]["num_processes"], key)
         except ConfigError as e:
             problems.append(f"{where}: {e}")
+    if problems:
+        raise ConfigError("\n".join(dict.fromkeys(problems)))
+
+
+def _check_ema(cfg: dict, where: str) -> None:
+    """training.ema's power-only keys need `kind: power` (in the study's section or the model's override), and so
+    does every model of a study with an `ema_sweep`."""
+    problems = []
+    sweep = cfg.get("ema_sweep")
+    if sweep is not None and not any(math.isclose(float(sweep["fixed_sigma_rel"]), float(s), rel_tol=1e-9)
+                                     for s in sweep["sigma_rel"]):
+        problems.append(f"{where}: ema_sweep.fixed_sigma_rel: {sweep['fixed_sigma_rel']} is not on the grid "
+                        f"ema_sweep.sigma_rel {sweep['sigma_rel']}")
+    for name, entry in (cfg.get("models") or {}).items():
+        ema = model_training(cfg, name).get("ema") or {}
+        own = ((entry or {}).get("training") or {}).get("ema") or {}
+        key = f"models.{name}.training.ema" if own else "training.ema"
+        if ema.get("kind", "classic") != "power":
+            if cfg.get("ema_sweep") is not None:
+                problems.append(f"{where}: ema_sweep: model {name} keeps the classic EMA; the sweep rebuilds EMA "
+                                f"lengths from power profiles: set {key}.kind: power")
+            for extra in ("sigma_rel", "profile_every_images"):
+                if ema.get(extra) is not None:
+                    problems.append(f"{where}: {key}.{extra}: set, but {key}.kind is "
+                                    f"{ema.get('kind', '<unset>')!r}; it applies to kind: power only")
     if problems:
         raise ConfigError("\n".join(dict.fromkeys(problems)))
 

@@ -22,10 +22,10 @@ What one step does (global batch B split evenly over the processes, b = B / proc
   (half-life in images, EDM-style ramp; see `ema_beta`), then EDM2's forced weight normalisation of the weights
   the optimizer owns (models/weight_norm.py; also once before the first step).
 
-EMA choice: EDM2 uses a "power" EMA (σ_rel profiles, reconstructable post hoc).  We keep EDM's (2022) classic
-exponential EMA with a half-life in images and its ramp-up (half-life ≤ ema_rampup_ratio·images seen): one
-buffer instead of two, and every snapshot of a scaling study is then averaged the same way relative to its own
-length early on.  It is not the EDM2 post-hoc EMA; a study that needs that would add it here.
+EMA choice (training.ema): by default EDM's (2022) classic exponential EMA with a half-life in images and its
+ramp-up (half-life ≤ ema_rampup_ratio·images seen): one buffer.  `kind: power` keeps EDM2's power-function EMA
+profiles instead (models/power_ema.py: one buffer per σ_rel, stored with every snapshot and, every
+profile_every_images, in profile files), from which any other EMA length is reconstructed after training.
 
 models/train.py builds a `Run` (net, optimiser, data, schedule, resumed state) and calls `run_steps`.
 """
@@ -45,8 +45,9 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from models import run_folder
+from models import integrity, run_folder
 from models.dropout import dropout_stream
+from models.power_ema import profile_path
 from models.weight_norm import normalize_forced_weights_
 
 
@@ -160,6 +161,8 @@ class Run:
     loss_sum: float = 0.0        # the open log interval's running loss
     loss_n: int = 0
     saves: Any = None            # BackgroundSaves while run_steps runs
+    power_ema: Any = None        # models.power_ema.PowerEMA under training.ema.kind = power (then `ema` is its first)
+    profile_marks: list = field(default_factory=list)  # images seen at which a profile-only file is written
 
 
 class BackgroundSaves:
@@ -186,17 +189,22 @@ class BackgroundSaves:
             self.pool.shutdown(wait=True)
 
 
-def host_copy(obj):
+def host_copy(obj, memo: dict | None = None):
     """`obj` with every tensor (and numpy array) copied to the host: what a background write may read while the
-    next steps update the weights, moments and EMA in place."""
+    next steps update the weights, moments and EMA in place.  Tensors that are views of one storage (the snapshot's
+    `ema` and the first power-EMA profile) stay one tensor, so the file still stores them once."""
+    memo = {} if memo is None else memo
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.dtype)
+        if key not in memo:
+            memo[key] = obj.detach().to("cpu", copy=True)
+        return memo[key]
     if isinstance(obj, np.ndarray):
         return obj.copy()
     if isinstance(obj, dict):
-        return type(obj)((k, host_copy(v)) for k, v in obj.items())
+        return type(obj)((k, host_copy(v, memo)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(host_copy(v) for v in obj)
+        return type(obj)(host_copy(v, memo) for v in obj)
     return obj
 
 
@@ -227,6 +235,8 @@ def save_state(run: Run) -> None:
                  "flops_per_image": run.flops_per_image, "model": run.model,
                  "log_accumulator": (run.loss_sum, run.loss_n), "config_fingerprint": run.fingerprint,
                  "schedule": schedule.state_dict() if own_schedule else None}
+        if run.power_ema is not None:
+            state["ema_power"] = run.power_ema.state_dict()
         if not run.use_ds:
             state["net"] = run.raw_net.state_dict()
             state["optimizer"] = run.optimizer.state_dict()
@@ -236,11 +246,25 @@ def save_state(run: Run) -> None:
 
 def save_snapshot(run: Run) -> None:
     if run.accelerator.is_main_process:
-        write_in_background(run, run_folder.write_snapshot, run.out, run.images_seen, {
-            "ema": host_copy(run.ema.state_dict()), "arch": run.arch_record, "variant": run.variant_record,
+        record = {
+            "ema": run.ema.state_dict(), "arch": run.arch_record, "variant": run.variant_record,
             "images_seen": run.images_seen, "flops": run.flops_per_image * run.images_seen, "params": run.n_params,
-            "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes})
+            "model": run.model, "training": run.training, "world_size": run.accelerator.num_processes}
+        if run.power_ema is not None:  # its first profile's tensors are `ema`'s: stored once
+            record["ema_power"] = run.power_ema.record(int(run.training["batch_size"]))
+        write_in_background(run, run_folder.write_snapshot, run.out, run.images_seen, host_copy(record))
     run.written.append(run_folder.snapshot_path(run.out, run.images_seen).name)
+
+
+def save_profiles(run: Run) -> None:
+    """A profile-only file (ema_profiles/profile-<images>.pt): the power-EMA profiles, densely in time for the
+    post-hoc reconstruction, without the rest of a snapshot."""
+    if run.accelerator.is_main_process:
+        path = profile_path(run.out, run.images_seen)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_in_background(run, run_folder.atomic_torch_save, host_copy({
+            "ema_power": run.power_ema.record(int(run.training["batch_size"])),
+            "images_seen": run.images_seen, "model": run.model}), path)
 
 
 def gradient_norm(run: Run) -> float:
@@ -346,7 +370,10 @@ def optimizer_step(run: Run, logs: bool):
 
 def update_ema(run: Run) -> float:
     """The EMA averages the weights Adam just wrote (fp32: the master weights, or their exact copy under ZeRO),
-    before the forced weight normalisation renormalises them, as EDM2's does; returns its β."""
+    before the forced weight normalisation renormalises them, as EDM2's does; returns its β (the first power
+    profile's under training.ema.kind = power)."""
+    if run.power_ema is not None:
+        return run.power_ema.update(run.raw_net)[0]
     beta = ema_beta(run.images_seen, int(run.training["batch_size"]), run.training)
     with torch.no_grad():
         for p_ema, p in zip(run.ema.parameters(), run.raw_net.parameters()):
@@ -438,6 +465,8 @@ def step_loop(run: Run, *, stop_after_images: int | None, bar) -> str:
         is_mark = any(run.images_seen == m for m in run.marks)
         if is_mark:
             save_snapshot(run)
+        elif run.power_ema is not None and run.images_seen in run.profile_marks:
+            save_profiles(run)
         stop = stop_after_images is not None and stop_after_images <= run.images_seen < run.total
         if stop or state_due(run, is_mark, crossed):
             save_state(run)

@@ -104,7 +104,29 @@ def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
                      "gpu_hours": gpu_hours, "mfu": mfu, "wall_hours": wall_hours,
                      "nodes": int(training["launch"].get("num_machines", 1)),
                      "jobs": math.ceil(wall_hours / runtime_hours)})
-    return rows, plan_notes(cfg)
+    return rows, plan_notes(cfg) + ema_notes(cfg, rows)
+
+
+def ema_notes(cfg: Mapping, rows: list[dict]) -> list[str]:
+    """What EDM2's power-EMA profiles (training.ema.kind: power) add: one fp32 copy of the weights per profile in
+    every training process (the classic EMA keeps one), and per stored point (snapshot or profile file) on disk."""
+    from models.config import snapshot_marks  # torch-free
+
+    notes = []
+    for row in rows:
+        training = model_training(cfg, row["model"])
+        ema = training.get("ema") or {}
+        if ema.get("kind") != "power":
+            continue
+        profiles = len(ema.get("sigma_rel") or (0.05, 0.10))
+        every = int(ema.get("profile_every_images") or 0)
+        points = set(snapshot_marks(training)) | set(range(every, total_images(training) + 1, every) if every else ())
+        profile_gb = 4 * row["params"] / 1e9
+        notes.append(f"{row['model']}: {profiles} power-EMA profiles, {profiles * profile_gb:.2f} GB of fp32 weights "
+                     f"in each training process ({(profiles - 1) * profile_gb:+.2f} GB over the classic EMA), the same "
+                     f"on disk at each of ~{len(points)} stored points (~{len(points) * profiles * profile_gb:,.0f} GB "
+                     "in all)")
+    return notes
 
 
 def plan_notes(cfg: Mapping) -> list[str]:

@@ -34,6 +34,7 @@ from models.data import Dataset, DatasetArrays, open_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.loop import Run, learning_rate, run_steps
+from models.power_ema import PowerEMA, ema_settings, profile_marks
 from models.run_folder import RunFolderMismatchError, config_fingerprint
 from models.schedule import OptimalLossSchedule
 from models.sigma_bins import SigmaBinTracker
@@ -269,6 +270,8 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     torch.manual_seed(int(training["seed"]))  # identical initial weights on every rank
     net = family.net_from_kwargs(spec.arch_kwargs, device="cpu").to(device).train()
     ema = copy.deepcopy(net).eval().requires_grad_(False).to(torch.float32)
+    ema_kind, sigma_rels = ema_settings(training)
+    power_ema = PowerEMA(ema, sigma_rels) if ema_kind == "power" else None  # `ema` becomes its first profile
     if use_ds:
         promote_scalar_params(net)  # after the EMA copy: snapshots keep the family's shapes
     n_params = sum(p.numel() for p in net.parameters())
@@ -286,6 +289,8 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     if loaded is not None:
         restore_state(loaded, net=net, optimizer=optimizer, ema=ema, tracker=tracker, schedule=schedule,
                       variant=variant, use_ds=use_ds)
+        if power_ema is not None:
+            power_ema.load_state_dict(loaded["ema_power"], str(out / "state.pt"))
     if use_ds:
         image_dims = spec.arch_record["channels"] * spec.arch_record["resolution"] ** 2
         configure_deepspeed(accelerator.state.deepspeed_plugin.deepspeed_config, training, batch_gpu, rounds,
@@ -309,7 +314,8 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
               # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
               flops_per_image=float(family.training_flops_of(spec.arch_kwargs)),
               fingerprint=spec.fingerprint, arch_record=spec.arch_record, variant_record=spec.variant_record,
-              n_params=n_params)
+              n_params=n_params, power_ema=power_ema,
+              profile_marks=profile_marks(training, total_images(training)) if power_ema is not None else [])
     if loaded is not None:
         run.images_seen, run.written = int(loaded["images_seen"]), list(loaded["snapshots"])
         # the interrupted log interval's running loss continues where it was

@@ -35,6 +35,9 @@ def test_rehearsal_mirrors_the_paper_config():
         assert rounds > 1, f"{name}: micro-batching must be active"
         assert tr["mixed_precision"] == "bf16" and 0 < tr["state_every_images"] < tr["total_images"]
         assert len(snapshot_marks(tr)) == 8
+        assert tr["ema"]["kind"] == "power"
+        assert tr["ema"]["sigma_rel"] == model_training(paper, "xs")["ema"]["sigma_rel"]
+    assert cfg["ema_sweep"] == paper["ema_sweep"]
     assert ("ddp-bf16.yaml", 2) in launchers and ("deepspeed-zero2.yaml", 2) in launchers
 
 
@@ -84,7 +87,9 @@ def test_rehearsal_end_to_end(tmp_path):
         if "deepspeed" in tr["launch"]["accelerate_config"]:
             assert any((r / "runs" / name / "state-ds").iterdir())    # ZeRO's own checkpoint was written
     assert (r / "optimal_loss" / "jstar.csv").read_text().count("cdol") > 0
-    for fig in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling"):
+    sweep = (r / "analysis" / "ema_sweep.csv").read_text().splitlines()
+    assert len(sweep) == 1 + len(cfg["models"]) * 12  # a header, then every model at every σ_rel
+    for fig in ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "ema_sweep"):
         assert (r / "figures" / f"{fig}.png").stat().st_size > 1000, fig
 
 
