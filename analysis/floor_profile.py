@@ -31,6 +31,7 @@ import pandas as pd
 from analysis import fits
 from analysis.forecast import _estimate_rows, jackknife_off, mean_over_splits, split_masks, splits
 from analysis.intervals import intervals, set_fields
+from analysis.study_stats import IDENTICAL_JSTAR
 
 JOINT_REPLICATES = 200       # the joint law's rows: the estimate, this many evaluation (and seed) replicates, the
                              # jackknife — its refits cost ~1,000× a power law's, and the total interval is the
@@ -283,14 +284,17 @@ def joint_floor_table(reps) -> pd.DataFrame:
                       "largest_over_jstar": largest / js if js > 0 else math.inf, "n": int(np.isfinite(y0).sum()),
                       "n_lengths": n_lengths}, []
         e, _ = joint_free_floor_rows(reps, level)
-        set_fields(row, "E", e, reps.kind, notes, allow=allow, bounds=(0.0, ymin), mark_clipped=True)
+        # feasible: 0 … the smallest loss of the fit (or the estimate, where least squares put it a little above)
+        set_fields(row, "E", e, reps.kind, notes, allow=allow, bounds=(0.0, max(ymin, float(e[0]))),
+                   mark_clipped=True)
         row["E_at_bound"] = bool(row["E"] <= fits.FLOOR_AT_ZERO * ymin)
         if row["E_at_bound"]:
             notes.append("E at its bound 0: the data drive the floor to zero")
         if n_lengths < 2:
             notes.append("one training length per size: E and B·D^−b are not told apart")
         lo, hi = row["E_ci_lo"], row["E_ci_hi"]
-        row["jstar_in_ci"] = bool(lo <= js <= hi) if np.isfinite(lo) and np.isfinite(hi) else math.nan
+        tol = IDENTICAL_JSTAR * ymin      # J* ≈ 0 and E at 0 are the same floor
+        row["jstar_in_ci"] = bool(lo - tol <= js <= hi + tol) if np.isfinite(lo) and np.isfinite(hi) else math.nan
         row["note"] = "; ".join(notes)
         out.append(row)
     return pd.DataFrame(out, columns=JOINT_FLOOR_COLUMNS)
@@ -326,7 +330,8 @@ def floor_markdown(profile: pd.DataFrame, joint: pd.DataFrame | None = None) -> 
             parts.append("- " + range_sentence(rng, law, "Total loss"))
     parts += ["", "A floor c is supported when its rolling-origin forecast error is not worse than the best c's at 95% "
               "(paired, total interval); c runs from 0 to just below the smallest loss, J* among the values "
-              "(floor_profile.csv). Any floor between 0 and the loss can forecast better than none: curvature shows "
+              f"(floor_profile.csv; the joint law on {JOINT_REPLICATES} evaluation replicates and "
+              f"{JOINT_PROFILE_POINTS} floors). Any floor between 0 and the loss can forecast better than none: curvature shows "
               "a floor above zero, and only the range says whether J* is the one.", ""]
     rows = []
     for sigma in sorted(profile.loc[profile["law"] == "power_law", "sigma"].dropna().unique()):
