@@ -115,6 +115,7 @@ def default_shape():
     return _profiles(31, N_COVER, run_sd=REAL_RUN_SD, snapshot_sd=0.01)
 
 
+@pytest.mark.slow
 def test_the_supported_range_covers_the_true_best_floor(default_shape):
     """≥ 90% of simulated studies of the default study's shape (6 sizes × 4 snapshots, seed noise of the real
     study's size) put the floor that forecasts best on the law itself inside their supported range. Monte Carlo
@@ -128,6 +129,7 @@ def test_the_supported_range_covers_the_true_best_floor(default_shape):
     assert coverage >= 0.90, coverage
 
 
+@pytest.mark.slow
 def test_the_forecast_difference_interval_covers(default_shape):
     """The paired difference of the forecast errors of L (c = 0) and L − J* (c = J*): its total interval holds the
     difference on the law itself in ≥ 90% of simulated studies."""
@@ -140,6 +142,7 @@ def test_the_forecast_difference_interval_covers(default_shape):
     assert coverage >= 0.90, coverage
 
 
+@pytest.mark.slow
 def test_a_floor_above_jstar_is_told_apart_from_jstar():
     """Studies whose true floor lies well above J* (a model class that cannot reach J*: floor_above), where the
     data can tell: ten sizes coming close to it, seed offsets of 0.5%. The supported range excludes J* in ≥ 80% of
