@@ -427,8 +427,10 @@ def _polish_rows(th, rows, n, d, logl, w, log_floor=None, fallback=None, stop_fl
         return th
     lf = None if log_floor is None else log_floor[rows]
     stop = None if stop_floor_below is None else stop_floor_below[rows]
+    # more iterations than the first batch: rows left unconverged there creep along a flat valley, and a batched
+    # iteration costs a small fraction of one trust-region solve
     tb, fb, ok = joint_solve_bounded(th[rows], n, d, logl[rows], log_floor=lf, weights=w[rows],
-                                     stop_floor_below=stop)
+                                     stop_floor_below=stop, max_iter=10 * _MAX_ITER)
     for j, i in enumerate(rows):
         if ok[j]:
             th[i] = tb[j]
