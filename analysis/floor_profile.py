@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
-from analysis.forecast import _estimate_rows, jackknife_off, mean_over_splits, split_masks, splits
+from analysis.forecast import MIN_TRAIN_SIZES, _estimate_rows, jackknife_off, mean_over_splits, split_masks, splits
 from analysis.intervals import intervals, set_fields
 from analysis.study_stats import IDENTICAL_JSTAR
 
@@ -321,18 +321,23 @@ def range_sentence(rng: dict, law: str, what: str) -> str:
 def floor_markdown(profile: pd.DataFrame, joint: pd.DataFrame | None = None) -> list[str]:
     """The lines exponents.md opens with: the supported floors in total (both laws) and per σ (the power law), and
     the joint law's free floor per σ beside J*."""
-    if profile is None or profile.empty:
+    has_joint = joint is not None and not joint.empty
+    if (profile is None or profile.empty) and not has_joint:
         return []
     parts = ["## The floors the data support", ""]
+    if profile is None or profile.empty:
+        profile = pd.DataFrame(columns=PROFILE_COLUMNS)
+        parts += [f"No floor profile: a rolling-origin forecast needs ≥ {MIN_TRAIN_SIZES + 1} model sizes.", ""]
     for law in PROFILE_LAWS:
         rng = supported_range(profile, law, math.nan)
         if rng is not None:
             parts.append("- " + range_sentence(rng, law, "Total loss"))
-    parts += ["", "A floor c is supported when its rolling-origin forecast error is not worse than the best c's at 95% "
-              "(paired, total interval); c runs from 0 to just below the smallest loss, J* among the values "
-              f"(floor_profile.csv; the joint law on {JOINT_REPLICATES} evaluation replicates and "
-              f"{JOINT_PROFILE_POINTS} floors). Any floor between 0 and the loss can forecast better than none: curvature shows "
-              "a floor above zero, and only the range says whether J* is the one.", ""]
+    if not profile.empty:
+        parts += ["", "A floor c is supported when its rolling-origin forecast error is not worse than the best c's at "
+                  "95% (paired, total interval); c runs from 0 to just below the smallest loss, J* among the values "
+                  f"(floor_profile.csv; the joint law on {JOINT_REPLICATES} evaluation replicates and "
+                  f"{JOINT_PROFILE_POINTS} floors). Any floor between 0 and the loss can forecast better than none: "
+                  "curvature shows a floor above zero, and only the range says whether J* is the one.", ""]
     rows = []
     for sigma in sorted(profile.loc[profile["law"] == "power_law", "sigma"].dropna().unique()):
         r = supported_range(profile, "power_law", sigma)

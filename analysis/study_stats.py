@@ -93,8 +93,9 @@ def frontier_note(reps: StudyReplicates, frontier: str = "all") -> str:
     if curves.empty or per_run.size < 2:
         return f"The compute frontier holds {int(on.sum())} snapshots of {per_run.size} runs. "
     what = ", ".join(f"{n} snapshots of {m}'s training curve" for m, n in curves.items())
+    others = per_run.size - curves.size
     return (f"The compute frontier ({int(on.sum())} points) mixes {what} with the snapshots of "
-            f"{per_run.size - curves.size} other runs: one run's training curve and the size sweep in one law "
+            f"{others} other run{'s' if others != 1 else ''}: one run's training curve and the size sweep in one law "
             "(`--frontier final` fits each run's final snapshot only). ")
 
 
