@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
+from analysis.fit_law import joint_rows
 from analysis.intervals import set_fields
 
 FLOORS = ("jstar", "free")
@@ -40,15 +41,9 @@ class JointRows:
         js = np.nanmean(reps.jstar[:, :, 0], axis=1)
         self.floor = floor
         self.log_floor = {"jstar": np.log(js), "zero": np.full(len(js), -math.inf), "free": None}[floor]
-        lf0 = None if self.log_floor is None else self.log_floor[0]
-        theta, f = fits.joint_fit(self.n, self.d, self.logl[0], log_floor=lf0, weights=self.weights[0])
+        # the estimate row from a grid of starts, every other row refitted from it (as for any table)
+        self.theta, f = joint_rows(self.n, self.d, self.logl, self.weights, self.log_floor, floor_start=np.log(js))
         self.rmse_log = math.sqrt(f / float(self.weights[0].sum()))
-        self.theta = np.empty((len(total), len(theta)))
-        self.theta[0] = theta
-        if len(total) > 1:
-            self.theta[1:] = fits.joint_refit(theta, self.n, self.d, self.logl[1:],
-                                              log_floor=None if self.log_floor is None else self.log_floor[1:],
-                                              weights=self.weights[1:], floor_start=np.log(js[1:]))
         self.values = fits.joint_params(self.theta, self.scale, self.log_floor)
 
     def predict(self, params, images) -> np.ndarray:

@@ -440,11 +440,14 @@ def _polish_rows(th, rows, n, d, logl, w, log_floor=None, fallback=None, stop_fl
     return th
 
 
-def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=None) -> np.ndarray:
-    """Every row's least-squares fit from one start θ (warm start: a point estimate), all at once; rows the
-    batched solve leaves at a bound or unconverged are polished one by one. ``log_floor`` [R] fixes E (k = 4);
-    without it E is free (k = 5), starting at ``floor_start`` [R] where θ's own floor is 0, and set to 0 where the
-    data drive it there (as ``joint_fit``). ``logl`` [R, S], ``weights`` [R, S]. Returns θ [R, k]."""
+def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=None,
+                huber_delta=None) -> np.ndarray:
+    """Every row's least-squares (or Huber(δ), ``huber_delta``) fit from one start θ (warm start: a point
+    estimate), all at once; rows the batched solve leaves at a bound or unconverged are polished one by one.
+    ``log_floor`` [R] fixes E (k = 4); without it E is free (k = 5), starting at ``floor_start`` [R] where θ's own
+    floor is 0, and set to 0 where the data drive it there (as ``joint_fit``). ``logl`` [R, S], ``weights``
+    [R, S]. Returns θ [R, k]."""
+    h = huber_delta
     logl = np.atleast_2d(np.asarray(logl, dtype=np.float64))
     r = len(logl)
     w = np.ones(logl.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64),
@@ -453,35 +456,38 @@ def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=
     theta = np.asarray(theta, dtype=np.float64)
     if log_floor is not None:
         lf = np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (r,))
-        th, _, ok = joint_solve(np.broadcast_to(theta[:4], (r, 4)), n, d, logl, log_floor=lf, weights=w)
-        if BATCHED_POLISH:
+        th, _, ok = joint_solve(np.broadcast_to(theta[:4], (r, 4)), n, d, logl, log_floor=lf, weights=w,
+                                huber_delta=h)
+        if BATCHED_POLISH and h is None:
             return _polish_rows(th, np.flatnonzero(~ok), n, d, logl, w, lf, np.broadcast_to(theta[:4], (r, 4)))
         for i in np.flatnonzero(~ok):
-            th[i], _ = joint_polish(theta[:4], n, d, logl[i], log_floor=lf[i], weights=w[i])
+            th[i], _ = joint_polish(theta[:4], n, d, logl[i], log_floor=lf[i], weights=w[i], huber_delta=h)
         return th
     start = np.broadcast_to(theta, (r, 5)).copy()
     if not np.isfinite(theta[4]):
         start[:, 4] = floor_start if floor_start is not None else np.log(0.5) + np.nanmin(
             np.where(w > 0, logl, np.nan), axis=1)
     at_zero = np.where(w > 0, logl, np.inf).min(axis=1) + math.log(FLOOR_AT_ZERO)
-    th, _, ok = joint_solve(start, n, d, logl, weights=w, stop_floor_below=at_zero)
+    th, _, ok = joint_solve(start, n, d, logl, weights=w, stop_floor_below=at_zero, huber_delta=h)
     # rows the batched solve drives below the zero line need no bounded solve of the five-parameter law
-    if BATCHED_POLISH:
+    if BATCHED_POLISH and h is None:
         th = _polish_rows(th, np.flatnonzero(~ok & (th[:, 4] > at_zero)), n, d, logl, w, fallback=start,
                           stop_floor_below=at_zero)
     else:
         for i in np.flatnonzero(~ok & (th[:, 4] > at_zero)):
-            th[i], _ = joint_polish(start[i], n, d, logl[i], weights=w[i])
+            th[i], _ = joint_polish(start[i], n, d, logl[i], weights=w[i], huber_delta=h)
     snap = th[:, 4] <= at_zero
     if snap.any():
         i = np.flatnonzero(snap)
-        th4, _, ok4 = joint_solve(th[i, :4], n, d, logl[i], log_floor=np.full(i.size, -math.inf), weights=w[i])
-        if BATCHED_POLISH:
+        th4, _, ok4 = joint_solve(th[i, :4], n, d, logl[i], log_floor=np.full(i.size, -math.inf), weights=w[i],
+                                 huber_delta=h)
+        if BATCHED_POLISH and h is None:
             th4 = _polish_rows(th4, np.flatnonzero(~ok4), n, d, logl[i], w[i], np.full(i.size, -math.inf),
                                th[i, :4])
         else:
             for j in np.flatnonzero(~ok4):
-                th4[j], _ = joint_polish(th[i[j], :4], n, d, logl[i[j]], log_floor=-math.inf, weights=w[i[j]])
+                th4[j], _ = joint_polish(th[i[j], :4], n, d, logl[i[j]], log_floor=-math.inf, weights=w[i[j]],
+                                         huber_delta=h)
         th[i, :4], th[i, 4] = th4, -math.inf
     return th
 
@@ -677,6 +683,29 @@ def _from_epoch(grid, scale):
     return np.column_stack([a - al * math.log(scale[0]), b - be * math.log(scale[1]), al, be, e])
 
 
+def epoch_starts(n, d, logl, scale, *, top_k: int | None = 60, huber_delta: float | None = 1e-3,
+                 log_floor=None, grid=None) -> np.ndarray:
+    """Epoch AI's grid of starts as θ rows on normalised n = log(N/N_s), d = log(D/D_s) (``scale`` = (N_s, D_s)):
+    all 5400, or with ``top_k`` the k most promising by their objective, kept diverse (``profile_starts``). With a
+    fixed ``log_floor`` the grid's e is moot: its starts are θ[:4], each once. ``grid``: other rows (a, b, e, α, β)
+    in Epoch's parametrisation instead (then ``top_k`` must be None)."""
+    if grid is not None:
+        theta = _from_epoch(np.atleast_2d(grid), scale)
+        return theta if log_floor is None else theta[:, :4]
+    grid = chinchilla_grid()
+    starts = _from_epoch(grid, scale)
+    fixed = log_floor is not None
+    if top_k is not None and top_k < len(grid):
+        lf = np.full(len(starts), log_floor) if fixed else None
+        values = _objective(joint_log_model(starts[:, :4] if fixed else starts, n, d, lf) - logl,
+                            np.ones((len(starts), logl.size)), huber_delta)
+        starts = _from_epoch(profile_starts(grid, values, len(grid) if fixed else top_k), scale)
+    if fixed:
+        _, first = np.unique(starts[:, :4], axis=0, return_index=True)
+        starts = starts[np.sort(first)][:top_k, :4]
+    return starts
+
+
 def fit_chinchilla(params, tokens, loss, *, drop_highest: int = 0, huber_delta: float = 1e-3, n_bootstrap: int = 0,
                    seed: int = 0, top_k: int | None = 60) -> dict:
     """Fit L = E + A/N^α + B/D^β (N = params, D = tokens) by Huber(δ) on log residuals, the joint law's fitter.
@@ -703,11 +732,7 @@ def fit_chinchilla(params, tokens, loss, *, drop_highest: int = 0, huber_delta: 
         raise ValueError(f"need at least 5 points for the 5-parameter Chinchilla fit, got {n.size}")
     scale = joint_scale(n, d)
     un, ud, logl = np.log(n / scale[0]), np.log(d / scale[1]), np.log(l)
-    grid = chinchilla_grid()
-    starts = _from_epoch(grid, scale)
-    if top_k is not None and top_k < len(grid):
-        values = _objective(joint_log_model(starts, un, ud) - logl, np.ones((len(starts), logl.size)), huber_delta)
-        starts = _from_epoch(profile_starts(grid, values, top_k), scale)
+    starts = epoch_starts(un, ud, logl, scale, top_k=top_k, huber_delta=huber_delta)
     theta, fval = joint_fit(un, ud, logl, free=True, huber_delta=huber_delta, starts=starts)
     names = ("E", "A", "B", "alpha", "beta")
     est = joint_params(theta, scale)
@@ -726,6 +751,8 @@ def fit_chinchilla(params, tokens, loss, *, drop_highest: int = 0, huber_delta: 
         th = np.array([joint_polish(t, un, ud, logl, weights=c, huber_delta=huber_delta)[0]
                        for t, c in zip(th, counts)])
         draws = joint_params(th, scale)
+        # a floor at the bound of log E is a floor of 0 (not e^−50 ≈ 2e−22), as the estimate's own
+        draws["E"] = np.where(th[:, 4] <= joint_bounds(5)[0][4] + 1e-9, 0.0, draws["E"])
         for key, src in zip(names, ("E", "A", "B", "a", "b")):
             out[f"{key}_ci"] = percentile_interval(draws[src], bounds=(0.0, math.inf))
     return out

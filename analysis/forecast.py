@@ -78,12 +78,13 @@ def splits(snapshots: pd.DataFrame) -> list[tuple[int, list, str]]:
     order = sizes_by_params(snapshots)
     counts = sorted(runs.unique())
     of = [[m for m in order if runs[m] == c] for c in counts]
-    return [(k, [m for group in of[:k] for m in group], "+".join(of[k])) for k in range(MIN_TRAIN_SIZES, len(of))]
+    held = [g[0] if len(g) == 1 else "+".join(map(str, g)) for g in of]
+    return [(k, [m for group in of[:k] for m in group], held[k]) for k in range(MIN_TRAIN_SIZES, len(of))]
 
 
-def held_out_runs(test: str) -> list:
-    """The runs a split's held-out name stands for."""
-    return test.split("+")
+def held_out_runs(test) -> list:
+    """The runs a split's held-out name stands for (several runs of one size are joined by "+")."""
+    return test.split("+") if isinstance(test, str) and "+" in test else [test]
 
 
 def split_masks(reps, train, test, frontier: str = "all"):

@@ -21,7 +21,8 @@ CLI::
 
     python -m analysis.scaling --losses losses.csv --per-triple per_triple.npz --out-dir analysis/ \
         [--models models.json] [--n-replicates 1000]
-    python -m analysis.scaling chinchilla --csv FILE --drop-highest 5 [--n-bootstrap 0]
+    python -m analysis.scaling chinchilla --csv FILE --drop-highest 5 [--n-bootstrap 0]   (any table, runs, predictions:
+        python -m analysis.fit_law, docs/fit-your-own-table.md)
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def _main_chinchilla(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m analysis.scaling chinchilla",
                                  description="Fit L = E + A/N^α + B/D^β (Hoffmann et al. approach 3).")
     ap.add_argument("--csv", required=True, type=Path, help="CSV with columns params, tokens, loss")
-    ap.add_argument("--drop-highest", type=int, default=0)
-    ap.add_argument("--n-bootstrap", type=int, default=0)
+    ap.add_argument("--drop-highest", type=int, default=0,
+                    help="drop this many highest-loss points first (Epoch AI drop 5)")
+    ap.add_argument("--n-bootstrap", type=int, default=0, help="bootstrap resamples of the points for intervals")
+    ap.add_argument("--huber-delta", type=float, default=1e-3, help="Huber delta on log residuals (default 1e-3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top-k", type=int, default=60, help="grid starts optimised (0 = all 5400)")
     args = ap.parse_args(argv)
@@ -185,11 +188,12 @@ def _main_chinchilla(argv) -> int:
     if missing:
         ap.error(f"{args.csv} is missing columns {missing}")
     f = fit_chinchilla(df["params"], df["tokens"], df["loss"], drop_highest=args.drop_highest,
-                       n_bootstrap=args.n_bootstrap, seed=args.seed, top_k=args.top_k or None)
+                       n_bootstrap=args.n_bootstrap, seed=args.seed, top_k=args.top_k or None,
+                       huber_delta=args.huber_delta)
     print(f"L = E + A/N^alpha + B/D^beta   ({f['n']} points, Huber loss {f['huber_loss']:.6g})")
     for k in ("E", "A", "B", "alpha", "beta"):
         lo, hi = f[f"{k}_ci"]
-        ci = f"   95% CI [{lo:.4g}, {hi:.4g}]" if math.isfinite(lo) else ""
+        ci = f"   95% CI [{'0 (at bound)' if lo == 0 else f'{lo:.4g}'}, {hi:.4g}]" if math.isfinite(lo) else ""
         print(f"  {k:5s} = {f[k]:.4g}{ci}")
     return 0
 
