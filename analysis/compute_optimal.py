@@ -71,8 +71,14 @@ def compute_optimal_table(study) -> pd.DataFrame:
     for floor in FLOORS:
         jr = study.joint(floor)
         row, notes = {"floor": floor, "rmse_log": jr.rmse_log, "n": int(jr.weights[0].sum())}, []
+        smallest = float(np.nanmin(np.exp(jr.logl[0])))
         for key in PARAMETERS:
-            set_fields(row, key, jr.values[key], reps.kind, notes, allow=allow, bounds=BOUNDS[key])
+            # a free floor lies between 0 and the smallest loss of its fit
+            bounds = (0.0, smallest) if key == "E" and floor == "free" else BOUNDS[key]
+            set_fields(row, key, jr.values[key], reps.kind, notes, allow=allow, bounds=bounds,
+                       mark_clipped=key == "E" and floor == "free")
+        if floor == "jstar":
+            notes.append("E is J* (fixed, not fitted): its interval is J*'s evaluation noise")
         row["n_jackknife"] = int((reps.kind == "jackknife").sum())
         loo = jr.values["n_opt_exponent"][reps.kind == "jackknife"]
         row["n_opt_exponent_loo_min"] = float(np.nanmin(loo)) if np.isfinite(loo).any() else math.nan

@@ -140,6 +140,7 @@ def power_law_predict(u, c, k, p) -> np.ndarray:
 JOINT_MAX_EXPONENT = 10.0
 _MAX_ITER = 200
 _POLISH = 3            # best batched solutions of a grid of starts polished by the bounded trust-region solve
+BATCHED_POLISH = True  # joint_refit's rows at a bound: the bounded batch (joint_solve_bounded) before any one-by-one solve
 FLOOR_AT_ZERO = 1e-6   # a free floor below this fraction of the smallest loss is set to exactly 0
 
 
@@ -373,6 +374,72 @@ def joint_fit(n, d, logl, *, log_floor=None, free=None, weights=None, huber_delt
     return best, best_f
 
 
+def joint_solve_bounded(theta0, n, d, logl, *, log_floor=None, weights=None, max_iter=_MAX_ITER,
+                        stop_floor_below=None):
+    """Least squares on every row at once within the bounds, by damped Newton on the free parameters (an active
+    set: a parameter at a bound whose gradient pushes outward is held there). Returns (θ [P, k], objective [P],
+    ok [P]): ok where the first-order (KKT) conditions hold to 1e-9 — the free parameters' Newton step negligible,
+    every held parameter's gradient pointing out of the box; the others need ``joint_polish``. A free floor whose
+    log falls below ``stop_floor_below`` [P] stops there, ok (it is set to 0 anyway, as in ``joint_solve``)."""
+    theta0 = np.atleast_2d(np.asarray(theta0, dtype=np.float64))
+    p, k = theta0.shape
+    logl, w, lf = _prepare_rows(p, n, d, logl, log_floor, weights)
+    lo, hi = joint_bounds(k)
+    theta = np.clip(theta0, lo, hi)
+    f, g, h, scale = _newton_system(theta, n, d, logl, lf, w, None)
+    lam, done, eye = np.full(p, 1e-3), np.zeros(p, dtype=bool), np.eye(k)
+    stop = None if stop_floor_below is None or k != 5 else np.broadcast_to(stop_floor_below, (p,))
+    nd = lambda a, i: a if np.ndim(a) < 2 else a[i]  # noqa: E731
+
+    def reduced(theta, g, h):
+        held = ((theta <= lo + 1e-12) & (g > 0)) | ((theta >= hi - 1e-12) & (g < 0))
+        mask = held[:, :, None] | held[:, None, :]
+        return held, np.where(mask, 0.0, h) + held[:, :, None] * eye, np.where(held, 0.0, g)
+
+    for _ in range(max_iter):
+        i = np.flatnonzero(~done)
+        if i.size == 0:
+            break
+        held, hr, gr = reduced(theta[i], g[i], h[i])
+        damp = (lam[i, None] * np.maximum(scale[i], 1e-12) * ~held)[:, :, None] * eye
+        new = np.clip(theta[i] - np.nan_to_num(_solve(hr + damp, gr)), lo, hi)
+        fn, gn, hn, sn = _newton_system(new, nd(n, i), nd(d, i), logl[i], lf[i], w[i], None)
+        better = fn < f[i]
+        moved = np.abs(new - theta[i]).max(axis=1)
+        a = i[better]
+        theta[a], f[a], g[a], h[a], scale[a] = new[better], fn[better], gn[better], hn[better], sn[better]
+        lam[i] = np.where(better, np.maximum(lam[i] * 0.1, 1e-12), lam[i] * 10.0)
+        done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
+        if stop is not None:
+            done[i] |= theta[i, 4] < stop[i]
+    held, hr, gr = reduced(theta, g, h)
+    left = np.abs(np.where(held, 0.0, _newton_step(hr, gr))).max(axis=1)
+    ok = done & (left <= 1e-9 * (1.0 + np.abs(theta).max(axis=1))) & np.isfinite(f)
+    if stop is not None:
+        ok |= done & (theta[:, 4] < stop)
+    return theta, f, ok
+
+
+def _polish_rows(th, rows, n, d, logl, w, log_floor=None, fallback=None, stop_floor_below=None):
+    """θ of ``rows`` that the unbounded batch left at a bound or unconverged: the bounded batch first, the bounded
+    trust-region solve one by one only where it does not reach the first-order conditions (or does worse)."""
+    if rows.size == 0:
+        return th
+    lf = None if log_floor is None else log_floor[rows]
+    stop = None if stop_floor_below is None else stop_floor_below[rows]
+    # more iterations than the first batch: rows left unconverged there creep along a flat valley, and a batched
+    # iteration costs a small fraction of one trust-region solve
+    tb, fb, ok = joint_solve_bounded(th[rows], n, d, logl[rows], log_floor=lf, weights=w[rows],
+                                     stop_floor_below=stop, max_iter=10 * _MAX_ITER)
+    for j, i in enumerate(rows):
+        if ok[j]:
+            th[i] = tb[j]
+        else:
+            start = th[i] if fallback is None else fallback[i]
+            th[i], _ = joint_polish(start, n, d, logl[i], log_floor=None if lf is None else lf[j], weights=w[i])
+    return th
+
+
 def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=None,
                 huber_delta=None) -> np.ndarray:
     """Every row's least-squares (or Huber(δ), ``huber_delta``) fit from one start θ (warm start: a point
@@ -391,6 +458,8 @@ def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=
         lf = np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (r,))
         th, _, ok = joint_solve(np.broadcast_to(theta[:4], (r, 4)), n, d, logl, log_floor=lf, weights=w,
                                 huber_delta=h)
+        if BATCHED_POLISH and h is None:
+            return _polish_rows(th, np.flatnonzero(~ok), n, d, logl, w, lf, np.broadcast_to(theta[:4], (r, 4)))
         for i in np.flatnonzero(~ok):
             th[i], _ = joint_polish(theta[:4], n, d, logl[i], log_floor=lf[i], weights=w[i], huber_delta=h)
         return th
@@ -401,16 +470,24 @@ def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=
     at_zero = np.where(w > 0, logl, np.inf).min(axis=1) + math.log(FLOOR_AT_ZERO)
     th, _, ok = joint_solve(start, n, d, logl, weights=w, stop_floor_below=at_zero, huber_delta=h)
     # rows the batched solve drives below the zero line need no bounded solve of the five-parameter law
-    for i in np.flatnonzero(~ok & (th[:, 4] > at_zero)):
-        th[i], _ = joint_polish(start[i], n, d, logl[i], weights=w[i], huber_delta=h)
+    if BATCHED_POLISH and h is None:
+        th = _polish_rows(th, np.flatnonzero(~ok & (th[:, 4] > at_zero)), n, d, logl, w, fallback=start,
+                          stop_floor_below=at_zero)
+    else:
+        for i in np.flatnonzero(~ok & (th[:, 4] > at_zero)):
+            th[i], _ = joint_polish(start[i], n, d, logl[i], weights=w[i], huber_delta=h)
     snap = th[:, 4] <= at_zero
     if snap.any():
         i = np.flatnonzero(snap)
         th4, _, ok4 = joint_solve(th[i, :4], n, d, logl[i], log_floor=np.full(i.size, -math.inf), weights=w[i],
                                  huber_delta=h)
-        for j in np.flatnonzero(~ok4):
-            th4[j], _ = joint_polish(th[i[j], :4], n, d, logl[i[j]], log_floor=-math.inf, weights=w[i[j]],
-                                        huber_delta=h)
+        if BATCHED_POLISH and h is None:
+            th4 = _polish_rows(th4, np.flatnonzero(~ok4), n, d, logl[i], w[i], np.full(i.size, -math.inf),
+                               th[i, :4])
+        else:
+            for j in np.flatnonzero(~ok4):
+                th4[j], _ = joint_polish(th[i[j], :4], n, d, logl[i[j]], log_floor=-math.inf, weights=w[i[j]],
+                                         huber_delta=h)
         th[i, :4], th[i, 4] = th4, -math.inf
     return th
 

@@ -32,6 +32,7 @@ the evaluation noise, which is far smaller than the misfit: AICc, compared withi
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,7 @@ from analysis import fits
 from analysis.compute_optimal import identified
 from analysis.frontier import frontier_mask
 from analysis.intervals import set_fields
+from analysis.study_stats import frontier_candidates
 
 LAWS = ("pure_L", "L_minus_jstar", "free_offset", "joint_floor_jstar", "joint_floor_free", "joint_floor_0")
 ONE_D = LAWS[:3]
@@ -55,7 +57,7 @@ _SPLIT_STARTS = 16   # a split's joint law: the study-wide fit and the grid star
 POINTS = ("frontier", "all")
 FORECAST_COLUMNS = ["law", "split", "held_out_model", "points", "n_points", "error", "error_ci_lo", "error_ci_hi",
                     "error_eval_ci_lo", "error_eval_ci_hi", "note"]
-PAIR_COLUMNS = ["law_a", "law_b", "points", "difference", "difference_ci_lo", "difference_ci_hi",
+PAIR_COLUMNS = ["law_a", "law_b", "points", "n_points", "difference", "difference_ci_lo", "difference_ci_hi",
                 "difference_eval_ci_lo", "difference_eval_ci_hi", "verdict"]
 IC_COLUMNS = ["law", "data", "n", "n_parameters", "rms_log_residual", "sd_model", "sd_snapshot",
               "log_likelihood", "aicc", "delta_aicc"]
@@ -69,9 +71,44 @@ def sizes_by_params(snapshots: pd.DataFrame) -> list:
 
 
 def splits(snapshots: pd.DataFrame) -> list[tuple[int, list, str]]:
-    """(k, training sizes, held-out size) of every rolling-origin split."""
+    """(k, training runs, held-out run) of every rolling-origin split: split k trains on the runs of the k smallest
+    parameter counts and holds out those of the next. Runs of one size trained for different lengths (a floor
+    study) are held out together, as "a+b"; with one run per size the held-out run is its name."""
+    runs = snapshots.groupby("model", sort=False)["params"].first()
     order = sizes_by_params(snapshots)
-    return [(k, order[:k], order[k]) for k in range(MIN_TRAIN_SIZES, len(order))]
+    counts = sorted(runs.unique())
+    of = [[m for m in order if runs[m] == c] for c in counts]
+    held = [g[0] if len(g) == 1 else "+".join(map(str, g)) for g in of]
+    return [(k, [m for group in of[:k] for m in group], held[k]) for k in range(MIN_TRAIN_SIZES, len(of))]
+
+
+def held_out_runs(test) -> list:
+    """The runs a split's held-out name stands for (several runs of one size are joined by "+")."""
+    return test.split("+") if isinstance(test, str) and "+" in test else [test]
+
+
+def split_masks(reps, train, test, frontier: str = "all"):
+    """[rows, S] masks of one split: (training snapshots, held-out snapshots, the training sizes' frontier, the
+    held-out snapshots on the frontier of training and held-out sizes together), the frontier chosen on each row's
+    total loss."""
+    snaps = reps.snapshots
+    model = snaps["model"].to_numpy()
+    flops = snaps["flops"].to_numpy(np.float64)
+    total = frontier_candidates(reps, frontier)
+    in_train = np.isin(model, train)[None, :] & reps.available
+    in_test = np.isin(model, held_out_runs(test))[None, :] & reps.available
+    with np.errstate(invalid="ignore"):
+        both = frontier_mask(flops, np.where(in_train | in_test, total, np.nan))
+        train_front = frontier_mask(flops, np.where(in_train, total, np.nan))
+    return in_train, in_test, train_front, both & in_test
+
+
+def jackknife_off(reps, train, k) -> np.ndarray:
+    """[rows] the jackknife rows a split does not use: a split's jackknife leaves out its training sizes only (not
+    its held-out size, nor a size it does not use), and a split with MIN_TRAIN_SIZES of them has no law left
+    without one."""
+    jack = reps.kind == "jackknife"
+    return jack & (~np.isin(reps.left_out, train) | (k <= MIN_TRAIN_SIZES))
 
 
 class Backtest:
@@ -98,13 +135,10 @@ class Backtest:
             self._split(j, train, test)
 
     def _split(self, j, train, test):
-        model = self.snaps["model"].to_numpy()
-        in_train = np.isin(model, train)[None, :] & self.available
-        in_test = (model == test)[None, :] & self.available
-        with np.errstate(invalid="ignore"):
-            both = frontier_mask(self.flops, np.where(in_train | in_test, self.total, np.nan))
-            train_front = frontier_mask(self.flops, np.where(in_train, self.total, np.nan))
-        scored = {"frontier": both & in_test, "all": in_test}
+        in_train, in_test, train_front, on_front = split_masks(self.study.reps, train, test,
+                                                               getattr(self.study, "frontier", "all"))
+        scored = {"frontier": on_front, "all": in_test}
+        off = jackknife_off(self.study.reps, train, self.splits[j][0])
         preds = {law: self._one_d(law, train_front) for law in ONE_D}
         preds.update({law: self._joint(law, in_train) for law in JOINT})
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -113,10 +147,6 @@ class Backtest:
                 for points in (("frontier",) if law in ONE_D else POINTS):
                     w = scored[points]
                     err = np.where(w, np.abs(np.log(pred) - log_actual), 0.0).sum(1) / w.sum(1)
-                    # a split's jackknife leaves out its training sizes only (not its held-out size, nor a size it
-                    # does not use), and a split with MIN_TRAIN_SIZES of them has no law left without one
-                    jack = self.kind == "jackknife"
-                    off = jack & (~np.isin(self.left_out, train) | (len(train) <= MIN_TRAIN_SIZES))
                     self.errors[(law, points, j)] = np.where((w.sum(1) > 0) & ~off, err, np.nan)
                     self.n_points[(law, points, j)] = int(w[0].sum())
                 for s in np.flatnonzero(in_test[0]):
@@ -159,14 +189,33 @@ class Backtest:
         return np.exp(fits.joint_log_model(theta, whole.n, whole.d, log_floor))
 
     def mean_error(self, law, points) -> np.ndarray:
-        """[rows] the law's error averaged over the splits. A jackknife row leaves its model out of the training
-        sizes only: in a split that does not train on that model (it holds it out, or stops below it), and in a
-        split that would be left with too few training sizes, it keeps the estimate's error (a backtest asks how
-        well a law fitted on the smaller sizes forecasts; the held-out sizes are its fixed test cases)."""
+        """[rows] the law's error averaged over the splits (``mean_over_splits``)."""
         e = np.stack([self.errors[(law, points, j)] for j in range(len(self.splits))])     # [splits, rows]
-        jack = (self.kind == "jackknife")[None, :]
-        e = np.where(jack & ~np.isfinite(e), e[:, :1], e)
-        return e.mean(axis=0)
+        return mean_over_splits(e, self.study.reps, self.splits)
+
+
+def mean_over_splits(e: np.ndarray, reps, study_splits) -> np.ndarray:
+    """[rows] the mean over the splits of per-split errors e [splits, rows]. A jackknife row leaves one model out:
+    a split that trains on it refits without it; a split that does not use it, or would be left with too few
+    training sizes, keeps its study's estimate; and a split that holds it out is dropped from that row's mean.
+    The held-out models are the backtest's few test cases and their seeds move every law's error at once: without
+    the last rule the intervals of the mean (and of differences between laws) miss that, and on simulated studies
+    with seed noise as the default study's they covered about half the time."""
+    kind = np.asarray(reps.kind)
+    jack = (kind == "jackknife")[None, :]
+    e = np.where(jack & ~np.isfinite(e), e[:, _estimate_rows(kind)], e)
+    held = np.stack([jack[0] & np.isin(reps.left_out, held_out_runs(test)) for _, _, test in study_splits])
+    e = np.where(held, np.nan, e)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(e, axis=0)
+
+
+def _estimate_rows(kind) -> np.ndarray:
+    """[rows] each row's own study's estimate row (several simulated studies may be stacked block after block)."""
+    starts = np.flatnonzero(kind == "estimate")
+    block = len(kind) if len(starts) <= 1 else int(starts[1] - starts[0])
+    return np.arange(len(kind)) // block * block
 
 
 def forecast_tables(study) -> dict:
@@ -202,7 +251,8 @@ def forecast_tables(study) -> dict:
     for points, laws in (("frontier", LAWS), ("all", JOINT)):
         for i, a in enumerate(laws):
             for b in laws[i + 1:]:
-                row, notes = {"law_a": a, "law_b": b, "points": points}, []
+                row, notes = {"law_a": a, "law_b": b, "points": points,
+                              "n_points": sum(bt.n_points[(a, points, j)] for j in range(len(bt.splits)))}, []
                 set_fields(row, "difference", bt.mean_error(a, points) - bt.mean_error(b, points), reps.kind, notes,
                            allow=allow)
                 lo, hi = row["difference_ci_lo"], row["difference_ci_hi"]
@@ -244,7 +294,10 @@ def verdict_sentences(table: pd.DataFrame, pairs: pd.DataFrame) -> list[str]:
             continue
         err = table[(table["split"] == "mean") & (table["points"] == points) & (table["law"] == best)].iloc[0]
         ci = (f" [{err['error_ci_lo']:.3g}, {err['error_ci_hi']:.3g}]" if np.isfinite(err["error_ci_lo"]) else "")
-        s = f"On {what}: {best} ({LAW_LABELS[best]}) forecasts best, mean error {err['error']:.3g}{ci}"
+        n = int(err["n_points"]) if np.isfinite(err["n_points"]) else 0
+        n_splits = int(((table["law"] == best) & (table["points"] == points) & (table["split"] != "mean")).sum())
+        s = (f"On {what} ({n} held-out points in {n_splits} splits): {best} ({LAW_LABELS[best]}) forecasts best, "
+             f"mean error {err['error']:.3g}{ci}")
         if not tied:
             s += "; every other law's error is larger at 95%."
         else:
@@ -311,21 +364,27 @@ def information_table(study, row: int = 0) -> pd.DataFrame:
             c = np.array([js if law == "L_minus_jstar" else 0.0])
             k, p, _, _ = fits.power_law_fixed(u[None], total[None], c, w)
         pred = fits.power_law_predict(u[None], c, k, p)[0]
-        rows.append(_ic_row(law, "compute frontier", np.log(total[front]) - np.log(pred[front]), model[front]))
+        ymin = float(np.min(total[front]))
+        at_bound = law == "free_offset" and not 0 < float(c[0]) < ymin * (1 - 1e-6)
+        rows.append(_ic_row(law, "compute frontier", np.log(total[front]) - np.log(pred[front]), model[front],
+                            at_bound))
     if identified(reps):
         for law in JOINT:
             jr = study.joint(JOINT_FLOOR[law])
             pred = jr.predict(snaps["params"].to_numpy(np.float64), snaps["images_seen"].to_numpy(np.float64))[row]
-            rows.append(_ic_row(law, "every snapshot", np.log(total) - np.log(pred), model))
+            at_bound = law == "joint_floor_free" and not jr.values["E"][row] > 0
+            rows.append(_ic_row(law, "every snapshot", np.log(total) - np.log(pred), model, at_bound))
     table = pd.DataFrame(rows, columns=IC_COLUMNS)
     table["delta_aicc"] = table["aicc"] - table.groupby("data")["aicc"].transform("min")
     return table
 
 
-def _ic_row(law, data, residuals, groups) -> dict:
+def _ic_row(law, data, residuals, groups, floor_at_bound=False) -> dict:
+    """One law's AICc. Only fitted parameters count: a free floor the data put at its bound is not one (the law is
+    then the one without it), nor a model effect whose sd the likelihood puts at 0."""
     ok = np.isfinite(residuals)
     lik = misfit_likelihood(residuals[ok], groups[ok])
-    k = LAW_PARAMETERS[law] + 2
+    k = LAW_PARAMETERS[law] - int(floor_at_bound) + 1 + int(lik["sd_model"] > 0)
     n = int(ok.sum())
     return {"law": law, "data": data, "n": n, "n_parameters": k,
             "rms_log_residual": float(np.sqrt(np.mean(residuals[ok] ** 2))), **lik,

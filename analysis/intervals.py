@@ -172,13 +172,21 @@ def interval_note(iv: dict) -> str:
 
 
 def set_fields(row: dict, name: str, values, kinds, notes: list, *, allow: bool = True, transform=None,
-               bounds=None, extra_jackknife=(), total_upper=None) -> dict:
+               bounds=None, extra_jackknife=(), total_upper=None, mark_clipped: bool = False) -> dict:
     """row[name] = the estimate; row[name_ci_lo/hi] = the total interval (the headline); row[name_eval_ci_lo/hi]
-    = evaluation noise only. Appends the reason for a missing interval to ``notes``. Returns the interval dict."""
+    = evaluation noise only. Appends the reason for a missing interval to ``notes``, and with ``mark_clipped`` which
+    end of the total interval was clipped to ``bounds`` (the feasible set: a floor between 0 and the smallest loss
+    of its fit). Returns the interval dict."""
     values = np.asarray(values, dtype=np.float64)
     row[name] = float(values[0])
     iv = intervals(values, kinds, transform=transform, bounds=bounds, extra_jackknife=extra_jackknife,
                    total_upper=total_upper)
+    if mark_clipped and allow and bounds is not None:
+        raw = intervals(values, kinds, transform=transform, extra_jackknife=extra_jackknife, total_upper=total_upper)
+        for end, side, bound in (("lo", "lower", bounds[0]), ("hi", "upper", bounds[1])):
+            if np.isfinite(raw[end]) and (raw[end] < bound if end == "lo" else raw[end] > bound):
+                notes.append(f"{name}: {side} end clipped at the feasible bound {bound:.4g} (unclipped "
+                             f"{float(raw[end]):.4g})")
     if not allow:
         iv = {**iv, "eval_lo": math.nan, "eval_hi": math.nan, "lo": math.nan, "hi": math.nan}
     row[f"{name}_ci_lo"], row[f"{name}_ci_hi"] = float(iv["lo"]), float(iv["hi"])

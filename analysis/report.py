@@ -34,6 +34,15 @@ def with_ci(row, key, spec=".4g", which="") -> str:
     return f"{fmt(row[key], spec)} [{fmt(lo, spec)}, {fmt(hi, spec)}]"
 
 
+def floor_ci(row, key, at_bound, spec=".4g") -> str:
+    """A floor or free offset with its interval, or "at bound" where the fit put it at 0 or at the smallest loss
+    (never "0 [0, 0]"); an end clipped to the feasible set is noted in the table's note column."""
+    if at_bound:
+        v = float(row.get(key, math.nan))
+        return "at bound (0)" if v <= 0 else f"at bound ({fmt(v, spec)} = the smallest loss)"
+    return with_ci(row, key, spec)
+
+
 def eval_ci(row, key, spec=".4g") -> str:
     lo, hi = row.get(f"{key}_eval_ci_lo", math.nan), row.get(f"{key}_eval_ci_hi", math.nan)
     return "—" if not (np.isfinite(lo) and np.isfinite(hi)) else f"[{fmt(lo, spec)}, {fmt(hi, spec)}]"
@@ -44,16 +53,22 @@ def md_table(header, rows) -> str:
                      + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def verdict_counts(verdict: pd.DataFrame, axis: str) -> dict:
-    """The per-σ verdicts on ρ of one axis, counted (docs/results.md quotes these numbers)."""
+def verdict_counts(verdict: pd.DataFrame, axis: str, column: str = "verdict_rho") -> dict:
+    """The per-σ verdicts (on ρ, or ``column``) of one axis, counted (docs/results.md quotes these numbers)."""
     per = verdict[(verdict["axis"] == axis) & verdict["sigma"].notna()]
-    return per["verdict_rho"].value_counts().to_dict()
+    return per[column].value_counts().to_dict()
+
+
+# the four classes every per-σ count shows (zeros included): a difference below the practical threshold is no
+# difference; "identical" is the one threshold of study_stats.IDENTICAL_JSTAR
+_COUNT_CLASSES = {"better": ("better",), "no difference": ("no difference at 95%", "no practical difference"),
+                  "worse": ("worse",), "identical (J* ≈ 0)": ("identical fits (J* ≈ 0)",), "no interval": ("no interval",)}
 
 
 def _counts_sentence(counts: dict) -> str:
-    order = ["better", "worse", "no difference at 95%", "no practical difference", "identical fits (J* ≈ 0)",
-             "no interval"]
-    return ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
+    out = [f"{sum(counts.get(v, 0) for v in verdicts)} {name}" for name, verdicts in _COUNT_CLASSES.items()
+           if name != "no interval" or counts.get("no interval")]
+    return " / ".join(out)
 
 
 def _intervals_text(n_replicates: int, n_jackknife: int, seeds: bool) -> str:
@@ -92,9 +107,10 @@ def _forecast_section(forecast: dict) -> list[str]:
     pairs = forecast.get("forecast_pairs.csv")
     if pairs is not None and not pairs.empty:
         parts += ["Paired differences of the mean errors (law a − law b; negative: a forecasts better):", ""]
-        rows = [[p["law_a"], p["law_b"], p["points"], with_ci(p, "difference", ".2g"), eval_ci(p, "difference", ".2g"),
-                 p["verdict"]] for _, p in pairs.iterrows()]
-        parts += [md_table(["law a", "law b", "points", "difference", "eval. only", "verdict"], rows), ""]
+        rows = [[p["law_a"], p["law_b"], p["points"], str(p.get("n_points", "")), with_ci(p, "difference", ".2g"),
+                 eval_ci(p, "difference", ".2g"), p["verdict"]] for _, p in pairs.iterrows()]
+        parts += [md_table(["law a", "law b", "points", "held-out points", "difference", "eval. only", "verdict"],
+                           rows), ""]
     if not info.empty:
         parts += ["Information criterion: each law fitted on all the data, the misfit modelled as a model effect "
                   "plus a snapshot effect (their sds by maximum likelihood), AICc compared within each data set:", ""]
@@ -126,21 +142,22 @@ def _verdict_sentence(v) -> str:
          f"(practical threshold {fmt(v['rho_threshold'], '.2g')}); it {ext[v['verdict_extrap']]}: "
          f"Δ(extrapolation error) = {with_ci(v, 'delta_extrap', '.3g')}.")
     if floor:
-        s += (f" {floor[0].upper() + floor[1:]}: free offset {with_ci(v, 'free_offset')}, implied "
+        free = floor_ci(v, "free_offset", bool(v.get("free_offset_at_bound", False)))
+        s += (f" {floor[0].upper() + floor[1:]}: free offset {free}, implied "
               f"{with_ci(v, 'implied_offset')}, J* = {fmt(v['optimal_loss'])}.")
     return s
 
 
 def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: pd.DataFrame | None = None,
                    forecast: dict | None = None, n_replicates: int = 0, n_jackknife: int = 0,
-                   seeds: bool = False) -> str:
+                   seeds: bool = False, opening: list | None = None, frontier_note: str = "") -> str:
     """exponents.md: the forecast verdict first, then L − J* against L, the total-loss fits, the compute-optimal
     law, and the per-σ tables."""
-    parts = ["# Scaling exponents and the verdict on L − J*", "",
+    parts = ["# Scaling exponents and the verdict on L − J*", ""] + list(opening or []) + [
              "Fits of log(y − c) = log A + k·log x by least squares (c = 0 for L, c = J* for L − J*, c = 0 for the "
              "directly measured excess E‖Dθ − D*‖²; the free offset fits c by relative least squares). "
              "compute: x = training FLOPs on the study's one frontier (snapshots whose total L beats every cheaper "
-             "one), the same points for every σ; params: each model's final snapshot. ρ = |Pearson r| of the "
+             "one), the same points for every σ; params: each model's final snapshot. " + frontier_note + "ρ = |Pearson r| of the "
              "log-log line. Extrapolation error: fit without the largest model, predict its points, mean "
              "|error| / L. " + _intervals_text(n_replicates, n_jackknife, seeds), ""]
     if forecast is not None:
@@ -162,7 +179,7 @@ def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: 
     total = table[table["sigma"].isna()]
     if not total.empty:
         parts += ["## Total-loss fits", ""]
-        rows = [[r["quantity"], r["axis"], with_ci(r, "exponent"), eval_ci(r, "exponent"), with_ci(r, "offset"),
+        rows = [[r["quantity"], r["axis"], with_ci(r, "exponent"), eval_ci(r, "exponent"), floor_ci(r, "offset", "at its bound" in str(r["note"])),
                  with_ci(r, "rho"), fmt(r["r2"]), with_ci(r, "extrapolation_error", ".3g"), str(int(r["n"])),
                  str(r["note"]) if isinstance(r["note"], str) else ""]
                 for _, r in total.iterrows()]
@@ -173,7 +190,7 @@ def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: 
                   "N_opt ∝ C^(b/(a+b)), D_opt ∝ C^(a/(a+b)) for compute C ∝ N·D. floor = jstar fixes E to the "
                   "total J*; floor = free fits it. \"leave one out\": the N_opt exponent with each model left out.",
                   ""]
-        rows = [[r["floor"], with_ci(r, "E"), with_ci(r, "a", ".3g"), with_ci(r, "b", ".3g"),
+        rows = [[r["floor"], _joint_floor_text(r), with_ci(r, "a", ".3g"), with_ci(r, "b", ".3g"),
                  with_ci(r, "n_opt_exponent", ".3g"), eval_ci(r, "n_opt_exponent", ".3g"),
                  f"{fmt(r.get('n_opt_exponent_loo_min'), '.3g')} … {fmt(r.get('n_opt_exponent_loo_max'), '.3g')}",
                  with_ci(r, "d_opt_exponent", ".3g"), fmt(r.get("rmse_log"))]
@@ -184,13 +201,24 @@ def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: 
     for axis in per["axis"].unique():
         sub = per[per["axis"] == axis]
         parts += [f"## Per σ, x = {axis}", "",
-                  "L − J* against L, paired: " + _counts_sentence(verdict_counts(verdict, axis)) + ".", ""]
+                  "L − J* against L, paired, per σ: ρ " + _counts_sentence(verdict_counts(verdict, axis))
+                  + "; extrapolation " + _counts_sentence(verdict_counts(verdict, axis, "verdict_extrap"))
+                  + f" (identical: J* below {IDENTICAL_JSTAR:g} of the smallest fitted loss).", ""]
         rows = [[fmt(v["sigma"]), fmt(v["optimal_loss"]), fmt(v["rho_raw"]), fmt(v["rho_minus_jstar"]),
                  with_ci(v, "delta_rho", ".3g"), v["verdict_rho"], with_ci(v, "delta_extrap", ".3g"),
-                 v["verdict_extrap"], with_ci(v, "free_offset")] for _, v in sub.iterrows()]
+                 v["verdict_extrap"], floor_ci(v, "free_offset", bool(v.get("free_offset_at_bound", False)))]
+                for _, v in sub.iterrows()]
         parts += [md_table(["σ", "J*", "ρ L", "ρ L − J*", "Δρ", "verdict", "Δ extrapolation", "verdict",
                             "free offset"], rows), ""]
     return "\n".join(parts)
+
+
+def _joint_floor_text(r) -> str:
+    """E of the compute-optimal law: J* with its evaluation noise (fixed, not fitted), or the free floor (at bound
+    when the data drive it to 0)."""
+    if r["floor"] == "jstar":
+        return f"J* = {fmt(r['E'])} (J*'s evaluation noise {eval_ci(r, 'E')})"
+    return floor_ci(r, "E", not r["E"] > 0)
 
 
 def _steepening(table: pd.DataFrame):

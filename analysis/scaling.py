@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis import forecast, report, study_stats
+from analysis import floor_profile, forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
 from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.resample import load_per_triple, replicates, replicates_from_losses
@@ -48,7 +48,8 @@ __all__ = ["fit_power_law", "fit_chinchilla", "fit_table", "study_outputs", "mai
 
 LOSSES_COLUMNS = ("model", "params", "images_seen", "flops", "sigma", "loss", "optimal_loss")
 STUDY_OUTPUTS = ("exponents.csv", "exponents.md", "verdict.csv", "offset_profile.csv", "compute_optimal.csv",
-                 "forecast.csv", "forecast_pairs.csv", "forecast_points.csv", "information.csv")
+                 "forecast.csv", "forecast_pairs.csv", "forecast_points.csv", "information.csv", "floor_profile.csv",
+                 "joint_floor.csv")
 
 
 def _check_losses(df: pd.DataFrame) -> None:
@@ -78,7 +79,7 @@ def seed_sizes(models: dict | None) -> dict | None:
 
 
 def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_replicates: int = 1000,
-                  seed: int = 0, sizes: dict | None = None) -> dict:
+                  seed: int = 0, sizes: dict | None = None, frontier: str = "all") -> dict:
     """Every table of a study's analysis folder (STUDY_OUTPUTS). With ``per_triple`` (analysis.resample) the
     intervals come from ``n_replicates`` resamples of the evaluation triples (and of the seed runs, where ``sizes``
     groups several runs into one size) and from leaving each model out; without it there are none.
@@ -89,12 +90,14 @@ def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_r
     _check_losses(losses)
     reps = (replicates(per_triple, n_replicates, seed, sizes=sizes) if per_triple is not None
             else replicates_from_losses(losses, sizes))
-    fits = study_stats.StudyFits(reps)
+    fits = study_stats.StudyFits(reps, frontier)
     tables = {"exponents.csv": study_stats.study_table(fits), "verdict.csv": study_stats.verdict_table(fits),
               "offset_profile.csv": study_stats.offset_profile(fits),
               "compute_optimal.csv": compute_optimal_table(fits)}
     fc = forecast.forecast_tables(fits)
     tables.update({k: v for k, v in fc.items() if k.endswith(".csv")})
+    tables["floor_profile.csv"] = floor_profile.floor_profile_table(fits)
+    tables["joint_floor.csv"] = floor_profile.joint_floor_table(reps)
     family_of = dict(zip(losses["model"], model_families(losses)))
     families = reps.snapshots["model"].map(family_of).fillna(POOLED).to_numpy()
     by_family = {}
@@ -107,7 +110,10 @@ def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_r
         tables["family_differences.csv"] = study_stats.family_difference_table(by_family)
     md = report.study_markdown(pooled_fits(tables["exponents.csv"]), tables["verdict.csv"],
                                tables["compute_optimal.csv"], fc, reps.n_replicates,
-                               int((reps.kind == "jackknife").sum()), bool((reps.kind == "seed").any()))
+                               int((reps.kind == "jackknife").sum()), bool((reps.kind == "seed").any()),
+                               opening=floor_profile.floor_markdown(tables["floor_profile.csv"],
+                                                                    tables["joint_floor.csv"]),
+                               frontier_note=study_stats.frontier_note(reps, frontier))
     if by_family:
         md = report.families_markdown(tables["exponents.csv"], tables["family_differences.csv"]) + "\n" + md
     out_dir = Path(out_dir)
@@ -132,6 +138,8 @@ def _main_table(argv) -> int:
     ap.add_argument("--out-dir", required=True, type=Path, help="writes " + ", ".join(STUDY_OUTPUTS))
     ap.add_argument("--n-replicates", type=int, default=1000, help="bootstrap replicates of the evaluation set")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--frontier", choices=study_stats.FRONTIERS, default="all",
+                    help="the compute frontier's candidates: every snapshot (all) or each run's final one (final)")
     args = ap.parse_args(argv)
     for name in ("losses", "per_triple", "models"):
         path = getattr(args, name)
@@ -156,7 +164,7 @@ def _main_table(argv) -> int:
                      "`snakemake --forcerun models_table`")
         sizes = seed_sizes(table)
     out = study_outputs(losses, per_triple, args.out_dir, n_replicates=args.n_replicates, seed=args.seed,
-                        sizes=sizes)
+                        sizes=sizes, frontier=args.frontier)
     print(f"wrote {len(out['exponents.csv'])} fits, the verdict, the forecasts, the offset profile and the "
           f"compute-optimal law to {args.out_dir}")
     return 0

@@ -44,7 +44,8 @@ AXES = ("compute", "params")
 # lack of fit (1 − ρ(L)) or of L's extrapolation error; and J* below this fraction of the smallest fitted loss makes
 # the two fits identical to rounding
 PRACTICAL_FRACTION = 0.1
-IDENTICAL_JSTAR = 1e-6
+IDENTICAL_JSTAR = 1e-4   # J*/L below this moves a fit by less than it: the two fits are the same to any precision
+                         # the intervals can resolve
 POOLED = "all"  # the group of the fits over every model together
 
 
@@ -60,16 +61,48 @@ VERDICTS = ("better", "worse", "no difference at 95%", "no practical difference"
 VERDICT_COLUMNS = (["axis", "sigma", "optimal_loss", "rho_raw", "rho_minus_jstar"] + _ci_columns("delta_rho")
                    + ["rho_threshold", "extrap_raw", "extrap_minus_jstar"] + _ci_columns("delta_extrap")
                    + ["extrap_threshold"] + _ci_columns("free_offset", "implied_offset", "free_minus_implied")
-                   + ["verdict_rho", "verdict_extrap", "free_offset_vs_jstar_law", "n", "note"])
+                   + ["free_offset_at_bound", "verdict_rho", "verdict_extrap", "free_offset_vs_jstar_law", "n",
+                      "note"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the study's fits, on every row
 # ----------------------------------------------------------------------------------------------------------------
+FRONTIERS = ("all", "final")   # the compute frontier's candidates: every snapshot, or each run's final one only
+
+
+def frontier_candidates(reps: StudyReplicates, frontier: str = "all") -> np.ndarray:
+    """[rows, S] the total losses the compute frontier is chosen from: every snapshot ("all"), or each run's final
+    snapshot only ("final": no run's training curve on the frontier, only the sweep of sizes and lengths)."""
+    total = reps.loss[:, :, 0]
+    if frontier == "final":
+        return np.where(final_mask(reps.snapshots)[None, :], total, np.nan)
+    return total
+
+
+def frontier_note(reps: StudyReplicates, frontier: str = "all") -> str:
+    """A sentence on what the estimate's compute frontier is made of: it says so when it mixes one run's training
+    curve (several of its snapshots) with the other runs' snapshots."""
+    flops = reps.snapshots["flops"].to_numpy(np.float64)
+    on = frontier_mask(flops, frontier_candidates(reps, frontier)[:1])[0]
+    per_run = reps.snapshots["model"][on].value_counts()
+    curves = per_run[per_run > 1]
+    if frontier == "final":
+        return (f"The compute frontier here is chosen among each run's final snapshot only ({int(on.sum())} points "
+                f"of {per_run.size} runs). ")
+    if curves.empty or per_run.size < 2:
+        return f"The compute frontier holds {int(on.sum())} snapshots of {per_run.size} runs. "
+    what = ", ".join(f"{n} snapshots of {m}'s training curve" for m, n in curves.items())
+    others = per_run.size - curves.size
+    return (f"The compute frontier ({int(on.sum())} points) mixes {what} with the snapshots of "
+            f"{others} other run{'s' if others != 1 else ''}: one run's training curve and the size sweep in one law "
+            "(`--frontier final` fits each run's final snapshot only). ")
+
+
 class _Axis:
     """The points of one axis for every row: x (log), the use mask, and the extrapolation split."""
 
-    def __init__(self, reps: StudyReplicates, axis: str):
+    def __init__(self, reps: StudyReplicates, axis: str, frontier: str = "all"):
         snaps = reps.snapshots
         col = "flops" if axis == "compute" else "params"
         x = snaps[col].to_numpy(dtype=np.float64)
@@ -78,7 +111,7 @@ class _Axis:
         self.u = np.log(x)
         available = reps.available
         if axis == "compute":
-            self.mask = frontier_mask(x, reps.loss[:, :, 0])
+            self.mask = frontier_mask(x, frontier_candidates(reps, frontier))
         else:
             self.mask = final_mask(snaps)[None, :] & available
         largest = largest_model_mask(snaps["params"].to_numpy(np.float64), available)
@@ -91,15 +124,18 @@ class StudyFits:
     """A study's rows with every fit computed once and shared by the tables, the verdict, the profile and the
     compute-optimal law."""
 
-    def __init__(self, reps: StudyReplicates):
+    def __init__(self, reps: StudyReplicates, frontier: str = "all"):
+        if frontier not in FRONTIERS:
+            raise ValueError(f"unknown frontier {frontier!r}; choose from {list(FRONTIERS)}")
         self.reps = reps
+        self.frontier = frontier
         self._axes, self._fits, self._joint = {}, {}, {}
 
     def axis(self, name: str) -> _Axis:
         if name not in AXES:
             raise ValueError(f"unknown axis {name!r}; choose from {list(AXES)}")
         if name not in self._axes:
-            self._axes[name] = _Axis(self.reps, name)
+            self._axes[name] = _Axis(self.reps, name, self.frontier)
         return self._axes[name]
 
     def fit(self, axis: str, quantity: str, level: int) -> dict:
@@ -185,6 +221,12 @@ def _held_out_kept(reps: StudyReplicates, error: np.ndarray) -> np.ndarray:
     return np.where((reps.kind == "jackknife") & (reps.left_out == largest), np.nan, error)
 
 
+def _smallest_fitted(fits: StudyFits, axis: str, level: int) -> float:
+    """The smallest loss of the estimate's fit on an axis: a floor or free offset of that fit lies below it."""
+    used = fits.axis(axis).mask[0]
+    return float(np.min(fits.reps.loss[0, used, level])) if used.any() else math.inf
+
+
 def _allow(reps: StudyReplicates, n: int) -> bool:
     return reps.n_replicates > 0 and n >= MIN_POINTS_FOR_INTERVAL
 
@@ -228,7 +270,7 @@ def _table_row(fits: StudyFits, axis, quantity, level) -> dict:
     set_fields(row, "exponent", f["exponent"], kind, notes, allow=allow)
     set_fields(row, "prefactor", np.exp(f["log_prefactor"]), kind, notes, allow=allow, bounds=(0.0, math.inf))
     set_fields(row, "offset", f["offset"], kind, notes, allow=allow and quantity == "free_offset",
-               bounds=(0.0, math.inf))
+               bounds=(0.0, _smallest_fitted(fits, axis, level)), mark_clipped=True)
     set_fields(row, "rho", f["rho"], kind, notes, allow=allow, transform="fisher", total_upper=1.0)
     set_fields(row, "extrapolation_error", f["extrapolation_error"], kind, notes, allow=allow, bounds=(0.0, math.inf))
     row["note"] = "; ".join(notes)
@@ -288,12 +330,13 @@ def verdict_table(reps, *, axes=AXES, levels=None) -> pd.DataFrame:
             set_fields(row, "delta_rho", mj["rho"] - raw["rho"], kind, notes, allow=allow)
             set_fields(row, "delta_extrap", mj["extrapolation_error"] - raw["extrapolation_error"], kind, notes,
                        allow=allow)
-            set_fields(row, "free_offset", fr["offset"], kind, notes, allow=allow, bounds=(0.0, math.inf))
+            set_fields(row, "free_offset", fr["offset"], kind, notes, allow=allow,
+                       bounds=(0.0, _smallest_fitted(fits, a, lv)), mark_clipped=True)
+            row["free_offset_at_bound"] = bool(fr["at_bound"][0])
             if reps.n_replicates > 0 and not allow:
                 notes.append(f"no interval: {n} points (< {MIN_POINTS_FOR_INTERVAL})")
-            used = fits.axis(a).mask[0]
-            smallest = float(np.min(reps.loss[0, used, lv])) if used.any() else math.nan
-            identical = js <= IDENTICAL_JSTAR * smallest
+            # one threshold for every axis: J* against the level's smallest loss over all snapshots
+            identical = js <= IDENTICAL_JSTAR * float(np.nanmin(reps.loss[0, :, lv]))
             row["rho_threshold"] = PRACTICAL_FRACTION * (1 - row["rho_raw"])
             row["extrap_threshold"] = PRACTICAL_FRACTION * row["extrap_raw"]
             row["verdict_rho"] = paired_verdict(row["delta_rho"], row["delta_rho_ci_lo"], row["delta_rho_ci_hi"],
@@ -303,7 +346,8 @@ def verdict_table(reps, *, axes=AXES, levels=None) -> pd.DataFrame:
                                                    higher_is_better=False, identical=identical)
             if lv == 0:
                 implied = implied_offset(fits, a)
-                set_fields(row, "implied_offset", implied, kind, notes, allow=allow, bounds=(0.0, math.inf))
+                set_fields(row, "implied_offset", implied, kind, notes, allow=allow,
+                           bounds=(0.0, _smallest_fitted(fits, a, lv)), mark_clipped=True)
                 set_fields(row, "free_minus_implied", fr["offset"] - implied, kind, notes, allow=allow)
                 row["free_offset_vs_jstar_law"] = _against_implied(row, bool(fr["at_bound"][0]))
             else:

@@ -396,14 +396,21 @@ def test_per_sigma_verdicts_where_jstar_vanishes_and_their_count_in_the_report()
     fits_ = st.StudyFits(replicates(pt, 100, seed=0))
     verdict = st.verdict_table(fits_, axes=("compute",))
     per = verdict[verdict["sigma"].notna()]
-    tiny = per["optimal_loss"] < 1e-6 * 0.01       # J* of the smallest σ is ≈ 1e-5·L at most
+    smallest = np.nanmin(fits_.reps.loss[0, :, 1:], axis=0)
+    tiny = per["optimal_loss"].to_numpy() <= st.IDENTICAL_JSTAR * smallest     # one threshold, every axis
     assert tiny.any() and (per.loc[tiny, "verdict_rho"] == "identical fits (J* ≈ 0)").all()
     assert (per.loc[~tiny, "verdict_rho"] != "identical fits (J* ≈ 0)").all()
     md = report.study_markdown(st.study_table(fits_, axes=("compute",)), verdict)
-    counts = per["verdict_rho"].value_counts()
-    line = [ln for ln in md.splitlines() if ln.startswith("L − J* against L, paired:")][0]
-    for name, n in counts.items():
-        assert f"{n} {name}" in line
+    line = [ln for ln in md.splitlines() if ln.startswith("L − J* against L, paired, per σ:")][0]
+    for column, what in (("verdict_rho", "ρ "), ("verdict_extrap", "extrapolation ")):
+        counts = per[column].value_counts()
+        part = line.split(what, 1)[1].split(";")[0]
+        # the four classes, zeros included; "no practical difference" counts as no difference
+        expect = {"better": counts.get("better", 0), "worse": counts.get("worse", 0),
+                  "no difference": counts.get("no difference at 95%", 0) + counts.get("no practical difference", 0),
+                  "identical (J* ≈ 0)": counts.get("identical fits (J* ≈ 0)", 0)}
+        for name, n in expect.items():
+            assert f"{n} {name}" in part, (part, expect)
 
 
 def test_implied_offset_on_the_params_axis_is_jstar_plus_the_data_term():

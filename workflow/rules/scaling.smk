@@ -60,6 +60,8 @@ rule scaling:
         forecast_pairs=f"{R}/analysis/forecast_pairs.csv",
         forecast_points=f"{R}/analysis/forecast_points.csv",
         information=f"{R}/analysis/information.csv",
+        floor_profile=f"{R}/analysis/floor_profile.csv",
+        joint_floor=f"{R}/analysis/joint_floor.csv",
         # several architecture families (report.smk's MODEL_FAMILIES): their paired exponent differences
         families=[f"{R}/analysis/family_differences.csv"] if len(MODEL_FAMILIES) > 1 else [],
     params:
