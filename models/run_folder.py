@@ -88,10 +88,17 @@ def check_fingerprint(saved: dict | None, current: dict, what: Path, out: Path) 
 # files
 # ----------------------------------------------------------------------------------------------------------------
 
+def save_torch(obj, tmp: Path) -> None:
+    """torch.save into an open file, not a path: torch names the zip's inner folder after a path's file name (a
+    temporary name here), and after nothing ("archive") for a file object, so equal contents give equal bytes."""
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
 def atomic_torch_save(obj, path: Path) -> None:
     """Write via a temp file in the same folder + os.replace, so a crash never leaves a half-written file."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        save_torch(obj, tmp)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
@@ -178,7 +185,7 @@ def write_state(out: Path, state: dict, ds_dir: str | None) -> None:
     if ds_dir is not None:
         record["ds_files"] = integrity.folder_records(out / ds_dir)
     with atomic_path(out / "state.pt", finish=integrity.replace_stamped) as tmp:
-        torch.save(record, tmp)
+        save_torch(record, tmp)
     if ds_dir is not None:  # older DeepSpeed checkpoints are no longer referenced
         for old in (out / "state-ds").iterdir():
             if old.name != Path(ds_dir).name:

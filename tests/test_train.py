@@ -261,6 +261,19 @@ def test_done_json_records_each_snapshots_checksum(full_run):
         assert integrity.file_sha256(out / rel) == sha == integrity.verify(out / rel)["sha256"]
 
 
+def test_training_twice_writes_identical_files(full_run, digits, tmp_path):
+    """Equal trainings write equal bytes: every snapshot and state.pt (torch names the zip's inner folder after the
+    file it writes, so saving through a temporary name would make equal contents differ)."""
+    from models import integrity
+
+    out_full, _ = full_run
+    train(make_cfg(), "t0", digits, tmp_path, progress=False)
+    names = ["state.pt", *(f"snapshots/{p.name}" for p in sorted((out_full / "snapshots").glob("*.pt")))]
+    assert len(names) == 3
+    for name in names:
+        assert integrity.file_sha256(tmp_path / name) == integrity.file_sha256(out_full / name), name
+
+
 def test_resume_gives_identical_weights(full_run, digits, tmp_path):
     out_full, _ = full_run
     cfg = make_cfg()
