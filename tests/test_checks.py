@@ -77,6 +77,50 @@ def test_first_snapshot_beyond_total_images():
     assert "models t0, t1, t2" in line  # a study-wide setting: one line, naming the models it concerns
 
 
+def test_snapshot_error_quotes_the_configs_own_total():
+    cfg = smoke()
+    cfg["training"]["total_images"] = 200  # rounded up to 256 images (4 batches of 64); first_images 384
+    (line,) = problems(cfg)
+    assert "total_images=200 " in line and "rounded up to whole batches: 256" in line
+
+
+def test_training_shorter_than_one_batch():
+    cfg = smoke()
+    cfg["training"].update(total_images=32, snapshots={"count": 2, "spacing": "geometric", "first_images": 16})
+    (line,) = problems(cfg)
+    assert line.startswith("training.total_images: 32 is less than one batch (training.batch_size = 64)")
+
+
+def test_model_names_differing_only_in_case():
+    cfg = smoke()
+    cfg["models"]["T1"] = {"arch": "t1"}
+    (line,) = problems(cfg)
+    assert line.startswith("models.T1: the same name as models.t1 but for case")
+
+
+def test_every_line_names_the_config_file(tmp_path):
+    cfg = smoke()
+    cfg["models"]["t1"]["arch"] = "t99"
+    cfg["evaluation"]["sigma_max"] = 0.001
+    with pytest.raises(ConfigError) as e:
+        check_study(cfg, basedir=REPO, arch_names=ARCHS, where="studies/my.yaml")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith("studies/my.yaml: ") for line in lines)
+    assert "models.t1.arch: unknown architecture 't99'" in lines[0]
+
+
+def test_config_cli_names_the_file_in_each_line(tmp_path, capsys):
+    from models.config import main
+
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    cfg["models"]["t1"]["arch"] = "t99"
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "t99" in line]
+    assert line.startswith(f"{path}: models.t1.arch: unknown architecture")
+
+
 def test_explicit_snapshot_mark_beyond_total_images_of_one_model():
     cfg = smoke()
     cfg["models"]["t2"]["training"] = {"snapshots": {"images": [512, 4096]}}
