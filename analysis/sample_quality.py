@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from models.atomic import atomic_path
-from models.data import open_dataset
+from models.data import check_images, open_dataset
 from models.integrity import load_torch
 from models.sampler import sample_snapshot
 
@@ -234,7 +234,7 @@ def score_samples(samples, reference, classifier: FeatureClassifier, *, inceptio
 def _load_npz_x(path):
     """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through models.data's reader
     (uint8 datasets become u/127.5 − 1, float samples stay as given)."""
-    data = open_dataset(path)
+    data = check_images(open_dataset(path))
     return data.float32(), (None if data.labels is None else data.labels.numpy())
 
 

@@ -276,9 +276,14 @@ def check_dataset(cfg: Mapping) -> list[str]:
     ol = cfg.get("optimal_loss") or {}
     subset = ol.get("subset_size")
     estimators = {ol.get("estimator", "full"), *(ol.get("compare_estimators") or [])}
+    problems = []
     if n is not None and subset is not None and estimators - {"full"} and not 2 <= int(subset) <= n:
-        return [f"optimal_loss.subset_size: {subset} must be in [2, N = {n}] (the size of dataset {spec!r})"]
-    return []
+        problems.append(f"optimal_loss.subset_size: {subset} must be in [2, N = {n}] (the size of dataset {spec!r})")
+    if n is not None:
+        problems += _per_model(cfg, lambda training: [
+            f"training.batch_size: {training['batch_size']} is more than the {n} images of dataset {spec!r}"]
+            if int(training["batch_size"]) > n else [])
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from models import family, integrity, lifeline, run_folder
 from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
-from models.data import Dataset, DatasetArrays, open_dataset
+from models.data import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.loop import Run, learning_rate, run_steps
@@ -169,7 +169,7 @@ def describe_run(cfg: dict, model: str, data) -> RunSpec:
     fingerprint."""
     training = model_training(cfg, model)
     arch_name = cfg["models"][model]["arch"]
-    data_src = open_training_data(data)
+    data_src = check_images(open_training_data(data), at_least={"training.batch_size": training["batch_size"]})
     conditional = bool(cfg["dataset"].get("conditional"))
     if conditional and data_src.labels is None:
         raise ValueError(f"dataset.conditional is true but dataset {data_src.name!r} ({data}) has no labels")
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, args.model, args.data, args.out, jstar=args.jstar,
                        stop_after_images=args.stop_after_images, progress=not args.no_progress)
-    except (RunFolderMismatchError, integrity.IntegrityError, lifeline.RunFolderBusyError) as e:  # one line
+    except (RunFolderMismatchError, integrity.IntegrityError, lifeline.RunFolderBusyError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

@@ -237,6 +237,13 @@ def test_subset_size_beyond_digits():
     assert line.startswith("optimal_loss.subset_size: 5000") and "1797" in line
 
 
+def test_batch_beyond_the_dataset_size():
+    cfg = smoke()
+    cfg["models"]["t2"]["training"] = {"batch_size": 2048, "total_images": 4096}
+    (line,) = problems(cfg)
+    assert line == "training.batch_size: 2048 is more than the 1797 images of dataset 'digits' [model t2]"
+
+
 def test_subset_size_of_the_full_estimator_only_is_not_checked():
     cfg = smoke()
     cfg["optimal_loss"].update(subset_size=5000, estimator="full", compare_estimators=["full"])
@@ -256,8 +263,8 @@ def test_dataset_size_from_the_array_header(tmp_path, container):
     cfg = smoke()
     cfg["dataset"]["spec"] = str(path)
     cfg["optimal_loss"]["subset_size"] = 38
-    (line,) = problems(cfg)
-    assert "N = 37" in line
+    subset, batch = problems(cfg)  # and smoke's batch of 64 is more than the set
+    assert "N = 37" in subset and batch.startswith("training.batch_size: 64 is more than the 37 images")
 
 
 def test_every_problem_is_listed_in_one_error():
