@@ -375,7 +375,7 @@ def test_killed_training_resumes(tmp_path):
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
     assert (run / "state.pt").stat().st_mtime_ns == state_mtime, "the trainer outlived the kill"
-    killed_at = int(torch.load(run / "state.pt", weights_only=False)["images_seen"])
+    killed_at = int(torch.load(run / "state.pt", weights_only=True)["images_seen"])
     assert 256 <= killed_at < 3072
     # the trainer writes files atomically (temp + rename), so a rewritten snapshot gets a new inode; Snakemake
     # may touch outputs (mtime), which keeps the inode
@@ -389,7 +389,7 @@ def test_killed_training_resumes(tmp_path):
     assert first.stat().st_ino == first_inode and first.read_bytes() == first_bytes
     for mark in (256, 3072):
         declared = r / "snapshots" / "t1" / f"snapshot-{mark:09d}.pt"
-        snap = torch.load(declared, weights_only=False)
+        snap = torch.load(declared, weights_only=True)
         assert snap["images_seen"] == mark and snap["model"] == "t1"
         assert all(torch.isfinite(v).all() for v in snap["ema"].values() if v.is_floating_point())
     log = pd.read_json(run / "log.jsonl", lines=True)
