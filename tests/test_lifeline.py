@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from models import lifeline
+from models.checks import module_missing
 from test_workflow import REPO, SNAKEMAKE, load_cfg, run_module, write_cfg
 
 
@@ -132,7 +133,9 @@ def test_a_second_trainer_of_one_folder_is_refused(tmp_path):
 @pytest.mark.parametrize("launch", [
     {"accelerate_config": "workflow/accelerate/cpu.yaml", "num_processes": 1},
     {"accelerate_config": "workflow/accelerate/ddp-bf16.yaml", "num_processes": 2},
-], ids=["plain", "ddp-2"])
+    pytest.param({"accelerate_config": "workflow/accelerate/deepspeed-zero2.yaml", "num_processes": 2},
+                 marks=pytest.mark.skipif(module_missing("deepspeed"), reason="DeepSpeed is not installed")),
+], ids=["plain", "ddp-2", "zero2-2"])
 def test_killing_snakemake_alone_stops_its_trainers(launch, tmp_path):
     """SIGKILL to the snakemake process only (as a batch system or the OOM killer may): 15 s later no trainer of
     the study runs (each watches the job's snakemake process; torchrun's agent ends with its ranks)."""
