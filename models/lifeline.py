@@ -49,13 +49,14 @@ class RunFolderBusyError(RuntimeError):
 # ----------------------------------------------------------------------------------------------------------------
 
 def start_time(pid: int) -> str | None:
-    """The kernel's start time of process `pid` (field 22 of /proc/PID/stat), None when there is no such process:
-    a pid that names another process than before has another start time."""
+    """The kernel's start time of process `pid` (field 22 of /proc/PID/stat), None when there is no such process
+    or it has ended (a zombie waiting for its parent counts as gone): a pid that names another process than before
+    has another start time."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return None if fields[0] in ("Z", "X") else fields[19]
 
 
 def watched_job(env=os.environ) -> int | None:

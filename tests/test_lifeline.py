@@ -78,9 +78,9 @@ def test_the_watchdog_stops_a_trainer_whose_job_is_gone():
     try:
         time.sleep(1)
         assert alive(pid)  # bound, and its job is alive
-        job.kill()
-        job.wait()
+        job.kill()  # not reaped yet: a zombie is gone too
         wait_until(lambda: not alive(pid), 5, "the bound process to stop")
+        job.wait()
     finally:
         kill_all([pid, sh.pid])
         sh.wait()
