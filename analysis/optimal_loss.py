@@ -486,7 +486,6 @@ def _estimate_cli(argv) -> int:
                                              a.subset_size or 2} if subset else None)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")
-    names = ESTIMATORS if a.estimator == "all" else (a.estimator,)
     frames = [estimate_optimal_loss(x, sigmas, estimator=e, labels=labels if a.conditional else None,
                                     n_samples=a.n_samples, subset_size=a.subset_size, C=a.C, seed=a.seed,
                                     device=a.device, progress=True) for e in names]
