@@ -117,3 +117,9 @@ def test_uint8_sets_are_not_read_for_the_finite_check(tmp_path, monkeypatch):
     assert arrays.dtype == np.uint8
     monkeypatch.setattr(type(arrays), "stored_rows", lambda *a: pytest.fail("read rows"))
     data_mod.check_images(arrays, at_least={"training.batch_size": 8})
+
+
+def test_sample_quality_refuses_nan_pixels(tmp_path, digits64):
+    data = write(tmp_path, digits64, nan_at=2)
+    rc, text = run_module("analysis.sample_quality", "train-classifier", "--data", data, "--out", tmp_path / "c.pt")
+    assert rc == 1 and the_error(text, data).endswith("image 2 holds NaN or inf values")
