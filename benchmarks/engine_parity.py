@@ -23,7 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
