@@ -52,7 +52,7 @@ import torch
 from analysis.resample import save_per_triple
 from models import integrity
 from models.atomic import atomic_path
-from models.data import open_dataset
+from models.data import check_rows_finite, open_dataset
 from models.denoiser import Denoiser
 from models.tables import STATS, check_finite_statistics, read_checked_csv, read_checked_npz, read_jstar
 
@@ -329,6 +329,7 @@ def load_rows(dataset, eval_set: dict):
         raise ValueError(f"evaluation set indexes items [{rows[0]}, {rows[-1]}] but {dataset} has {len(data)} "
                          "items — was it made for this dataset?")
     x = data.rows(rows)
+    check_rows_finite(data, rows, x)  # one line naming the file, not a NaN loss
     labels = None if data.labels is None else data.labels[torch.from_numpy(rows)]
     return x, labels, {**eval_set, "index": inverse.reshape(-1).astype(np.int64)}
 

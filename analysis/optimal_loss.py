@@ -68,7 +68,7 @@ from analysis.evaluate import eval_noise, load_eval_set, sigma_grid  # the evalu
 from analysis.posterior import (F32_LOGIT_TOL, CentredData, as_labels, as_matrix, default_chunk, logit_error_bound,
                                 no_tf32, posterior_centred, posterior_mean, resolve_device, single_thread_if_small)
 from models.atomic import atomic_path
-from models.data import open_dataset
+from models.data import DatasetError, check_images, open_dataset
 from models.diffusion import get_process, to_process_curve
 
 __all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
@@ -420,11 +420,20 @@ def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int 
 # CLI
 # --------------------------------------------------------------------------------------------------------
 
-def _load(spec: str):
-    """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset: the exact posterior needs every
-    point, so the whole set is converted — once, chunk by chunk, into one float32 tensor."""
-    data = open_dataset(spec)
+def _load(spec: str, at_least=None):
+    """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset, checked (models.data.check_images:
+    finite, at least `at_least` images): the exact posterior needs every point, so the whole set is converted —
+    once, chunk by chunk, into one float32 tensor."""
+    data = check_images(open_dataset(spec), at_least=at_least)
     return data.float32(), data.labels
+
+
+def _load_or_exit(parser, spec: str, at_least=None):
+    """_load, or exit 2 with the dataset's one-line error (models.data.DatasetError names the file)."""
+    try:
+        return _load(spec, at_least)
+    except DatasetError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 def _to_process(df: pd.DataFrame, process: str, target: str) -> pd.DataFrame:
@@ -471,10 +480,12 @@ def _estimate_cli(argv) -> int:
         sigmas = sigma_grid(a.num_sigmas, a.sigma_min, a.sigma_max)
     except ValueError as err:
         p.error(f"--num-sigmas / --sigma-min / --sigma-max: {err}")
-    x, labels = _load(a.dataset)
+    names = ESTIMATORS if a.estimator == "all" else (a.estimator,)
+    subset = set(names) - {"full"}  # the estimators that draw a subset of L points (at least 2)
+    x, labels = _load_or_exit(p, a.dataset, {f"the subset of {'/'.join(sorted(subset))} (--subset-size)":
+                                             a.subset_size or 2} if subset else None)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")
-    names = ESTIMATORS if a.estimator == "all" else (a.estimator,)
     frames = [estimate_optimal_loss(x, sigmas, estimator=e, labels=labels if a.conditional else None,
                                     n_samples=a.n_samples, subset_size=a.subset_size, C=a.C, seed=a.seed,
                                     device=a.device, progress=True) for e in names]
@@ -497,7 +508,7 @@ def _denoise_cli(argv) -> int:
     p.add_argument("--conditional", action="store_true")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    x, labels = _load(a.dataset)
+    x, labels = _load_or_exit(p, a.dataset)
     if a.conditional and labels is None:
         p.error(f"--conditional: dataset {a.dataset!r} has no labels")
     try:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from models.atomic import atomic_path
-from models.integrity import invalid
+from models.integrity import IntegrityError, invalid, rebuild_hint
 from models.tables import read_checked_npz
 
 PER_TRIPLE_KEYS = ("sigma", "level", "optimal_loss", "loss", "excess", "total_weight",
@@ -114,6 +114,35 @@ def load_per_triple(path) -> dict:
         if not np.all(np.isfinite(out[key])):
             raise invalid(path, f"non-finite {key}")
     return out
+
+
+def check_same_numbers(losses: pd.DataFrame, per_triple: dict, losses_path, per_triple_path, *,
+                       rtol: float = 1e-9) -> None:
+    """losses.csv (what the figures plot) and per_triple.npz (what the statistics resample) are one evaluation's
+    numbers: the same snapshots, σ grid, and per-σ and total loss, J* and excess (the per-triple means, to rounding).
+    Checked where the statistics start, so an edited table never gives figures that disagree with the fits; an
+    IntegrityError in one line naming both files otherwise."""
+    table, arrays = replicates_from_losses(losses), replicates(per_triple, 0, jackknife=False)
+
+    def fail(what: str) -> IntegrityError:
+        return IntegrityError(f"{losses_path} and {per_triple_path} disagree ({what}): both come from one "
+                              f"evaluation; {rebuild_hint(losses_path)}")
+
+    keys = [list(zip(r.snapshots["model"].astype(str), r.snapshots["images_seen"].astype(int)))
+            for r in (table, arrays)]
+    if sorted(keys[0]) != sorted(keys[1]):
+        raise fail(f"snapshots {sorted(set(keys[0]) ^ set(keys[1]))[:3]} are in one file only")
+    if table.sigma.shape != arrays.sigma.shape or not np.allclose(table.sigma, arrays.sigma, rtol=1e-12, atol=0):
+        raise fail("σ grids differ")
+    order = [keys[1].index(key) for key in keys[0]]
+    for name, column in (("loss", "loss"), ("jstar", "optimal_loss"), ("excess", "excess")):
+        a, b = getattr(table, name)[0], getattr(arrays, name)[0][order]
+        bad = np.isfinite(a) & ~np.isclose(a, b, rtol=rtol, atol=0)
+        if bad.any():
+            s, level = (int(i) for i in np.argwhere(bad)[0])
+            where = "the total" if level == 0 else f"σ={table.sigma[level - 1]:.6g}"
+            raise fail(f"{column} of {keys[0][s][0]}@{keys[0][s][1]} at {where}: {a[s, level]:.10g} in the table, "
+                       f"{b[s, level]:.10g} from the triples")
 
 
 def resample_counts(level: np.ndarray, n_replicates: int, seed: int) -> np.ndarray:

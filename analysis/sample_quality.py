@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from models.atomic import atomic_path
-from models.data import open_dataset
+from models.data import DatasetError, check_images, open_dataset
 from models.integrity import load_torch
 from models.sampler import sample_snapshot
 
@@ -234,8 +235,16 @@ def score_samples(samples, reference, classifier: FeatureClassifier, *, inceptio
 def _load_npz_x(path):
     """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through models.data's reader
     (uint8 datasets become u/127.5 − 1, float samples stay as given)."""
-    data = open_dataset(path)
+    data = check_images(open_dataset(path))
     return data.float32(), (None if data.labels is None else data.labels.numpy())
+
+
+def _read_or_exit(path):
+    """_load_npz_x, or exit with the dataset's one-line error (models.data.DatasetError names the file)."""
+    try:
+        return _load_npz_x(path)
+    except DatasetError as e:
+        sys.exit(f"error: {e}")
 
 
 def main(argv=None) -> None:
@@ -260,13 +269,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     if args.cmd == "train-classifier":
-        x, labels = _load_npz_x(args.data)
+        x, labels = _read_or_exit(args.data)
         model, info = train_classifier(x, labels, epochs=args.epochs, seed=args.seed)
         save_classifier(model, info, args.out)
         print(json.dumps(info))
         return
     inception = load_inception(args.inception) if args.inception is not None else None
-    x, labels = _load_npz_x(args.data)
+    x, labels = _read_or_exit(args.data)
     meta = {}
     if args.snapshot:
         snap = load_torch(args.snapshot)
@@ -279,7 +288,7 @@ def main(argv=None) -> None:
         meta = {"snapshot": str(args.snapshot), "steps": args.steps, "model": snap.get("model"),
                 "images_seen": snap.get("images_seen")}
     else:
-        samples, _ = _load_npz_x(args.samples)
+        samples, _ = _read_or_exit(args.samples)
         meta = {"samples": str(args.samples)}
     result = {**meta, **score_samples(samples, x, load_classifier(args.classifier), inception=inception,
                                       seed=args.seed)}

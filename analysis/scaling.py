@@ -38,7 +38,7 @@ import pandas as pd
 from analysis import floor_profile, forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
 from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
-from analysis.resample import load_per_triple, replicates, replicates_from_losses
+from analysis.resample import check_same_numbers, load_per_triple, replicates, replicates_from_losses
 from analysis.study_stats import POOLED, model_families, pooled_fits
 from models.atomic import atomic_path
 from models.integrity import IntegrityError
@@ -150,6 +150,8 @@ def _main_table(argv) -> int:
     try:  # both checked against their checksums and validated: no NaN or missing row reaches a fit
         losses = read_losses(args.losses)
         per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
+        if per_triple is not None:  # the figures plot losses.csv, the statistics resample per_triple.npz
+            check_same_numbers(losses, per_triple, args.losses, args.per_triple)
     except IntegrityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,13 +23,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.data import load_dataset, save_npz  # noqa: E402
+from models.integrity import load_torch  # noqa: E402
 
 
 def free_port() -> int:
@@ -63,7 +63,7 @@ def train(engine: str, config: Path, data: Path, out: Path) -> str | None:
 
 
 def kept_weights(out: Path) -> dict:
-    state = torch.load(out / "state.pt", weights_only=False, map_location="cpu")
+    state = load_torch(out / "state.pt")  # checked, tensors and plain data only
     if state.get("ds_dir") is None:
         return state["net"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # optional package
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
             if error:
                 rows.append((engine, f"failed: {error}"))
                 continue
-            after = torch.load(out / snap, weights_only=False)["ema"]
+            after = load_torch(out / snap)["ema"]
             reference = reference or after
             diff = max(float((after[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30))
                        for k in reference)

@@ -5,8 +5,9 @@ Each problem is one line naming the key and the bad value, e.g.
 ``models.big.arch: unknown architecture 't99' (known: ...)`` or ``evaluation.sigma_min: 80 must be < sigma_max
 (0.5)``. `check_study` collects every problem and raises one ConfigError listing them all.
 
-Checked: arch names (against the model family's table, passed in by the caller), σ ranges of every section
-(min < max, both positive), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
+Checked: one name per model ignoring case, arch names (against the model family's table, passed in by the
+caller), σ ranges of every section (min < max, both positive), total_images against batch_size (at least one
+batch), snapshot marks against total_images, accelerate config files (exist, parse as a YAML
 mapping), num_processes against num_machines (and a distributed accelerate config for several nodes), a model's GPUs
 against its processes, dataset spec syntax, the optimal-loss subset_size against the dataset size where that size is
 known without loading the data, and the packages each configured path needs beyond the core install
@@ -94,11 +95,38 @@ def _per_model(cfg: Mapping, check) -> list[str]:
     return [f"{line} [model{'s' if len(names) > 1 else ''} {', '.join(names)}]" for line, names in found.items()]
 
 
+def _length_problems(training: Mapping) -> list[str]:
+    """A training shorter than one batch would train a whole batch anyway (more images than the config asks)."""
+    asked, batch = int(training["total_images"]), int(training["batch_size"])
+    if asked < batch:
+        return [f"training.total_images: {asked} is less than one batch (training.batch_size = {batch}); training "
+                f"counts whole batches, so it would train {batch} images"]
+    return []
+
+
+def check_lengths(cfg: Mapping) -> list[str]:
+    """Every model trains at least one batch."""
+    return _per_model(cfg, _length_problems)
+
+
+def check_model_names(models: Mapping) -> list[str]:
+    """One name per model ignoring case: names that differ only in case share a run folder (and every other
+    per-model file) on a case-insensitive file system."""
+    seen: dict[str, str] = {}
+    problems = []
+    for name in models:
+        first = seen.setdefault(str(name).lower(), name)
+        if first != name:
+            problems.append(f"models.{name}: the same name as models.{first} but for case (one folder on a "
+                            "case-insensitive file system); rename one of them")
+    return problems
+
+
 def _snapshot_problems(training: Mapping) -> list[str]:
-    total = total_images(training)
+    asked = int(training["total_images"])
     for m in (training.get("snapshots") or {}).get("images") or []:
-        if m > total:
-            return [f"training.snapshots.images: mark {m} is beyond total_images ({total})"]
+        if m > max(asked, total_images(training)):
+            return [f"training.snapshots.images: mark {m} is beyond training.total_images ({asked})"]
     snapshot_marks(training)  # raises ConfigError naming the key (e.g. first_images beyond total_images)
     return []
 
@@ -250,9 +278,14 @@ def check_dataset(cfg: Mapping) -> list[str]:
     ol = cfg.get("optimal_loss") or {}
     subset = ol.get("subset_size")
     estimators = {ol.get("estimator", "full"), *(ol.get("compare_estimators") or [])}
+    problems = []
     if n is not None and subset is not None and estimators - {"full"} and not 2 <= int(subset) <= n:
-        return [f"optimal_loss.subset_size: {subset} must be in [2, N = {n}] (the size of dataset {spec!r})"]
-    return []
+        problems.append(f"optimal_loss.subset_size: {subset} must be in [2, N = {n}] (the size of dataset {spec!r})")
+    if n is not None:
+        problems += _per_model(cfg, lambda training: [
+            f"training.batch_size: {training['batch_size']} is more than the {n} images of dataset {spec!r}"]
+            if int(training["batch_size"]) > n else [])
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,16 +378,19 @@ def study_problems(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iter
     """Every problem of a validated study config (load_config's output), one line each. `arch_names`: the known
     architectures (default: known_arch_names(), models.sizes' table)."""
     names = list(arch_names) if arch_names is not None else known_arch_names()
-    return (check_archs(cfg.get("models") or {}, names) + check_sigma_ranges(cfg) + check_snapshots(cfg)
+    return (check_model_names(cfg.get("models") or {}) + check_archs(cfg.get("models") or {}, names)
+            + check_sigma_ranges(cfg) + check_lengths(cfg) + check_snapshots(cfg)
             + check_launch(cfg, basedir) + check_train_resources(cfg) + check_dataset(cfg)
             + check_packages(cfg, basedir) + check_deepspeed_precision(cfg, basedir))
 
 
-def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None) -> None:
-    """Raise ConfigError listing every problem of `cfg` (one line each); return None when there is none."""
+def check_study(cfg: Mapping, *, basedir: str | os.PathLike, arch_names: Iterable[str] | None = None,
+                where: str | None = None) -> None:
+    """Raise ConfigError listing every problem of `cfg` (one line each, starting with `where`, the config file,
+    when given); return None when there is none."""
     problems = study_problems(cfg, basedir=basedir, arch_names=arch_names)
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConfigError("\n".join(f"{where}: {line}" if where else line for line in problems))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -295,6 +295,12 @@ def total_images(training: Mapping) -> int:
     return int(math.ceil(int(training["total_images"]) / batch) * batch)
 
 
+def _length_text(training: Mapping) -> str:
+    """'total_images=N' as the config says it (and the whole batches it is rounded up to, where they differ)."""
+    asked, total = int(training["total_images"]), total_images(training)
+    return f"total_images={asked}" + (f" (rounded up to whole batches: {total})" if total != asked else "")
+
+
 def snapshot_marks(training: Mapping) -> list[int]:
     """Images-seen marks at which snapshots are written, ascending; the last is the training length.
 
@@ -328,15 +334,15 @@ def snapshot_marks(training: Mapping) -> list[int]:
         elif spacing == "geometric":
             first = float(first) if first else total / 2 ** (count - 1)
             if not 0 < first <= total:
-                raise ConfigError(
-                    f"training.snapshots.first_images: must be in (0, total_images={total}], got {first}")
+                raise ConfigError(f"training.snapshots.first_images: must be in (0, {_length_text(training)}], "
+                                  f"got {first:g}")
             ratio = total / first
             raw = [first * ratio ** (i / (count - 1)) for i in range(count)]
         elif spacing == "linear":
             first = float(first) if first else total / count
             if not 0 < first <= total:
-                raise ConfigError(
-                    f"training.snapshots.first_images: must be in (0, total_images={total}], got {first}")
+                raise ConfigError(f"training.snapshots.first_images: must be in (0, {_length_text(training)}], "
+                                  f"got {first:g}")
             raw = [first + (total - first) * i / (count - 1) for i in range(count)]
         else:
             raise ConfigError(f"training.snapshots.spacing: unknown spacing {spacing!r} (geometric or linear)")
@@ -355,7 +361,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config)
-        check_study(cfg, basedir=SCHEMA_PATH.parents[2], arch_names=known_arch_names())
+        check_study(cfg, basedir=SCHEMA_PATH.parents[2], arch_names=known_arch_names(), where=args.config)
     except ConfigError as e:
         print(f"error: invalid study config:\n{e}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -496,6 +497,35 @@ def load_dataset(spec: str, *, resolution: int | None = None) -> Dataset:
     return open_dataset(spec, resolution=resolution).to_dataset()
 
 
+def check_images(arrays: DatasetArrays, *, at_least: Mapping[str, int | None] | None = None,
+                 rows=None) -> DatasetArrays:
+    """The checks a dataset gets where it enters a job, each failing with one DatasetError line that names the file:
+    at least as many images as each named need (`at_least`, e.g. {"training.batch_size": 64}: a batch, an
+    estimator's subset), and finite values (float arrays, read chunk by chunk; `rows`: only those rows). That the
+    labels match the images is DatasetArrays' own check, made when the file is opened."""
+    n = len(arrays)
+    for what, need in (at_least or {}).items():
+        if need is not None and n < int(need):
+            raise DatasetError(f"{arrays.where}: {n} images, fewer than {what} ({int(need)})")
+    if arrays.dtype == np.uint8:
+        return arrays
+    idx = np.arange(n, dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+    step = _chunk_rows(int(np.prod(arrays.shape[1:])))
+    for lo in range(0, idx.size, step):
+        check_rows_finite(arrays, idx[lo:lo + step], arrays.stored_rows(idx[lo:lo + step]))
+    return arrays
+
+
+def check_rows_finite(arrays: DatasetArrays, idx, values) -> None:
+    """DatasetError naming the file and the first image of rows `idx` whose `values` (as read: numpy or torch,
+    [len(idx), ...]) hold NaN or inf."""
+    flat = torch.as_tensor(values).reshape(len(idx), -1)
+    finite = torch.isfinite(flat).all(dim=1)
+    if not bool(finite.all()):
+        first = int(np.asarray(idx)[int(torch.nonzero(~finite)[0, 0])])
+        raise DatasetError(f"{arrays.where}: image {first} holds NaN or inf values")
+
+
 # ---- the writer ----------------------------------------------------------------------------------------------
 
 def _write_member(zf: zipfile.ZipFile, key: str, shape, dtype, chunks) -> None:
@@ -569,6 +599,13 @@ def save_npz(dataset: Dataset, path, *, compact: bool = False) -> Path:
     return Path(path)
 
 
+def _need(text: str) -> tuple[str, int]:
+    what, _, n = text.rpartition("=")
+    if not what:
+        raise ValueError(text)
+    return what, int(n)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m models.data",
                                  description="Materialise a dataset spec as an uncompressed .npz (x [N,C,H,W], "
@@ -579,9 +616,15 @@ def main(argv=None) -> int:
     ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                     help="store uint8-exact images as uint8 (default; 4x smaller than float32); --no-compact "
                          "writes float32")
+    ap.add_argument("--at-least", action="append", default=[], metavar="WHAT=N",
+                    help="refuse a dataset of fewer than N images, naming WHAT (e.g. training.batch_size=64)")
     args = ap.parse_args(argv)
     try:
-        arrays = open_dataset(args.spec, resolution=args.resolution)
+        needs = dict(_need(text) for text in args.at_least)
+    except ValueError:
+        ap.error(f"--at-least: expected WHAT=N, got {args.at_least}")
+    try:
+        arrays = check_images(open_dataset(args.spec, resolution=args.resolution), at_least=needs)
         stats = write_npz(arrays, args.out, compact=args.compact)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -200,7 +200,23 @@ def rebuild_hint(path, rec: dict | None = None) -> str:
         except IntegrityError:
             rec = None
     how = (rec or {}).get("rebuild")
-    return f"rebuild it with:  {how}" if how else GENERIC_REBUILD
+    return f"rebuild it with:  {how}" if plain_rebuild_command(how) else GENERIC_REBUILD
+
+
+# A sidecar is no signature (whoever rewrites a file can rewrite its sidecar): a recorded command is shown only when
+# it has the form the workflow writes — `snakemake` and quoted or plain words, nothing a shell would run besides.
+_PLAIN_COMMAND = re.compile(r"snakemake( ('[^'\n]*'|[A-Za-z0-9_./=:@%+,-]+))+")
+
+
+def plain_rebuild_command(how) -> bool:
+    """Whether a sidecar's `rebuild` is a plain `snakemake …` command (no ;, |, $, backquotes, redirections)."""
+    return isinstance(how, str) and _PLAIN_COMMAND.fullmatch(how) is not None
+
+
+def _delete_and_rebuild(path) -> str:
+    """'delete it and rebuild it with:  CMD' (the sidecar's command), or GENERIC_REBUILD without one."""
+    hint = rebuild_hint(path)
+    return hint if hint == GENERIC_REBUILD else f"delete it and {hint}"
 
 
 def invalid(path, problem: str) -> IntegrityError:
@@ -313,7 +329,7 @@ def load_torch(path, *, map_location="cpu", mmap: bool = False, numpy_arrays: bo
         raise UnsafeFileError(
             f"{path}: refused to load: it holds {_unpickling_problem(e)}, not only tensors and plain data (this "
             f"project never writes such a file: it was made or changed elsewhere and is not read); "
-            f"{GENERIC_REBUILD}") from None
+            f"{_delete_and_rebuild(path)}") from None
     except FileNotFoundError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as e:

@@ -2,7 +2,8 @@
 
 Layout (docs/internals.md): state.pt (resumable; atomic, with its checksum sidecar), snapshots/snapshot-
 {images:09d}.pt (EMA weights, arch, variant, images_seen, flops), log.jsonl, done.json (written last: its presence
-means the run finished), state-ds/<images>/ (DeepSpeed's own checkpoint, whose files state.pt records).
+means the run finished), state-ds/<images>/ (DeepSpeed's own checkpoint, whose files state.pt records),
+.trainer.lock (held by the trainer writing the folder: models.lifeline).
 
 Every file here is read with models.integrity.load_torch (tensors and plain data only), so state.pt holds nothing
 else: the numpy RNG state is stored as a dict of a tensor and numbers. DeepSpeed reads its checkpoint with pickle,

@@ -14,6 +14,7 @@ arch, variant, images_seen, flops counted with torch.utils.flop_counter), log.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -27,10 +28,10 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from models import family, integrity, run_folder
+from models import family, integrity, lifeline, run_folder
 from models.checks import deepspeed_precision_problems, torch_autocast_section
 from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
-from models.data import Dataset, DatasetArrays, open_dataset
+from models.data import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
 from models.loop import Run, learning_rate, run_steps
@@ -180,7 +181,7 @@ def describe_run(cfg: dict, model: str, data) -> RunSpec:
     fingerprint."""
     training = model_training(cfg, model)
     arch_name = cfg["models"][model]["arch"]
-    data_src = open_training_data(data)
+    data_src = check_images(open_training_data(data), at_least={"training.batch_size": training["batch_size"]})
     conditional = bool(cfg["dataset"].get("conditional"))
     if conditional and data_src.labels is None:
         raise ValueError(f"dataset.conditional is true but dataset {data_src.name!r} ({data}) has no labels")
@@ -325,6 +326,16 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
 
 def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
           progress: bool = True, accelerator=None) -> dict:
+    """train_unlocked while holding the run folder's lock (models.lifeline: the global main process holds it; a
+    second trainer of the same folder stops with RunFolderBusyError naming the folder and the holder)."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with lifeline.run_folder_lock(out) if main_process else contextlib.nullcontext():
+        return train_unlocked(cfg, model, data, out, jstar=jstar, stop_after_images=stop_after_images,
+                              progress=progress, accelerator=accelerator)
+
+
+def train_unlocked(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
+                   progress: bool = True, accelerator=None) -> dict:
     """Train model NAME of study config `cfg` (a dict from load_config, or a path) on `data` (a .npz path, a
     models.data spec, or a models.data.Dataset) into run folder `out`; resumes from out/state.pt if present.
 
@@ -385,11 +396,12 @@ def main(argv=None) -> int:
                    help="debug: stop (state saved, no done.json) once this many images are seen")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
+    lifeline.bind_to_job()  # never outlive the workflow job (or the launcher) that started this process
     cfg = load_config(args.config)
     try:
         result = train(cfg, args.model, args.data, args.out, jstar=args.jstar,
                        stop_after_images=args.stop_after_images, progress=not args.no_progress)
-    except (RunFolderMismatchError, integrity.IntegrityError) as e:  # one line naming the file, no traceback
+    except (RunFolderMismatchError, integrity.IntegrityError, lifeline.RunFolderBusyError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

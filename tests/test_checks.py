@@ -77,6 +77,50 @@ def test_first_snapshot_beyond_total_images():
     assert "models t0, t1, t2" in line  # a study-wide setting: one line, naming the models it concerns
 
 
+def test_snapshot_error_quotes_the_configs_own_total():
+    cfg = smoke()
+    cfg["training"]["total_images"] = 200  # rounded up to 256 images (4 batches of 64); first_images 384
+    (line,) = problems(cfg)
+    assert "total_images=200 " in line and "rounded up to whole batches: 256" in line
+
+
+def test_training_shorter_than_one_batch():
+    cfg = smoke()
+    cfg["training"].update(total_images=32, snapshots={"count": 2, "spacing": "geometric", "first_images": 16})
+    (line,) = problems(cfg)
+    assert line.startswith("training.total_images: 32 is less than one batch (training.batch_size = 64)")
+
+
+def test_model_names_differing_only_in_case():
+    cfg = smoke()
+    cfg["models"]["T1"] = {"arch": "t1"}
+    (line,) = problems(cfg)
+    assert line.startswith("models.T1: the same name as models.t1 but for case")
+
+
+def test_every_line_names_the_config_file(tmp_path):
+    cfg = smoke()
+    cfg["models"]["t1"]["arch"] = "t99"
+    cfg["evaluation"]["sigma_max"] = 0.001
+    with pytest.raises(ConfigError) as e:
+        check_study(cfg, basedir=REPO, arch_names=ARCHS, where="studies/my.yaml")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 2 and all(line.startswith("studies/my.yaml: ") for line in lines)
+    assert "models.t1.arch: unknown architecture 't99'" in lines[0]
+
+
+def test_config_cli_names_the_file_in_each_line(tmp_path, capsys):
+    from models.config import main
+
+    cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
+    cfg["models"]["t1"]["arch"] = "t99"
+    path = tmp_path / "my.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main([str(path)]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "t99" in line]
+    assert line.startswith(f"{path}: models.t1.arch: unknown architecture")
+
+
 def test_explicit_snapshot_mark_beyond_total_images_of_one_model():
     cfg = smoke()
     cfg["models"]["t2"]["training"] = {"snapshots": {"images": [512, 4096]}}
@@ -193,6 +237,13 @@ def test_subset_size_beyond_digits():
     assert line.startswith("optimal_loss.subset_size: 5000") and "1797" in line
 
 
+def test_batch_beyond_the_dataset_size():
+    cfg = smoke()
+    cfg["models"]["t2"]["training"] = {"batch_size": 2048, "total_images": 4096}
+    (line,) = problems(cfg)
+    assert line == "training.batch_size: 2048 is more than the 1797 images of dataset 'digits' [model t2]"
+
+
 def test_subset_size_of_the_full_estimator_only_is_not_checked():
     cfg = smoke()
     cfg["optimal_loss"].update(subset_size=5000, estimator="full", compare_estimators=["full"])
@@ -212,8 +263,8 @@ def test_dataset_size_from_the_array_header(tmp_path, container):
     cfg = smoke()
     cfg["dataset"]["spec"] = str(path)
     cfg["optimal_loss"]["subset_size"] = 38
-    (line,) = problems(cfg)
-    assert "N = 37" in line
+    subset, batch = problems(cfg)  # and smoke's batch of 64 is more than the set
+    assert "N = 37" in subset and batch.startswith("training.batch_size: 64 is more than the 37 images")
 
 
 def test_every_problem_is_listed_in_one_error():

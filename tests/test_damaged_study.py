@@ -178,6 +178,23 @@ def test_damaged_losses_table_never_reaches_a_fit(study_copy):
     assert not (r / "scratch" / "exponents.csv").exists()
 
 
+def test_edited_losses_table_disagrees_with_the_per_triple_file(study_copy):
+    """losses.csv edited, its sidecar made to match: the statistics stop where they start, naming both files."""
+    r = study_copy / STUDY
+    losses, per_triple = r / "analysis" / "losses.csv", r / "analysis" / "per_triple.npz"
+    df = pd.read_csv(losses)
+    row = df.index[df["sigma"].notna()][2]
+    df.loc[row, "loss"] *= 0.9
+    df.to_csv(writable(losses), index=False)
+    restamp(losses)
+    rc, out = run_module("analysis.scaling", "--losses", losses, "--per-triple", per_triple,
+                         "--out-dir", r / "scratch", "--n-replicates", "10")
+    line = one_error(out, losses)
+    assert rc == 2 and f"{losses} and {per_triple} disagree (loss of {df.loc[row, 'model']}@" in line
+    assert rebuild_command(line)[-1] == "collect_losses"
+    assert not (r / "scratch" / "exponents.csv").exists()
+
+
 def test_damaged_eval_set_and_denoised_are_named(study_copy):
     r = study_copy / STUDY
     snapshot = r / "snapshots" / "t0" / "snapshot-000000384.pt"
@@ -278,6 +295,7 @@ def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
                 ["models.sampler", "--snapshot", snap, "--num", "2", "--out", r / "scratch.npz"]):
         rc, out = run_module(*cli)
         assert rc != 0 and "refused" in out and str(snap) in out, out[-2000:]
+        assert "delete it and rebuild it with:" in out and "--forcerun train_t1" in out  # its sidecar's command
     assert not marker.exists()
 
 

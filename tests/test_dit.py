@@ -204,12 +204,12 @@ def test_stop_and_resume_give_identical_weights(digits, tmp_path):
     assert train(cfg, "d0", digits, part, stop_after_images=96, progress=False)["status"] == "stopped"
     assert train(cfg, "d0", digits, part, progress=False)["status"] == "done"
     for name in ("snapshot-000000128.pt", "snapshot-000000256.pt"):
-        a = torch.load(full / "snapshots" / name, weights_only=False)
-        b = torch.load(part / "snapshots" / name, weights_only=False)
+        a = torch.load(full / "snapshots" / name, weights_only=True)
+        b = torch.load(part / "snapshots" / name, weights_only=True)
         assert a["arch"]["kwargs"]["family"] == "dit"
         for k in a["ema"]:
             torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
-    sa, sb = (torch.load(d / "state.pt", weights_only=False) for d in (full, part))
+    sa, sb = (torch.load(d / "state.pt", weights_only=True) for d in (full, part))
     for k in sa["net"]:
         torch.testing.assert_close(sb["net"][k], sa["net"][k], rtol=0, atol=1e-6)
     # counted FLOPs of the real step agree with the family's count of the bare net
@@ -261,7 +261,7 @@ def test_deepspeed_zero2_cpu_step(tmp_path, digits):
             {"PYTHONPATH": str(ROOT)})
     done = json.loads((out / "done.json").read_text())
     assert done["images_seen"] == 32 and done["arch"] == "d0"
-    snap = torch.load(out / "snapshots/snapshot-000000032.pt", weights_only=False)
+    snap = torch.load(out / "snapshots/snapshot-000000032.pt", weights_only=True)
     den = Denoiser.from_snapshot(out / "snapshots/snapshot-000000032.pt")
     assert isinstance(den.net, DiT) and torch.isfinite(den(digits.x[:2], 1.0)).all()
     # one optimizer step moved the weights away from adaLN-Zero's init (the final layer's zero weight)
@@ -271,7 +271,7 @@ def test_deepspeed_zero2_cpu_step(tmp_path, digits):
     # master partition (the module's copy of it is saved with DeepSpeed's checkpoint)
     from models.weight_norm import channel_rms
 
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = torch.load(out / "state.pt", weights_only=True)
     (model_file,) = (out / state["ds_dir"]).rglob("mp_rank_00_model_states.pt")
     head = torch.load(model_file, weights_only=False, map_location="cpu")["module"]["logvar_linear.weight"]
     assert float((channel_rms(head) - 1).abs().max()) < 2e-4

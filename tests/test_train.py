@@ -181,7 +181,7 @@ def test_run_folder_contents(full_run, digits):
     assert [r["images_seen"] for r in log] == [64, 128, 192, 256]
     assert all(r["world_size"] == 1 and math.isfinite(r["loss"]) for r in log)
     assert sum(log[-1]["sigma_bin_counts"]) == 256   # every training example reached the σ-bin tracker
-    snap = torch.load(out / done["snapshots"][0], weights_only=False)
+    snap = torch.load(out / done["snapshots"][0], weights_only=True)
     assert snap["images_seen"] == 128 and snap["model"] == "t0" and snap["variant"]["name"] == "edm"
     # FLOPs: counted once on the real step, times images; agrees with the family's own count of the bare net
     from models.family import training_flops_per_image
@@ -217,7 +217,7 @@ def test_tensorboard_tracker_holds_the_logged_scalars(full_run, digits, tmp_path
         last = events.Scalars(f"sigma_bin_x0_loss/sigma={center:.3g}")[-1]
         assert last.step == 256 and last.value == pytest.approx(loss, rel=1e-6)
     # watching changes nothing: the same weights as the untracked run, and the settings fingerprint ignores it
-    a, b = (torch.load(d / "snapshots/snapshot-000000256.pt", weights_only=False) for d in (full_run[0], tmp_path))
+    a, b = (torch.load(d / "snapshots/snapshot-000000256.pt", weights_only=True) for d in (full_run[0], tmp_path))
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
     assert json.loads((tmp_path / "done.json").read_text())["config_fingerprint"] == \
         json.loads((full_run[0] / "done.json").read_text())["config_fingerprint"]
@@ -262,21 +262,34 @@ def test_done_json_records_each_snapshots_checksum(full_run):
         assert integrity.file_sha256(out / rel) == sha == integrity.verify(out / rel)["sha256"]
 
 
+def test_training_twice_writes_identical_files(full_run, digits, tmp_path):
+    """Equal trainings write equal bytes: every snapshot and state.pt (torch names the zip's inner folder after the
+    file it writes, so saving through a temporary name would make equal contents differ)."""
+    from models import integrity
+
+    out_full, _ = full_run
+    train(make_cfg(), "t0", digits, tmp_path, progress=False)
+    names = ["state.pt", *(f"snapshots/{p.name}" for p in sorted((out_full / "snapshots").glob("*.pt")))]
+    assert len(names) == 3
+    for name in names:
+        assert integrity.file_sha256(tmp_path / name) == integrity.file_sha256(out_full / name), name
+
+
 def test_resume_gives_identical_weights(full_run, digits, tmp_path):
     out_full, _ = full_run
     cfg = make_cfg()
     stopped = train(cfg, "t0", digits, tmp_path, stop_after_images=96, progress=False)
     assert stopped["status"] == "stopped" and not (tmp_path / "done.json").exists()
-    assert torch.load(tmp_path / "state.pt", weights_only=False)["images_seen"] == 96
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["images_seen"] == 96
     resumed = train(cfg, "t0", digits, tmp_path, progress=False)
     assert resumed["status"] == "done"
     for name in ("snapshot-000000128.pt", "snapshot-000000256.pt"):
-        a = torch.load(out_full / "snapshots" / name, weights_only=False)["ema"]
-        b = torch.load(tmp_path / "snapshots" / name, weights_only=False)["ema"]
+        a = torch.load(out_full / "snapshots" / name, weights_only=True)["ema"]
+        b = torch.load(tmp_path / "snapshots" / name, weights_only=True)["ema"]
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=f"{name}: {k}")
-    sa = torch.load(out_full / "state.pt", weights_only=False)
-    sb = torch.load(tmp_path / "state.pt", weights_only=False)
+    sa = torch.load(out_full / "state.pt", weights_only=True)
+    sb = torch.load(tmp_path / "state.pt", weights_only=True)
     for k in sa["net"]:
         torch.testing.assert_close(sb["net"][k], sa["net"][k], rtol=0, atol=1e-6)
     # the log is rewritten from the saved state, so it matches the uninterrupted one line for line
@@ -286,10 +299,11 @@ def test_resume_gives_identical_weights(full_run, digits, tmp_path):
     assert train(cfg, "t0", digits, tmp_path, progress=False)["status"] == "already-done"
 
 
-def test_nan_loss_names_step_and_sigma(digits, tmp_path):
+def test_nan_loss_names_step_and_sigma(digits, tmp_path, monkeypatch):
     x = digits.x[:64].clone()
     x[:] = float("nan")  # every batch is bad, so the very first step must stop
     bad = Dataset(x=x, labels=None, name="nan-digits")
+    monkeypatch.setattr(train_module, "check_images", lambda data, **_: data)  # past the data's own check
     with pytest.raises(NonFiniteLossError) as info:
         train(make_cfg(), "t0", bad, tmp_path, progress=False)
     msg = str(info.value)
@@ -302,7 +316,7 @@ def test_conditional_run_uses_one_hot_labels(digits, tmp_path):
     cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=64)
     cfg["dataset"]["conditional"] = True
     train(cfg, "t0", digits, tmp_path, progress=False)
-    snap = torch.load(tmp_path / "snapshots/snapshot-000000064.pt", weights_only=False)
+    snap = torch.load(tmp_path / "snapshots/snapshot-000000064.pt", weights_only=True)
     assert snap["arch"]["label_dim"] == 10
     den = Denoiser.from_snapshot(tmp_path / "snapshots/snapshot-000000064.pt")
     assert den(digits.x[:3], 0.5, digits.labels[:3]).shape == (3, 1, 8, 8)
@@ -431,8 +445,8 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
     assert [len(i) for i in reads] == [32, 32]
     torch.testing.assert_close(torch.cat(reads), batch_indices(0, 64, 1797, seed=cfg["training"]["seed"]),
                                rtol=0, atol=0)
-    a = torch.load(tmp_path / "from-dataset/snapshots/snapshot-000000064.pt", weights_only=False)["ema"]
-    b = torch.load(tmp_path / "from-npz/snapshots/snapshot-000000064.pt", weights_only=False)["ema"]
+    a = torch.load(tmp_path / "from-dataset/snapshots/snapshot-000000064.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "from-npz/snapshots/snapshot-000000064.pt", weights_only=True)["ema"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -451,7 +465,7 @@ def test_fingerprint_differences_name_dotted_keys():
 def test_resume_with_other_settings_fails_naming_the_keys(digits, tmp_path):
     cfg = make_cfg()
     train(cfg, "t0", digits, tmp_path, stop_after_images=32, progress=False)
-    state = torch.load(tmp_path / "state.pt", weights_only=False)
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
     assert state["config_fingerprint"]["training"]["lr"] == cfg["training"]["lr"]
     assert state["config_fingerprint"]["dataset"] == {"shape": [1797, 1, 8, 8], "label_dim": 0}
 
@@ -471,7 +485,7 @@ def test_resume_with_other_settings_fails_naming_the_keys(digits, tmp_path):
     smaller = Dataset(x=digits.x[:1000], labels=digits.labels[:1000], name="digits")
     assert "dataset.shape" in refused(cfg, smaller)
     # nothing was touched: the same settings still resume
-    assert torch.load(tmp_path / "state.pt", weights_only=False)["images_seen"] == 32
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["images_seen"] == 32
 
 
 def test_finished_run_with_other_settings_is_not_reported_done(full_run, digits):
@@ -572,8 +586,8 @@ SNAPSHOT = "snapshots/snapshot-000000256.pt"
 def assert_same_step(run_a, run_b, opt_a, opt_b):
     """Same weights after the steps and the same gradients (Adam's first moment), within float32 reduction error;
     the logged per-dimension loss and the σ tracker agree too."""
-    wa = torch.load(run_a / SNAPSHOT, weights_only=False)["ema"]
-    wb = torch.load(run_b / SNAPSHOT, weights_only=False)["ema"]
+    wa = torch.load(run_a / SNAPSHOT, weights_only=True)["ema"]
+    wb = torch.load(run_b / SNAPSHOT, weights_only=True)["ema"]
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5, msg=k)
     ga, gb = adam_moments(opt_a), adam_moments(opt_b)
@@ -607,8 +621,8 @@ def test_micro_batches_give_the_same_step(digits, tmp_path):
         runs[batch_gpu] = out
         assert result["status"] == "done"
     assert unsynced == [32] * 6   # 2 steps × the first 3 of 4 micro-batches; the last one syncs
-    sa = torch.load(runs[None] / "state.pt", weights_only=False)
-    sb = torch.load(runs[32] / "state.pt", weights_only=False)
+    sa = torch.load(runs[None] / "state.pt", weights_only=True)
+    sb = torch.load(runs[32] / "state.pt", weights_only=True)
     assert_same_step(runs[None], runs[32], sa["optimizer"], sb["optimizer"])
     assert sb["flops_per_image"] == pytest.approx(sa["flops_per_image"])   # FLOPs stay counted per image
     # micro-batching is not part of the settings: a run may resume with another batch_gpu
@@ -627,15 +641,15 @@ def test_dropout_masks_follow_the_image_stream(digits, tmp_path):
               progress=False)
     train(cfg, "t0", digits, tmp_path / "resumed", stop_after_images=128, progress=False)
     train(cfg, "t0", digits, tmp_path / "resumed", progress=False)
-    states = {name: torch.load(tmp_path / name / "state.pt", weights_only=False)
+    states = {name: torch.load(tmp_path / name / "state.pt", weights_only=True)
               for name in ("whole", "split", "resumed")}
     assert_same_step(runs["whole"], runs["split"], states["whole"]["optimizer"], states["split"]["optimizer"])
-    a = torch.load(runs["whole"] / SNAPSHOT, weights_only=False)["ema"]
-    b = torch.load(tmp_path / "resumed" / SNAPSHOT, weights_only=False)["ema"]
+    a = torch.load(runs["whole"] / SNAPSHOT, weights_only=True)["ema"]
+    b = torch.load(tmp_path / "resumed" / SNAPSHOT, weights_only=True)["ema"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the masks act: without dropout the same steps end elsewhere
     train(make_cfg(dropout=0.0, grad_clip=None, **TWO_STEPS), "t0", digits, tmp_path / "none", progress=False)
-    c = torch.load(tmp_path / "none" / SNAPSHOT, weights_only=False)["ema"]
+    c = torch.load(tmp_path / "none" / SNAPSHOT, weights_only=True)["ema"]
     assert max(float((a[k] - c[k]).abs().max()) for k in a) > 1e-3
 
 
@@ -646,7 +660,7 @@ def test_forced_normalisation_keeps_the_stored_weights_on_the_unit_sphere(full_r
     from models.family import build
 
     out, _ = full_run
-    net = torch.load(out / "state.pt", weights_only=False)["net"]
+    net = torch.load(out / "state.pt", weights_only=True)["net"]
     mp = {name + ".weight" for name, m in build("t0", resolution=8, channels=1).named_modules()
           if isinstance(m, MPConv)}
     assert mp and mp <= set(net)
@@ -714,7 +728,7 @@ def test_adam_steps_are_edm2_scaled(digits, tmp_path, monkeypatch):
     seen = capture_step_inputs(monkeypatch)
     train(cfg, "t0", digits, tmp_path, progress=False)
     assert len(seen) == 2
-    got = torch.load(tmp_path / SNAPSHOT, weights_only=False)["ema"]
+    got = torch.load(tmp_path / SNAPSHOT, weights_only=True)["ema"]
     edm2 = hand_adam_steps(cfg, seen, lambda e: e.sum() / e.shape[0])
     mean = hand_adam_steps(cfg, seen, lambda e: e.mean())
     err = max(float((got[k] - edm2[k]).abs().max()) for k in got)
@@ -786,7 +800,7 @@ def test_logvar_off_builds_no_head_and_is_part_of_the_settings(digits, tmp_path)
                    models={"on": {"arch": "t0"}, "off": {"arch": "t0", "training": {"logvar": False}}})
     for name in ("on", "off"):
         train(cfg, name, digits, tmp_path / name, progress=False)
-    snaps = {n: torch.load(tmp_path / n / "snapshots/snapshot-000000064.pt", weights_only=False) for n in ("on", "off")}
+    snaps = {n: torch.load(tmp_path / n / "snapshots/snapshot-000000064.pt", weights_only=True) for n in ("on", "off")}
     assert any("logvar" in k for k in snaps["on"]["ema"]) and not any("logvar" in k for k in snaps["off"]["ema"])
     den = Denoiser.from_snapshot(tmp_path / "off/snapshots/snapshot-000000064.pt")
     D, logvar = den(digits.x[:2], 1.0, return_logvar=True)

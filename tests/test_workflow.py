@@ -313,14 +313,21 @@ def test_bad_model_name_is_named(tmp_path):
     (lambda c: c["training"]["launch"].update(accelerate_config="workflow/accelerate/nope.yaml"),
      ["training.launch.accelerate_config", "nope.yaml"]),
     (lambda c: c["training"]["launch"].update(num_processes=3), ["training.batch_size", "64"]),
-], ids=["arch", "sigma", "accelerate", "batch"])
+    (lambda c: c["training"].update(total_images=32, snapshots={"count": 2, "first_images": 16}),
+     ["training.total_images", "32", "64"]),
+    (lambda c: c["models"].update(T1={"arch": "t1"}), ["models.T1", "models.t1"]),
+], ids=["arch", "sigma", "accelerate", "batch", "length", "case"])
 def test_bad_value_fails_the_dry_run_naming_it(change, named, tmp_path):
-    """A representative few of models/checks.py's checks (tests/test_checks.py has every kind) through `-n`."""
+    """A representative few of models/checks.py's checks (tests/test_checks.py has every kind) through `-n`: each
+    line names the key, the config's own value and the config file."""
     cfg = load_cfg("smoke")
     change(cfg)
-    rc, out = smk("-n", "--configfile", write_cfg(cfg, tmp_path / "bad.yaml"), directory=tmp_path, check=False)
+    bad = write_cfg(cfg, tmp_path / "bad.yaml")
+    rc, out = smk("-n", "--configfile", bad, directory=tmp_path, check=False)
     assert rc != 0
     assert all(s in out for s in named), out[-3000:]
+    lines = [line for line in out.splitlines() if named[0] in line]
+    assert lines and all(str(bad) in line for line in lines), out[-3000:]
     assert not (tmp_path / "results").exists()
 
 
@@ -368,7 +375,7 @@ def test_killed_training_resumes(tmp_path):
     state_mtime = (run / "state.pt").stat().st_mtime_ns
     time.sleep(4)
     assert (run / "state.pt").stat().st_mtime_ns == state_mtime, "the trainer outlived the kill"
-    killed_at = int(torch.load(run / "state.pt", weights_only=False)["images_seen"])
+    killed_at = int(torch.load(run / "state.pt", weights_only=True)["images_seen"])
     assert 256 <= killed_at < 3072
     # the trainer writes files atomically (temp + rename), so a rewritten snapshot gets a new inode; Snakemake
     # may touch outputs (mtime), which keeps the inode
@@ -382,7 +389,7 @@ def test_killed_training_resumes(tmp_path):
     assert first.stat().st_ino == first_inode and first.read_bytes() == first_bytes
     for mark in (256, 3072):
         declared = r / "snapshots" / "t1" / f"snapshot-{mark:09d}.pt"
-        snap = torch.load(declared, weights_only=False)
+        snap = torch.load(declared, weights_only=True)
         assert snap["images_seen"] == mark and snap["model"] == "t1"
         assert all(torch.isfinite(v).all() for v in snap["ema"].values() if v.is_floating_point())
     log = pd.read_json(run / "log.jsonl", lines=True)

@@ -14,8 +14,9 @@ from models.sizes import FAMILY, SIZES
 # Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
 # the schema's defaults (jsonschema's validator, as snakemake.utils.validate would) and lists every bad key, one
 # line each, e.g. "workflow/config/my.yaml: training.batch_szie: unknown key".
+CONFIG_FILES = ", ".join(map(str, workflow.overwrite_configfiles)) or DEFAULT_CONFIG  # named in every error line
 try:
-    _checked = load_config(dict(config), where=", ".join(map(str, workflow.overwrite_configfiles)) or DEFAULT_CONFIG)
+    _checked = load_config(dict(config), where=CONFIG_FILES)
 except ConfigError as err:
     raise WorkflowError(f"invalid study config:\n{err}")
 config.clear()
@@ -25,7 +26,7 @@ config.update(_checked)
 # Values only a job would trip over (an unknown arch, an inverted σ range, a missing accelerate config, a batch
 # that does not split over the processes, a bad dataset spec, ...) fail here, every one of them listed.
 try:
-    check_study(config, basedir=BASEDIR, arch_names=known_arch_names())  # models.sizes' table (no torch)
+    check_study(config, basedir=BASEDIR, arch_names=known_arch_names(), where=CONFIG_FILES)  # models.sizes' table
 except ConfigError as err:
     raise WorkflowError(f"invalid study config:\n{err}")
 

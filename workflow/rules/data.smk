@@ -11,6 +11,20 @@
 DIGITS_PNGS = f"{R}/data/digits-png"
 
 
+def dataset_needs():
+    """The dataset job's --at-least flags: a set smaller than a batch, or than the estimators' subset, is refused
+    where it enters (models.data.check_images), not by whichever job meets it first. A global in the shell text,
+    not a param: a new model's batch size must not remake the dataset."""
+    needs = {"training.batch_size": max(int(TRAINING[m]["batch_size"]) for m in MODELS)}
+    ol = config["optimal_loss"]
+    if {ol["estimator"], *(ol.get("compare_estimators") or [])} - {"full"} and ol.get("subset_size"):
+        needs["optimal_loss.subset_size"] = int(ol["subset_size"])
+    return " ".join(f"--at-least {what}={n}" for what, n in needs.items())
+
+
+DATASET_NEEDS = dataset_needs()
+
+
 rule dataset:
     input:
         [DIGITS_PNGS] if config["dataset"]["spec"] == f"imagefolder:{DIGITS_PNGS}" else [],
@@ -30,7 +44,8 @@ rule dataset:
     log:
         f"{R}/logs/dataset.log",
     shell:
-        "{PYTHON} -m models.data {params.spec:q} --compact --out {output[0]:q} {params.resolution} > {log:q} 2>&1"
+        "{PYTHON} -m models.data {params.spec:q} --compact --out {output[0]:q} {params.resolution} {DATASET_NEEDS}"
+        " > {log:q} 2>&1"
         # its checksum beside it (dataset.npz.sha256): readers detect a truncated or corrupted copy
         " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun dataset'"
         " >> {log:q} 2>&1"

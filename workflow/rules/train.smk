@@ -177,6 +177,11 @@ for _model in MODELS:
             """
             rundir={params.rundir:q}
             stamp="$rundir/.study-config.yaml"
+            # the trainer watches this job's snakemake process and stops when it is gone (models/lifeline.py)
+            export TRAINER_JOB_PID="$PPID@$HOSTNAME"
+            if [ -d "$rundir" ]; then
+                {PYTHON} -m models.lifeline free "$rundir" 2>> {log:q} || exit 2
+            fi
             if [ -e "$stamp" ] && ! {PYTHON} -m models.run_folder same-settings "$stamp" {input.config:q}; then
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
