@@ -36,6 +36,7 @@ import torch
 
 from analysis.evaluate import (EvaluationInputs, load_denoised, load_eval_set, load_rows, per_sigma_table,
                                total_weights, variant_fns, weighted_totals)
+from analysis.report import ema_exponents_table
 from models.atomic import atomic_path
 from models.denoiser import Denoiser
 from models.power_ema import read_power_record, read_profiles, reconstruct
@@ -249,15 +250,7 @@ def markdown(table: pd.DataFrame, exponents: pd.DataFrame | None, fixed_sigma_re
                      f"{best['stderr_b']:.2g} | {at_fixed} | {best['residual_rel_l2']:.2g} |")
     if exponents is not None:
         lines += ["", "Exponents against parameters over the final snapshots (pure power law; 95% intervals: basic "
-                  "bootstrap of the evaluation triples, paired):", "",
-                  "| quantity | at σ_rel " + f"{fixed_sigma_rel:g} | at each model's best | best − fixed |",
-                  "|---|---|---|---|"]
-        for quantity, label in (("raw", "L"), ("minus_jstar", "L − J*")):
-            cells = []
-            for ema in ("fixed", "best", "best - fixed"):
-                r = exponents[(exponents["quantity"] == quantity) & (exponents["ema"] == ema)].iloc[0]
-                cells.append(f"{r['exponent']:.4f} [{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]")
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+                  "bootstrap of the evaluation triples, paired):", ""] + ema_exponents_table(exponents, fixed_sigma_rel)
     return "\n".join(lines) + "\n"
 
 

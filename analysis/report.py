@@ -150,10 +150,12 @@ def _verdict_sentence(v) -> str:
 
 def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: pd.DataFrame | None = None,
                    forecast: dict | None = None, n_replicates: int = 0, n_jackknife: int = 0,
-                   seeds: bool = False, opening: list | None = None, frontier_note: str = "") -> str:
-    """exponents.md: the forecast verdict first, then L − J* against L, the total-loss fits, the compute-optimal
-    law, and the per-σ tables."""
-    parts = ["# Scaling exponents and the verdict on L − J*", ""] + list(opening or []) + [
+                   seeds: bool = False, opening: list | None = None, frontier_note: str = "",
+                   ema: str | None = None, ema_exponents: pd.DataFrame | None = None) -> str:
+    """exponents.md: the EMA its fits stand at, the forecast verdict, then L − J* against L, the total-loss fits
+    (with an EMA sweep's exponents at the best and at a fixed EMA length), the compute-optimal law, and the per-σ
+    tables."""
+    parts = ["# Scaling exponents and the verdict on L − J*", ""] + ema_opening(ema) + list(opening or []) + [
              "Fits of log(y − c) = log A + k·log x by least squares (c = 0 for L, c = J* for L − J*, c = 0 for the "
              "directly measured excess E‖Dθ − D*‖²; the free offset fits c by relative least squares). "
              "compute: x = training FLOPs on the study's one frontier (snapshots whose total L beats every cheaper "
@@ -185,6 +187,8 @@ def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: 
                 for _, r in total.iterrows()]
         parts += [md_table(["quantity", "axis", "exponent", "eval. only", "offset", "ρ", "R²", "extrapolation error",
                             "n", "note"], rows), ""]
+    if ema_exponents is not None:
+        parts += ema_sweep_section(ema_exponents)
     if compute_optimal is not None and "E" in compute_optimal:
         parts += ["## Compute-optimal law L(N, D) = E + A/N^a + B/D^b (every snapshot; N params, D images)", "",
                   "N_opt ∝ C^(b/(a+b)), D_opt ∝ C^(a/(a+b)) for compute C ∝ N·D. floor = jstar fixes E to the "
@@ -211,6 +215,48 @@ def study_markdown(table: pd.DataFrame, verdict: pd.DataFrame, compute_optimal: 
         parts += [md_table(["σ", "J*", "ρ L", "ρ L − J*", "Δρ", "verdict", "Δ extrapolation", "verdict",
                             "free offset"], rows), ""]
     return "\n".join(parts)
+
+
+def ema_opening(ema: str | None) -> list[str]:
+    """exponents.md's line on the EMA every fit stands at (models.json's `ema` of the study's runs)."""
+    if not ema:
+        return []
+    return [f"EMA: every fit below stands at the snapshots' own EMA weights — {ema}.", ""]
+
+
+EMA_EXPONENT_ROWS = (("raw", "L"), ("minus_jstar", "L − J*"))
+EMA_EXPONENT_COLUMNS = ("fixed", "best", "best - fixed")
+
+
+def ema_exponents_table(exponents: pd.DataFrame, fixed_sigma_rel: float) -> list[str]:
+    """The exponents of ema_exponents.csv (analysis.ema_sweep) as table lines: L and L − J* at the fixed σ_rel, at
+    each model's best, and the difference, each with its 95% interval."""
+    lines = [f"| quantity | at σ_rel {fixed_sigma_rel:g} | at each model's best | best − fixed |",
+             "|---|---|---|---|"]
+    for quantity, label in EMA_EXPONENT_ROWS:
+        cells = []
+        for ema in EMA_EXPONENT_COLUMNS:
+            r = exponents[(exponents["quantity"] == quantity) & (exponents["ema"] == ema)].iloc[0]
+            cells.append(f"{r['exponent']:.4f} [{r['ci_lo']:.4f}, {r['ci_hi']:.4f}]")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ema_sweep_section(exponents: pd.DataFrame) -> list[str]:
+    """exponents.md's section from ema_exponents.csv: the exponents against parameters at each model's best EMA
+    length and at a fixed one, side by side (an empty table: fewer than two models, none to fit)."""
+    parts = ["## Exponents at each model's best EMA length (ema_exponents.csv)", ""]
+    if exponents.empty:
+        return parts + ["Fewer than two models: no exponents against parameters from the EMA sweep.", ""]
+    fixed = float(exponents["fixed_sigma_rel"].iloc[0])
+    return parts + [
+        "Each model's final snapshot rebuilt post hoc at a grid of EMA lengths σ_rel; its best length chosen on one "
+        "half of the evaluation triples, every loss here measured on the other half. Pure power laws against "
+        f"parameters over the final snapshots, at σ_rel {fixed:g} for every model and at each model's best; 95% "
+        "intervals: basic bootstrap of the evaluation triples, paired (evaluation noise only, no jackknife), so "
+        "these are not the fits above. An interval of best − fixed that excludes 0 says the fixed EMA length "
+        "tilts the exponent (ema_sweep.md: each model's best length).", ""] + ema_exponents_table(
+            exponents, fixed) + [""]
 
 
 def _joint_floor_text(r) -> str:

@@ -20,7 +20,7 @@ Public interface:
 CLI::
 
     python -m analysis.scaling --losses losses.csv --per-triple per_triple.npz --out-dir analysis/ \
-        [--models models.json] [--n-replicates 1000]
+        [--models models.json] [--n-replicates 1000] [--ema-exponents ema_exponents.csv]
     python -m analysis.scaling chinchilla --csv FILE --drop-highest 5 [--n-bootstrap 0]   (any table, runs, predictions:
         python -m analysis.fit_law, docs/fit-your-own-table.md)
 """
@@ -78,11 +78,61 @@ def seed_sizes(models: dict | None) -> dict | None:
     return {run: meta.get("size", run) for run, meta in models.items()}
 
 
+def ema_labels(models: dict | None) -> dict | None:
+    """run → the EMA its snapshots are evaluated at, in words (models.json's `ema`), where models.json says."""
+    labels = {run: meta["ema"] for run, meta in (models or {}).items() if meta.get("ema")}
+    return labels or None
+
+
+def study_ema(runs, labels: dict | None) -> str:
+    """The EMA a set of runs' fits stand at: one label, or each label with its runs where they differ; "unknown"
+    without models.json's labels."""
+    by_label = {}
+    for run in dict.fromkeys(runs):
+        by_label.setdefault((labels or {}).get(run, "unknown"), []).append(str(run))
+    if len(by_label) == 1:
+        return next(iter(by_label))
+    return "; ".join(f"{label} ({', '.join(rs)})" for label, rs in by_label.items())
+
+
+EMA_EXPONENTS_COLUMNS = ("quantity", "ema", "fixed_sigma_rel", "exponent", "ci_lo", "ci_hi")
+
+
+def read_ema_exponents(path) -> pd.DataFrame:
+    """ema_exponents.csv (analysis.ema_sweep), checked: its columns, and every (quantity, ema) row exponents.md
+    shows unless it is empty (fewer than two models)."""
+    table = pd.read_csv(path)
+    missing = [c for c in EMA_EXPONENTS_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not an ema_exponents table (missing columns {missing})")
+    have = set(zip(table["quantity"], table["ema"]))
+    absent = [(q, e) for q, _ in report.EMA_EXPONENT_ROWS for e in report.EMA_EXPONENT_COLUMNS if (q, e) not in have]
+    if len(table) and absent:
+        raise ValueError(f"{path}: no row for (quantity, ema) {absent}; `snakemake --forcerun ema_sweep` rebuilds it")
+    return table
+
+
+def with_ema_column(exponents: pd.DataFrame, family_of: dict, labels: dict | None) -> pd.DataFrame:
+    """exponents.csv with its last column `ema`: the EMA of the runs each row's fit stands on (a family's rows:
+    that family's runs)."""
+    out = exponents.assign(ema=study_ema(family_of, labels))
+    for group in out["group"].unique() if "group" in out else []:
+        if group != POOLED:
+            runs = [run for run, family in family_of.items() if family == group]
+            out.loc[out["group"] == group, "ema"] = study_ema(runs, labels)
+    return out
+
+
 def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_replicates: int = 1000,
-                  seed: int = 0, sizes: dict | None = None, frontier: str = "all") -> dict:
+                  seed: int = 0, sizes: dict | None = None, frontier: str = "all", ema: dict | None = None,
+                  ema_exponents: pd.DataFrame | None = None) -> dict:
     """Every table of a study's analysis folder (STUDY_OUTPUTS). With ``per_triple`` (analysis.resample) the
     intervals come from ``n_replicates`` resamples of the evaluation triples (and of the seed runs, where ``sizes``
     groups several runs into one size) and from leaving each model out; without it there are none.
+
+    exponents.csv's last column `ema` and exponents.md's opening say at which EMA the fits stand (``ema``: run →
+    label, models.json's; "unknown" without it). ``ema_exponents`` (an EMA sweep's ema_exponents.csv) adds its
+    exponents at each model's best and at a fixed EMA length to exponents.md.
 
     A study whose models come from several architecture families also gets each family's own fits (exponents.csv
     then starts with a `group` column: POOLED, then one group per family, each with its own frontier) and
@@ -108,12 +158,14 @@ def study_outputs(losses: pd.DataFrame, per_triple: dict | None, out_dir, *, n_r
             + [study_stats.study_table(f).assign(group=g) for g, f in by_family.items()], ignore_index=True)
         tables["exponents.csv"] = tables["exponents.csv"][["group"] + study_stats.TABLE_COLUMNS]
         tables["family_differences.csv"] = study_stats.family_difference_table(by_family)
+    tables["exponents.csv"] = with_ema_column(tables["exponents.csv"], family_of, ema)
     md = report.study_markdown(pooled_fits(tables["exponents.csv"]), tables["verdict.csv"],
                                tables["compute_optimal.csv"], fc, reps.n_replicates,
                                int((reps.kind == "jackknife").sum()), bool((reps.kind == "seed").any()),
                                opening=floor_profile.floor_markdown(tables["floor_profile.csv"],
                                                                     tables["joint_floor.csv"]),
-                               frontier_note=study_stats.frontier_note(reps, frontier))
+                               frontier_note=study_stats.frontier_note(reps, frontier),
+                               ema=study_ema(losses["model"], ema), ema_exponents=ema_exponents)
     if by_family:
         md = report.families_markdown(tables["exponents.csv"], tables["family_differences.csv"]) + "\n" + md
     out_dir = Path(out_dir)
@@ -140,8 +192,11 @@ def _main_table(argv) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--frontier", choices=study_stats.FRONTIERS, default="all",
                     help="the compute frontier's candidates: every snapshot (all) or each run's final one (final)")
+    ap.add_argument("--ema-exponents", type=Path, default=None,
+                    help="ema_exponents.csv of an EMA sweep (analysis.ema_sweep): exponents.md sets its exponents "
+                         "at each model's best EMA length beside a fixed one's")
     args = ap.parse_args(argv)
-    for name in ("losses", "per_triple", "models"):
+    for name in ("losses", "per_triple", "models", "ema_exponents"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             ap.error(f"--{name.replace('_', '-')} file not found: {path}")
@@ -152,10 +207,11 @@ def _main_table(argv) -> int:
         per_triple = load_per_triple(args.per_triple) if args.per_triple is not None else None
         if per_triple is not None:  # the figures plot losses.csv, the statistics resample per_triple.npz
             check_same_numbers(losses, per_triple, args.losses, args.per_triple)
-    except IntegrityError as e:
+        ema_exponents = read_ema_exponents(args.ema_exponents) if args.ema_exponents is not None else None
+    except (IntegrityError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sizes = None
+    sizes = labels = None
     if args.models is not None:
         try:
             table = json.loads(args.models.read_text())
@@ -164,9 +220,9 @@ def _main_table(argv) -> int:
         except ValueError as err:
             ap.error(f"--models {args.models} is not a model table ({err}); the workflow rebuilds it with "
                      "`snakemake --forcerun models_table`")
-        sizes = seed_sizes(table)
+        sizes, labels = seed_sizes(table), ema_labels(table)
     out = study_outputs(losses, per_triple, args.out_dir, n_replicates=args.n_replicates, seed=args.seed,
-                        sizes=sizes, frontier=args.frontier)
+                        sizes=sizes, frontier=args.frontier, ema=labels, ema_exponents=ema_exponents)
     print(f"wrote {len(out['exponents.csv'])} fits, the verdict, the forecasts, the offset profile and the "
           f"compute-optimal law to {args.out_dir}")
     return 0

@@ -107,6 +107,20 @@ def ema_settings(training: dict) -> tuple[str, list[float]]:
     return "power", [float(s) for s in (ema.get("sigma_rel") or DEFAULT_SIGMA_REL)]
 
 
+def ema_label(training: dict) -> str:
+    """The EMA a model's snapshots are evaluated at, in words (models.json's `ema`; exponents.csv's `ema` column):
+    "halflife 2000 images, ramp 0.05 × images seen", "none (raw weights)" or "power σ_rel=0.05" (the first
+    stored profile: the snapshots' `ema`)."""
+    kind, sigma_rels = ema_settings(training)
+    if kind == "power":
+        return f"power σ_rel={sigma_rels[0]:g}"
+    halflife = float(training.get("ema_halflife_images") or 0)
+    if halflife <= 0:
+        return "none (raw weights)"
+    ratio = training.get("ema_rampup_ratio")
+    return f"halflife {halflife:g} images" + (f", ramp {float(ratio):g} × images seen" if ratio else "")
+
+
 class PowerEMA:
     """The power-function EMA profiles of one run, one fp32 module per σ_rel; `modules[0]` is the template itself
     (models.train's EMA copy), so a snapshot's `ema` is the first profile."""

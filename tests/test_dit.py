@@ -302,7 +302,8 @@ def test_fits_per_family_recover_each_familys_exponent(tmp_path):
     from analysis.study_stats import POOLED, pooled_fits
 
     df = two_family_losses()
-    out = study_outputs(df, None, tmp_path)
+    ema = {m: "power σ_rel=0.05" if m.startswith("d") else "halflife 2000 images" for m in df["model"]}
+    out = study_outputs(df, None, tmp_path, ema=ema)
     table = out["exponents.csv"]
     assert list(table.columns[:1]) == ["group"] and set(table["group"]) == {POOLED, "edm2", "dit"}
     mj = table[(table["quantity"] == "minus_jstar") & table["sigma"].isna() & (table["axis"] == "compute")]
@@ -312,9 +313,15 @@ def test_fits_per_family_recover_each_familys_exponent(tmp_path):
     # each family's own frontier: one point per distinct compute (params·images = 1e8·2^0…2^6)
     assert mj.loc["edm2", "n"] == 7 and mj.loc["dit", "n"] == 7
     # the pooled rows are exactly fit_table on everything
+    # each family's rows state its own EMA, the pooled ones every family's (exponents.md: the pooled fits)
+    assert (table.loc[table["group"] == "dit", "ema"] == "power σ_rel=0.05").all()
+    assert (table.loc[table["group"] == "edm2", "ema"] == "halflife 2000 images").all()
+    mixed = "halflife 2000 images (t0, t1, t2, t3); power σ_rel=0.05 (d0, d1, d2, d3)"
+    assert (table.loc[table["group"] == POOLED, "ema"] == mixed).all() and f"EMA weights — {mixed}." in out[
+        "exponents.md"]
     pooled = pooled_fits(table)
     ref = fit_table(df)
-    assert list(pooled.columns) == list(ref.columns)
+    assert list(pooled.columns) == list(ref.columns) + ["ema"]
     assert pooled["exponent"].to_numpy() == pytest.approx(ref["exponent"].to_numpy(), nan_ok=True)
     diff = out["family_differences.csv"].set_index(["quantity", "axis"])
     row = diff.loc[("minus_jstar", "compute")]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from analysis import fits, optimal_loss, posterior, scaling
+from analysis import fits, optimal_loss, posterior, report, scaling
 from analysis import study_stats
 from analysis.fits import fit_chinchilla, fit_power_law, holdout_error
 from analysis.frontier import lower_envelope
@@ -393,3 +393,59 @@ def test_cli_averages_the_seed_runs_named_in_models_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         scaling.main(["--losses", str(losses), "--models", str(models), "--out-dir", str(out)])
     assert f"--models {models} is not a model table" in capsys.readouterr().err
+
+
+def _ema_exponents(fixed_sigma_rel=0.05) -> pd.DataFrame:
+    """An ema_exponents.csv (analysis.ema_sweep's columns) whose every number is distinct and known."""
+    rows = []
+    for quantity, at_fixed, at_best in (("raw", -0.25, -0.3), ("minus_jstar", -0.4, -0.55)):
+        for ema, k in (("fixed", at_fixed), ("best", at_best), ("best - fixed", at_best - at_fixed)):
+            rows.append({"quantity": quantity, "ema": ema, "fixed_sigma_rel": fixed_sigma_rel, "exponent": k,
+                         "ci_lo": k - 0.01, "ci_hi": k + 0.02, "n_models": 4})
+    return pd.DataFrame(rows)
+
+
+def test_cli_states_the_ema_and_sets_the_sweep_exponents_beside(tmp_path, capsys):
+    """exponents.csv's `ema` column and exponents.md's opening say at which EMA the fits stand (models.json's
+    `ema`); with an EMA sweep's ema_exponents.csv, exponents.md sets the best length's exponents beside the fixed
+    one's, with the difference and its interval; a bad ema_exponents.csv is one error and writes nothing."""
+    from models.power_ema import ema_label
+
+    losses = tmp_path / "losses.csv"
+    df = _synthetic_losses()
+    df[df["sigma"].isna()].to_csv(losses, index=False)  # totals only: keeps the test quick
+    label = ema_label({"ema": {"kind": "power", "sigma_rel": [0.05, 0.1]}, "ema_halflife_images": 2000})
+    assert label == "power σ_rel=0.05"
+    models = tmp_path / "models.json"
+    models.write_text(json.dumps({f"m{i}": {"size": f"m{i}", "ema": label} for i in range(4)}))
+    sweep = tmp_path / "ema_exponents.csv"
+    _ema_exponents().to_csv(sweep, index=False)
+    out = tmp_path / "a"
+    assert scaling.main(["--losses", str(losses), "--models", str(models), "--out-dir", str(out),
+                         "--ema-exponents", str(sweep)]) == 0
+    ex = pd.read_csv(out / "exponents.csv")
+    assert ex.columns[-1] == "ema" and (ex["ema"] == "power σ_rel=0.05").all()
+    md = (out / "exponents.md").read_text()
+    assert "EMA: every fit below stands at the snapshots' own EMA weights — power σ_rel=0.05." in md
+    assert md.index("EMA: every fit") < md.index("Fits of log(y − c)")  # the header, before the fits
+    section = md[md.index("## Exponents at each model's best EMA length"):]
+    assert md.index("## Total-loss fits") < md.index("## Exponents at each model's best EMA length")
+    assert "| quantity | at σ_rel 0.05 | at each model's best | best − fixed |" in section
+    assert "| L | -0.2500 [-0.2600, -0.2300] | -0.3000 [-0.3100, -0.2800] | -0.0500 [-0.0600, -0.0300] |" in section
+    assert "| L − J* | -0.4000 [-0.4100, -0.3800] | -0.5500 [-0.5600, -0.5300] | -0.1500 [-0.1600, -0.1300] |" \
+        in section
+    # no sweep: no section; no models.json: the EMA is "unknown", not guessed
+    plain = tmp_path / "plain"
+    assert scaling.main(["--losses", str(losses), "--out-dir", str(plain)]) == 0
+    md = (plain / "exponents.md").read_text()
+    assert "best EMA length" not in md and "own EMA weights — unknown." in md
+    assert (pd.read_csv(plain / "exponents.csv")["ema"] == "unknown").all()
+    # a table missing a row: one error naming the file and the row, nothing written
+    _ema_exponents().iloc[:-1].to_csv(sweep, index=False)
+    bad = tmp_path / "bad"
+    assert scaling.main(["--losses", str(losses), "--out-dir", str(bad), "--ema-exponents", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert str(sweep) in err and "('minus_jstar', 'best - fixed')" in err and not bad.exists()
+    # fewer than two models: the sweep writes an empty table, and the section says why there are no exponents
+    empty = report.ema_sweep_section(_ema_exponents().iloc[:0])
+    assert "Fewer than two models" in "\n".join(empty)

@@ -148,6 +148,10 @@ def test_dry_run_every_config(name, tmp_path):
         assert counts[rule] == 1, rule
     assert counts["optimal_loss_estimator"] == len(set(cfg["optimal_loss"]["compare_estimators"])
                                                    | {cfg["optimal_loss"]["estimator"]})
+    # the statistics read the EMA sweep's exponents exactly when the study has one (exponents.md's side-by-side)
+    (scaling,) = [line for line in out.splitlines() if "-m analysis.scaling --losses" in line]
+    sweep = f"--ema-exponents results/{cfg['study']}/analysis/ema_exponents.csv"
+    assert (sweep in scaling) == ("ema_sweep" in cfg) and counts.get("ema_sweep", 0) == ("ema_sweep" in cfg)
     if name.startswith("paper"):
         check_paper_launch(out, cfg)
 

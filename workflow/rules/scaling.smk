@@ -5,8 +5,10 @@
 # replicates of the evaluation triples (and of the seed runs of a size with `seeds`), widened by leaving each model
 # out. models.json tells the statistics which runs are seeds of one size.
 import json
+import shlex
 
 from models.config import model_variant
+from models.power_ema import ema_label
 
 
 def schedule_settings(schedule):
@@ -16,8 +18,9 @@ def schedule_settings(schedule):
 
 
 def model_table():
-    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs, size}: what the analyses group by (a model's
-    own variant, else the study's; size: the model-table entry a `seeds` run replicates, else the model itself)."""
+    """model → {variant, schedule, seed, arch, logvar, schedule_kwargs, size, ema}: what the analyses group by (a
+    model's own variant, else the study's; size: the model-table entry a `seeds` run replicates, else the model
+    itself; ema: the EMA its snapshots are evaluated at, in words, which exponents.csv states)."""
     return {
         m: {
             "size": config["models"][m].get("replicate_of") or m,
@@ -27,6 +30,7 @@ def model_table():
             "arch": config["models"][m]["arch"],
             "logvar": bool(TRAINING[m].get("logvar", True)),
             "schedule_kwargs": schedule_settings(TRAINING[m]["schedule"]),
+            "ema": ema_label(TRAINING[m]),
         }
         for m in MODELS
     }
@@ -44,12 +48,18 @@ rule models_table:
             f.write(params.table + "\n")
 
 
+# with an `ema_sweep` (ema_sweep.smk), exponents.md sets its exponents at each model's best EMA length beside a
+# fixed one's
+EMA_EXPONENTS = [f"{R}/analysis/ema_exponents.csv"] if config.get("ema_sweep") is not None else []
+
+
 rule scaling:
     input:
         losses=f"{R}/analysis/losses.csv",
         per_triple=f"{R}/analysis/per_triple.npz",
         models=f"{R}/analysis/models.json",
         checksums=sidecars(f"{R}/analysis/losses.csv", f"{R}/analysis/per_triple.npz"),
+        ema_exponents=EMA_EXPONENTS,
     output:
         csv=f"{R}/analysis/exponents.csv",
         md=f"{R}/analysis/exponents.md",
@@ -68,6 +78,7 @@ rule scaling:
         n_replicates=config["scaling"]["n_replicates"],
         seed=config["scaling"]["seed"],
         out_dir=f"{R}/analysis",
+        ema_exponents="".join(f" --ema-exponents {shlex.quote(p)}" for p in EMA_EXPONENTS),
     benchmark:
         benchmark_file("scaling")
     log:
@@ -75,4 +86,4 @@ rule scaling:
     shell:
         "{PYTHON} -m analysis.scaling --losses {input.losses:q} --per-triple {input.per_triple:q}"
         " --models {input.models:q} --out-dir {params.out_dir:q} --n-replicates {params.n_replicates}"
-        " --seed {params.seed} > {log:q} 2>&1"
+        " --seed {params.seed}{params.ema_exponents} > {log:q} 2>&1"
