@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
-from analysis.fit_law import joint_rows
 from analysis.intervals import set_fields
 
 FLOORS = ("jstar", "free")
@@ -42,7 +41,8 @@ class JointRows:
         self.floor = floor
         self.log_floor = {"jstar": np.log(js), "zero": np.full(len(js), -math.inf), "free": None}[floor]
         # the estimate row from a grid of starts, every other row refitted from it (as for any table)
-        self.theta, f = joint_rows(self.n, self.d, self.logl, self.weights, self.log_floor, floor_start=np.log(js))
+        self.theta, f = fits.joint_rows(self.n, self.d, self.logl, self.weights, self.log_floor,
+                                        floor_start=np.log(js))
         self.rmse_log = math.sqrt(f / float(self.weights[0].sum()))
         self.values = fits.joint_params(self.theta, self.scale, self.log_floor)
 

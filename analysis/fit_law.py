@@ -25,8 +25,8 @@ above) plus the log residual of a random row of a random unit, that residual wid
 A parameter at a bound of its range (a floor driven to 0, an exponent at 0 or at analysis.fits.JOINT_MAX_EXPONENT,
 a term that vanished) is set to that bound exactly and named in the `at_bound` column.
 
-Public: ``fit_law`` (→ ``LawFit``), ``rolling_origin``, ``joint_rows`` (the joint law on many weight rows; the
-study's compute-optimal law uses it), ``main`` (the CLI).
+Public: ``fit_law`` (→ ``LawFit``), ``rolling_origin``, ``main`` (the CLI). The joint law on many weight rows is
+``analysis.fits.joint_rows``, shared with the study's compute-optimal law and its forecasts.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import fits
+from analysis.forecast import splits
 from analysis.intervals import LEVEL, MAX_INVALID_FRACTION, jackknife
 from models.atomic import atomic_path
 
@@ -50,7 +51,6 @@ PARAMETERS = {"nd": ("E", "A", "B", "alpha", "beta", "n_opt_exponent", "d_opt_ex
 FORMULA = {"nd": "L = E + A/N^alpha + B/D^beta", "n": "L = E + A/N^alpha"}
 HUBER_DELTA = 1e-3
 MAX_LEAVE_ONE_OUT = 500      # units; beyond, the leave-one-out refits are skipped (a note says so)
-_BLOCK = 1_000_000           # rows × points per vectorised refit (bounds memory)
 _TAIL = (100 - LEVEL) / 2
 PARAMETER_COLUMNS = ["parameter", "estimate", "ci_lo", "ci_hi", "jackknife_lo", "jackknife_hi", "loo_min", "loo_max",
                      "at_bound", "note"]
@@ -108,29 +108,6 @@ def resampling(units, n_bootstrap: int, seed: int = 0, leave_one_out: bool = Tru
 # ----------------------------------------------------------------------------------------------------------------
 # the fitters on every weight row
 # ----------------------------------------------------------------------------------------------------------------
-def joint_rows(n, d, logl, weights, log_floor=None, *, huber_delta=None, starts=None, floor_start=None):
-    """The joint law L = E + A/N^a + B/D^b on every row of ``weights`` [R, S] (and of ``logl``, [R, S] or [S]):
-    row 0 from a grid of starts (analysis.fits.joint_fit; ``starts`` θ rows, None = its own grid), the other rows
-    refitted from row 0's optimum at once (joint_refit), in blocks. ``log_floor`` [R] fixes log E per row, None
-    fits it (``floor_start`` [R]: where a row starts E when row 0's floor is 0). Returns (θ [R, k], row 0's
-    objective)."""
-    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
-    r = len(weights)
-    logl = np.broadcast_to(np.asarray(logl, dtype=np.float64), weights.shape)
-    lf = None if log_floor is None else np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (r,))
-    theta0, f0 = fits.joint_fit(n, d, logl[0], log_floor=None if lf is None else lf[0], weights=weights[0],
-                                huber_delta=huber_delta, starts=starts)
-    theta = np.empty((r, len(theta0)))
-    theta[0] = theta0
-    block = max(1, _BLOCK // max(1, weights.shape[1]))
-    for a in range(1, r, block):
-        b = min(r, a + block)
-        theta[a:b] = fits.joint_refit(theta0, n, d, logl[a:b], log_floor=None if lf is None else lf[a:b],
-                                      weights=weights[a:b], huber_delta=huber_delta,
-                                      floor_start=None if floor_start is None else floor_start[a:b])
-    return theta, f0
-
-
 def power_rows(u, y, weights, floor=None):
     """L = c + exp(p + k·u) on every row of ``weights`` [R, S]: ``floor`` [R] fixed (least-squares line of
     log(L − c)) or None (free, relative least squares, 0 ≤ c < min L). Returns (k, p, c) [R] each."""
@@ -527,7 +504,7 @@ def _fit_rows(law, n, d, l, fl, weights, huber_delta, starts):
     un, ud, logl = np.log(n / scale[0]), np.log(d / scale[1]), np.log(l)
     log_floor = None if floor_rows is None else np.log(floor_rows)
     theta0_starts = _starts(starts, un, ud, logl, scale, None if log_floor is None else log_floor[0], huber_delta)
-    theta, objective = joint_rows(un, ud, logl, weights, log_floor, huber_delta=huber_delta, starts=theta0_starts)
+    theta, objective = fits.joint_rows(un, ud, logl, weights, log_floor, huber_delta=huber_delta, starts=theta0_starts)
     return _JointModel(theta, scale, log_floor), objective
 
 
@@ -544,7 +521,6 @@ def rolling_origin(params, loss, tokens=None, *, runs=None, rows: str = "all", f
     its intervals (ROLLING_COLUMNS). ``last``: only the last that many splits (None = all). ``kw`` go to
     ``fit_law``; ``rows`` and ``drop_highest`` apply to the whole table first."""
     # imported here: analysis.forecast imports analysis.compute_optimal, which imports this module
-    from analysis.forecast import splits
 
     n = _positive("params", params)
     l = _positive("loss", loss, n.size)

@@ -139,6 +139,7 @@ def power_law_predict(u, c, k, p) -> np.ndarray:
 # (log_floor per row; −inf = no floor), k = 5: E is fitted.
 JOINT_MAX_EXPONENT = 10.0
 _MAX_ITER = 200
+_REFIT_BLOCK = 1_000_000  # rows × points per vectorised refit in joint_rows (bounds memory)
 _POLISH = 3            # best batched solutions of a grid of starts polished by the bounded trust-region solve
 BATCHED_POLISH = True  # joint_refit's rows at a bound: the bounded batch (joint_solve_bounded) before any one-by-one solve
 FLOOR_AT_ZERO = 1e-6   # a free floor below this fraction of the smallest loss is set to exactly 0
@@ -224,6 +225,24 @@ def _prepare_rows(p, n, d, logl, log_floor, weights):
     return logl, w, lf.copy()
 
 
+def _rows(a, i):
+    """Rows ``i`` of per-row points [P, S], or points shared by every row ([S]) as they are."""
+    return a if np.ndim(a) < 2 else a[i]
+
+
+def _accept_better(i, new, system, theta, f, g, h, scale, lam, done):
+    """One Levenberg–Marquardt acceptance on rows ``i`` (in place): a trial θ ``new`` whose Newton ``system``
+    (objective, gradient, Hessian, scale) lowers the objective is taken and its damping relaxed; otherwise the
+    damping grows. A row is done when its step no longer changes θ (to rounding) or no step improves on it."""
+    fn, gn, hn, sn = system
+    better = fn < f[i]
+    moved = np.abs(new - theta[i]).max(axis=1)
+    a = i[better]
+    theta[a], f[a], g[a], h[a], scale[a] = new[better], fn[better], gn[better], hn[better], sn[better]
+    lam[i] = np.where(better, np.maximum(lam[i] * 0.1, 1e-12), lam[i] * 10.0)
+    done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
+
+
 def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta=None, stop_floor_below=None):
     """Damped Newton (Levenberg–Marquardt on the exact Hessian) from θ0 [P, k] on every row at once: returns
     (θ [P, k], objective [P], ok [P]).
@@ -242,7 +261,6 @@ def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta
     lam = np.full(p, 1e-3)
     done = np.zeros(p, dtype=bool)
     eye = np.eye(k)
-    nd = lambda a, i: a if np.ndim(a) < 2 else a[i]  # noqa: E731  (points shared by all rows, or per row)
     for _ in range(_MAX_ITER):
         i = np.flatnonzero(~done)
         if i.size == 0:
@@ -250,14 +268,8 @@ def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta
         damp = (lam[i, None] * np.maximum(scale[i], 1e-12))[:, :, None] * eye
         step = -_solve(h[i] + damp, g[i])
         new = np.clip(theta[i] + np.nan_to_num(step), lo, hi)
-        fn, gn, hn, sn = _newton_system(new, nd(n, i), nd(d, i), logl[i], lf[i], w[i], huber_delta)
-        better = fn < f[i]
-        moved = np.abs(new - theta[i]).max(axis=1)
-        a = i[better]
-        theta[a], f[a], g[a], h[a], scale[a] = new[better], fn[better], gn[better], hn[better], sn[better]
-        lam[i] = np.where(better, np.maximum(lam[i] * 0.1, 1e-12), lam[i] * 10.0)
-        # converged: the step no longer changes θ (to rounding), or no step improves on it
-        done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
+        _accept_better(i, new, _newton_system(new, _rows(n, i), _rows(d, i), logl[i], lf[i], w[i], huber_delta),
+                       theta, f, g, h, scale, lam, done)
         if stop_floor_below is not None:
             stop = np.broadcast_to(stop_floor_below, (p,))
             # a floor whose term has all but vanished only creeps down step by step: try the stop line at once
@@ -265,7 +277,7 @@ def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta
             if fading.size:
                 jump = theta[fading].copy()
                 jump[:, 4] = stop[fading] - 1.0
-                fj, gj, hj, sj = _newton_system(jump, nd(n, fading), nd(d, fading), logl[fading], lf[fading],
+                fj, gj, hj, sj = _newton_system(jump, _rows(n, fading), _rows(d, fading), logl[fading], lf[fading],
                                                 w[fading], huber_delta)
                 ok_jump = fj <= f[fading] * (1 + 1e-12)
                 a = fading[ok_jump]
@@ -389,7 +401,6 @@ def joint_solve_bounded(theta0, n, d, logl, *, log_floor=None, weights=None, max
     f, g, h, scale = _newton_system(theta, n, d, logl, lf, w, None)
     lam, done, eye = np.full(p, 1e-3), np.zeros(p, dtype=bool), np.eye(k)
     stop = None if stop_floor_below is None or k != 5 else np.broadcast_to(stop_floor_below, (p,))
-    nd = lambda a, i: a if np.ndim(a) < 2 else a[i]  # noqa: E731
 
     def reduced(theta, g, h):
         held = ((theta <= lo + 1e-12) & (g > 0)) | ((theta >= hi - 1e-12) & (g < 0))
@@ -403,13 +414,8 @@ def joint_solve_bounded(theta0, n, d, logl, *, log_floor=None, weights=None, max
         held, hr, gr = reduced(theta[i], g[i], h[i])
         damp = (lam[i, None] * np.maximum(scale[i], 1e-12) * ~held)[:, :, None] * eye
         new = np.clip(theta[i] - np.nan_to_num(_solve(hr + damp, gr)), lo, hi)
-        fn, gn, hn, sn = _newton_system(new, nd(n, i), nd(d, i), logl[i], lf[i], w[i], None)
-        better = fn < f[i]
-        moved = np.abs(new - theta[i]).max(axis=1)
-        a = i[better]
-        theta[a], f[a], g[a], h[a], scale[a] = new[better], fn[better], gn[better], hn[better], sn[better]
-        lam[i] = np.where(better, np.maximum(lam[i] * 0.1, 1e-12), lam[i] * 10.0)
-        done[i] |= (moved <= 1e-13 * (1.0 + np.abs(theta[i]).max(axis=1))) | (lam[i] > 1e12)
+        _accept_better(i, new, _newton_system(new, _rows(n, i), _rows(d, i), logl[i], lf[i], w[i], None),
+                       theta, f, g, h, scale, lam, done)
         if stop is not None:
             done[i] |= theta[i, 4] < stop[i]
     held, hr, gr = reduced(theta, g, h)
@@ -490,6 +496,31 @@ def joint_refit(theta, n, d, logl, *, log_floor=None, weights=None, floor_start=
                                          huber_delta=h)
         th[i, :4], th[i, 4] = th4, -math.inf
     return th
+
+
+def joint_rows(n, d, logl, weights, log_floor=None, *, huber_delta=None, starts=None, floor_start=None,
+               **fit_kw):
+    """The joint law L = E + A/N^a + B/D^b on every row of ``weights`` [R, S] (and of ``logl``, [R, S] or [S]):
+    row 0 from a grid of starts (joint_fit; ``starts`` θ rows, None = its own grid; ``fit_kw`` its other
+    options), the other rows refitted from row 0's optimum at once (joint_refit), in blocks. ``log_floor`` [R] fixes log E per row, None
+    fits it (``floor_start`` [R]: where a row starts E when row 0's floor is 0). Returns (θ [R, k], row 0's
+    objective)."""
+    weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    r = len(weights)
+    logl = np.broadcast_to(np.asarray(logl, dtype=np.float64), weights.shape)
+    lf = None if log_floor is None else np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (r,))
+    theta0, f0 = joint_fit(n, d, logl[0], log_floor=None if lf is None else lf[0], weights=weights[0],
+                           huber_delta=huber_delta, starts=starts, **fit_kw)
+    theta = np.empty((r, len(theta0)))
+    theta[0] = theta0
+    block = max(1, _REFIT_BLOCK // max(1, weights.shape[1]))
+    for a in range(1, r, block):
+        b = min(r, a + block)
+        theta[a:b] = joint_refit(theta0, n, d, logl[a:b], log_floor=None if lf is None else lf[a:b],
+                                 weights=weights[a:b], huber_delta=huber_delta,
+                                 floor_start=None if floor_start is None else floor_start[a:b])
+    return theta, f0
+
 
 
 def joint_params(theta, scale, log_floor=None) -> dict:

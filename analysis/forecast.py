@@ -174,18 +174,12 @@ class Backtest:
         w = in_train.astype(np.float64)
         logl = np.log(np.where(in_train, self.total, np.nan))
         log_floor = {"jstar": np.log(self.js), "zero": np.full(len(self.js), -math.inf), "free": None}[floor]
-        lf0 = None if log_floor is None else log_floor[0]
         starts = fits.joint_starts(logl[0][in_train[0]], log_floor is None)
         own = whole.theta[0] if np.isfinite(whole.theta[0]).all() else None
         if own is not None:
             starts = np.vstack([own[None, :], starts])
-        theta0, _ = fits.joint_fit(whole.n, whole.d, logl[0], log_floor=lf0, weights=w[0], starts=starts,
-                                   max_starts=_SPLIT_STARTS, polish=1)
-        theta = np.empty((len(logl), len(theta0)))
-        theta[0] = theta0
-        theta[1:] = fits.joint_refit(theta0, whole.n, whole.d, logl[1:],
-                                     log_floor=None if log_floor is None else log_floor[1:], weights=w[1:],
-                                     floor_start=np.log(self.js[1:]))
+        theta, _ = fits.joint_rows(whole.n, whole.d, logl, w, log_floor, starts=starts,
+                                   floor_start=np.log(self.js), max_starts=_SPLIT_STARTS, polish=1)
         return np.exp(fits.joint_log_model(theta, whole.n, whole.d, log_floor))
 
     def mean_error(self, law, points) -> np.ndarray:
