@@ -140,14 +140,20 @@ def _accelerate_config_path(path: str, basedir: str | os.PathLike) -> Path:
     return Path(path) if os.path.isabs(path) else Path(basedir) / path
 
 
-def accelerate_distributed_type(path: str, basedir: str | os.PathLike) -> str | None:
-    """The `distributed_type` of an accelerate config file ("NO" when unset), None when it cannot be read."""
+def _read_accelerate_config(path: str, basedir: str | os.PathLike) -> Mapping | None:
+    """An accelerate config file's mapping, None when it cannot be read or holds no mapping."""
     try:
         with open(_accelerate_config_path(path, basedir)) as f:
             parsed = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return None
-    return str(parsed.get("distributed_type", "NO")) if isinstance(parsed, Mapping) else None
+    return parsed if isinstance(parsed, Mapping) else None
+
+
+def accelerate_distributed_type(path: str, basedir: str | os.PathLike) -> str | None:
+    """The `distributed_type` of an accelerate config file ("NO" when unset), None when it cannot be read."""
+    parsed = _read_accelerate_config(path, basedir)
+    return None if parsed is None else str(parsed.get("distributed_type", "NO"))
 
 
 def check_accelerate_config(path: str, key: str, basedir: str | os.PathLike) -> list[str]:
@@ -447,12 +453,8 @@ def deepspeed_precision_problems(ds_cfg: Mapping, mixed_precision: str) -> list[
 
 def deepspeed_config_file(path: str, basedir: str | os.PathLike) -> Path | None:
     """The DeepSpeed JSON a DeepSpeed accelerate config names (deepspeed_config.deepspeed_config_file), or None."""
-    try:
-        with open(_accelerate_config_path(path, basedir)) as f:
-            parsed = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError):
-        return None
-    inline = (parsed or {}).get("deepspeed_config") if isinstance(parsed, Mapping) else None
+    parsed = _read_accelerate_config(path, basedir)
+    inline = None if parsed is None else parsed.get("deepspeed_config")
     name = inline.get("deepspeed_config_file") if isinstance(inline, Mapping) else None
     return None if not name or str(name).lower() == "none" else _accelerate_config_path(str(name), basedir)
 
