@@ -15,15 +15,15 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 BASEDIR = workflow.basedir  # the repository root: configs, schemas and accelerate configs live below it
-sys.path.insert(0, BASEDIR)  # the Snakefile imports models.config (no torch) to lay out the DAG
+sys.path.insert(0, BASEDIR)  # the Snakefile imports study.config (no torch) to lay out the DAG
 DEFAULT_CONFIG = os.path.join(BASEDIR, "workflow/config/default.yaml")
 
 # `configfile:` merges into any --configfile given on the command line, which would mix the default study's model
 # table into another study's. So the default is read only when no config file was given. Its YAML is read here
 # first: Snakemake's own syntax error names neither the file nor the line (a --configfile is parsed by Snakemake
-# before this file runs; `python -m models.config FILE` names both).
+# before this file runs; `python -m study.config FILE` names both).
 if not workflow.overwrite_configfiles:
-    from models.config import ConfigError, read_yaml
+    from study.config import ConfigError, read_yaml
 
     try:
         read_yaml(DEFAULT_CONFIG)

@@ -7,7 +7,7 @@ never negative).  This module turns them into
 
   diagnose          per variant: where the gap peaks (absolute, and relative to J*), the total excess under two
                     variant-independent weightings, a figure of the gap curves, a table, and a markdown summary.
-The schedule study (analysis/schedule_study.py) builds on the same per-σ tables and totals.
+The schedule study (analysis/weighting_study.py) builds on the same per-σ tables and totals.
 
 Totals.  The variants train under different σ-weightings, so their own "training" totals are not comparable.
 Two common ones are reported: `excess_logsigma`, the mean of the excess over ln σ on the evaluation grid
@@ -34,9 +34,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.evaluate import read_eval_csv, total_weights, trapezoid_log_weights, variant_fns  # noqa: E402
-from models.atomic import atomic_path  # noqa: E402
 from models.diffusion import get_variant  # noqa: E402
-from models.schedule import find_sigma_star, jstar_points  # noqa: E402
+from models.loss_weighting import find_sigma_star, jstar_points  # noqa: E402
+from study.atomic import atomic_path  # noqa: E402
 
 PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "excess_stderr", "gap", "gap_stderr"]
 
@@ -67,7 +67,7 @@ def read_meta(path_or_dict) -> dict:
 
 
 def sigma_star_of(jstar_csv) -> float:
-    """σ* of the study's J* curve, by the schedule's rule (models.schedule.find_sigma_star, default settings)."""
+    """σ* of the study's J* curve, by the schedule's rule (models.loss_weighting.find_sigma_star, default settings)."""
     return find_sigma_star(*jstar_points(jstar_csv))
 
 

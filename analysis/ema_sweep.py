@@ -1,5 +1,5 @@
 """Loss against the EMA length: each model's final snapshot rebuilt at a grid of σ_rel from its stored power-EMA
-profiles (models/power_ema.py) and evaluated on the study's fixed evaluation triples.
+profiles (training/power_ema.py) and evaluated on the study's fixed evaluation triples.
 
 Per model and σ_rel the table holds the total loss under the training weighting (analysis.evaluate's totals) on
 all triples, and on two fixed halves of them: within every σ level of the evaluation set the even-numbered triples
@@ -34,12 +34,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.evaluate import (EvaluationInputs, load_denoised, load_eval_set, load_rows, per_sigma_table,
-                               total_weights, variant_fns, weighted_totals)
+from analysis.evaluate import (
+    EvaluationInputs,
+    load_denoised,
+    load_eval_set,
+    load_rows,
+    per_sigma_table,
+    total_weights,
+    variant_fns,
+    weighted_totals,
+)
 from analysis.report import ema_exponents_table
-from models.atomic import atomic_path
 from models.denoiser import Denoiser
-from models.power_ema import read_power_record, read_profiles, reconstruct
+from study.atomic import atomic_path
+from training.power_ema import read_power_record, read_profiles, reconstruct
 
 # about even in log σ_rel over EDM2's figures' range, with its stored 0.05 and 0.10 on it (the schema's default)
 DEFAULT_GRID = (0.02, 0.025, 0.03, 0.04, 0.05, 0.065, 0.08, 0.10, 0.125, 0.16, 0.2, 0.25)

@@ -24,7 +24,7 @@ get the same weights, so total L − total J* = total gap exactly. The σ's are 
 standard error is sqrt(Σ_k (a_k λ_k / Σ a)² s.e._k²).
 
 Every file this module reads back (the evaluation set, D*, the per-snapshot CSVs and per-triple files, jstar.csv,
-losses.csv) is checked where it is read: against its checksum sidecar (models.integrity; the workflow stamps every
+losses.csv) is checked where it is read: against its checksum sidecar (study.integrity; the workflow stamps every
 file a job writes) and against what the file must hold (columns, one row per σ of one grid, a total row, finite
 values). A bad file stops the reader with one line naming it and the command that rebuilds it; no NaN and no
 missing row reaches a fit.
@@ -50,11 +50,11 @@ import pandas as pd
 import torch
 
 from analysis.resample import save_per_triple
-from models import integrity
-from models.atomic import atomic_path
-from models.data import check_rows_finite, open_dataset
 from models.denoiser import Denoiser
-from models.tables import STATS, check_finite_statistics, read_checked_csv, read_checked_npz, read_jstar
+from study import integrity
+from study.atomic import atomic_path
+from study.tables import STATS, check_finite_statistics, read_checked_csv, read_checked_npz, read_jstar
+from training.dataset import check_rows_finite, open_dataset
 
 # the per-σ statistics and their column names in every CSV this module writes
 INVARIANT_SIGMAS = 3.0  # L(σ) ≥ J*(σ) − 3 s.e. is the checked invariant
@@ -183,7 +183,7 @@ def load_denoised(path, shape: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def npz_num_items(path) -> int:
-    """N of a dataset file, from its array header only (models.data.open_dataset maps, it does not read)."""
+    """N of a dataset file, from its array header only (training.dataset.open_dataset maps, it does not read)."""
     return len(open_dataset(path))
 
 
@@ -319,7 +319,7 @@ def variant_fns(variant):
 
 
 def load_rows(dataset, eval_set: dict):
-    """Only the dataset rows the evaluation set uses, as float32 (models.data.open_dataset's rows: a dataset file is
+    """Only the dataset rows the evaluation set uses, as float32 (training.dataset.open_dataset's rows: a dataset file is
     memory-mapped and only these rows are read and converted), their labels (or None), and a copy of the evaluation
     set whose `index` points into those rows."""
     index = np.asarray(eval_set["index"], dtype=np.int64)

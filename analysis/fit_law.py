@@ -44,7 +44,7 @@ import pandas as pd
 from analysis import fits
 from analysis.forecast import splits
 from analysis.intervals import LEVEL, MAX_INVALID_FRACTION, jackknife
-from models.atomic import atomic_path
+from study.atomic import atomic_path
 
 LAWS = ("nd", "n")
 PARAMETERS = {"nd": ("E", "A", "B", "alpha", "beta", "n_opt_exponent", "d_opt_exponent"), "n": ("E", "A", "alpha")}

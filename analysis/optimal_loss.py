@@ -64,12 +64,24 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis.evaluate import eval_noise, load_eval_set, sigma_grid  # the evaluation set's ε and σ
+
 # the exact posterior (kernel, screens, bounds); posterior_mean is also this module's documented interface
-from analysis.posterior import (F32_LOGIT_TOL, CentredData, as_labels, as_matrix, default_chunk, logit_error_bound,
-                                no_tf32, posterior_centred, posterior_mean, resolve_device, single_thread_if_small)
-from models.atomic import atomic_path
-from models.data import DatasetError, check_images, open_dataset
+from analysis.posterior import (
+    F32_LOGIT_TOL,
+    CentredData,
+    as_labels,
+    as_matrix,
+    default_chunk,
+    logit_error_bound,
+    no_tf32,
+    posterior_centred,
+    posterior_mean,
+    resolve_device,
+    single_thread_if_small,
+)
 from models.diffusion import get_process, to_process_curve
+from study.atomic import atomic_path
+from training.dataset import DatasetError, check_images, open_dataset
 
 __all__ = ["posterior_mean", "estimate_optimal_loss", "denoise_eval_set", "ESTIMATORS", "EXTRA_ESTIMATORS", "main"]
 
@@ -421,7 +433,7 @@ def denoise_eval_set(x0, eval_set, *, labels=None, device=None, batch_size: int 
 # --------------------------------------------------------------------------------------------------------
 
 def _load(spec: str, at_least=None):
-    """(x [N, …] float32 tensor, labels or None) via models.data.open_dataset, checked (models.data.check_images:
+    """(x [N, …] float32 tensor, labels or None) via training.dataset.open_dataset, checked (training.dataset.check_images:
     finite, at least `at_least` images): the exact posterior needs every point, so the whole set is converted —
     once, chunk by chunk, into one float32 tensor."""
     data = check_images(open_dataset(spec), at_least=at_least)
@@ -429,7 +441,7 @@ def _load(spec: str, at_least=None):
 
 
 def _load_or_exit(parser, spec: str, at_least=None):
-    """_load, or exit 2 with the dataset's one-line error (models.data.DatasetError names the file)."""
+    """_load, or exit 2 with the dataset's one-line error (training.dataset.DatasetError names the file)."""
     try:
         return _load(spec, at_least)
     except DatasetError as err:
@@ -458,7 +470,7 @@ def _estimate_cli(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m analysis.optimal_loss",
                                 description="J*(σ) of a dataset (per-dim x0-loss, VE coordinates) → CSV. "
                                             "Subcommand `denoise` computes D* on an evaluation set.")
-    p.add_argument("--dataset", required=True, help="dataset spec or .npz (models.data.open_dataset)")
+    p.add_argument("--dataset", required=True, help="dataset spec or .npz (training.dataset.open_dataset)")
     p.add_argument("--estimator", default="full", choices=ESTIMATORS + EXTRA_ESTIMATORS + ("all",),
                    help="all = the paper's four (full, dol, cdol, snis)")
     p.add_argument("--out", required=True, help="output CSV")

@@ -36,8 +36,8 @@ import pandas as pd  # noqa: E402
 from analysis.forecast import LAW_LABELS, LAWS  # noqa: E402
 from analysis.frontier import lower_envelope  # noqa: E402
 from analysis.study_stats import model_families, pooled_fits  # noqa: E402
-from models.atomic import atomic_path  # noqa: E402
-from models.integrity import IntegrityError, verify  # noqa: E402
+from study.atomic import atomic_path  # noqa: E402
+from study.integrity import IntegrityError, verify  # noqa: E402
 
 FIGURES = ("jstar", "loss_per_sigma", "gap_per_sigma", "scaling", "exponents_per_sigma", "residuals")
 STUDY_FIGURES = FIGURES + ("offset_profile", "compute_optimal", "forecast")  # from the scaling step's tables

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from models.atomic import atomic_path
-from models.integrity import IntegrityError, invalid, rebuild_hint
-from models.tables import read_checked_npz
+from study.atomic import atomic_path
+from study.integrity import IntegrityError, invalid, rebuild_hint
+from study.tables import read_checked_npz
 
 PER_TRIPLE_KEYS = ("sigma", "level", "optimal_loss", "loss", "excess", "total_weight",
                    "model", "params", "images_seen", "flops")
@@ -98,7 +98,7 @@ def save_per_triple(path, arrays: dict) -> None:
 
 
 def load_per_triple(path) -> dict:
-    """per_triple.npz, checked against its checksum sidecar (models.integrity) and validated (shapes, levels,
+    """per_triple.npz, checked against its checksum sidecar (study.integrity) and validated (shapes, levels,
     finite values): a bad file is one error naming it and the command that rebuilds it."""
     out = read_checked_npz(path, PER_TRIPLE_KEYS)
     if out["loss"].ndim != 2:

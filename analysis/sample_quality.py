@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.atomic import atomic_path
-from models.data import DatasetError, check_images, open_dataset
-from models.integrity import load_torch
 from models.sampler import sample_snapshot
+from study.atomic import atomic_path
+from study.integrity import load_torch
+from training.dataset import DatasetError, check_images, open_dataset
 
 # torchvision is no dependency: it is imported only to rebuild an Inception state dict (load_inception).
 
@@ -233,14 +233,14 @@ def score_samples(samples, reference, classifier: FeatureClassifier, *, inceptio
 
 
 def _load_npz_x(path):
-    """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through models.data's reader
+    """(x float32 [N, C, H, W], labels numpy [N] or None) of a dataset or samples file through training.dataset's reader
     (uint8 datasets become u/127.5 − 1, float samples stay as given)."""
     data = check_images(open_dataset(path))
     return data.float32(), (None if data.labels is None else data.labels.numpy())
 
 
 def _read_or_exit(path):
-    """_load_npz_x, or exit with the dataset's one-line error (models.data.DatasetError names the file)."""
+    """_load_npz_x, or exit with the dataset's one-line error (training.dataset.DatasetError names the file)."""
     try:
         return _load_npz_x(path)
     except DatasetError as e:

@@ -40,9 +40,9 @@ from analysis.compute_optimal import compute_optimal_table
 from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.resample import check_same_numbers, load_per_triple, replicates, replicates_from_losses
 from analysis.study_stats import POOLED, model_families, pooled_fits
-from models.atomic import atomic_path
-from models.integrity import IntegrityError
-from models.tables import read_losses
+from study.atomic import atomic_path
+from study.integrity import IntegrityError
+from study.tables import read_losses
 
 __all__ = ["fit_power_law", "fit_chinchilla", "fit_table", "study_outputs", "main"]
 

@@ -22,10 +22,10 @@ import torch
 from analysis import evaluate as ev
 from analysis.ema_sweep import DEFAULT_GRID, sweep_model
 from analysis.optimal_loss import denoise_eval_set
-from models.config import load_config
-from models.data import load_dataset, save_npz
-from models.power_ema import run_profile_files
-from models.train import train
+from study.config import load_config
+from training.dataset import load_dataset, save_npz
+from training.power_ema import run_profile_files
+from training.train import train
 
 
 def main(argv=None) -> int:

@@ -24,9 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models import integrity, run_folder  # noqa: E402
-from models.atomic import atomic_path  # noqa: E402
-from models.loop import host_copy  # noqa: E402
+from study import integrity  # noqa: E402
+from study.atomic import atomic_path  # noqa: E402
+from training import run_folder
+from training.loop import host_copy  # noqa: E402
 
 
 def first_version_save(obj, path: Path) -> None:

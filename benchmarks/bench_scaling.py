@@ -3,7 +3,7 @@ not a test.
 
 Both run as the `scaling` rule runs them (a subprocess: interpreter start, imports, every table written), on the
 same losses.csv / per_triple.npz, alternating old and new `--repeat` times so that a busy machine slows both alike.
-The other revision's analysis/ and models/ are taken with `git archive` into a temporary folder. It prints the wall
+The other revision's tree is taken with `git archive` into a temporary folder. It prints the wall
 times and compares the tables the two wrote: exponents.md line by line (the printed precision) and every CSV they
 both wrote, column by column (largest relative difference).
 
@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def checkout(ref: str, dest: Path) -> Path:
-    """analysis/ and models/ of ``ref`` under dest (what `python -m analysis.scaling` imports)."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "analysis", "models"], check=True,
+    """The tree of ``ref`` under dest (what `python -m analysis.scaling` imports, wherever that revision kept it)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     return dest

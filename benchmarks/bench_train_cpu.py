@@ -4,7 +4,7 @@
     python benchmarks/bench_train_cpu.py --members t0 t2 --steps 10 --threads 1
 
 Run it with --threads 1 to get the per-job rate of a `snakemake --cores 2` study (two 1-thread jobs in parallel).
-One step is the trainer's own (benchmarks/bench_train_step.py: models.train.train with the default study's
+One step is the trainer's own (benchmarks/bench_train_step.py: training.train.train with the default study's
 settings — data rows, σ and ε draws, micro-batching, StreamDropout at --dropout, the preconditioned forward, the
 EDM2 loss, backward, Adam, the EMA, forced weight normalisation, the σ tracker, logging — and the trainer's backend
 settings).  The first `--warmup` steps are not timed.
@@ -22,15 +22,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train_step import time_training  # noqa: E402
+
 from models import family  # noqa: E402
-from models.config import load_config  # noqa: E402
-from models.data import Dataset, save_npz  # noqa: E402
+from study.config import load_config  # noqa: E402
+from training.dataset import Dataset, save_npz  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(name: str, data, shape: tuple, batch: int, steps: int, warmup: int, dropout: float) -> dict:
-    """The trainer's steps of size `name` on `data` (a models.data spec) of images `shape` (C, H, W)."""
+    """The trainer's steps of size `name` on `data` (a training.dataset spec) of images `shape` (C, H, W)."""
     cfg = load_config(ROOT / "workflow" / "config" / "default.yaml")
     cfg["training"]["dropout"] = dropout
     r = time_training(name, steps, warmup, False, config=cfg, data=data, batch_size=batch)

@@ -10,7 +10,7 @@ forward + backward; elementwise work and the optimizer step are not counted, as 
 
 Engines (--engine): `plain` (the net and Adam alone), `ddp` (what one training process of the DDP path holds:
 the net, Adam and the fp32 EMA, updated every step; one process needs no DDP wrapper), `zero2` (DeepSpeed ZeRO-2
-in one process with the trainer's ZeRO settings, models.train.DS_ZERO_TUNING, an fp32 engine under bf16 autocast,
+in one process with the trainer's ZeRO settings, training.train.DS_ZERO_TUNING, an fp32 engine under bf16 autocast,
 plus the EMA). Every engine applies EDM2's forced weight normalisation after each step, as the trainer does. benchmarks/gpu_validate.py measures every paper model with `measure`.
 
 The preconditioning is written out here (not imported from models.diffusion) so the benchmark measures the network
@@ -35,10 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 from models.family import build, count_params, training_flops_per_image  # noqa: E402
-from models.checks import torch_autocast_section  # noqa: E402
-from models.train import DS_ZERO_TUNING, promote_scalar_params, trainer_backends  # noqa: E402
 from models.sizes import SIZES  # noqa: E402
 from models.weight_norm import forced_weights, normalize_forced_weights_  # noqa: E402
+from study.checks import torch_autocast_section  # noqa: E402
+from training.train import DS_ZERO_TUNING, promote_scalar_params, trainer_backends  # noqa: E402
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -0.4, 1.0  # EDM2's ImageNet-512 latent settings
 
@@ -79,7 +79,7 @@ def single_process_group() -> None:
 
 
 def zero2_engine(net, opt, batch: int, precision: str = "bf16"):
-    """DeepSpeed ZeRO-2 around `net` and its Adam, with the trainer's settings (models/train.py): an fp32 engine
+    """DeepSpeed ZeRO-2 around `net` and its Adam, with the trainer's settings (training/train.py): an fp32 engine
     with DeepSpeed's torch_autocast on under bf16 (the forward's bf16 as under DDP, gradients reduced in fp32)."""
     import deepspeed  # optional package
 
@@ -183,7 +183,7 @@ def bench_size(name, args, device) -> dict:
 
 
 def fast_gpu_settings() -> None:
-    """The trainer's own backend settings (models.train.trainer_backends: TF32 off, cuDNN autotuning): a step is
+    """The trainer's own backend settings (training.train.trainer_backends: TF32 off, cuDNN autotuning): a step is
     timed as the trainer runs it."""
     trainer_backends()
 
@@ -194,8 +194,8 @@ def sync(device):
 
 
 def synthetic_set(folder: Path, n: int, channels: int, resolution: int, label_dim: int) -> Path:
-    """n random uint8-valued images (as an image folder's) with labels 0 … label_dim − 1, as a models.data .npz."""
-    from models.data import Dataset, save_npz
+    """n random uint8-valued images (as an image folder's) with labels 0 … label_dim − 1, as a training.dataset .npz."""
+    from training.dataset import Dataset, save_npz
 
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, channels, resolution, resolution), generator=g).float() / 127.5 - 1
@@ -204,11 +204,12 @@ def synthetic_set(folder: Path, n: int, channels: int, resolution: int, label_di
 
 
 def trainer_row(name: str, args, config: dict, data: Path) -> dict:
-    """The trainer's own step (bench_train_step.time_training: models.train.train with the study's settings for
+    """The trainer's own step (bench_train_step.time_training: training.train.train with the study's settings for
     `name` — its batch_gpu, dropout, precision, EMA — on the device, data path included) as a row of the table."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train_step import time_training
-    from models.config import model_training
+
+    from study.config import model_training
 
     training = model_training({**config, "models": {name: config["models"].get(name, {"arch": name})}}, name)
     batch = args.batch or int(training.get("batch_gpu") or training["batch_size"])
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=ENGINES, default="plain",
                    help="plain: net + Adam; ddp: + the fp32 EMA (one DDP-path process); zero2: DeepSpeed ZeRO-2")
     p.add_argument("--trainer", default=None, metavar="CONFIG",
-                   help="time the trainer's own step (models.train.train) with this study config's settings for "
+                   help="time the trainer's own step (training.train.train) with this study config's settings for "
                         "each size (its batch_gpu as the batch unless --batch, its dropout and precision) on "
                         "synthetic uint8 images of --resolution/--channels/--label-dim; --engine is then unused")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=None,
@@ -271,8 +272,9 @@ def main(argv=None) -> int:
     print("-" * len(header))
     config, tmp = None, None
     if args.trainer:
-        from models.config import load_config
         import tempfile
+
+        from study.config import load_config
 
         config, tmp = load_config(args.trainer), tempfile.TemporaryDirectory()
         n = max(args.label_dim, 256)  # the trainer's stream cycles through seeded epochs of it

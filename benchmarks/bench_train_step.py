@@ -4,7 +4,7 @@ trainer-step timing every step benchmark uses (bench_train_cpu.py, bench_train_g
     python benchmarks/bench_train_step.py                       # t5 of the default study, one thread
     python benchmarks/bench_train_step.py --models t0 t5 --steps 10 --profile
 
-Each model trains through models.train.train (the CLI's code path: data rows, σ and noise, the preconditioned
+Each model trains through training.train.train (the CLI's code path: data rows, σ and noise, the preconditioned
 forward, the EDM2 loss, backward, clipping, Adam, the EMA, forced weight normalisation, the σ tracker, logging)
 with the default study's training settings; the steps after `--warmup` are timed one by one where the loop
 reports progress.  The matmul is a float32 n×n×n product with 2n³ = the counted training FLOPs of one step
@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import models.train as train_module  # noqa: E402
-from models.config import load_config, model_training  # noqa: E402
+import training.train as train_module  # noqa: E402
+from study.config import load_config, model_training  # noqa: E402
 
 
 class StepClock:
@@ -73,9 +73,9 @@ def step_study(config: dict, model: str, steps: int, warmup: int, batch_size: in
 
 def time_training(model: str, steps: int, warmup: int, profile: bool, *, config: dict | None = None,
                   data="digits", batch_size: int | None = None) -> dict:
-    """Per-step CPU and wall seconds of `steps` steps of `model` after `warmup` (models.train.train, one run: the
+    """Per-step CPU and wall seconds of `steps` steps of `model` after `warmup` (training.train.train, one run: the
     trainer's own step and backend settings, on the device Accelerate picks), and images/s; `config` a loaded
-    study config (default: the default study), `data` any models.data spec."""
+    study config (default: the default study), `data` any training.dataset spec."""
     base = config if config is not None else load_config(ROOT / "workflow" / "config" / "default.yaml")
     cfg = step_study(base, model, steps, warmup, batch_size)
     training = model_training(cfg, model)

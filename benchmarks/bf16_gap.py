@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_parity import train  # noqa: E402
-from models.data import load_dataset, save_npz  # noqa: E402
+
+from training.dataset import load_dataset, save_npz  # noqa: E402
 
 WAYS = {"plain": ("plain", None), "plain-mb": ("plain", 32), "zero2-1": ("zero2-1", None)}
 

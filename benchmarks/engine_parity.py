@@ -28,8 +28,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from models.data import load_dataset, save_npz  # noqa: E402
-from models.integrity import load_torch  # noqa: E402
+from study.integrity import load_torch  # noqa: E402
+from training.dataset import load_dataset, save_npz  # noqa: E402
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ def launcher(engine: str) -> list[str]:
 
 
 def train(engine: str, config: Path, data: Path, out: Path) -> str | None:
-    cmd = launcher(engine) + ["-m", "models.train", "--config", str(config), "--model", "m", "--data", str(data),
+    cmd = launcher(engine) + ["-m", "training.train", "--config", str(config), "--model", "m", "--data", str(data),
                               "--out", str(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     if engine == "ddp-2":

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.optimal_loss import estimate_optimal_loss  # noqa: E402
-from models.data import load_dataset  # noqa: E402
+from training.dataset import load_dataset  # noqa: E402
 
 
 def clustered_set(n=2000, dim=16, k=20, spread=0.25, seed=0):

@@ -10,7 +10,7 @@ killed with its whole process tree: kill_tree), and items derived from them:
           process: net, Adam, bf16 autocast, fp32 EMA) and under DeepSpeed ZeRO-2 (DeepSpeed's torch_autocast on,
           as the trainer builds it; benchmarks/bench_train_gpu.py: measure), both engines of a model in one worker
           before the next model: images/s, MFU, peak memory (torch.cuda's allocated and reserved maxima)
-  parity  the trainer (python -m models.train) runs the same few steps of xs once on the DDP path and once under
+  parity  the trainer (python -m training.train) runs the same few steps of xs once on the DDP path and once under
           ZeRO-2 (accelerate launch, deepspeed-zero2.yaml), in fp32 and in bf16; their denoisers must agree to a
           small fraction of what the steps changed (output_difference)
   study   a short study of xs through the real `snakemake` DAG (workflow/config/gpu-validate.yaml) on a synthetic
@@ -78,9 +78,9 @@ def posterior_sigma(n: int, dim: int) -> float:
 
 def gpu_setting(config: Path) -> Setting:
     """The paper models at the configured batch_gpu of `config` (paper-img64.yaml) and DiT's."""
-    from models.config import load_config, micro_batch, model_training
-    from models.plan import data_shape
     from models.sizes import DIT_PAPER_SIZES
+    from study.config import load_config, micro_batch, model_training
+    from study.plan import data_shape
 
     cfg = load_config(config)
     shape = data_shape(cfg)[:3]
@@ -406,9 +406,9 @@ def output_difference(ddp_run: Path, zero2_run: Path, data: Path, seed: int = 0)
     import torch
 
     from models import family
-    from models.data import load_dataset
     from models.denoiser import Denoiser
-    from models.integrity import load_torch
+    from study.integrity import load_torch
+    from training.dataset import load_dataset
 
     snapshot = next((ddp_run / "snapshots").glob("snapshot-*.pt"))
     ddp = Denoiser.from_snapshot(snapshot)
@@ -447,9 +447,9 @@ def parity_runs(setting: Setting, folder: Path, data: Path, precision: str, dead
     item = f"{setting.parity['arch']} {name}"
     accelerate = Path(sys.executable).with_name("accelerate")
     launchers = {
-        "ddp": [sys.executable, "-m", "models.train"],
+        "ddp": [sys.executable, "-m", "training.train"],
         "zero2": [accelerate, "launch", "--config_file", ROOT / "workflow/accelerate/deepspeed-zero2.yaml",
-                  "--num_processes", "1", "--main_process_port", "0", "-m", "models.train"],
+                  "--num_processes", "1", "--main_process_port", "0", "-m", "training.train"],
     }
     losses = {}
     for engine, launcher in launchers.items():
@@ -481,7 +481,7 @@ def parity_runs(setting: Setting, folder: Path, data: Path, precision: str, dead
 def study_config(setting: Setting, work: Path, data: Path) -> Path:
     import yaml
 
-    from models.config import _deep_merge
+    from study.config import _deep_merge
 
     cfg = yaml.safe_load((ROOT / "workflow/config/gpu-validate.yaml").read_text())
     overrides = setting.study["overrides"]

@@ -40,7 +40,7 @@ measure() {   # measure NAME CMD...: runs CMD under /usr/bin/time -v, log in OUT
     echo "${ROWS[-1]}"
 }
 
-measure "dataset (models.data)" $PY -m models.data "$OUT/source.npy" --compact --out "$OUT/dataset.npz"
+measure "dataset (training.dataset)" $PY -m training.dataset "$OUT/source.npy" --compact --out "$OUT/dataset.npz"
 $PY -m analysis.evaluate make-set --dataset "$OUT/dataset.npz" --num-sigmas 12 --sigma-min 0.002 --sigma-max 80 \
     --samples-per-sigma 256 --seed 1234 --out "$OUT/eval_set.npz" > /dev/null
 $PY -m analysis.evaluate make-set --dataset "$OUT/dataset.npz" --num-sigmas "$DSTAR_SIGMAS" --sigma-min 0.002 \
@@ -58,7 +58,7 @@ models: {t0: {arch: t0}}
 training: {total_images: 64, batch_size: 32, lr_rampup_images: 0, lr_decay_images: 0, snapshots: {count: 1},
            log_every_images: 64}
 YAML
-measure "train (t0, 64 images)" $PY -m models.train --config "$OUT/study.yaml" --model t0 \
+measure "train (t0, 64 images)" $PY -m training.train --config "$OUT/study.yaml" --model t0 \
     --data "$OUT/dataset.npz" --out "$OUT/run" --no-progress
 SNAP=$(ls "$OUT"/run/snapshots/snapshot-*.pt | tail -1)
 $PY -c "import numpy as np, sys; m = len(np.load(sys.argv[1])['index']); \

@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.atomic import atomic_path  # noqa: E402
+from study.atomic import atomic_path  # noqa: E402
 
 COLUMNS = ["rule", "jobs", "wall_s", "wall_s_max", "cpu_s", "max_rss_mb"]
 

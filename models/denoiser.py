@@ -17,7 +17,7 @@ from torch import nn
 
 from models import family
 from models.diffusion import get_variant
-from models.integrity import load_torch
+from study.integrity import load_torch
 
 
 class Denoiser(nn.Module):

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.atomic import atomic_path
 from models.denoiser import Denoiser
+from study.atomic import atomic_path
 
 
 def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -118,7 +118,7 @@ def main(argv=None) -> None:
                         sigma_max=args.sigma_max, rho=args.rho, seed=args.seed, device=args.device)
     out = Path(args.out)
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, x=x, layout=np.array("NCHW"))   # models.data's reader then never guesses the layout
+        np.savez(fh, x=x, layout=np.array("NCHW"))   # training.dataset's reader then never guesses the layout
     print(f"wrote {out}: {x.shape[0]} samples of shape {x.shape[1:]}")
 
 

@@ -9,7 +9,7 @@ after every optimizer step, on the copy the optimizer updates:
     parameters after each step, so normalising the module alone would be undone at the next step.  Each rank
     scales the fragments of the master partition it owns (DeepSpeed links every parameter to its fragment:
     `param._hp_mapping`) and its module copy by the same per-channel norms.  ZeRO-1/2 keep the full parameters
-    on every rank, and the engine runs in fp32 (models/train.py checks it), so after a step the module copy is
+    on every rank, and the engine runs in fp32 (training/train.py checks it), so after a step the module copy is
     an exact replica of the master: each rank reads every channel's norm off it, with no communication, and the
     norms are bit for bit those of the one-process trainer.
 

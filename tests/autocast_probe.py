@@ -1,4 +1,4 @@
-"""Run `python -m models.train ARGS` as on a GPU: the no-argument `torch.is_autocast_enabled()` (CUDA's autocast
+"""Run `python -m training.train ARGS` as on a GPU: the no-argument `torch.is_autocast_enabled()` (CUDA's autocast
 state, which DeepSpeed's engine forward asks) answers with the CPU autocast's state, and every MPConv's output
 dtype is recorded in $AUTOCAST_PROBE_OUT.<rank>.json (tests/test_autocast_engines.py launches it)."""
 
@@ -26,7 +26,7 @@ def record_dtype(module, args, output):
 
 torch.nn.modules.module.register_module_forward_hook(record_dtype)
 
-from models.train import main  # noqa: E402  (after the patch: nothing may hold the original first)
+from training.train import main  # noqa: E402  (after the patch: nothing may hold the original first)
 
 status = main(sys.argv[1:])
 with open(f"{os.environ['AUTOCAST_PROBE_OUT']}.{os.environ.get('RANK', '0')}.json", "w") as f:

@@ -29,8 +29,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def digits():
-    """sklearn's bundled 8×8 digits through models.data (float32 in [−1, 1], labels)."""
-    from models.data import load_dataset
+    """sklearn's bundled 8×8 digits through training.dataset (float32 in [−1, 1], labels)."""
+    from training.dataset import load_dataset
 
     return load_dataset("digits")
 

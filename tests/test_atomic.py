@@ -1,8 +1,8 @@
-"""models/atomic.py: atomic_path publishes a file only when its writer finishes, and leaves nothing on failure."""
+"""study/atomic.py: atomic_path publishes a file only when its writer finishes, and leaves nothing on failure."""
 
 import pytest
 
-from models.atomic import atomic_path
+from study.atomic import atomic_path
 
 
 def test_success_renames_onto_target_and_leaves_no_temp(tmp_path):

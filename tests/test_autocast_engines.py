@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from models.checks import deepspeed_precision_problems, study_problems, torch_autocast_section
-from models.config import load_config
-from models.train import check_fp32_engine, configure_deepspeed
 from test_train import free_port
+
+from study.checks import deepspeed_precision_problems, study_problems, torch_autocast_section
+from study.config import load_config
+from training.train import check_fp32_engine, configure_deepspeed
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -48,8 +48,11 @@ def test_bf16_turns_deepspeeds_autocast_on_with_fp32_reduction():
 
 def test_deepspeeds_reading_of_the_section():
     """DeepSpeed's own config parser reads the built section as bf16 autocast with no module reduced in bf16."""
-    from deepspeed.runtime.config import get_lower_precision_safe_modules, get_torch_autocast_dtype, \
-        get_torch_autocast_enabled
+    from deepspeed.runtime.config import (
+        get_lower_precision_safe_modules,
+        get_torch_autocast_dtype,
+        get_torch_autocast_enabled,
+    )
 
     ds_cfg = built_config("bf16")
     assert get_torch_autocast_enabled(ds_cfg) and get_torch_autocast_dtype(ds_cfg) == torch.bfloat16
@@ -135,7 +138,7 @@ def probe_run(prefix: list[str], config: Path, data: Path, out: Path) -> list[st
 
 @pytest.mark.slow
 def test_zero2_runs_the_plain_trainers_bf16_forward(tmp_path, digits):
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
     config = tmp_path / "config.yaml"

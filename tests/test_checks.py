@@ -1,4 +1,4 @@
-"""DAG-time config checks (models/checks.py): each kind of bad value gives one line naming the key and the value;
+"""DAG-time config checks (study/checks.py): each kind of bad value gives one line naming the key and the value;
 the repository's configs pass. (A representative few also go through `snakemake -n` in test_workflow.py.)"""
 
 import inspect
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from models.checks import check_study, dataset_size, parse_dataset_spec, study_problems
-from models.config import ConfigError, load_config
+from study.checks import check_study, dataset_size, parse_dataset_spec, study_problems
+from study.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "workflow" / "config"
@@ -32,8 +32,8 @@ def test_repository_configs_pass(name):
 
 def test_arch_names_come_from_the_family_table():
     from models import family
-    from models.checks import known_arch_names
     from models.sizes import SIZES
+    from study.checks import known_arch_names
 
     assert known_arch_names() == list(SIZES)
     for name in known_arch_names():  # the torch-free table holds constructor arguments of the family's nets
@@ -110,7 +110,7 @@ def test_every_line_names_the_config_file(tmp_path):
 
 
 def test_config_cli_names_the_file_in_each_line(tmp_path, capsys):
-    from models.config import main
+    from study.config import main
 
     cfg = yaml.safe_load((CONFIGS / "smoke.yaml").read_text())
     cfg["models"]["t1"]["arch"] = "t99"
@@ -179,7 +179,7 @@ def test_multi_node_launch_passes_and_gpus_count_every_node():
 
 
 def test_tracker_package_is_checked(monkeypatch):
-    import models.checks as checks
+    import study.checks as checks
 
     cfg = smoke()
     cfg["models"]["t2"]["training"] = {"trackers": ["tensorboard", "mlflow"]}
@@ -282,8 +282,8 @@ def test_checks_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; import models.checks, models.config; "
-            "assert 'torch' not in sys.modules, 'models.checks imported torch'")
+    code = ("import sys; import study.checks, study.config; "
+            "assert 'torch' not in sys.modules, 'study.checks imported torch'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
@@ -308,7 +308,7 @@ def test_image_folder_needs_pillow(monkeypatch):
 def test_a_path_adds_its_packages_in_one_row():
     """A new path (here a made-up tracker) needs only its row: the setting that selects it, its modules, the
     install command; only the models that select it are named."""
-    from models.checks import PathPackages, check_packages
+    from study.checks import PathPackages, check_packages
 
     cfg = smoke()
     cfg["models"]["t1"]["training"] = {"seed": 7}

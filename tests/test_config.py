@@ -1,4 +1,4 @@
-"""models/config.py: validation errors name the key; defaults; per-model merge; snapshot marks."""
+"""study/config.py: validation errors name the key; defaults; per-model merge; snapshot marks."""
 
 import math
 from pathlib import Path
@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from models.config import ConfigError, load_config, model_training, model_variant, seed_sizes, snapshot_marks, total_images
+from study.config import (
+    ConfigError,
+    load_config,
+    model_training,
+    model_variant,
+    seed_sizes,
+    snapshot_marks,
+    total_images,
+)
 
 
 def base(**extra):
@@ -122,7 +130,7 @@ EDM2_PRESETS = {
 def test_paper_configs_carry_edm2_numbers(study):
     from pathlib import Path
 
-    from models.config import micro_batch
+    from study.config import micro_batch
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "workflow" / "config" / f"{study}.yaml")
     preset = EDM2_PRESETS[study]

@@ -16,9 +16,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from test_workflow import (CONFIGS, REPO, SNAKEMAKE, job_counts, kill_when_written, load_cfg, marks_of, run_module,
-                           smk, write_cfg)
+from test_workflow import (
+    CONFIGS,
+    REPO,
+    SNAKEMAKE,
+    job_counts,
+    kill_when_written,
+    load_cfg,
+    marks_of,
+    run_module,
+    smk,
+    write_cfg,
+)
 
 pytestmark = pytest.mark.slow  # every probe needs the finished smoke study
 
@@ -68,7 +77,7 @@ def collect(r):
 def restamp(path):
     """Make the sidecar agree with the file as it is now (as if the file had been written that way): the reader's
     own validation must then catch what the checksum no longer can."""
-    from models import integrity
+    from study import integrity
 
     rebuild = integrity.read_record(path).get("rebuild")
     integrity.stamp(path, rebuild=rebuild)
@@ -224,7 +233,7 @@ def test_damaged_eval_set_and_denoised_are_named(study_copy):
 def resume(r, model="t0"):
     """The trainer resuming the model's run folder (done.json removed), as a --forcerun train job runs it."""
     (r / "runs" / model / "done.json").unlink(missing_ok=True)
-    return run_module("models.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
+    return run_module("training.train", "--config", r / "configs" / f"{model}.yaml", "--model", model,
                "--data", r / "data" / "dataset.npz", "--out", r / "runs" / model, "--no-progress")
 
 
@@ -242,7 +251,7 @@ def test_damaged_state_is_named_and_the_run_folder_check_flags_it(study_copy, da
     rc, out = resume(r)
     assert rc == 2
     one_error(out, state)
-    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("study.integrity", "check-run", r / "runs" / "t0")
     assert rc == 3 and str(state) in out  # the train rule then starts the model afresh (the same weights)
 
 
@@ -258,7 +267,7 @@ def test_truncated_state_without_checksum_is_named(study_copy):
 def _plant_payload(path, key, payload, marker):
     """Rewrite a study's torch file with `payload(marker)` under `key` and its sidecar to match (an attacker who
     rewrites both)."""
-    from models import integrity
+    from study import integrity
 
     saved = torch.load(path, weights_only=True)
     rebuild = (integrity.read_record(path) or {}).get("rebuild")
@@ -274,14 +283,14 @@ def test_crafted_state_is_refused_without_running(study_copy, payload):
     _plant_payload(state, "tracker", payload, marker)
     rc, out = resume(r)
     assert rc == 2 and "refused" in one_error(out, state)
-    rc, out = run_module("models.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("study.integrity", "check-run", r / "runs" / "t0")
     assert rc == 2 and "refused" in one_error(out, state)  # not "corrupt": the train rule stops, it does not retrain
     assert not marker.exists()
 
 
 def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
     from models.denoiser import Denoiser
-    from models.integrity import UnsafeFileError
+    from study.integrity import UnsafeFileError
 
     r = study_copy / STUDY
     snap = r / "snapshots" / "t1" / "snapshot-000001024.pt"
@@ -302,7 +311,7 @@ def test_crafted_snapshot_is_refused_by_every_reader(study_copy, payload):
 def test_legacy_state_with_numpy_rng_is_read(study_copy):
     """A state.pt as the trainer wrote it before its RNG state was stored as plain data (numpy's tuple): read
     safely (numpy arrays of plain dtype are data), and the resumed run finishes."""
-    from models import run_folder
+    from training import run_folder
 
     out = study_copy / STUDY / "runs" / "t0"
     state = torch.load(out / "state.pt", weights_only=True)
@@ -353,7 +362,7 @@ def test_bad_config_fails_the_dry_run_naming_everything(tmp_path, problem):
         expected = ["scaling.n_replicates: 0 is less than the minimum of 200", "95% interval"]
     if problem == "yaml":
         path.write_text((CONFIGS / "smoke.yaml").read_text().replace("  batch_size: 64", "  batch_size: [64"))
-        rc, out = run_module("models.config", path)
+        rc, out = run_module("study.config", path)
         assert rc == 2 and f"{path}:8:" in out and "line 7" in out and "YAML syntax error" in out, out
         return
     path.write_text(yaml.safe_dump(cfg))

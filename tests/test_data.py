@@ -1,4 +1,4 @@
-"""Tests for models/data.py: every loader against data the test writes itself, and every error path."""
+"""Tests for training/dataset.py: every loader against data the test writes itself, and every error path."""
 
 import pickle
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import Dataset, DatasetError, load_dataset, main, save_npz
+from training.dataset import Dataset, DatasetError, load_dataset, main, save_npz
 
 
 def test_digits_shape_range_labels():
@@ -273,7 +273,7 @@ def test_cli_error_exit_code(tmp_path, capsys):
 
 def test_cli_module_entry_point(tmp_path):
     np.save(tmp_path / "a.npy", _rand_uint8((3, 5, 5, 3)))  # NHWC: dim 1 = 5 is not a channel count
-    r = subprocess.run([sys.executable, "-m", "models.data", str(tmp_path / "a.npy"), "--out",
+    r = subprocess.run([sys.executable, "-m", "training.dataset", str(tmp_path / "a.npy"), "--out",
                         str(tmp_path / "a.npz")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "N=3" in r.stdout and "(3, 5, 5)" in r.stdout
@@ -281,7 +281,7 @@ def test_cli_module_entry_point(tmp_path):
 
 # ---- the reader: open_dataset / DatasetArrays ----------------------------------------------------------------
 
-from models.data import DatasetArrays, UINT8_TABLE, open_dataset, write_npz  # noqa: E402
+from training.dataset import UINT8_TABLE, DatasetArrays, open_dataset, write_npz  # noqa: E402
 
 
 def _old_uint8(u: np.ndarray) -> torch.Tensor:
@@ -372,7 +372,7 @@ def test_missing_or_truncated_files_raise_one_error_naming_the_path(tmp_path):
 
 
 def test_write_npz_streams_the_compact_form(tmp_path, monkeypatch):
-    import models.data as mdata
+    import training.dataset as mdata
 
     monkeypatch.setattr(mdata, "_CHUNK_ELEMENTS", 100)     # many chunks: the streamed file is still one array
     u = _rand_uint8((23, 3, 5, 5), seed=9)

@@ -1,4 +1,4 @@
-"""Bad data are refused where they enter, in one line naming the file (models.data.check_images): the dataset job,
+"""Bad data are refused where they enter, in one line naming the file (training.dataset.check_images): the dataset job,
 the trainer, J*'s estimators and the evaluation each refuse non-finite values, too few images and labels that do
 not match the images, before any work is done — never a traceback from whichever step meets them first."""
 
@@ -6,9 +6,9 @@ import re
 
 import numpy as np
 import pytest
-
-from models.data import DatasetError, load_dataset, open_dataset, save_npz
 from test_workflow import load_cfg, run_module, write_cfg
+
+from training.dataset import DatasetError, load_dataset, open_dataset, save_npz
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def train_cli(tmp_path, data):
     cfg["training"].update(total_images=128, batch_size=32, snapshots={"count": 1})
     config = write_cfg(cfg, tmp_path / "study.yaml")
     out = tmp_path / "run"
-    rc, text = run_module("models.train", "--config", config, "--model", "t0", "--data", data, "--out", out,
+    rc, text = run_module("training.train", "--config", config, "--model", "t0", "--data", data, "--out", out,
                           "--no-progress")
     return rc, text, out
 
@@ -51,16 +51,16 @@ def train_cli(tmp_path, data):
 def test_dataset_job_refuses_fewer_images_than_a_batch(tmp_path, digits64):
     src = write(tmp_path, digits64, n=16)
     out = tmp_path / "dataset.npz"
-    rc, text = run_module("models.data", src, "--out", out, "--at-least", "training.batch_size=64",
+    rc, text = run_module("training.dataset", src, "--out", out, "--at-least", "training.batch_size=64",
                           "--at-least", "optimal_loss.subset_size=8")
     assert rc == 2 and the_error(text, src).endswith("16 images, fewer than training.batch_size (64)")
     assert not out.exists()
-    assert run_module("models.data", src, "--out", out, "--at-least", "training.batch_size=16")[0] == 0
+    assert run_module("training.dataset", src, "--out", out, "--at-least", "training.batch_size=16")[0] == 0
 
 
 def test_dataset_job_refuses_nan_pixels(tmp_path, digits64):
     src = write(tmp_path, digits64, nan_at=5)
-    rc, text = run_module("models.data", src, "--out", tmp_path / "dataset.npz")
+    rc, text = run_module("training.dataset", src, "--out", tmp_path / "dataset.npz")
     assert rc == 2 and "NaN or inf" in the_error(text, src)
 
 
@@ -107,8 +107,8 @@ def test_evaluation_checks_the_rows_it_reads(tmp_path, digits64):
 
 def test_uint8_sets_are_not_read_for_the_finite_check(tmp_path, monkeypatch):
     """uint8 images are finite by their type: the check reads no row of them (a large set costs nothing)."""
-    from models import data as data_mod
-    from models.data import Dataset
+    from training import dataset as data_mod
+    from training.dataset import Dataset
 
     x = np.random.default_rng(0).integers(0, 256, size=(8, 1, 4, 4)).astype(np.uint8)
     path = tmp_path / "u8.npz"

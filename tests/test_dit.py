@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import free_port, make_cfg, read_log, run_cli, snapshot_x0_loss
 
 from models import family
 from models.denoiser import Denoiser
 from models.dit import DiT, sincos_pos_embed_2d
 from models.family import arch_kwargs, build, count_params, forward_flops_per_image, training_flops_per_image
 from models.sizes import DIT_PAPER_SIZES, DIT_TINY_SIZES, FAMILY, SIZES, family_of
-from models.train import train
-from test_train import free_port, make_cfg, read_log, run_cli, snapshot_x0_loss
+from training.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = dict(resolution=8, channels=1)
@@ -232,12 +232,12 @@ def write_d0_config(tmp_path, **training):
 
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path, digits):
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
     out = tmp_path / "run"
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    run_cli([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "models.train",
+    run_cli([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "training.train",
              "--config", str(write_d0_config(tmp_path)), "--model", "d0", "--data", str(data), "--out", str(out),
              "--no-progress"], {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)})
     assert all(r["world_size"] == 2 for r in read_log(out))
@@ -249,14 +249,14 @@ def test_two_process_cpu_run(tmp_path, digits):
 def test_deepspeed_zero2_cpu_step(tmp_path, digits):
     pytest.importorskip("deepspeed")
     pytest.importorskip("transformers")
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
     cfg = write_d0_config(tmp_path, total_images=32)
     out = tmp_path / "run"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     run_cli([accelerate, "launch", "--config_file", str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"),
-             "--num_processes", "1", "--main_process_port", str(free_port()), "-m", "models.train",
+             "--num_processes", "1", "--main_process_port", str(free_port()), "-m", "training.train",
              "--config", str(cfg), "--model", "d0", "--data", str(data), "--out", str(out), "--no-progress"],
             {"PYTHONPATH": str(ROOT)})
     done = json.loads((out / "done.json").read_text())

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_train import free_port, read_log, run_cli
 
 from models.edm2 import normalize
 from models.family import build
-from models.train import check_fp32_engine, train
 from models.weight_norm import channel_blocks, channel_rms, forced_weights, normalize_forced_weights_
-from test_train import free_port, read_log, run_cli
+from training.train import check_fp32_engine, train
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -128,7 +128,7 @@ def launcher(engine: str) -> tuple[list[str], dict]:
 
 def launch(engine, config, data, out, *extra, cwd=ROOT):
     prefix, env = launcher(engine)
-    run_cli(prefix + ["-m", "models.train", "--config", str(config), "--model", "t0", "--data", str(data),
+    run_cli(prefix + ["-m", "training.train", "--config", str(config), "--model", "t0", "--data", str(data),
                       "--out", str(out), "--no-progress", *extra], {"PYTHONPATH": str(ROOT), **env},
             timeout=1200, cwd=cwd)
     return out
@@ -144,7 +144,7 @@ def write_config(folder: Path, **training) -> Path:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory, digits):
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     return save_npz(digits, tmp_path_factory.mktemp("data") / "digits.npz")
 
@@ -153,7 +153,7 @@ def data(tmp_path_factory, digits):
 def fp32_runs(tmp_path_factory, data):
     """The plain trainer (in-process, whole batches) and the three launched engines; DDP and 2-process ZeRO-2
     split each process's 16 images into 2 micro-batches of 8."""
-    from models.config import load_config
+    from study.config import load_config
 
     root = tmp_path_factory.mktemp("fp32")
     whole, split = write_config(root / "cfg-whole"), write_config(root / "cfg-split", batch_gpu=8)

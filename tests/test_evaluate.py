@@ -9,7 +9,6 @@ import torch
 
 from analysis import evaluate as ev
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # the evaluation set
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,7 +249,7 @@ def test_make_set_cli(tmp_path):
 
 
 def test_load_rows_matches_the_full_loader(tmp_path):
-    from models.data import Dataset, load_dataset, save_npz
+    from training.dataset import Dataset, load_dataset, save_npz
 
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 256, (30, 1, 4, 4), generator=g).float() / 127.5 - 1)
@@ -268,9 +267,9 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
     """A compact uint8 dataset gives the same CSV as the old float32 file, row for row and bit for bit, and the job
     reads (and converts) only the rows of its triples."""
     from analysis.optimal_loss import denoise_eval_set
-    from models.config import load_config
-    from models.data import Dataset, DatasetArrays, load_dataset, open_dataset, save_npz
-    from models.train import train
+    from study.config import load_config
+    from training.dataset import Dataset, DatasetArrays, load_dataset, open_dataset, save_npz
+    from training.train import train
 
     digits = load_dataset("digits")
     u = torch.round((digits.x + 1) * 127.5).clamp(0, 255)          # digits on the uint8 grid
@@ -325,9 +324,9 @@ def test_one_call_evaluates_several_snapshots_as_one_call_each(tmp_path, monkeyp
     """`snapshot --snapshot A B --out a b` (one job per model) writes byte for byte the files of one call per
     snapshot, reading the data rows once; a count mismatch is refused."""
     from analysis.optimal_loss import denoise_eval_set
-    from models.config import load_config
-    from models.data import DatasetArrays, load_dataset, save_npz
-    from models.train import train
+    from study.config import load_config
+    from training.dataset import DatasetArrays, load_dataset, save_npz
+    from training.train import train
 
     ds = load_dataset("digits")
     data = save_npz(ds, tmp_path / "d.npz")

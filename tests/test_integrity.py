@@ -1,4 +1,4 @@
-"""Checksums of snapshots and datasets (models/integrity.py) and the readers that verify them: a truncated or
+"""Checksums of snapshots and datasets (study/integrity.py) and the readers that verify them: a truncated or
 corrupted file gives one error naming the file and the command that rebuilds it."""
 
 import json
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import integrity
-from models.integrity import IntegrityError
+from study import integrity
+from study.integrity import IntegrityError
 
 
 def _file(tmp_path, n=10_000, name="f.bin"):
@@ -98,7 +98,7 @@ def test_check_run_cli(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 def _dataset(tmp_path):
-    from models.data import load_dataset, save_npz
+    from training.dataset import load_dataset, save_npz
 
     path = save_npz(load_dataset("digits"), tmp_path / "dataset.npz")
     integrity.stamp(path, rebuild="snakemake --forcerun dataset")
@@ -113,8 +113,8 @@ def _truncate(path, keep=0.5):
 
 def test_truncated_dataset_fails_in_every_reader(tmp_path):
     from analysis.evaluate import load_rows
-    from models.data import load_dataset
-    from models.train import open_training_data
+    from training.dataset import load_dataset
+    from training.train import open_training_data
 
     path = _dataset(tmp_path)
     load_dataset(str(path)), open_training_data(path)  # fine before
@@ -245,7 +245,7 @@ def test_check_folder_wants_exactly_the_recorded_files(tmp_path):
 
 
 def test_deepspeed_checkpoint_is_recorded_in_state_and_checked(tmp_path):
-    from models import run_folder
+    from training import run_folder
 
     out = tmp_path / "run"
     ds = out / "state-ds" / "000000064"
@@ -269,7 +269,7 @@ def test_deepspeed_checkpoint_is_recorded_in_state_and_checked(tmp_path):
 
 
 def test_state_is_plain_data_and_its_rng_round_trips(tmp_path):
-    from models import run_folder
+    from training import run_folder
 
     gen = torch.Generator().manual_seed(3)
     np.random.seed(5)
@@ -296,14 +296,15 @@ def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payloa
     import subprocess
     import sys
 
-    from models.data import save_npz
     from test_train import ROOT, free_port, run_cli, write_cli_config
+
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "workflow/accelerate/deepspeed-zero2.yaml"), "--num_processes", "1", "--main_process_port",
-           str(free_port()), "-m", "models.train", "--config", str(write_cli_config(tmp_path)), "--model", "t0",
+           str(free_port()), "-m", "training.train", "--config", str(write_cli_config(tmp_path)), "--model", "t0",
            "--data", str(data), "--out", str(out), "--no-progress"]
     run_cli(cmd + ["--stop-after-images", "64"], {"PYTHONPATH": str(ROOT)})
     state = integrity.load_torch(out / "state.pt")

@@ -1,4 +1,4 @@
-"""A trainer never outlives the job that started it, and one run folder has one trainer (models/lifeline.py): the
+"""A trainer never outlives the job that started it, and one run folder has one trainer (training/lifeline.py): the
 two ties on bare processes (fast), snakemake SIGKILLed alone during a plain and a 2-process DDP training, and two
 trainers started on one folder."""
 
@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from models import lifeline
-from models.checks import module_missing
 from test_workflow import REPO, SNAKEMAKE, load_cfg, run_module, write_cfg
+
+from study.checks import module_missing
+from training import lifeline
 
 
 def alive(pid: int) -> bool:
@@ -55,7 +55,7 @@ def kill_all(pids) -> None:
 
 
 # a process that binds itself to its job or launcher, says so, and would then sleep for a minute
-BOUND = ("import sys, time; sys.path.insert(0, {root!r}); from models import lifeline; lifeline.bind_to_job(); "
+BOUND = ("import sys, time; sys.path.insert(0, {root!r}); from training import lifeline; lifeline.bind_to_job(); "
          "print('bound', flush=True); time.sleep(60)")
 
 
@@ -113,20 +113,20 @@ def test_a_second_trainer_of_one_folder_is_refused(tmp_path):
     config = write_cfg(cfg, tmp_path / "long.yaml")
     out = tmp_path / "run"
     args = ["--config", str(config), "--model", "t0", "--data", "digits", "--out", str(out), "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "models.train", *args], cwd=REPO, stderr=subprocess.DEVNULL,
+    first = subprocess.Popen([sys.executable, "-m", "training.train", *args], cwd=REPO, stderr=subprocess.DEVNULL,
                              env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         wait_until(lambda: (out / "log.jsonl").exists(), 120, "the first trainer to train")
-        rc, text = run_module("models.train", *args, "--stop-after-images", "64")
+        rc, text = run_module("training.train", *args, "--stop-after-images", "64")
         (line,) = [line for line in text.splitlines() if line.startswith("error:")]
         assert rc == 2 and f"{out}: another trainer is writing this run folder (pid {first.pid} on" in line
-        rc, text = run_module("models.lifeline", "free", out)  # the train rule's check before it clears a folder
+        rc, text = run_module("training.lifeline", "free", out)  # the train rule's check before it clears a folder
         assert rc == 2 and f"pid {first.pid}" in text
         assert first.poll() is None  # the first one trains on
     finally:
         first.kill()
         first.wait()
-    assert run_module("models.lifeline", "free", out)[0] == 0  # the kernel drops a dead holder's lock
+    assert run_module("training.lifeline", "free", out)[0] == 0  # the kernel drops a dead holder's lock
 
 
 LAUNCHES = {"t0": {"accelerate_config": "workflow/accelerate/cpu.yaml", "num_processes": 1},
@@ -154,8 +154,8 @@ def test_killing_snakemake_alone_stops_its_trainers(tmp_path):
     try:
         wait_until(lambda: all((runs / m / "log.jsonl").exists() for m in launches), 400, "every model to train")
         ranks = sum(launch["num_processes"] for launch in launches.values())
-        wait_until(lambda: len(processes_in(tmp_path, "-m models.train ")) >= ranks, 60, "every rank to start")
-        trainers = processes_in(tmp_path, "-m models.train ")
+        wait_until(lambda: len(processes_in(tmp_path, "-m training.train ")) >= ranks, 60, "every rank to start")
+        trainers = processes_in(tmp_path, "-m training.train ")
         os.kill(smk.pid, signal.SIGKILL)
         smk.wait()
         try:

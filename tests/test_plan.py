@@ -1,4 +1,4 @@
-"""`snakemake plan` (models/plan.py): counted FLOPs per training image against EDM2's published cost, GPU-hours
+"""`snakemake plan` (study/plan.py): counted FLOPs per training image against EDM2's published cost, GPU-hours
 from the stated throughput, the data shape from the config alone."""
 
 from pathlib import Path
@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.config import ConfigError, load_config
-from models.plan import MEASURED_MFU, data_shape, format_plan, model_mfu, plan_rows
+from study.config import ConfigError, load_config
+from study.plan import MEASURED_MFU, data_shape, format_plan, model_mfu, plan_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "workflow" / "config"
@@ -59,7 +59,7 @@ def test_flops_per_image_match_the_trainers_count():
     from models import family
     from models.denoiser import Denoiser
     from models.diffusion import get_variant
-    from models.loop import per_example_losses
+    from training.loop import per_example_losses
 
     cfg = load_config(CONFIGS / "smoke.yaml")
     (row, *_), _ = plan_rows(cfg)

@@ -1,4 +1,4 @@
-"""EDM2's power-function EMA (models/power_ema.py): σ_rel ↔ γ, the accumulator against its closed-form weights,
+"""EDM2's power-function EMA (training/power_ema.py): σ_rel ↔ γ, the accumulator against its closed-form weights,
 the post-hoc reconstruction against an oracle that accumulated the target directly, and the trainer's profiles
 (snapshots, profile files, exact resumption, the config's errors)."""
 
@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-import models.power_ema as pe
-from models.config import ConfigError, load_config
-from models.train import train
+import training.power_ema as pe
+from study.config import ConfigError, load_config
+from training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -84,7 +84,7 @@ def synthetic_run(tmp_path, sigma_rels, steps=96, every=8, dim=64, seed=0):
 
 def independent_weights(sol):
     """(W [stored, T*], w* [T*]): the stored profiles' and the target's weights over the steps 1..T*, from the
-    difference of powers written out (not models.power_ema's own form)."""
+    difference of powers written out (not training.power_ema's own form)."""
     t_out, g_out = sol.target
     k = np.arange(1, t_out + 1, dtype=np.float64)
 
@@ -265,8 +265,9 @@ def test_profiles_under_ddp_and_zero2_match_the_plain_trainer(digits, tmp_path):
     """The profiles live on each process's module copy, fed from the weights the optimizer wrote (ZeRO-2: its exact
     replica of the fp32 master): 2-process DDP and 2-process ZeRO-2 (stopped midway and resumed) store the plain
     trainer's profiles, in every snapshot and profile file, to float32 reduction error."""
-    from models.data import save_npz
     from test_engines import PARITY, launch, max_relative_difference, write_config
+
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
     ema = {"kind": "power", "sigma_rel": [0.05, 0.10], "profile_every_images": 64}
@@ -307,7 +308,7 @@ def test_ema_sweep_evaluates_the_final_snapshot_at_each_sigma_rel(power_run, dig
     from analysis import ema_sweep
     from analysis import evaluate as ev
     from analysis.optimal_loss import denoise_eval_set
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "d.npz")
     es = ev.make_eval_set(len(digits.x), ev.sigma_grid(4, 0.05, 5.0), 8, seed=3)
@@ -396,7 +397,7 @@ def test_exponents_at_the_best_and_a_fixed_length_side_by_side():
 
 
 def test_plan_notes_what_the_profiles_cost():
-    from models.plan import ema_notes
+    from study.plan import ema_notes
 
     cfg = power_cfg((0.05, 0.10, 0.2))  # 256 images, batch 32; snapshots at 128, 256; profiles every 32
     (note,) = ema_notes(cfg, [{"model": "t0", "params": 250_000_000}])

@@ -15,8 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "workflow" / "config" / "paper-rehearsal.yaml"
 sys.path.insert(0, str(REPO))
 
-from models.config import load_config, micro_batch, model_training, snapshot_marks  # noqa: E402
 from test_workflow import SNAKEMAKE, kill_when_written, smk  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from study.config import load_config, micro_batch, model_training, snapshot_marks  # noqa: E402
 
 
 def test_rehearsal_mirrors_the_paper_config():
@@ -56,7 +57,7 @@ def test_rehearsal_dry_run_generates_the_image_folder_first(tmp_path):
 
 
 def test_digits_imagefolder_script(tmp_path):
-    from models.data import load_dataset
+    from training.dataset import load_dataset
 
     out = tmp_path / "pngs"
     subprocess.run([sys.executable, str(REPO / "workflow/scripts/digits_imagefolder.py"), "--out", str(out),

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.resample import check_same_numbers
-from models.integrity import IntegrityError
+from study.integrity import IntegrityError
 
 SIGMAS = np.array([0.1, 1.0, 10.0])
 

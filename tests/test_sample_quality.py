@@ -5,9 +5,17 @@ import pytest
 import scipy.linalg
 import torch
 
-from analysis.sample_quality import (frechet_distance, frechet_distance_features, classifier_features,
-                                     load_classifier, load_inception, main, save_classifier, score_samples,
-                                     train_classifier)
+from analysis.sample_quality import (
+    classifier_features,
+    frechet_distance,
+    frechet_distance_features,
+    load_classifier,
+    load_inception,
+    main,
+    save_classifier,
+    score_samples,
+    train_classifier,
+)
 
 
 def random_rotation(d, rng):
@@ -56,7 +64,7 @@ def test_frechet_from_samples_converges_to_closed_form():
 
 @pytest.fixture(scope="module")
 def digits():
-    from models.data import load_dataset
+    from training.dataset import load_dataset
 
     ds = load_dataset("digits")
     return ds.x.numpy(), ds.labels.numpy()

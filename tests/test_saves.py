@@ -10,9 +10,10 @@ import threading
 import pytest
 import torch
 
-from models import integrity, run_folder
-from models.config import load_config
-from models.train import train
+from study import integrity
+from study.config import load_config
+from training import run_folder
+from training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

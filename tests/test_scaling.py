@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from analysis import fits, optimal_loss, posterior, report, scaling
-from analysis import study_stats
+
+from analysis import fits, optimal_loss, posterior, report, scaling, study_stats
 from analysis.fits import fit_chinchilla, fit_power_law, holdout_error
 from analysis.frontier import lower_envelope
 from analysis.scaling import fit_table
@@ -409,7 +409,7 @@ def test_cli_states_the_ema_and_sets_the_sweep_exponents_beside(tmp_path, capsys
     """exponents.csv's `ema` column and exponents.md's opening say at which EMA the fits stand (models.json's
     `ema`); with an EMA sweep's ema_exponents.csv, exponents.md sets the best length's exponents beside the fixed
     one's, with the difference and its interval; a bad ema_exponents.csv is one error and writes nothing."""
-    from models.power_ema import ema_label
+    from training.power_ema import ema_label
 
     losses = tmp_path / "losses.csv"
     df = _synthetic_losses()

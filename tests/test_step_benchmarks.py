@@ -1,4 +1,4 @@
-"""The step benchmarks time the trainer's own step (models.loop through models.train.train: data path,
+"""The step benchmarks time the trainer's own step (training.loop through training.train.train: data path,
 micro-batching, σ/ε draws, StreamDropout at the configured dropout, EMA, forced weight normalisation, logging) with
 the trainer's backend settings, on the CPU here as on a GPU."""
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from models import dropout, loop
+from models import dropout
+from training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -56,7 +57,7 @@ def test_gpu_benchmark_times_the_trainers_step(trainer_calls, capsys, tmp_path):
                        "--batch", "4"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("t0 "))
     assert float(row.split()[4]) > 0                             # images/s
-    assert trainer_calls["steps"] == 3                           # warm-up + timed steps, through models.loop
+    assert trainer_calls["steps"] == 3                           # warm-up + timed steps, through training.loop
     assert trainer_calls["masks"] > 0                            # dropout 0.1, as configured
     assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32   # the trainer's settings
 

@@ -1,4 +1,4 @@
-"""The trainer (models/train.py, models/loop.py, models/run_folder.py), models/denoiser.py, models/sigma_bins.py.
+"""The trainer (training/train.py, training/loop.py, training/run_folder.py), models/denoiser.py, training/sigma_bins.py.
 
 Fast tests run the real loop in-process on the tiny t0 net and 8×8 digits for a few steps; the learning test is
 marked slow.  The engines (2-process DDP, DeepSpeed ZeRO-2) are tests/test_engines.py's."""
@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from models.config import load_config
-from models.data import Dataset, DatasetArrays, load_dataset
+import training.loop as loop_mod
+import training.train as train_module
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
-from models.sigma_bins import SigmaBinTracker
 from models.weight_norm import channel_rms
-import models.loop as loop_mod
-import models.train as train_module
-from models.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
-from models.run_folder import RunFolderMismatchError, fingerprint_differences
-from models.train import main, open_training_data, train
+from study.config import load_config
+from training.dataset import Dataset, DatasetArrays, load_dataset
+from training.loop import NonFiniteLossError, batch_indices, ema_beta, learning_rate, per_example_losses
+from training.run_folder import RunFolderMismatchError, fingerprint_differences
+from training.sigma_bins import SigmaBinTracker
+from training.train import main, open_training_data, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,7 +237,7 @@ def test_logged_gradient_norm_is_the_clipped_norm(digits, tmp_path):
 def test_same_settings_ignores_only_result_neutral_keys(tmp_path):
     import yaml
 
-    from models.run_folder import same_settings
+    from training.run_folder import same_settings
 
     base = {"study": "s", "training": {"lr": 0.01, "batch_gpu": None, "trackers": []}, "models": {"t0": {}}}
     paths = []
@@ -247,13 +247,13 @@ def test_same_settings_ignores_only_result_neutral_keys(tmp_path):
         paths[-1].write_text(yaml.safe_dump(cfg))
     assert same_settings(paths[0], paths[1]) and not same_settings(paths[0], paths[2])
     # the train rule's check (exit 0: keep the run folder)
-    run = [sys.executable, "-m", "models.run_folder", "same-settings"]
+    run = [sys.executable, "-m", "training.run_folder", "same-settings"]
     assert subprocess.run(run + [str(paths[0]), str(paths[1])], cwd=ROOT).returncode == 0
     assert subprocess.run(run + [str(paths[0]), str(paths[2])], cwd=ROOT).returncode == 1
 
 
 def test_done_json_records_each_snapshots_checksum(full_run):
-    from models import integrity
+    from study import integrity
 
     out, _ = full_run
     done = json.loads((out / "done.json").read_text())
@@ -265,7 +265,7 @@ def test_done_json_records_each_snapshots_checksum(full_run):
 def test_training_twice_writes_identical_files(full_run, digits, tmp_path):
     """Equal trainings write equal bytes: every snapshot and state.pt (torch names the zip's inner folder after the
     file it writes, so saving through a temporary name would make equal contents differ)."""
-    from models import integrity
+    from study import integrity
 
     out_full, _ = full_run
     train(make_cfg(), "t0", digits, tmp_path, progress=False)
@@ -369,7 +369,7 @@ def digits_u8(digits):
 
 
 def test_npz_files_are_memory_mapped_in_their_stored_dtype(digits, digits_u8, tmp_path):
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     idx = torch.tensor([5, 0, 1796, 5, 300])
     cases = {"u8.npz": (digits_u8, True, np.uint8), "f32.npz": (digits, False, np.float32)}
@@ -381,9 +381,9 @@ def test_npz_files_are_memory_mapped_in_their_stored_dtype(digits, digits_u8, tm
         assert torch.equal(src.labels, ds.labels)
         rows = src.rows(idx, torch.device("cpu"))
         assert rows.dtype == torch.float32
-        assert torch.equal(rows, load_dataset(str(path)).x[idx]), fname      # bit-identical to models.data
+        assert torch.equal(rows, load_dataset(str(path)).x[idx]), fname      # bit-identical to training.dataset
         assert torch.equal(rows, ds.x[idx]), fname
-    # every uint8 value converts exactly as models.data does
+    # every uint8 value converts exactly as training.dataset does
     every = save_npz(Dataset(x=torch.arange(256.0).reshape(4, 1, 8, 8) / 127.5 - 1, labels=None, name="all"),
                      tmp_path / "all.npz", compact=True)
     src = open_training_data(every)
@@ -395,7 +395,7 @@ def test_npz_files_are_memory_mapped_in_their_stored_dtype(digits, digits_u8, tm
     src = open_training_data(tmp_path / "zip.npz")
     assert not isinstance(src.x, np.memmap) and src.x.dtype == np.uint8
     assert torch.equal(src.rows(idx, torch.device("cpu")), digits_u8.x[idx])
-    # .npy: memory-mapped; a channels-last array follows models.data's layout rule (a view, rows read lazily)
+    # .npy: memory-mapped; a channels-last array follows training.dataset's layout rule (a view, rows read lazily)
     nhwc = np.ascontiguousarray(u8[:, :, :, :, None].repeat(3, axis=4)[:, 0])   # [N, 8, 8, 3]
     np.save(tmp_path / "nhwc.npy", nhwc)
     src = open_training_data(tmp_path / "nhwc.npy")
@@ -404,7 +404,7 @@ def test_npz_files_are_memory_mapped_in_their_stored_dtype(digits, digits_u8, tm
 
 
 def test_bad_array_files_name_the_problem(tmp_path):
-    from models.data import DatasetError
+    from training.dataset import DatasetError
 
     np.savez(tmp_path / "ints.npz", x=np.zeros((4, 1, 8, 8), dtype=np.int32))
     with pytest.raises(DatasetError, match=r"ints.npz\[x\]: unsupported dtype int32"):
@@ -422,7 +422,7 @@ def test_bad_array_files_name_the_problem(tmp_path):
 def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_u8, tmp_path, monkeypatch):
     """A uint8 .npz trains bit-identically to the same images given as a float32 Dataset, without load_dataset
     ever building the whole float32 array, and each step reads exactly its batch rows from the stored array."""
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     path = save_npz(digits_u8, tmp_path / "u8.npz", compact=True)
     cfg = make_cfg(total_images=64, snapshots={"count": 1}, log_every_images=64)
@@ -440,7 +440,7 @@ def test_training_from_uint8_npz_reads_only_batch_rows_and_matches_float(digits_
         raise AssertionError("the trainer must not load a .npz as one float32 array")
 
     monkeypatch.setattr(DatasetArrays, "rows", recording_rows)
-    monkeypatch.setattr("models.data.load_dataset", no_load_dataset)
+    monkeypatch.setattr("training.dataset.load_dataset", no_load_dataset)
     train(cfg, "t0", str(path), tmp_path / "from-npz", progress=False)
     assert [len(i) for i in reads] == [32, 32]
     torch.testing.assert_close(torch.cat(reads), batch_indices(0, 64, 1797, seed=cfg["training"]["seed"]),
@@ -496,7 +496,7 @@ def test_finished_run_with_other_settings_is_not_reported_done(full_run, digits)
 
 
 def test_cli_reports_a_mismatched_run_folder_in_one_line(digits, tmp_path, capsys):
-    from models.data import save_npz
+    from training.dataset import save_npz
 
     data = str(save_npz(digits, tmp_path / "digits.npz"))
     args = ["--model", "t0", "--data", data, "--out", str(tmp_path / "run"), "--no-progress"]
@@ -533,7 +533,7 @@ def test_deepspeed_config_works_from_any_folder(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parser = launch_command_parser()
     args = parser.parse_args(["--config_file", str(ROOT / "workflow/accelerate" / name), "--num_processes", "1",
-                              "--main_process_port", "29999", "-m", "models.train"])
+                              "--main_process_port", "29999", "-m", "training.train"])
     args, defaults, _ = _validate_launch_command(args)
     assert args.use_deepspeed
     args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)  # as launch_command does
@@ -669,7 +669,7 @@ def test_forced_normalisation_keeps_the_stored_weights_on_the_unit_sphere(full_r
 
 
 def test_batch_that_does_not_split_names_the_key():
-    from models.config import ConfigError
+    from study.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"training\.batch_gpu: 48 does not divide the per-process batch 128"):
         make_cfg(batch_size=128, batch_gpu=48)
@@ -697,7 +697,6 @@ def hand_adam_steps(cfg, steps, reduce):
     """The t0 net of `cfg` after Adam steps on EDM2's loss (EDM2Loss: (w/e^u)·(D − x0)² + u per element),
     backpropagated as `reduce` of that element-wise loss; written from the formula, not from train()."""
     from models import family
-
     from models.edm2 import MPConv, normalize
 
     tr = cfg["training"]

@@ -125,7 +125,7 @@ def write_cfg(cfg, path):
 
 def marks_of(cfg, model):
     sys.path.insert(0, str(REPO))
-    from models.config import load_config, model_training, snapshot_marks
+    from study.config import load_config, model_training, snapshot_marks
 
     return snapshot_marks(model_training(load_config(cfg), model))
 
@@ -177,8 +177,8 @@ def test_dry_run_diagnose_and_schedule_studies(name, target, min_seeds, tmp_path
     """The diagnosis and schedule studies: every model trained, evaluated once (final snapshot) and, for the schedule
     studies, scored; every arm has its seeds and a baseline of the same arch, variant and logvar to pair with."""
     sys.path.insert(0, str(REPO))
-    from analysis.schedule_study import arm_of
-    from models.config import load_config, model_training
+    from analysis.weighting_study import arm_of
+    from study.config import load_config, model_training
 
     cfg = load_config(CONFIGS / f"{name}.yaml")
     models = list(cfg["models"])
@@ -322,7 +322,7 @@ def test_bad_model_name_is_named(tmp_path):
     (lambda c: c["models"].update(T1={"arch": "t1"}), ["models.T1", "models.t1"]),
 ], ids=["arch", "sigma", "accelerate", "batch", "length", "case"])
 def test_bad_value_fails_the_dry_run_naming_it(change, named, tmp_path):
-    """A representative few of models/checks.py's checks (tests/test_checks.py has every kind) through `-n`: each
+    """A representative few of study/checks.py's checks (tests/test_checks.py has every kind) through `-n`: each
     line names the key, the config's own value and the config file."""
     cfg = load_cfg("smoke")
     change(cfg)

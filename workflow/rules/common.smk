@@ -5,13 +5,13 @@ import os
 import shlex
 import sys
 
-from models.checks import check_study, known_arch_names
-from models.config import ConfigError, load_config, model_training, snapshot_marks, total_images
-from models.config import step_resources as study_step_resources
+from study.checks import check_study, known_arch_names
+from study.config import ConfigError, load_config, model_training, snapshot_marks, total_images
+from study.config import step_resources as study_step_resources
 from models.sizes import FAMILY, SIZES
 
 
-# Validate once: models.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
+# Validate once: study.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
 # the schema's defaults (jsonschema's validator, as snakemake.utils.validate would) and lists every bad key, one
 # line each, e.g. "workflow/config/my.yaml: training.batch_szie: unknown key".
 CONFIG_FILES = ", ".join(map(str, workflow.overwrite_configfiles)) or DEFAULT_CONFIG  # named in every error line
@@ -62,7 +62,7 @@ REBUILD = _rebuild_prefix()
 
 
 def sidecar(path):
-    """The checksum sidecar of a study file (models/integrity.py: FILE.sha256, with the command that rebuilds FILE).
+    """The checksum sidecar of a study file (study/integrity.py: FILE.sha256, with the command that rebuilds FILE).
     Every rule that writes a file the study reads again declares its sidecar as an output and every rule that reads
     the file declares it as an input, so a missing sidecar reruns the job that writes the file."""
     return f"{path}.sha256"

@@ -1,4 +1,4 @@
-# The dataset, materialised once as results/<study>/data/dataset.npz (models.data) in its compact form (uint8 where
+# The dataset, materialised once as results/<study>/data/dataset.npz (training.dataset) in its compact form (uint8 where
 # the images are exactly u/127.5 − 1, float32 otherwise; uncompressed, so every later job memory-maps it and reads
 # only its rows), and the study's fixed evaluation set of (x0 index, σ, noise seed) triples (analysis.evaluate
 # make-set).
@@ -13,7 +13,7 @@ DIGITS_PNGS = f"{R}/data/digits-png"
 
 def dataset_needs():
     """The dataset job's --at-least flags: a set smaller than a batch, or than the estimators' subset, is refused
-    where it enters (models.data.check_images), not by whichever job meets it first. A global in the shell text,
+    where it enters (training.dataset.check_images), not by whichever job meets it first. A global in the shell text,
     not a param: a new model's batch size must not remake the dataset."""
     needs = {"training.batch_size": max(int(TRAINING[m]["batch_size"]) for m in MODELS)}
     ol = config["optimal_loss"]
@@ -44,10 +44,10 @@ rule dataset:
     log:
         f"{R}/logs/dataset.log",
     shell:
-        "{PYTHON} -m models.data {params.spec:q} --compact --out {output[0]:q} {params.resolution} {DATASET_NEEDS}"
+        "{PYTHON} -m training.dataset {params.spec:q} --compact --out {output[0]:q} {params.resolution} {DATASET_NEEDS}"
         " > {log:q} 2>&1"
         # its checksum beside it (dataset.npz.sha256): readers detect a truncated or corrupted copy
-        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun dataset'"
+        " && {PYTHON} -m study.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun dataset'"
         " >> {log:q} 2>&1"
 
 
@@ -73,7 +73,7 @@ rule eval_set:
         " --sigma-min {params.ev[sigma_min]} --sigma-max {params.ev[sigma_max]}"
         " --samples-per-sigma {params.ev[samples_per_sigma]} --seed {params.ev[seed]} --out {output[0]:q}"
         " > {log:q} 2>&1"
-        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun eval_set'"
+        " && {PYTHON} -m study.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun eval_set'"
 
 
 rule digits_imagefolder:

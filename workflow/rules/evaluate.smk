@@ -50,7 +50,7 @@ for _model in MODELS:
             " --snapshot {input.snapshots:q} --dataset {input.data:q} --eval-set {input.eval_set:q}"
             " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output.csv:q}"
             " --per-triple > {log:q} 2>&1"
-            " && {PYTHON} -m models.integrity stamp {output.csv:q} {output.triples:q}"
+            " && {PYTHON} -m study.integrity stamp {output.csv:q} {output.triples:q}"
             " --rebuild {REBUILD:q}' --forcerun evaluate_{params.model}'"
 
 
@@ -79,5 +79,5 @@ rule collect_losses:
         # the invariant warning goes to the log and to the terminal (tee), so nobody misses it
         "{PYTHON} -m analysis.evaluate collect --eval {input.evals:q} --jstar {input.jstar:q}"
         " --out {output.losses:q} --invariant {output.invariant:q} --per-triple {output.per_triple:q} 2>&1 | tee {log:q} >&2"
-        " && {PYTHON} -m models.integrity stamp {output.losses:q} {output.invariant:q} {output.per_triple:q}"
+        " && {PYTHON} -m study.integrity stamp {output.losses:q} {output.invariant:q} {output.per_triple:q}"
         " --rebuild {REBUILD:q}' --forcerun collect_losses'"

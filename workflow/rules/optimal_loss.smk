@@ -44,7 +44,7 @@ rule optimal_loss_estimator:
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m analysis.optimal_loss --dataset {input[0]:q} --estimator {wildcards.est}"
         " {params.flags} --out {output[0]:q} > {log:q} 2>&1"
-        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun '{output[0]:q}"
+        " && {PYTHON} -m study.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun '{output[0]:q}"
 
 
 # jstar.csv: the study estimator's table, verified against its checksum and copied read-only with its own
@@ -59,7 +59,7 @@ rule jstar:
     benchmark:
         benchmark_file("jstar")
     shell:
-        "{PYTHON} -m models.integrity publish {input[0]:q} {output[0]:q} --rebuild {REBUILD:q}' --forcerun jstar'"
+        "{PYTHON} -m study.integrity publish {input[0]:q} {output[0]:q} --rebuild {REBUILD:q}' --forcerun jstar'"
 
 
 rule estimators:
@@ -74,7 +74,7 @@ rule estimators:
     run:
         import pandas as pd
 
-        from models import integrity
+        from study import integrity
 
         for p in input.tables:
             integrity.verify(p)
@@ -104,4 +104,4 @@ rule optimal_denoiser:
     shell:
         "OMP_NUM_THREADS={threads} {PYTHON} -m analysis.optimal_loss denoise --dataset {input.data:q}"
         " --eval-set {input.eval_set:q} {params.conditional} {params.device} --out {output[0]:q} > {log:q} 2>&1"
-        " && {PYTHON} -m models.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun optimal_denoiser'"
+        " && {PYTHON} -m study.integrity stamp {output[0]:q} --rebuild {REBUILD:q}' --forcerun optimal_denoiser'"

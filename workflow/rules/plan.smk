@@ -1,6 +1,6 @@
 # The cost of the study before anything runs: `snakemake plan --configfile STUDY` writes results/<study>/plan.csv
 # (per model: parameters, counted training FLOPs per image, images, total FLOPs, GPUs, GPU-hours at the config's
-# `plan` throughput; models.plan) and prints it with the study's total. It trains nothing and reads no dataset.
+# `plan` throughput; study.plan) and prints it with the study's total. It trains nothing and reads no dataset.
 import json
 
 
@@ -25,7 +25,7 @@ rule plan_table:
     benchmark:
         benchmark_file("plan_table", in_snakemake=True)
     run:
-        from models.plan import write_plan
+        from study.plan import write_plan
 
         write_plan(config, output[0])
 
@@ -34,6 +34,6 @@ rule plan:
     input:
         f"{R}/plan.csv",
     run:
-        from models.plan import format_plan, plan_notes, read_plan
+        from study.plan import format_plan, plan_notes, read_plan
 
         print(format_plan(read_plan(input[0]), plan_notes(config), STUDY))

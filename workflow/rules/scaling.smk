@@ -7,8 +7,8 @@
 import json
 import shlex
 
-from models.config import model_variant
-from models.power_ema import ema_label
+from study.config import model_variant
+from training.power_ema import ema_label
 
 
 def schedule_settings(schedule):

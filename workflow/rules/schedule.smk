@@ -1,9 +1,9 @@
-# Use 2 of J*: the optimal-loss training schedule (models/schedule.py) against each variant's own
+# Use 2 of J*: the optimal-loss training schedule (models/loss_weighting.py) against each variant's own
 # (baseline) schedule, at equal compute, over seeds (workflow/config/schedule.yaml: EDM and FM × baseline /
 # optimal-loss × logvar off/on; workflow/config/schedule-sweep.yaml: the schedule's open choices). Per model: the
 # final snapshot's per-σ gap (evaluate rules) and the Fréchet distance of its Heun samples to the training set in
 # the feature space of a small classifier trained on the dataset's labels (analysis.sample_quality; FID too when
-# sample_quality.inception points at local weights). analysis.schedule_study compares the arms, paired by seed.
+# sample_quality.inception points at local weights). analysis.weighting_study compares the arms, paired by seed.
 #
 #   snakemake schedule --configfile workflow/config/schedule.yaml
 #   snakemake schedule_sweep --configfile workflow/config/schedule-sweep.yaml
@@ -72,7 +72,7 @@ rule schedule_comparison:
     log:
         f"{R}/logs/schedule_comparison.log",
     shell:
-        "{PYTHON} -m analysis.schedule_study --eval {input.evals:q} --scores {input.scores:q}"
+        "{PYTHON} -m analysis.weighting_study --eval {input.evals:q} --scores {input.scores:q}"
         " --meta {input.meta:q} --jstar {input.jstar:q} --models {output.models:q} --out {output.table:q}"
         " --markdown {output.markdown:q} --figure {output.figure:q} > {log:q} 2>&1"
 

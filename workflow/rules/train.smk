@@ -11,7 +11,7 @@
 # rebuilds it), made after training finishes: copies, not hard links, so a corrupted published snapshot never
 # corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
 # cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
-# trains another model than the resolved config: models.run_folder same-settings, which lets batch_gpu and the
+# trains another model than the resolved config: training.run_folder same-settings, which lets batch_gpu and the
 # trackers change), or if one of its snapshots fails its checksum (the state to regenerate an earlier snapshot is
 # gone; training is deterministic, so the retrained model is the same) or its state.pt (or the DeepSpeed
 # checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data is
@@ -31,8 +31,8 @@ import shlex
 
 import yaml
 
-from models.checks import accelerate_distributed_type
-from models.config import model_variant
+from study.checks import accelerate_distributed_type
+from study.config import model_variant
 
 
 def resolved_config(model):
@@ -67,23 +67,23 @@ def launch_command(model):
     acc_cfg = repo_path(launch["accelerate_config"])
     kind = accelerate_distributed_type(acc_cfg, BASEDIR)
     if n == 1 and kind in ("NO", "no"):
-        return f"{PYTHON} -m models.train"
+        return f"{PYTHON} -m training.train"
     accelerate = os.path.join(os.path.dirname(PYTHON), "accelerate")
     accelerate = f"{accelerate} launch" if os.path.exists(accelerate) else f"{PYTHON} -m accelerate.commands.launch"
     # without GPUs (the rehearsal on CPU) Accelerate makes a multi-process DDP job MULTI_CPU only when told; a
-    # DeepSpeed job must not be told (it would run as DDP): models.train.make_accelerator sets it up on gloo
+    # DeepSpeed job must not be told (it would run as DDP): training.train.make_accelerator sets it up on gloo
     cpu_ddp = not train_resources(model)["gpu"] and n > 1 and kind != "DEEPSPEED"
     cpu = "ACCELERATE_USE_CPU=1 " if cpu_ddp else ""
     launcher = f"{accelerate} --config_file {acc_cfg} --num_processes {n} --num_machines {machines}"
     if machines == 1:
-        return f"{cpu}{launcher} --main_process_port {_free_port_command()} -m models.train"
+        return f"{cpu}{launcher} --main_process_port {_free_port_command()} -m training.train"
     if kind == "DEEPSPEED":  # each node's own launcher (torchrun), not DeepSpeed's ssh/pdsh runner
         launcher += " --deepspeed_multinode_launcher standard"
     res = train_resources(model)
     node_launch = os.path.join(BASEDIR, "workflow", "scripts", "node_launch.sh")
     return (
         f"{cpu}srun --nodes={machines} --ntasks={machines} --ntasks-per-node=1 --cpus-per-task={res['threads']}"
-        f" --kill-on-bad-exit=1 bash {shlex.quote(node_launch)} {_free_port_command()} {launcher} -- -m models.train"
+        f" --kill-on-bad-exit=1 bash {shlex.quote(node_launch)} {_free_port_command()} {launcher} -- -m training.train"
     )
 
 
@@ -99,7 +99,7 @@ def launcher_check(model):
 
 
 def train_resources(model):
-    """gpu: GPUs of the job, one per training process over all its nodes (models.checks: a model's own
+    """gpu: GPUs of the job, one per training process over all its nodes (study.checks: a model's own
     resources.gpus equals num_processes); nodes; threads: the CPUs of one node; omp: each process's threads."""
     r = step_resources("train", model)
     launch = TRAINING[model]["launch"]
@@ -177,18 +177,18 @@ for _model in MODELS:
             """
             rundir={params.rundir:q}
             stamp="$rundir/.study-config.yaml"
-            # the trainer watches this job's snakemake process and stops when it is gone (models/lifeline.py)
+            # the trainer watches this job's snakemake process and stops when it is gone (training/lifeline.py)
             export TRAINER_JOB_PID="$PPID@$HOSTNAME"
             if [ -d "$rundir" ]; then
-                {PYTHON} -m models.lifeline free "$rundir" 2>> {log:q} || exit 2
+                {PYTHON} -m training.lifeline free "$rundir" 2>> {log:q} || exit 2
             fi
-            if [ -e "$stamp" ] && ! {PYTHON} -m models.run_folder same-settings "$stamp" {input.config:q}; then
+            if [ -e "$stamp" ] && ! {PYTHON} -m training.run_folder same-settings "$stamp" {input.config:q}; then
                 echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
                 rm -rf "$rundir"
             fi
             if [ -d "$rundir" ]; then
                 check=0
-                {PYTHON} -m models.integrity check-run "$rundir" >> {log:q} 2>&1 || check=$?
+                {PYTHON} -m study.integrity check-run "$rundir" >> {log:q} 2>&1 || check=$?
                 if [ "$check" = 3 ]; then
                     echo "train {params.model}: a file in $rundir fails its checksum: starting afresh" >> {log:q}
                     rm -rf "$rundir"
@@ -203,7 +203,7 @@ for _model in MODELS:
                 --model {params.model} --data {input.data:q} --out "$rundir" {params.jstar} --no-progress \
                 >> {log:q} 2>&1
             for f in {output.snapshots:q}; do
-                {PYTHON} -m models.integrity publish "$rundir/snapshots/$(basename "$f")" "$f" \
+                {PYTHON} -m study.integrity publish "$rundir/snapshots/$(basename "$f")" "$f" \
                     --rebuild {REBUILD:q}' --forcerun 'train_{params.model} >> {log:q} 2>&1
             done
             """

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for models.data (run as a script)
-from models.data import load_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for training.dataset (run as a script)
+from training.dataset import load_dataset  # noqa: E402
 
 
 def write_digits_imagefolder(out: Path, resolution: int = 16) -> int:

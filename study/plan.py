@@ -1,6 +1,6 @@
 """The cost of a study before anything runs: per model its parameters, counted training FLOPs per image, training
 length, total FLOPs, nodes, GPUs, GPU-hours at a stated throughput, wall hours and the number of runtime-limited
-jobs (`snakemake plan`, or `python -m models.plan --config STUDY.yaml`).
+jobs (`snakemake plan`, or `python -m study.plan --config STUDY.yaml`).
 
 FLOPs per image are counted (models.family.training_flops_per_image: torch's FlopCounterMode over one forward +
 backward on the meta device, 2 FLOPs per multiply-add), not estimated. The data shape comes from the config alone
@@ -20,9 +20,9 @@ from typing import Mapping
 
 import pandas as pd
 
-from models.atomic import atomic_path
-from models.checks import array_shape, parse_dataset_spec
-from models.config import ConfigError, load_config, model_training, step_resources, total_images
+from study.atomic import atomic_path
+from study.checks import array_shape, parse_dataset_spec
+from study.config import ConfigError, load_config, model_training, step_resources, total_images
 
 # models.family (torch) is imported only where parameters and FLOPs are counted (plan_rows): the plan rule prints a
 # finished plan (format_plan, read_plan) in the Snakefile's own process, which needs no torch for it.
@@ -45,7 +45,7 @@ def data_shape(cfg: Mapping) -> tuple[int, int, int, list[str]]:
     elif kind == "cifar10":
         resolution, channels, labels = resolution or 32, channels or 3, 10 if labels is None else labels
     elif kind in ("imagefolder", "dir"):
-        channels = channels or 3  # models.data converts every image to RGB
+        channels = channels or 3  # training.dataset converts every image to RGB
         folder = Path(path).expanduser()
         if labels is None and folder.is_dir():  # listing the class folders is not reading the data
             labels = sum(1 for p in folder.iterdir() if p.is_dir()) or None
@@ -110,7 +110,7 @@ def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
 def ema_notes(cfg: Mapping, rows: list[dict]) -> list[str]:
     """What EDM2's power-EMA profiles (training.ema.kind: power) add: one fp32 copy of the weights per profile in
     every training process (the classic EMA keeps one), and per stored point (snapshot or profile file) on disk."""
-    from models.config import snapshot_marks  # torch-free
+    from study.config import snapshot_marks  # torch-free
 
     notes = []
     for row in rows:
@@ -172,7 +172,7 @@ def read_plan(path) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m study.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="study config YAML")
     ap.add_argument("--out", default=None, help="write the table as CSV here too")
     args = ap.parse_args(argv)

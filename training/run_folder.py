@@ -3,9 +3,9 @@
 Layout (docs/internals.md): state.pt (resumable; atomic, with its checksum sidecar), snapshots/snapshot-
 {images:09d}.pt (EMA weights, arch, variant, images_seen, flops), log.jsonl, done.json (written last: its presence
 means the run finished), state-ds/<images>/ (DeepSpeed's own checkpoint, whose files state.pt records),
-.trainer.lock (held by the trainer writing the folder: models.lifeline).
+.trainer.lock (held by the trainer writing the folder: training.lifeline).
 
-Every file here is read with models.integrity.load_torch (tensors and plain data only), so state.pt holds nothing
+Every file here is read with study.integrity.load_torch (tensors and plain data only), so state.pt holds nothing
 else: the numpy RNG state is stored as a dict of a tensor and numbers. DeepSpeed reads its checkpoint with pickle,
 so state.pt records the size and sha256 of each of its files and they are checked before DeepSpeed opens one.
 """
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import yaml
 
-from models import integrity
-from models.atomic import atomic_path
+from study import integrity
+from study.atomic import atomic_path
 
 STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
 # training keys that change no image, σ, noise or weight: micro-batching (batch_gpu) and who watches (trackers)
@@ -91,7 +91,7 @@ def check_fingerprint(saved: dict | None, current: dict, what: Path, out: Path) 
 
 def atomic_torch_save(obj, path: Path) -> dict:
     """The one way a run folder's torch files are written: torch.save via a temp file in the same folder, renamed
-    into place with its checksum sidecar (models.integrity.replace_stamped: a kill at any moment leaves a `path`
+    into place with its checksum sidecar (study.integrity.replace_stamped: a kill at any moment leaves a `path`
     that matches its sidecar, never a half-written file); the sha256 is taken from the bytes as they are written
     (integrity.HashingWriter), not by reading a multi-GB file again.  Written through a file object, torch names
     the folder inside the zip 'archive', whatever the temp file is called.  Returns the sidecar's record."""
@@ -130,7 +130,7 @@ def read_done(out: Path, fingerprint: dict) -> dict | None:
 
 
 def load_state(out: Path, *, mmap: bool = False) -> dict | None:
-    """state.pt read safely (models.integrity.load_torch: its checksum, then tensors and plain data only; numpy
+    """state.pt read safely (study.integrity.load_torch: its checksum, then tensors and plain data only; numpy
     arrays too, for the RNG state of older files), or None when there is none."""
     path = out / "state.pt"
     if not path.exists():
@@ -185,7 +185,7 @@ def state_problems(out: Path) -> list[str]:
 
 
 def write_state(out: Path, state: dict, ds_dir: str | None) -> None:
-    """state.pt, atomically, with its checksum sidecar (models.integrity.replace_stamped: a kill at any moment
+    """state.pt, atomically, with its checksum sidecar (study.integrity.replace_stamped: a kill at any moment
     leaves a state.pt that matches it); with DeepSpeed (`ds_dir` its checkpoint) the checkpoint's files are
     recorded in state.pt and the older checkpoints are removed."""
     record = {"version": STATE_VERSION, **state, "ds_dir": ds_dir}
@@ -279,7 +279,7 @@ def same_settings(old_config, new_config) -> bool:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.run_folder",
+    p = argparse.ArgumentParser(prog="python -m training.run_folder",
                                 description="same-settings OLD NEW: exit 0 when the resolved model configs train "
                                             "the same model (they may differ in batch_gpu and trackers), else 1")
     p.add_argument("command", choices=["same-settings"])

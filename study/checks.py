@@ -14,7 +14,7 @@ known without loading the data, and the packages each configured path needs beyo
 (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate config, Pillow for an image folder, each configured tracker's
 package), looked up without importing them, and a DeepSpeed JSON that would train in another precision than the DDP
 path (bf16/fp16 engine, a torch_autocast or communication dtype at odds with training.mixed_precision). That every batch splits over its processes and micro-batches is
-load_config's check (models.config.micro_batch), made before these.
+load_config's check (study.config.micro_batch), made before these.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 import yaml
 
-from models.config import ConfigError, model_training, snapshot_marks, total_images
 from models.sizes import SIZES
+from study.config import ConfigError, model_training, snapshot_marks, total_images
 
-# Dataset sizes known without reading the data (models.data: sklearn's digits set).
+# Dataset sizes known without reading the data (training.dataset: sklearn's digits set).
 KNOWN_DATASET_SIZES = {"digits": 1797}
 SPEC_FORMS = "'digits', PATH.npy, PATH.npz, 'cifar10:DIR', 'imagefolder:DIR' or an existing DIR"
 
@@ -216,7 +216,7 @@ def check_train_resources(cfg: Mapping) -> list[str]:
 
 
 def parse_dataset_spec(spec: str) -> tuple[str, str]:
-    """(kind, path) of a models.data spec: ('digits', ''), ('npy'|'npz', PATH), ('cifar10'|'imagefolder', DIR),
+    """(kind, path) of a training.dataset spec: ('digits', ''), ('npy'|'npz', PATH), ('cifar10'|'imagefolder', DIR),
     ('dir', DIR). Raises ConfigError naming dataset.spec for anything else. Syntax only: paths may be missing
     here (a dry run of a cluster study works anywhere), except a bare folder, which must exist to be told from
     a typo."""
@@ -237,7 +237,7 @@ def parse_dataset_spec(spec: str) -> tuple[str, str]:
 
 
 def array_shape(path: Path) -> tuple | None:
-    """The shape of the image array of a .npy / .npz file (for .npz the first of models.data's image keys x,
+    """The shape of the image array of a .npy / .npz file (for .npz the first of training.dataset's image keys x,
     images, latents), from its header only; None when the file is missing or unreadable (the dataset job's error
     to report)."""
 
@@ -253,7 +253,7 @@ def array_shape(path: Path) -> tuple | None:
             with open(path, "rb") as f:
                 return header(f)
         with zipfile.ZipFile(path) as zf:
-            for key in ("x", "images", "latents"):  # models.data's image keys, in its order
+            for key in ("x", "images", "latents"):  # training.dataset's image keys, in its order
                 if f"{key}.npy" in zf.namelist():
                     with zf.open(f"{key}.npy") as f:
                         return header(f)

@@ -24,7 +24,7 @@ The paper leaves a, w*, μ, ς and the rule for σ* open.  Our choices (all over
        overall constant on w does not change what Adam learns (only gradient clipping sees it).
   ς    1.0 (one e-fold of σ);  μ = ln σ* − ς, so the bump sits one e-fold below σ*, inside the region it is cut to.
   bump true; `bump: false` drops the second term (w = a·min(1/J*, w*) alone), to test whether it helps.
-Sampling (`sample_sigma`): p lives on the trainer's σ bins (models.sigma_bins.SigmaBinTracker, log-spaced).  A bin
+Sampling (`sample_sigma`): p lives on the trainer's σ bins (training.sigma_bins.SigmaBinTracker, log-spaced).  A bin
 b is drawn with probability p_b = (1 − floor)·q_b + floor/B, q_b ∝ w̄_b·max(J_b(θ) − J̄*_b, 0), then ln σ is uniform
 inside the bin.  w̄_b and J̄*_b are the averages of w and J* over the bin in ln σ (J* changes by orders of magnitude
 across one bin near σ*, so the centre value would be biased).  The floor (default 0.1 of the mass spread evenly)
@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from models.tables import read_jstar
+from study.tables import read_jstar
 
 SIGMA_STAR_RULES = ("fraction", "knee")
 _SUBGRID = 16  # points per bin for the bin averages of w and J* (uniform in ln σ)
@@ -57,7 +57,7 @@ _SUBGRID = 16  # points per bin for the bin averages of w and J* (uniform in ln 
 # --------------------------------------------------------------------------------------------------------------
 
 def jstar_points(jstar_csv) -> tuple[np.ndarray, np.ndarray]:
-    """(σ, J*) from an optimal_loss/jstar.csv, ascending σ, float64 (read and validated by models.tables.read_jstar:
+    """(σ, J*) from an optimal_loss/jstar.csv, ascending σ, float64 (read and validated by study.tables.read_jstar:
     a missing or bad table is one error naming it)."""
     df = read_jstar(jstar_csv)
     return df["sigma"].to_numpy(np.float64), df["optimal_loss"].to_numpy(np.float64)

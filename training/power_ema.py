@@ -123,7 +123,7 @@ def ema_label(training: dict) -> str:
 
 class PowerEMA:
     """The power-function EMA profiles of one run, one fp32 module per σ_rel; `modules[0]` is the template itself
-    (models.train's EMA copy), so a snapshot's `ema` is the first profile."""
+    (training.train's EMA copy), so a snapshot's `ema` is the first profile."""
 
     def __init__(self, template: torch.nn.Module, sigma_rels):
         self.sigma_rels = [float(s) for s in sigma_rels]
@@ -243,7 +243,7 @@ def stored_profiles(record: dict, where) -> list[tuple[int, float, float, int]]:
 
 def read_power_record(path) -> dict:
     """The `ema_power` record of a snapshot or profile file (checked against its sidecar, tensors only)."""
-    from models.integrity import load_torch  # torch files are read through the project's safe reader
+    from study.integrity import load_torch  # torch files are read through the project's safe reader
 
     data = load_torch(path, mmap=True)  # tensors are paged in as the sums read them
     if not isinstance(data, dict) or "ema_power" not in data:

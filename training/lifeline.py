@@ -18,7 +18,7 @@ The run folder's lock: the global main process holds an exclusive flock on RUN/.
 start time inside) while it trains; a second trainer of the same folder stops with one line naming the folder and
 the process that holds it. The kernel drops the lock when its holder dies, however it dies.
 
-    python -m models.lifeline free RUN_DIR     exit 2, naming the holder, if a trainer holds RUN_DIR's lock
+    python -m training.lifeline free RUN_DIR     exit 2, naming the holder, if a trainer holds RUN_DIR's lock
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def check_free(out) -> None:
 def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "free":
-        print("usage: python -m models.lifeline free RUN_DIR", file=sys.stderr)
+        print("usage: python -m training.lifeline free RUN_DIR", file=sys.stderr)
         return 2
     try:
         check_free(args[1])

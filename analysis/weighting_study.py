@@ -10,7 +10,7 @@ same (arch, variant, logvar), paired by seed (same seed = same initialisation an
 t-interval over the pairs (mean ± t_{0.975, n−1}·sd/√n; needs ≥ 2 pairs).
 
 CLI (the workflow's schedule_comparison rule):
-  python -m analysis.schedule_study --eval M1.csv … --scores S1.json … --meta models.json --jstar jstar.csv \
+  python -m analysis.weighting_study --eval M1.csv … --scores S1.json … --meta models.json --jstar jstar.csv \
       --models schedule_models.csv --out schedule_comparison.csv --markdown schedule_comparison.md --figure F.png
 models.json maps model → {variant, schedule, seed, arch, logvar, schedule_kwargs} (written by the workflow).
 """
@@ -31,8 +31,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from analysis.diagnose import (gap_summary, read_eval, read_meta, save_fig, sigma_star_of,  # noqa: E402
-                               write_csv, write_text)
+from analysis.diagnose import gap_summary, read_eval, read_meta, save_fig, sigma_star_of, write_csv, write_text  # noqa: E402
 
 ARM_KEYS = ["arm", "arch", "variant", "logvar", "schedule", "schedule_kwargs"]
 GROUP_KEYS = ["arch", "variant", "logvar"]          # arms compared with one baseline
@@ -244,7 +243,7 @@ def plot_comparison(models: pd.DataFrame, path, sigma_star=None) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m analysis.schedule_study", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m analysis.weighting_study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--eval", nargs="+", required=True, help="evaluation CSVs (one per model, final snapshot)")
     ap.add_argument("--scores", nargs="+", required=True, help="sample-quality JSONs (one per model)")
     ap.add_argument("--meta", required=True, help="models.json (model → variant, schedule, seed, arch, logvar, …)")

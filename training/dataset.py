@@ -27,7 +27,7 @@ are kept as given and converted to float32 per row. A `.npy`, or a member of an 
 this module's writer never compress), is memory-mapped: opening reads headers only, `rows(idx)` touches only those
 rows, and a memory-mapped file is shared by every process through the page cache.
 
-CLI (what Snakemake's data rule calls):  python -m models.data SPEC --out FILE.npz [--resolution R] [--no-compact]
+CLI (what Snakemake's data rule calls):  python -m training.dataset SPEC --out FILE.npz [--resolution R] [--no-compact]
 writes the compact form: uint8 wherever the images are exactly u/127.5 − 1 (CIFAR, image folders, uint8 arrays
 without resizing), else float32 (digits, whose values k/8 − 1 are not on that grid, resized or float data),
 streamed chunk by chunk into an uncompressed .npz so that it can be memory-mapped.
@@ -48,11 +48,11 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from models.atomic import atomic_path
-from models.integrity import verify
+from study.atomic import atomic_path
+from study.integrity import verify
 
 # Imported where used: scikit-learn (a slow import, SciPy with it) only for the bundled digits, Pillow only for
-# image folders (an optional package: models.checks.PATH_PACKAGES).
+# image folders (an optional package: study.checks.PATH_PACKAGES).
 
 __all__ = ["Dataset", "DatasetArrays", "DatasetError", "UINT8_TABLE", "load_dataset", "main", "open_dataset",
            "save_npz", "write_npz"]
@@ -554,7 +554,7 @@ def _uint8_exact(arrays: DatasetArrays) -> bool:
 
 def write_npz(arrays: DatasetArrays, path, *, compact: bool = True) -> dict:
     """Write `x` [N,C,H,W], `labels` (int64, if any), `name` and `layout="NCHW"` to an uncompressed .npz
-    atomically (models.atomic), streaming `x` chunk by chunk. `x` is uint8 when stored as uint8, or (compact) when
+    atomically (study.atomic), streaming `x` chunk by chunk. `x` is uint8 when stored as uint8, or (compact) when
     every value is exactly u/127.5 − 1, so that open_dataset(PATH) gives back the same float32 rows; else float32
     (NaN / inf raise DatasetError). Returns {"dtype", "min", "max"} of the float values written."""
     path = Path(path)
@@ -607,7 +607,7 @@ def _need(text: str) -> tuple[str, int]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.data",
+    ap = argparse.ArgumentParser(prog="python -m training.dataset",
                                  description="Materialise a dataset spec as an uncompressed .npz (x [N,C,H,W], "
                                              "labels) that open_dataset memory-maps.")
     ap.add_argument("spec", help=f"dataset spec: {_FORMS}")

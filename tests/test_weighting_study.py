@@ -1,4 +1,4 @@
-"""analysis/schedule_study.py: per-arm seed spreads and paired differences on synthetic tables with known answers."""
+"""analysis/weighting_study.py: per-arm seed spreads and paired differences on synthetic tables with known answers."""
 
 import json
 import math
@@ -34,7 +34,7 @@ def make_study(tmp_path, arms):
 
 
 def test_paired_difference_and_t_interval(tmp_path):
-    from analysis.schedule_study import compare_arms, comparison_markdown, model_rows
+    from analysis.weighting_study import compare_arms, comparison_markdown, model_rows
 
     arms = {"base": ("baseline", False, 0.05), "ol": ("optimal-loss", False, 0.03),
             "ol_floor": ("optimal-loss", False, 0.06),
@@ -69,7 +69,7 @@ def test_paired_difference_and_t_interval(tmp_path):
 
 
 def test_t_interval_edge_cases():
-    from analysis.schedule_study import t_interval
+    from analysis.weighting_study import t_interval
 
     m, sd, lo, hi = t_interval([1.0])
     assert m == 1.0 and all(math.isnan(v) for v in (sd, lo, hi))
@@ -78,7 +78,7 @@ def test_t_interval_edge_cases():
 
 
 def test_bad_tables_are_named(tmp_path):
-    from analysis.schedule_study import compare_arms, model_rows
+    from analysis.weighting_study import compare_arms, model_rows
 
     evals, scores, meta = make_study(tmp_path, {"base": ("baseline", False, 0.05)})
     with pytest.raises(ValueError, match="no sample-quality JSON"):
@@ -93,6 +93,6 @@ def test_bad_tables_are_named(tmp_path):
 
 
 def test_arm_of():
-    from analysis.schedule_study import arm_of
+    from analysis.weighting_study import arm_of
 
     assert arm_of("edm_ol_s12") == "edm_ol" and arm_of("edm_ol") == "edm_ol" and arm_of("s1_base_s0") == "s1_base"

@@ -19,10 +19,10 @@ for a file whose contents fail a reader's own checks (rows, columns, σ grid, no
 tensors, plain containers and numbers only; a file whose pickle names anything else (a payload that would run
 code) is refused with UnsafeFileError, never executed.
 
-    python -m models.integrity stamp FILE... [--rebuild CMD]    write FILE.sha256 for each FILE
-    python -m models.integrity verify FILE...                   exit 2 with the error on a bad file
-    python -m models.integrity publish SRC DST [--rebuild CMD]  verify SRC, copy it to DST (read-only) + sidecar
-    python -m models.integrity check-run RUNDIR                 exit 3 if a run folder's snapshot or state is bad,
+    python -m study.integrity stamp FILE... [--rebuild CMD]    write FILE.sha256 for each FILE
+    python -m study.integrity verify FILE...                   exit 2 with the error on a bad file
+    python -m study.integrity publish SRC DST [--rebuild CMD]  verify SRC, copy it to DST (read-only) + sidecar
+    python -m study.integrity check-run RUNDIR                 exit 3 if a run folder's snapshot or state is bad,
                                                                 exit 2 if its state.pt is refused (UnsafeFileError)
 """
 
@@ -40,14 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from models.atomic import atomic_path
+from study.atomic import atomic_path
 
 try:
     from numpy._core.multiarray import _reconstruct
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
-# torch (and models.run_folder, which imports it) are imported only where a torch file is read: every rule calls
+# torch (and training.run_folder, which imports it) are imported only where a torch file is read: every rule calls
 # this CLI on its outputs, and most of those calls never read one.
 
 SUFFIX = ".sha256"
@@ -367,18 +367,18 @@ def bad_snapshots(rundir) -> list[str]:
 
 def bad_run_files(rundir) -> list[str]:
     """The errors of a run folder that training cannot continue from: its snapshots (bad_snapshots) and its
-    state.pt with the DeepSpeed checkpoint it records (models.run_folder.state_problems). A state.pt that holds
+    state.pt with the DeepSpeed checkpoint it records (training.run_folder.state_problems). A state.pt that holds
     more than tensors and plain data raises UnsafeFileError instead: it is refused, not trained over."""
     errors = bad_snapshots(rundir)
     if (Path(rundir) / "state.pt").exists():
-        from models.run_folder import state_problems  # deferred (torch): see the imports
+        from training.run_folder import state_problems  # deferred (torch): see the imports
 
         errors += state_problems(Path(rundir))
     return errors
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m models.integrity", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m study.integrity", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("stamp", help="write FILE.sha256 for each FILE")
     p.add_argument("files", nargs="+")
@@ -413,7 +413,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # run as models.integrity, not __main__: models.run_folder raises models.integrity's exception classes
-    from models.integrity import main as module_main
+    # run as study.integrity, not __main__: training.run_folder raises study.integrity's exception classes
+    from study.integrity import main as module_main
 
     sys.exit(module_main())

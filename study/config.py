@@ -8,7 +8,7 @@ jsonschema's own validator (extended to insert each missing property's `default`
 error into one line that names the key path, e.g. ``training.batch_szie: unknown key`` — all of them at once. A
 YAML syntax error names the file, line and column.
 
-    python -m models.config STUDY.yaml      check a study config (YAML, schema, the DAG-time checks); exit 2
+    python -m study.config STUDY.yaml      check a study config (YAML, schema, the DAG-time checks); exit 2
 """
 
 from __future__ import annotations
@@ -354,9 +354,9 @@ def main(argv=None) -> int:
     """Check a study config as `snakemake -n` does before any job runs (YAML syntax, schema, DAG-time checks):
     every problem on its own line, exit 2. Snakemake reads --configfile itself and reports a YAML syntax error
     without its file or line; this names both."""
-    from models.checks import check_study, known_arch_names  # models.checks builds on this module: not at the top
+    from study.checks import check_study, known_arch_names  # study.checks builds on this module: not at the top
 
-    ap = argparse.ArgumentParser(prog="python -m models.config", description=main.__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m study.config", description=main.__doc__.split("\n")[0])
     ap.add_argument("config", help="study config YAML (workflow/config/*.yaml)")
     args = ap.parse_args(argv)
     try:

@@ -24,10 +24,10 @@ What one step does (global batch B split evenly over the processes, b = B / proc
 
 EMA choice (training.ema): by default EDM's (2022) classic exponential EMA with a half-life in images and its
 ramp-up (half-life ≤ ema_rampup_ratio·images seen): one buffer.  `kind: power` keeps EDM2's power-function EMA
-profiles instead (models/power_ema.py: one buffer per σ_rel, stored with every snapshot and, every
+profiles instead (training/power_ema.py: one buffer per σ_rel, stored with every snapshot and, every
 profile_every_images, in profile files), from which any other EMA length is reconstructed after training.
 
-models/train.py builds a `Run` (net, optimiser, data, schedule, resumed state) and calls `run_steps`.
+training/train.py builds a `Run` (net, optimiser, data, schedule, resumed state) and calls `run_steps`.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ import numpy as np
 import torch
 from accelerate.utils import gather_object
 
-from models import integrity, run_folder
 from models.dropout import dropout_stream
-from models.power_ema import profile_path
 from models.weight_norm import normalize_forced_weights_
+from study import integrity
+from training import run_folder
+from training.power_ema import profile_path
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -128,7 +129,7 @@ def per_example_losses(denoiser, schedule, x0, sigma, noise, labels):
 
 @dataclass
 class Run:
-    """Everything the step loop reads and updates, built by models.train.train."""
+    """Everything the step loop reads and updates, built by training.train.train."""
     accelerator: Any
     model_p: Any                 # the prepared (DDP / DeepSpeed) net
     optimizer: torch.optim.Optimizer
@@ -138,8 +139,8 @@ class Run:
     denoiser: Any                # Denoiser(model_p, variant)
     variant: Any                 # models.diffusion.Variant
     schedule: Any                # draws σ and weights the loss (the variant, or the optimal-loss schedule)
-    tracker: Any                 # models.sigma_bins.SigmaBinTracker
-    data: Any                    # models.data.DatasetArrays
+    tracker: Any                 # training.sigma_bins.SigmaBinTracker
+    data: Any                    # training.dataset.DatasetArrays
     labels: torch.Tensor | None  # all labels (conditional runs) or None
     forced_weights: list         # the MPConv weights the forced weight normalisation keeps at unit norm
     noise_gen: torch.Generator
@@ -161,7 +162,7 @@ class Run:
     loss_sum: float = 0.0        # the open log interval's running loss
     loss_n: int = 0
     saves: Any = None            # BackgroundSaves while run_steps runs
-    power_ema: Any = None        # models.power_ema.PowerEMA under training.ema.kind = power (then `ema` is its first)
+    power_ema: Any = None        # training.power_ema.PowerEMA under training.ema.kind = power (then `ema` is its first)
     profile_marks: list = field(default_factory=list)  # images seen at which a profile-only file is written
 
 

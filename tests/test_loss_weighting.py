@@ -1,4 +1,4 @@
-"""models/schedule.py: the optimal-loss weight and noise distribution against hand-computed values."""
+"""models/loss_weighting.py: the optimal-loss weight and noise distribution against hand-computed values."""
 
 import math
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from models.schedule import JStarCurve, OptimalLossSchedule, bin_probabilities, find_sigma_star, schedule_weight
-from models.sigma_bins import SigmaBinTracker
+from models.loss_weighting import JStarCurve, OptimalLossSchedule, bin_probabilities, find_sigma_star, schedule_weight
+from training.sigma_bins import SigmaBinTracker
 
 
 class LogNormalVariant:

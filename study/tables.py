@@ -1,7 +1,7 @@
 """The study's tables and arrays read back with their checks: any CSV table against its checksum sidecar and
 columns (`read_checked_csv`), any .npz of arrays against its sidecar and keys (`read_checked_npz`), the J* table that the evaluation, the optimal-loss schedule and the diagnosis read
 (`read_jstar`), and the losses table the fits read (`read_losses`). A bad table is one IntegrityError naming the
-file and the command that rebuilds it (models.integrity).
+file and the command that rebuilds it (study.integrity).
 No torch: the statistics and the diagnosis read these tables too."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from models import integrity
+from study import integrity
 
 JSTAR_COLUMNS = ("sigma", "optimal_loss", "stderr")
 STATS = ("loss", "optimal_loss", "excess", "gap")  # the per-σ statistics of an evaluation CSV

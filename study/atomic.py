@@ -16,7 +16,7 @@ from pathlib import Path
 @contextlib.contextmanager
 def atomic_path(path, *, mode: int = 0o644, finish=os.replace):
     """Yield a temp path beside `path`; rename it onto `path` when the block succeeds, delete it when it fails.
-    `finish(tmp, path)` does the rename (models.integrity.replace_stamped also writes the checksum first)."""
+    `finish(tmp, path)` does the rename (study.integrity.replace_stamped also writes the checksum first)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)

@@ -1,11 +1,11 @@
-"""Training entry point: the CLI and `train()`, which sets up a run and hands it to the step loop (models/loop.py).
+"""Training entry point: the CLI and `train()`, which sets up a run and hands it to the step loop (training/loop.py).
 
-    python -m models.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR
+    python -m training.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR
 
 One Accelerate loop for every launch mode (plain CPU, multi-GPU DDP, DeepSpeed ZeRO-2; see workflow/accelerate/),
 EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` reads
 the data, checks the run folder, builds the net, optimiser and schedule, resumes, and hands over to
-models/loop.py (what one step does); models/run_folder.py holds the run folder's files and fingerprint.
+training/loop.py (what one step does); training/run_folder.py holds the run folder's files and fingerprint.
 
 Run folder (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights,
 arch, variant, images_seen, flops counted with torch.utils.flop_counter), log.jsonl, done.json (written last).
@@ -28,18 +28,20 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from tqdm.auto import tqdm
 
-from models import family, integrity, lifeline, run_folder
-from models.checks import deepspeed_precision_problems, torch_autocast_section
-from models.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
-from models.data import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
+from models import family
 from models.denoiser import Denoiser
 from models.diffusion import get_variant
-from models.loop import Run, learning_rate, run_steps
-from models.power_ema import PowerEMA, ema_settings, profile_marks
-from models.run_folder import RunFolderMismatchError, config_fingerprint
-from models.schedule import OptimalLossSchedule
-from models.sigma_bins import SigmaBinTracker
+from models.loss_weighting import OptimalLossSchedule
 from models.weight_norm import forced_weights, normalize_forced_weights_
+from study import integrity
+from study.checks import deepspeed_precision_problems, torch_autocast_section
+from study.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
+from training import lifeline, run_folder
+from training.dataset import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
+from training.loop import Run, learning_rate, run_steps
+from training.power_ema import PowerEMA, ema_settings, profile_marks
+from training.run_folder import RunFolderMismatchError, config_fingerprint
+from training.sigma_bins import SigmaBinTracker
 
 # ZeRO-2 communication tuning, applied unless a DeepSpeed config (e.g. a --deepspeed_config_file) sets the key.
 # Accelerate's inline `deepspeed_config` (workflow/accelerate/deepspeed-zero2.yaml) cannot express these.
@@ -52,9 +54,9 @@ DS_ZERO_TUNING = {"allgather_partitions": True, "allgather_bucket_size": 200_000
 # ----------------------------------------------------------------------------------------------------------------
 
 def open_training_data(data) -> DatasetArrays:
-    """`data` as models.data.DatasetArrays (the project's one reader: the images in their stored dtype,
+    """`data` as training.dataset.DatasetArrays (the project's one reader: the images in their stored dtype,
     memory-mapped where the file allows; `rows(idx, device)` converts only a step's batch rows, on the device):
-    a models.data.Dataset (its tensor, not a copy) or any models.data spec (models.data.open_dataset)."""
+    a training.dataset.Dataset (its tensor, not a copy) or any training.dataset spec (training.dataset.open_dataset)."""
     if isinstance(data, Dataset):
         return DatasetArrays.from_dataset(data)
     return open_dataset(data)
@@ -77,7 +79,7 @@ def promote_scalar_params(net: torch.nn.Module) -> None:
 def make_accelerator(trackers=(), out=None):
     """The Accelerator of a training process.  mixed_precision "no" whatever the launch config says: the engine
     (DDP or DeepSpeed) keeps fp32 weights, fp32 gradients and their accumulation, and training.mixed_precision
-    only turns on autocast around the forward (models/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
+    only turns on autocast around the forward (training/loop.py), as EDM2 does.  DeepSpeed without GPUs: Accelerate
     finds no device backend and would count one process whatever the launcher started; naming gloo makes it set
     up DeepSpeed's process group over all of them.  `trackers` (training.trackers) log under the run folder `out`."""
     handlers = []
@@ -89,7 +91,7 @@ def make_accelerator(trackers=(), out=None):
 
 
 def check_fp32_engine(ds_cfg: dict, mixed_precision: str = "no") -> None:
-    """DeepSpeed must train as the DDP path does (models.checks.deepspeed_precision_problems, also checked when
+    """DeepSpeed must train as the DDP path does (study.checks.deepspeed_precision_problems, also checked when
     the DAG is built): an fp32 engine (its bf16/fp16 modes make the module weights, the averaged weights and the
     gradient accumulation half precision), the forward in the autocast training.mixed_precision names, gradients
     reduced in fp32.  ZeRO stage 3 partitions the parameters themselves, which the forced weight normalisation
@@ -113,7 +115,7 @@ def trainer_backends() -> None:
 
 
 def make_schedule(variant, schedule_cfg: dict, jstar):
-    """The object that draws σ and weights the loss: the variant (baseline) or models.schedule's
+    """The object that draws σ and weights the loss: the variant (baseline) or models.loss_weighting's
     OptimalLossSchedule."""
     name = schedule_cfg.get("name", "baseline")
     if name == "baseline":
@@ -208,7 +210,7 @@ def check_world(accelerator) -> None:
     if launched != world:
         raise RuntimeError(f"the launcher started {launched} processes but Accelerate sees {world} "
                            f"({accelerator.distributed_type}, {accelerator.device}); on CPU launch DDP with "
-                           "ACCELERATE_USE_CPU=1 and DeepSpeed without it (models.train.make_accelerator)")
+                           "ACCELERATE_USE_CPU=1 and DeepSpeed without it (training.train.make_accelerator)")
 
 
 def configure_deepspeed(ds_cfg: dict, training: dict, batch_gpu: int, rounds: int, image_dims: int) -> None:
@@ -260,7 +262,7 @@ def unwrapped_fp32(accelerator, model_p):
 
 def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     """The net, its EMA, the schedule and σ tracker, the optimiser and the noise stream, resumed from out/state.pt
-    when it holds this run, prepared by Accelerate: everything models.loop.run_steps needs."""
+    when it holds this run, prepared by Accelerate: everything training.loop.run_steps needs."""
     training, variant = spec.training, spec.variant
     world, device = accelerator.num_processes, accelerator.device
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
@@ -283,7 +285,7 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
         schedule.set_model_loss(tracker)
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate(int(training["batch_size"]), training),
                                  betas=(0.9, 0.99), eps=1e-8)
-    # σ and ε: one stream for the global batch, the same on every rank (models/loop.py takes each rank's slice)
+    # σ and ε: one stream for the global batch, the same on every rank (training/loop.py takes each rank's slice)
     noise_gen = torch.Generator(device=device).manual_seed(int(training["seed"]) * 1000 + 7919)
 
     loaded = run_folder.read_state(out, spec.fingerprint, world)
@@ -326,7 +328,7 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
 
 def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
           progress: bool = True, accelerator=None) -> dict:
-    """train_unlocked while holding the run folder's lock (models.lifeline: the global main process holds it; a
+    """train_unlocked while holding the run folder's lock (training.lifeline: the global main process holds it; a
     second trainer of the same folder stops with RunFolderBusyError naming the folder and the holder)."""
     main_process = int(os.environ.get("RANK", "0")) == 0
     with lifeline.run_folder_lock(out) if main_process else contextlib.nullcontext():
@@ -337,7 +339,7 @@ def train(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: in
 def train_unlocked(cfg: dict, model: str, data, out, *, jstar=None, stop_after_images: int | None = None,
                    progress: bool = True, accelerator=None) -> dict:
     """Train model NAME of study config `cfg` (a dict from load_config, or a path) on `data` (a .npz path, a
-    models.data spec, or a models.data.Dataset) into run folder `out`; resumes from out/state.pt if present.
+    training.dataset spec, or a training.dataset.Dataset) into run folder `out`; resumes from out/state.pt if present.
 
     Returns a summary dict {status: "done" | "stopped" | "already-done", images_seen, flops, snapshots, ...}.
     `stop_after_images` (debug) stops after that many images seen, with the state saved — as if killed."""
@@ -386,10 +388,10 @@ def train_unlocked(cfg: dict, model: str, data, out, *, jstar=None, stop_after_i
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="study config YAML (workflow/config/*.yaml)")
     p.add_argument("--model", required=True, help="NAME in the config's models table")
-    p.add_argument("--data", required=True, help="dataset: .npz from models.data (or any models.data spec)")
+    p.add_argument("--data", required=True, help="dataset: .npz from training.dataset (or any training.dataset spec)")
     p.add_argument("--out", required=True, help="run folder (resumes from OUT/state.pt if present)")
     p.add_argument("--jstar", default=None, help="optimal_loss/jstar.csv (needed by schedule optimal-loss)")
     p.add_argument("--stop-after-images", type=int, default=None,
