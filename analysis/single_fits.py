@@ -1,12 +1,13 @@
-"""Single fits, the functions other code and users call: one data set in, one fit (with bootstrap intervals) out.
+"""Single fits, the functions other code and users call: one data set in, one fit (with bootstrap intervals where
+asked for) out.
 
-- ``fit_power_law``, ``predict_power_law``, ``holdout_error``   y = offset + prefactor·x^exponent (analysis.power_laws)
-- ``fit_chinchilla``        L = E + A/N^α + B/D^β by Huber(δ = 1e-3) on log residuals from Epoch AI's grid of
-                            starts (Hoffmann et al.'s approach 3 as Epoch AI replicated it; docs/science.md)
-- ``fit_compute_optimal``   the same law by least squares from the study's grid, E fixed or free
+- ``fit_power_law``, ``predict_power_law``, ``holdout_error``: y = offset + prefactor·x^exponent (analysis.power_laws)
+- ``fit_chinchilla``: L = E + A/N^α + B/D^β by Huber(δ = 1e-3) on log residuals from Epoch AI's grid of starts
+  (Hoffmann et al.'s approach 3 as Epoch AI replicated it; docs/science.md)
+- ``fit_compute_optimal``: the same law by least squares from the study's grid of starts, E fixed or free
 
-Each checks its input and says what is wrong in one line; analysis.scaling re-exports fit_power_law and
-fit_chinchilla.
+fit_power_law, holdout_error and fit_chinchilla check their input and say what is wrong in one line.
+analysis.scaling re-exports fit_power_law and fit_chinchilla.
 """
 
 from __future__ import annotations
