@@ -3,8 +3,8 @@ seen), least squares in log space, with the floor E fixed to the total J* or fre
 
 At fixed compute C ∝ N·D the optimal allocation is N_opt ∝ C^(b/(a+b)), D_opt ∝ C^(a/(a+b)). The law is fitted on
 every row of the study (analysis.resample): the point estimate from a grid of starts, every other row refitted from
-it at once (analysis.fits.joint_refit), so the intervals (analysis.intervals) hold the evaluation noise and, in the
-total, what leaving each model out moves.
+it at once (analysis.joint_fits.joint_refit), so the intervals (analysis.intervals) hold the evaluation noise and,
+in the total, what leaving each model out moves.
 """
 
 from __future__ import annotations
@@ -14,14 +14,15 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis import fits
 from analysis.intervals import set_fields
+from analysis.joint_fits import joint_rows
+from analysis.joint_law import JOINT_MAX_EXPONENT, joint_log_model, joint_params, joint_scale
 
 FLOORS = ("jstar", "free")
 PARAMETERS = ("E", "A", "B", "a", "b", "n_opt_exponent", "d_opt_exponent")
 # the range each parameter lives in (intervals are clipped to it)
-BOUNDS = {"E": (0.0, math.inf), "A": (0.0, math.inf), "B": (0.0, math.inf), "a": (0.0, fits.JOINT_MAX_EXPONENT),
-          "b": (0.0, fits.JOINT_MAX_EXPONENT), "n_opt_exponent": (0.0, 1.0), "d_opt_exponent": (0.0, 1.0)}
+BOUNDS = {"E": (0.0, math.inf), "A": (0.0, math.inf), "B": (0.0, math.inf), "a": (0.0, JOINT_MAX_EXPONENT),
+          "b": (0.0, JOINT_MAX_EXPONENT), "n_opt_exponent": (0.0, 1.0), "d_opt_exponent": (0.0, 1.0)}
 
 
 class JointRows:
@@ -32,7 +33,7 @@ class JointRows:
         snaps = reps.snapshots
         self.params = snaps["params"].to_numpy(np.float64)
         self.images = snaps["images_seen"].to_numpy(np.float64)
-        self.scale = fits.joint_scale(self.params, self.images)
+        self.scale = joint_scale(self.params, self.images)
         self.n, self.d = np.log(self.params / self.scale[0]), np.log(self.images / self.scale[1])
         total = reps.loss[:, :, 0]
         self.weights = reps.available.astype(np.float64) if weights is None else weights
@@ -41,15 +42,15 @@ class JointRows:
         self.floor = floor
         self.log_floor = {"jstar": np.log(js), "zero": np.full(len(js), -math.inf), "free": None}[floor]
         # the estimate row from a grid of starts, every other row refitted from it (as for any table)
-        self.theta, f = fits.joint_rows(self.n, self.d, self.logl, self.weights, self.log_floor,
-                                        floor_start=np.log(js))
+        self.theta, f = joint_rows(self.n, self.d, self.logl, self.weights, self.log_floor,
+                                   floor_start=np.log(js))
         self.rmse_log = math.sqrt(f / float(self.weights[0].sum()))
-        self.values = fits.joint_params(self.theta, self.scale, self.log_floor)
+        self.values = joint_params(self.theta, self.scale, self.log_floor)
 
     def predict(self, params, images) -> np.ndarray:
         """L̂ [rows, P] of every row's law at points (params, images) [P] or [rows, P]."""
         n, d = np.log(np.asarray(params) / self.scale[0]), np.log(np.asarray(images) / self.scale[1])
-        return np.exp(fits.joint_log_model(self.theta, n, d, self.log_floor))
+        return np.exp(joint_log_model(self.theta, n, d, self.log_floor))
 
 
 def identified(reps) -> bool:
@@ -85,9 +86,9 @@ def compute_optimal_table(study) -> pd.DataFrame:
         row["n_opt_exponent_loo_max"] = float(np.nanmax(loo)) if np.isfinite(loo).any() else math.nan
         if floor == "free" and row["E"] == 0:
             notes.append("free floor at 0: these snapshots do not identify a floor")
-        at_bound = [k for k in ("a", "b") if not 1e-6 < row[k] < fits.JOINT_MAX_EXPONENT - 1e-6]
+        at_bound = [k for k in ("a", "b") if not 1e-6 < row[k] < JOINT_MAX_EXPONENT - 1e-6]
         if at_bound:
-            notes.append(f"{' and '.join(at_bound)} at the bound [0, {fits.JOINT_MAX_EXPONENT:g}]: not identified "
+            notes.append(f"{' and '.join(at_bound)} at the bound [0, {JOINT_MAX_EXPONENT:g}]: not identified "
                          "by these snapshots")
         row["note"] = "; ".join(notes)
         rows.append(row)

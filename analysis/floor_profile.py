@@ -28,9 +28,11 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis import fits
 from analysis.forecast import MIN_TRAIN_SIZES, _estimate_rows, jackknife_off, mean_over_splits, split_masks, splits
 from analysis.intervals import intervals, set_fields
+from analysis.joint_fits import FLOOR_AT_ZERO, joint_fit, joint_refit, joint_starts
+from analysis.joint_law import joint_log_model, joint_scale
+from analysis.power_laws import power_law_fixed, power_law_predict
 from analysis.study_stats import IDENTICAL_JSTAR
 
 JOINT_REPLICATES = 200       # the joint law's rows: the estimate, this many evaluation (and seed) replicates, the
@@ -69,7 +71,7 @@ class FloorBacktest:
         self.u = np.log(snaps["flops"].to_numpy(np.float64))
         self.params = snaps["params"].to_numpy(np.float64)
         self.images = snaps["images_seen"].to_numpy(np.float64)
-        self.scale = fits.joint_scale(self.params, self.images)
+        self.scale = joint_scale(self.params, self.images)
         self.n, self.d = np.log(self.params / self.scale[0]), np.log(self.images / self.scale[1])
         self.splits = splits(snaps)
         self.masks = [split_masks(reps, train, test) for _, train, test in self.splits]
@@ -98,8 +100,8 @@ class FloorBacktest:
 
     def _power_law(self, y, c, front):
         u = np.broadcast_to(self.u, y.shape)
-        k, p, _, _ = fits.power_law_fixed(u, y, c, front.astype(np.float64))
-        return fits.power_law_predict(u, c, k, p)
+        k, p, _, _ = power_law_fixed(u, y, c, front.astype(np.float64))
+        return power_law_predict(u, c, k, p)
 
     def _joint(self, y, c, in_train):
         """L̂ [rows, S] of L = c + A/N^a + B/D^b fitted on each row's training snapshots: each study's estimate row
@@ -112,14 +114,14 @@ class FloorBacktest:
         for start in np.unique(self.block_estimate):
             rows = np.flatnonzero(self.block_estimate == start)
             used = in_train[start]
-            theta0, _ = fits.joint_fit(self.n, self.d, logl[start], log_floor=log_floor[start], weights=w[start],
-                                       starts=fits.joint_starts(logl[start][used], False), max_starts=16, polish=1)
+            theta0, _ = joint_fit(self.n, self.d, logl[start], log_floor=log_floor[start], weights=w[start],
+                                  starts=joint_starts(logl[start][used], False), max_starts=16, polish=1)
             theta[start] = theta0
             rest = rows[1:]
             if rest.size:
-                theta[rest] = fits.joint_refit(theta0, self.n, self.d, logl[rest], log_floor=log_floor[rest],
-                                               weights=w[rest])
-        return np.exp(fits.joint_log_model(theta, self.n, self.d, log_floor))
+                theta[rest] = joint_refit(theta0, self.n, self.d, logl[rest], log_floor=log_floor[rest],
+                                          weights=w[rest])
+        return np.exp(joint_log_model(theta, self.n, self.d, log_floor))
 
 
 def fewer_replicates(reps, n: int = JOINT_REPLICATES):
@@ -248,18 +250,18 @@ def joint_free_floor_rows(reps, level: int) -> tuple[np.ndarray, float]:
     root-mean-square log residual of the estimate."""
     snaps = reps.snapshots
     params, images = snaps["params"].to_numpy(np.float64), snaps["images_seen"].to_numpy(np.float64)
-    scale = fits.joint_scale(params, images)
+    scale = joint_scale(params, images)
     n, d = np.log(params / scale[0]), np.log(images / scale[1])
     y = reps.loss[:, :, level]
     w = (reps.available & (y > 0)).astype(np.float64)
     logl = np.log(np.where(w > 0, y, np.nan))
-    theta, f = fits.joint_fit(n, d, logl[0], weights=w[0])
+    theta, f = joint_fit(n, d, logl[0], weights=w[0])
     th = np.empty((len(y), 5))
     th[0] = theta
     if len(y) > 1:
         js = np.nanmean(reps.jstar[1:, :, level], axis=1)
-        th[1:] = fits.joint_refit(theta, n, d, logl[1:], weights=w[1:],
-                                  floor_start=np.log(np.maximum(js, 1e-3 * np.nanmin(y[1:], axis=1))))
+        th[1:] = joint_refit(theta, n, d, logl[1:], weights=w[1:],
+                             floor_start=np.log(np.maximum(js, 1e-3 * np.nanmin(y[1:], axis=1))))
     return np.exp(th[:, 4]), math.sqrt(f / max(w[0].sum(), 1))
 
 
@@ -287,7 +289,7 @@ def joint_floor_table(reps) -> pd.DataFrame:
         # feasible: 0 … the smallest loss of the fit (or the estimate, where least squares put it a little above)
         set_fields(row, "E", e, reps.kind, notes, allow=allow, bounds=(0.0, max(ymin, float(e[0]))),
                    mark_clipped=True)
-        row["E_at_bound"] = bool(row["E"] <= fits.FLOOR_AT_ZERO * ymin)
+        row["E_at_bound"] = bool(row["E"] <= FLOOR_AT_ZERO * ymin)
         if row["E_at_bound"]:
             notes.append("E at its bound 0: the data drive the floor to zero")
         if n_lengths < 2:

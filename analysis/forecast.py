@@ -37,10 +37,12 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from analysis import fits
 from analysis.compute_optimal import identified
 from analysis.frontier import frontier_mask
 from analysis.intervals import set_fields
+from analysis.joint_fits import joint_rows, joint_starts
+from analysis.joint_law import joint_log_model
+from analysis.power_laws import power_law_fixed, power_law_free, power_law_predict
 from analysis.study_stats import frontier_candidates
 
 LAWS = ("pure_L", "L_minus_jstar", "free_offset", "joint_floor_jstar", "joint_floor_free", "joint_floor_0")
@@ -160,11 +162,11 @@ class Backtest:
         u = np.broadcast_to(np.log(self.flops), front.shape)
         w = front.astype(np.float64)
         if law == "free_offset":
-            k, p, c, _ = fits.power_law_free(u, self.total, w)
+            k, p, c, _ = power_law_free(u, self.total, w)
         else:
             c = self.js if law == "L_minus_jstar" else np.zeros(len(self.js))
-            k, p, _, _ = fits.power_law_fixed(u, self.total, c, w)
-        return fits.power_law_predict(u, c, k, p)
+            k, p, _, _ = power_law_fixed(u, self.total, c, w)
+        return power_law_predict(u, c, k, p)
 
     def _joint(self, law, in_train):
         """L̂ [rows, S] of a joint law fitted on each row's training snapshots (the estimate row from the study-wide
@@ -174,13 +176,13 @@ class Backtest:
         w = in_train.astype(np.float64)
         logl = np.log(np.where(in_train, self.total, np.nan))
         log_floor = {"jstar": np.log(self.js), "zero": np.full(len(self.js), -math.inf), "free": None}[floor]
-        starts = fits.joint_starts(logl[0][in_train[0]], log_floor is None)
+        starts = joint_starts(logl[0][in_train[0]], log_floor is None)
         own = whole.theta[0] if np.isfinite(whole.theta[0]).all() else None
         if own is not None:
             starts = np.vstack([own[None, :], starts])
-        theta, _ = fits.joint_rows(whole.n, whole.d, logl, w, log_floor, starts=starts,
-                                   floor_start=np.log(self.js), max_starts=_SPLIT_STARTS, polish=1)
-        return np.exp(fits.joint_log_model(theta, whole.n, whole.d, log_floor))
+        theta, _ = joint_rows(whole.n, whole.d, logl, w, log_floor, starts=starts,
+                              floor_start=np.log(self.js), max_starts=_SPLIT_STARTS, polish=1)
+        return np.exp(joint_log_model(theta, whole.n, whole.d, log_floor))
 
     def mean_error(self, law, points) -> np.ndarray:
         """[rows] the law's error averaged over the splits (``mean_over_splits``)."""
@@ -353,11 +355,11 @@ def information_table(study, row: int = 0) -> pd.DataFrame:
     for law in ONE_D:
         w = front[None, :].astype(np.float64)
         if law == "free_offset":
-            k, p, c, _ = fits.power_law_free(u[None], total[None], w)
+            k, p, c, _ = power_law_free(u[None], total[None], w)
         else:
             c = np.array([js if law == "L_minus_jstar" else 0.0])
-            k, p, _, _ = fits.power_law_fixed(u[None], total[None], c, w)
-        pred = fits.power_law_predict(u[None], c, k, p)[0]
+            k, p, _, _ = power_law_fixed(u[None], total[None], c, w)
+        pred = power_law_predict(u[None], c, k, p)[0]
         ymin = float(np.min(total[front]))
         at_bound = law == "free_offset" and not 0 < float(c[0]) < ymin * (1 - 1e-6)
         rows.append(_ic_row(law, "compute frontier", np.log(total[front]) - np.log(pred[front]), model[front],

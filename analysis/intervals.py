@@ -75,7 +75,7 @@ def basic_interval(estimate, draws, *, transform=None, bounds=None) -> tuple[flo
 
 def percentile_interval(draws, *, bounds=None) -> tuple[float, float]:
     """The plain percentile 95% interval (2.5 and 97.5 percentiles) of bootstrap draws: the single fits' resamples
-    of their points (analysis.fits), where the statistic's own noise is the resampled one."""
+    of their points (analysis.single_fits), where the statistic's own noise is the resampled one."""
     lo, _, hi, bad = _percentiles(np.atleast_2d(draws))
     if bad[0] > MAX_INVALID_FRACTION:
         return math.nan, math.nan

@@ -1,8 +1,11 @@
 """A study's statistics step and its CLI: every table of the analysis folder from losses.csv and per_triple.npz; and
-the single-fit interface (the fitters themselves are analysis.fits').
+the single-fit interface (defined in analysis.single_fits; the fitters themselves are below).
 
 Modules of the statistics, each the one owner of its piece:
-    analysis.fits            the fitters (fixed- and free-offset power laws, the joint law L(N, D))
+    analysis.power_laws      the power-law fitters (fixed and free offset), every row at once
+    analysis.joint_law       the joint law L(N, D) and its solvers, every row at once
+    analysis.joint_fits      the joint law's starts and its refits of many rows from one optimum
+    analysis.single_fits     one data set, one fit: fit_power_law, fit_chinchilla, fit_compute_optimal
     analysis.frontier        which snapshots a fit uses (the compute frontier, final snapshots)
     analysis.resample        the study's rows: evaluation triples, seed runs, models left out
     analysis.intervals       rows → intervals (evaluation noise only, and the total)
@@ -12,8 +15,8 @@ Modules of the statistics, each the one owner of its piece:
     analysis.report          exponents.md
 
 Public interface:
-- ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent (defined in analysis.fits)
-- ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β (defined in analysis.fits)
+- ``fit_power_law(x, y, *, offset=0.0 | "free")`` → y = offset + prefactor·x^exponent (defined in analysis.single_fits)
+- ``fit_chinchilla(params, tokens, loss, *, drop_highest=0)`` → L = E + A/N^α + B/D^β (defined in analysis.single_fits)
 - ``fit_table`` (point estimates from losses.csv alone) and ``study_outputs`` (the whole analysis folder) for the
   study DAG.
 
@@ -37,8 +40,8 @@ import pandas as pd
 
 from analysis import floor_profile, forecast, report, study_stats
 from analysis.compute_optimal import compute_optimal_table
-from analysis.fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.resample import check_same_numbers, load_per_triple, replicates, replicates_from_losses
+from analysis.single_fits import fit_chinchilla, fit_power_law  # fit_power_law: this module's documented interface
 from analysis.study_stats import POOLED, model_families, pooled_fits
 from study.atomic import atomic_path
 from study.integrity import IntegrityError

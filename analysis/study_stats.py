@@ -8,7 +8,7 @@ triples, of the seed runs, and the study with one model left out), with everythi
 frontier included — recomputed in each row; analysis.intervals turns the rows into the intervals (the total, which
 is the headline, and the evaluation noise alone).
 
-Fits (analysis.fits). A power law with a fixed offset c (0 for L, J* for L − J*) is a least-squares line in log
+Fits (analysis.power_laws). A power law with a fixed offset c (0 for L, J* for L − J*) is a least-squares line in log
 space, log(y − c) = log A + k·log x; ρ = |Pearson r| of that line (the paper's measure). With a free offset,
 y = c + A·x^k by relative least squares. Axes (analysis.frontier): compute — x = training FLOPs on the study's ONE
 frontier (chosen on the total L), reused for every σ and quantity; params — x = parameters, each model's last
@@ -31,9 +31,9 @@ import numpy as np
 import pandas as pd
 
 from analysis import compute_optimal
-from analysis.fits import power_law_fixed, power_law_free, power_law_predict
 from analysis.frontier import final_mask, frontier_mask, largest_model_mask
 from analysis.intervals import set_fields
+from analysis.power_laws import power_law_fixed, power_law_free, power_law_predict
 from analysis.resample import StudyReplicates
 from models.sizes import FAMILY
 

@@ -1,4 +1,5 @@
-"""Tests for training/dataset.py: every loader against data the test writes itself, and every error path."""
+"""Tests for training/dataset.py (with dataset_arrays.py and dataset_formats.py): every loader against data the
+test writes itself, and every error path."""
 
 import pickle
 import subprocess
@@ -372,7 +373,7 @@ def test_missing_or_truncated_files_raise_one_error_naming_the_path(tmp_path):
 
 
 def test_write_npz_streams_the_compact_form(tmp_path, monkeypatch):
-    import training.dataset as mdata
+    import training.dataset_arrays as mdata
 
     monkeypatch.setattr(mdata, "_CHUNK_ELEMENTS", 100)     # many chunks: the streamed file is still one array
     u = _rand_uint8((23, 3, 5, 5), seed=9)

@@ -1,4 +1,5 @@
-"""Tests for models/diffusion.py: every formula is checked against an independent computation."""
+"""Tests for models/diffusion.py and models/processes.py: every formula is checked against an independent
+computation."""
 
 import math
 
@@ -8,6 +9,7 @@ import torch
 from scipy import stats
 
 from models import diffusion as dm
+from models import processes as pr
 
 PROCESS_NAMES = ["ve", "edm", "vp", "vp-cosine", "fm"]
 # Interior times where every process has 0 < σ_VE < ∞ (VE/EDM use t = σ directly).
@@ -22,7 +24,7 @@ def _deriv(f, t, h=1e-6):
 
 @pytest.mark.parametrize("name", PROCESS_NAMES)
 def test_process_derivatives_match_finite_differences(name):
-    p = dm.get_process(name)
+    p = pr.get_process(name)
     t = torch.tensor(T_GRID[name], dtype=torch.float64)
     torch.testing.assert_close(p.alpha_dot(t), _deriv(p.alpha, t), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(p.sigma_dot(t), _deriv(p.sigma, t), rtol=1e-6, atol=1e-8)
@@ -31,7 +33,7 @@ def test_process_derivatives_match_finite_differences(name):
 
 @pytest.mark.parametrize("name", ["vp", "vp-cosine"])
 def test_vp_processes_preserve_variance(name):
-    p = dm.get_process(name)
+    p = pr.get_process(name)
     t = torch.linspace(1e-4, 0.999, 50, dtype=torch.float64)
     torch.testing.assert_close(p.alpha(t) ** 2 + p.sigma(t) ** 2, torch.ones_like(t))
     assert float(p.alpha(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(1.0)
@@ -41,13 +43,13 @@ def test_vp_linear_matches_discrete_ddpm_betas():
     # Song et al. 2021: DDPM's 1000 linear betas 1e-4..0.02 are β(t)/1000 at t = i/1000, so
     # −ln ᾱ(1) = ∫β dt equals Σ β_i (the discrete ᾱ = Π(1 − β_i) agrees only to first order in β).
     betas = np.linspace(1e-4, 0.02, 1000)
-    alpha1 = float(dm.get_process("vp").alpha(torch.tensor(1.0, dtype=torch.float64)))
+    alpha1 = float(pr.get_process("vp").alpha(torch.tensor(1.0, dtype=torch.float64)))
     assert -math.log(alpha1**2) == pytest.approx(betas.sum(), rel=1e-12)
 
 
 @pytest.mark.parametrize("name", PROCESS_NAMES)
 def test_sigma_ve_round_trip(name):
-    p = dm.get_process(name)
+    p = pr.get_process(name)
     sig = torch.logspace(-3, 2, 41, dtype=torch.float64)
     t = p.t_from_sigma_ve(sig)
     torch.testing.assert_close(p.sigma_ve(t), sig, rtol=1e-9, atol=0)
@@ -59,7 +61,7 @@ def test_sigma_ve_round_trip(name):
 
 def test_fm_time_map_is_closed_form():
     s = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64)
-    torch.testing.assert_close(dm.get_process("fm").t_from_sigma_ve(s), s / (1 + s))
+    torch.testing.assert_close(pr.get_process("fm").t_from_sigma_ve(s), s / (1 + s))
 
 
 # ---- target factors --------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ def _targets_from_x0(proc, t, x_t, x0, eps, sigma_data):
 @pytest.mark.parametrize("target", dm.TARGETS)
 def test_x0_loss_factor_matches_direct_computation(name, target):
     g = torch.Generator().manual_seed(0)
-    proc = dm.get_process(name)
+    proc = pr.get_process(name)
     sigma_data = proc.sigma_data
     for tv in T_GRID[name]:
         t = torch.tensor(tv, dtype=torch.float64)
@@ -110,7 +112,7 @@ def test_unknown_target_and_process_are_named():
     with pytest.raises(ValueError, match="bogus"):
         dm.x0_loss_factor("bogus", "ve", 1.0)
     with pytest.raises(ValueError, match="nope"):
-        dm.get_process("nope")
+        pr.get_process("nope")
 
 
 def test_to_process_curve_maps_ve_curve_to_fm_velocity_loss():

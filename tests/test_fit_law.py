@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from analysis import fit_law as fl
-from analysis.fits import fit_chinchilla
+from analysis import law_intervals as li
+from analysis import table_law as tl
 from analysis.forecast import splits
+from analysis.single_fits import fit_chinchilla
 
 CHINCHILLA_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_approach3_points.csv"
 FIVE = ("E", "A", "B", "alpha", "beta")
@@ -29,7 +32,7 @@ def chinchilla_law(n, d, E=1.8, A=480.0, B=2100.0, alpha=0.35, beta=0.37):
 def test_fit_law_reproduces_fit_chinchilla_exactly():
     df = pd.read_csv(CHINCHILLA_CSV)
     ref = fit_chinchilla(df["params"], df["tokens"], df["loss"], drop_highest=5)
-    f = fl.fit_law(df["params"], df["loss"], df["tokens"], drop_highest=5, n_bootstrap=0, leave_one_out=False)
+    f = tl.fit_law(df["params"], df["loss"], df["tokens"], drop_highest=5, n_bootstrap=0, leave_one_out=False)
     est = f.parameters.set_index("parameter")["estimate"]
     for k in FIVE:
         assert est[k] == ref[k], k                     # the same points, starts and solver: the same floats
@@ -96,7 +99,7 @@ def test_cli_bad_input_is_one_line_naming_it(tmp_path, capsys, argv, message):
 # ---------------------------------------------------------------------------------------------------------------
 def test_resampling_moves_a_runs_rows_together():
     runs = np.array(["a", "a", "b", "c", "c", "c", "d"])
-    rs = fl.resampling(runs, 50, seed=3)
+    rs = li.resampling(runs, 50, seed=3)
     assert list(rs.kind[:2]) == ["estimate", "bootstrap"] and (rs.weights[0] == 1).all()
     boot = rs.weights[rs.kind == "bootstrap"]
     for r in "abcd":
@@ -112,15 +115,15 @@ def test_resampling_moves_a_runs_rows_together():
 def test_final_rows_takes_each_runs_most_tokens():
     runs = np.array(["a", "b", "a", "b", "a", "c"])
     tokens = np.array([3.0, 5.0, 9.0, 1.0, 9.0, 2.0])          # run a's 9 appears twice: the later row counts
-    np.testing.assert_array_equal(fl.final_rows(runs, tokens), [False, True, False, False, True, True])
+    np.testing.assert_array_equal(li.final_rows(runs, tokens), [False, True, False, False, True, True])
 
 
 def test_rows_final_fits_only_the_final_rows():
     rng = np.random.default_rng(0)
     n, d, run, loss = _ladder(rng)
-    a = fl.fit_law(n, loss, d, runs=run, rows="final", huber_delta=None, starts=_TRUTH_START, n_bootstrap=0)
-    last = fl.final_rows(run, d)
-    b = fl.fit_law(n[last], loss[last], d[last], runs=run[last], huber_delta=None, starts=_TRUTH_START,
+    a = tl.fit_law(n, loss, d, runs=run, rows="final", huber_delta=None, starts=_TRUTH_START, n_bootstrap=0)
+    last = li.final_rows(run, d)
+    b = tl.fit_law(n[last], loss[last], d[last], runs=run[last], huber_delta=None, starts=_TRUTH_START,
                    n_bootstrap=0)
     assert a.n_points == b.n_points == a.n_units == 24
     pd.testing.assert_frame_equal(a.parameters, b.parameters)
@@ -155,7 +158,7 @@ def _coverage(by_runs: bool, n_ladders: int) -> dict:
     for i in range(n_ladders):
         n, d, run, loss = _ladder(rng)
         new = chinchilla_law(*HELD_OUT.T) * np.exp(rng.normal(0, RUN_SD, 3) + rng.normal(0, ROW_SD, 3))
-        f = fl.fit_law(n, loss, d, runs=run if by_runs else None, huber_delta=None, starts=_TRUTH_START,
+        f = tl.fit_law(n, loss, d, runs=run if by_runs else None, huber_delta=None, starts=_TRUTH_START,
                        n_bootstrap=100, leave_one_out=False, seed=i, predict=HELD_OUT, actual=new)
         p = f.parameters.set_index("parameter")
         for k in ("E", "alpha", "beta"):
@@ -216,7 +219,7 @@ def test_law_in_n_recovers_an_exact_law_and_predicts_it(floor):
     n = np.logspace(6, 9, 12)
     loss = 0.5 + 3.0 * n ** -0.3
     fl_arg = np.full(n.size, 0.5) if floor == "column" else floor
-    f = fl.fit_law(n, loss, law="n", floor=fl_arg, n_bootstrap=30, predict=[1e10, 1e12])
+    f = tl.fit_law(n, loss, law="n", floor=fl_arg, n_bootstrap=30, predict=[1e10, 1e12])
     p = f.parameters.set_index("parameter")
     tol = 1e-9 if floor != "free" else 2e-3              # a free floor by enumeration of the exponent
     assert p.loc["E", "estimate"] == pytest.approx(0.5, rel=tol)
@@ -244,14 +247,14 @@ def test_rolling_origin_uses_the_studys_splits_and_is_exact_on_an_exact_law(tmp_
     n = np.repeat(np.logspace(7, 9.5, 6), 3)
     d = np.tile([1e9, 1e10, 1e11], 6)
     loss = chinchilla_law(n, d)
-    table = fl.rolling_origin(n, loss, d, floor=1.8, last=None, huber_delta=None, n_bootstrap=10, starts="study")
+    table = tl.rolling_origin(n, loss, d, floor=1.8, last=None, huber_delta=None, n_bootstrap=10, starts="study")
     expect = splits(pd.DataFrame({"model": n, "params": n}))
     assert sorted(table["n_train_sizes"].unique()) == [k for k, _, _ in expect] == [3, 4, 5]
     np.testing.assert_allclose(table["held_out_params"], np.repeat([n[9], n[12], n[15]], 3), rtol=1e-5)
     np.testing.assert_allclose(table["log_error"], 0.0, atol=1e-7)
     assert (table["train_max_params"] < table["held_out_params"]).all()
     with pytest.raises(ValueError, match="at least 4 distinct params"):
-        fl.rolling_origin(n[:9], loss[:9], d[:9], floor=1.8)
+        tl.rolling_origin(n[:9], loss[:9], d[:9], floor=1.8)
 
 
 def test_chinchilla_command_floor_at_bound_prints_zero(tmp_path, capsys):

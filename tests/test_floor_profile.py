@@ -241,30 +241,30 @@ def test_runs_of_one_size_at_several_lengths_are_held_out_together():
 
 def test_the_bounded_batch_reaches_the_trust_region_optimum_of_rows_at_a_bound():
     """Rows whose optimum has an exponent at its bound 0 (the loss does not fall with N): the batched active-set
-    Newton solve (analysis.fits.joint_solve_bounded) reaches what scipy's bounded trust-region solve reaches row by
-    row, and says so (ok); joint_refit's tables are the same with and without it."""
-    from analysis import fits
+    Newton solve (analysis.joint_law.joint_solve_bounded) reaches what scipy's bounded trust-region solve reaches row
+    by row, and says so (ok); joint_refit's tables are the same with and without it."""
+    from analysis import joint_fits, joint_law
     rng = np.random.default_rng(5)
     params = np.repeat(1e5 * 2.0 ** np.arange(5), 4)
     images = np.tile([3000, 6000, 12000, 24000.0], 5)
-    scale = fits.joint_scale(params, images)
+    scale = joint_law.joint_scale(params, images)
     n, d = np.log(params / scale[0]), np.log(images / scale[1])
     law = 0.2 + 0.05 * (params / 1e5) ** 0.05 + 30.0 / images ** 0.5        # rising in N: a → 0
     logl = np.log(law[None, :] * np.exp(0.01 * rng.standard_normal((12, law.size))))
     lf = np.full(12, np.log(0.2))
     start = np.tile([np.log(0.05), np.log(0.1), 0.3, 0.5], (12, 1))
-    th, f, ok = fits.joint_solve_bounded(start, n, d, logl, log_floor=lf)
+    th, f, ok = joint_law.joint_solve_bounded(start, n, d, logl, log_floor=lf)
     assert ok.sum() >= 9 and (th[ok, 2] == 0).any()        # the rest go to the one-by-one solve
     for i in np.flatnonzero(ok):
-        ref, f_ref = fits.joint_polish(start[i], n, d, logl[i], log_floor=lf[i])
+        ref, f_ref = joint_law.joint_polish(start[i], n, d, logl[i], log_floor=lf[i])
         assert f[i] == pytest.approx(f_ref, rel=1e-9, abs=1e-14)
         assert th[i] == pytest.approx(ref, abs=1e-5)
     refits = {}
     for flag in (True, False):
-        fits.BATCHED_POLISH = flag
+        joint_fits.BATCHED_POLISH = flag
         try:
-            refits[flag] = fits.joint_refit(start[0], n, d, logl, log_floor=lf)
+            refits[flag] = joint_fits.joint_refit(start[0], n, d, logl, log_floor=lf)
         finally:
-            fits.BATCHED_POLISH = True
-    pred = {k: fits.joint_log_model(v, n, d, lf) for k, v in refits.items()}
+            joint_fits.BATCHED_POLISH = True
+    pred = {k: joint_law.joint_log_model(v, n, d, lf) for k, v in refits.items()}
     assert np.abs(pred[True] - pred[False]).max() < 1e-6

@@ -1,4 +1,4 @@
-"""Tests for the single fits (analysis.fits' fit_power_law, fit_chinchilla, holdout_error; analysis.frontier's
+"""Tests for the single fits (analysis.single_fits' fit_power_law, fit_chinchilla, holdout_error; analysis.frontier's
 lower_envelope), the study table from losses.csv (analysis.scaling), and the CLI."""
 
 import json
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import fits, optimal_loss, posterior, report, scaling, study_stats
-from analysis.fits import fit_chinchilla, fit_power_law, holdout_error
+from analysis import joint_fits, optimal_loss, posterior, report, scaling, single_fits, study_stats
 from analysis.frontier import lower_envelope
 from analysis.scaling import fit_table
+from analysis.single_fits import fit_chinchilla, fit_power_law, holdout_error
 
 # Epoch AI's points from Hoffmann et al.'s Figure 4 (tests/data/README.md)
 CHINCHILLA_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_approach3_points.csv"
@@ -25,8 +25,8 @@ CHINCHILLA_CSV = Path(__file__).resolve().parent / "data" / "chinchilla_approach
 def test_documented_interfaces_stay_importable():
     """The single-fit functions and the exact posterior keep their documented homes (analysis.scaling,
     analysis.optimal_loss) besides the modules that define them."""
-    assert scaling.fit_power_law is fits.fit_power_law
-    assert scaling.fit_chinchilla is fits.fit_chinchilla
+    assert scaling.fit_power_law is single_fits.fit_power_law
+    assert scaling.fit_chinchilla is single_fits.fit_chinchilla
     assert optimal_loss.posterior_mean is posterior.posterior_mean
 
 
@@ -214,15 +214,15 @@ def test_chinchilla_recovers_synthetic_law_and_bootstrap_covers():
 
 
 def test_profile_starts_keep_the_best_a_b_per_exponent_triple():
-    grid = fits.chinchilla_grid()
+    grid = joint_fits.chinchilla_grid()
     assert grid.shape == (5400, 5)
     values = np.random.default_rng(0).random(len(grid))
-    starts = fits.profile_starts(grid, values, 150)
+    starts = joint_fits.profile_starts(grid, values, 150)
     # reference: group by (e, α, β) with pandas, keep each group's minimum
     df = pd.DataFrame(grid, columns=["a", "b", "e", "alpha", "beta"]).assign(v=values)
     ref = df.loc[df.groupby(["e", "alpha", "beta"])["v"].idxmin()].sort_values("v")
     np.testing.assert_array_equal(starts, ref[["a", "b", "e", "alpha", "beta"]].to_numpy())
-    np.testing.assert_array_equal(fits.profile_starts(grid, values, 7), starts[:7])
+    np.testing.assert_array_equal(joint_fits.profile_starts(grid, values, 7), starts[:7])
 
 
 def test_chinchilla_drop_highest_and_errors():

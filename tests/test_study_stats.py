@@ -1,8 +1,8 @@
-"""Tests for the study's statistics (analysis/resample.py, frontier.py, fits.py, intervals.py, study_stats.py,
-compute_optimal.py): the rows (evaluation replicates, seed runs, models left out), the one frontier, the vectorised
-fits against float64 references, interval coverage on simulated studies generated as the real data are, the paired
-verdict and its practical significance, the offset a J* floor implies, the compute-optimal law, and machine
-independence."""
+"""Tests for the study's statistics (analysis/resample.py, frontier.py, power_laws.py, joint_law.py, single_fits.py,
+intervals.py, study_stats.py, compute_optimal.py): the rows (evaluation replicates, seed runs, models left out), the
+one frontier, the vectorised fits against float64 references, interval coverage on simulated studies generated as the
+real data are, the paired verdict and its practical significance, the offset a J* floor implies, the compute-optimal
+law, and machine independence."""
 
 import math
 
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from scipy.optimize import least_squares, minimize_scalar
 
-from analysis import fits, intervals, report
+from analysis import intervals, joint_law, power_laws, report, single_fits
 from analysis import study_stats as st
 from analysis.compute_optimal import compute_optimal_table
 from analysis.frontier import frontier_mask, lower_envelope
@@ -148,7 +148,7 @@ def test_power_law_fixed_matches_polyfit_with_masks_and_counts():
     w[:, :3] = 1.0
     w[:, 3] *= 3.0                                                   # a point counted three times
     c = rng.uniform(0, 0.4, size=7)
-    k, p, r, valid = fits.power_law_fixed(u, y, c, w)
+    k, p, r, valid = power_laws.power_law_fixed(u, y, c, w)
     assert valid.all()
     for i in range(7):
         reps_ = np.repeat(np.arange(12), w[i].astype(int))          # the counts as repeated points
@@ -157,24 +157,24 @@ def test_power_law_fixed_matches_polyfit_with_masks_and_counts():
         assert r[i] == pytest.approx(np.corrcoef(u[i, reps_], np.log(y[i, reps_] - c[i]))[0, 1], rel=1e-10)
     y2 = y.copy()
     y2[2, 0] = c[2]   # a used point at or below the offset makes that row invalid, not silently dropped
-    assert not fits.power_law_fixed(u, y2, c, w)[3][2]
+    assert not power_laws.power_law_fixed(u, y2, c, w)[3][2]
 
 
 def test_power_law_free_recovers_exact_law_and_reaches_the_global_optimum():
     u = np.log(np.geomspace(1e3, 1e6, 9))
     y = 0.2 + 3.0 * np.exp(-0.35 * u)
-    k, p, c, valid = fits.power_law_free(u[None], y[None], np.ones((1, 9)))
+    k, p, c, valid = power_laws.power_law_free(u[None], y[None], np.ones((1, 9)))
     assert valid[0] and k[0] == pytest.approx(-0.35, abs=1e-4) and c[0] == pytest.approx(0.2, rel=1e-3)
     # noisy data: the relative-least-squares optimum against a dense 1-D profile over k (float64 reference)
     yn = y * np.exp(0.02 * np.random.default_rng(5).standard_normal(y.size))
-    k, p, c, _ = fits.power_law_free(u[None], yn[None], np.ones((1, 9)))
+    k, p, c, _ = power_laws.power_law_free(u[None], yn[None], np.ones((1, 9)))
 
     def profile(kk):
         z = np.exp(kk * u)
         om = 1 / yn ** 2
-        _, _, sse = fits.offset_moments(np.array([[om @ z]]), np.array([[om @ z ** 2]]), np.array([[om @ (z * yn)]]),
-                                        np.array([om.sum()]), np.array([om @ yn]), np.array([om @ yn ** 2]),
-                                        np.array([[yn.min() * (1 - 1e-9)]]))
+        _, _, sse = power_laws.offset_moments(np.array([[om @ z]]), np.array([[om @ z ** 2]]),
+                                              np.array([[om @ (z * yn)]]), np.array([om.sum()]), np.array([om @ yn]),
+                                              np.array([om @ yn ** 2]), np.array([[yn.min() * (1 - 1e-9)]]))
         return float(sse[0, 0])
 
     ks = np.linspace(-3, 3, 60001)
@@ -186,10 +186,10 @@ def test_power_law_free_recovers_exact_law_and_reaches_the_global_optimum():
 
 def _random_joint_problem(rng, p=6):
     _, _, params, images = study_shape(6, 4)
-    scale = fits.joint_scale(params, images)
+    scale = joint_law.joint_scale(params, images)
     n, d = np.log(params / scale[0]), np.log(images / scale[1])
     truth = np.array([-1.0, -0.7, 0.3, 0.45, math.log(0.3)])
-    logl = fits.joint_log_model(truth[None], n, d)[0] + 0.005 * rng.standard_normal((p, n.size))
+    logl = joint_law.joint_log_model(truth[None], n, d)[0] + 0.005 * rng.standard_normal((p, n.size))
     return n, d, logl, truth
 
 
@@ -202,15 +202,15 @@ def test_joint_solve_reaches_the_trust_region_optimum_row_by_row():
     w[:, :6] = 1.0
     for k in (4, 5):
         lf = np.full(len(logl), truth[4]) if k == 4 else None
-        th, f, ok = fits.joint_solve(np.broadcast_to(truth[:k] + 0.2, (len(logl), k)), n, d, logl, log_floor=lf,
-                                     weights=w)
+        th, f, ok = joint_law.joint_solve(np.broadcast_to(truth[:k] + 0.2, (len(logl), k)), n, d, logl, log_floor=lf,
+                                          weights=w)
         assert ok.all()
         for i in range(len(logl)):
             rep = np.repeat(np.arange(n.size), w[i].astype(int))
 
             def resid(t):
-                return fits.joint_residuals(t[None], n[rep], d[rep], logl[i, rep][None],
-                                            None if k == 5 else np.array([truth[4]]))[0][0]
+                return joint_law.joint_residuals(t[None], n[rep], d[rep], logl[i, rep][None],
+                                                 None if k == 5 else np.array([truth[4]]))[0][0]
 
             ref = least_squares(resid, truth[:k], xtol=1e-15, ftol=1e-15, gtol=1e-15)
             np.testing.assert_allclose(th[i], ref.x, rtol=1e-6, atol=1e-8)
@@ -225,10 +225,10 @@ def test_joint_gradient_and_hessian_match_finite_differences():
     for k, huber in ((4, None), (5, None), (5, 0.02)):
         lf = np.array([truth[4]])
         th = truth[:k] + np.array([0.1, -0.05, 0.02, -0.03, 0.1])[:k]
-        _, g, h, _ = fits._newton_system(th[None], n, d, logl, lf, w, huber)
+        _, g, h, _ = joint_law._newton_system(th[None], n, d, logl, lf, w, huber)
         half = 2.0 if huber is None else 1.0       # least squares: F = Σr², its half-gradient is returned
-        obj = lambda t: fits._newton_system(t[None], n, d, logl, lf, w, huber)[0][0] / half  # noqa: E731
-        grad = lambda t: fits._newton_system(t[None], n, d, logl, lf, w, huber)[1][0]  # noqa: E731
+        obj = lambda t: joint_law._newton_system(t[None], n, d, logl, lf, w, huber)[0][0] / half  # noqa: E731
+        grad = lambda t: joint_law._newton_system(t[None], n, d, logl, lf, w, huber)[1][0]  # noqa: E731
         eps = 1e-6
         num_g = np.array([(obj(th + eps * e) - obj(th - eps * e)) / (2 * eps) for e in np.eye(k)])
         np.testing.assert_allclose(g[0], num_g, rtol=1e-5, atol=1e-9)
@@ -242,7 +242,7 @@ def test_compute_optimal_recovers_a_known_law():
     E, A, B, a, b = 0.15, 40.0, 90.0, 0.35, 0.45
     loss = E + A / params ** a + B / images ** b
     for floor in (E, None):
-        f = fits.fit_compute_optimal(params, images, loss, floor=floor)
+        f = single_fits.fit_compute_optimal(params, images, loss, floor=floor)
         for key, v in (("E", E), ("A", A), ("B", B), ("a", a), ("b", b)):
             assert f[key] == pytest.approx(v, rel=1e-5), (floor, key)
         assert f["n_opt_exponent"] == pytest.approx(b / (a + b), rel=1e-5)
@@ -254,7 +254,7 @@ def test_a_free_floor_the_data_drive_to_zero_is_exactly_zero():
     the same on every machine, and the rest of the law is still recovered."""
     _, _, params, images = study_shape(6, 4)
     loss = 40.0 / params ** 0.35 + 90.0 / images ** 0.45
-    f = fits.fit_compute_optimal(params, images, loss, floor=None)
+    f = single_fits.fit_compute_optimal(params, images, loss, floor=None)
     assert f["E"] == 0.0
     assert f["a"] == pytest.approx(0.35, rel=1e-6) and f["b"] == pytest.approx(0.45, rel=1e-6)
 
@@ -468,7 +468,7 @@ def test_a_free_offset_at_its_bound_is_flagged():
 # the compute-optimal table
 # ---------------------------------------------------------------------------------------------------------------
 def test_compute_optimal_interval_holds_every_refit_without_one_model():
-    """The total N_opt interval contains the exponent refitted from scratch (fits.fit_compute_optimal, a grid of
+    """The total N_opt interval contains the exponent refitted from scratch (single_fits.fit_compute_optimal, a grid of
     starts) on the study without each model in turn — the jackknife rows are what leaving a model out gives."""
     pt, _ = simulate(np.random.default_rng(7))
     reps = replicates(pt, 100, seed=0)
@@ -477,8 +477,8 @@ def test_compute_optimal_interval_holds_every_refit_without_one_model():
     js = float(np.nanmean(reps.jstar[0, :, 0]))
     for model in snaps["model"].unique():
         keep = (snaps["model"] != model).to_numpy()
-        f = fits.fit_compute_optimal(snaps["params"][keep], snaps["images_seen"][keep], reps.loss[0, keep, 0],
-                                     floor=js)
+        f = single_fits.fit_compute_optimal(snaps["params"][keep], snaps["images_seen"][keep], reps.loss[0, keep, 0],
+                                            floor=js)
         assert row["n_opt_exponent_ci_lo"] <= f["n_opt_exponent"] <= row["n_opt_exponent_ci_hi"], model
     assert row["n_opt_exponent_loo_min"] < row["n_opt_exponent_loo_max"]
     assert row["n_opt_exponent_eval_ci_hi"] - row["n_opt_exponent_eval_ci_lo"] < \
