@@ -33,7 +33,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.evaluate import read_eval_csv, total_weights, trapezoid_log_weights, variant_fns  # noqa: E402
+from analysis.collect_losses import read_eval_csv  # noqa: E402
+from analysis.eval_set import total_weights, trapezoid_log_weights, variant_fns  # noqa: E402
 from models.diffusion import get_variant  # noqa: E402
 from models.loss_weighting import find_sigma_star, jstar_points  # noqa: E402
 from study.atomic import atomic_path  # noqa: E402

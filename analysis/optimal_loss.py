@@ -63,7 +63,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from analysis.evaluate import eval_noise, load_eval_set, sigma_grid  # the evaluation set's ε and σ
+from analysis.eval_set import eval_noise, load_eval_set, sigma_grid  # the evaluation set's ε and σ
 
 # the exact posterior (kernel, screens, bounds); posterior_mean is also this module's documented interface
 from analysis.posterior import (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import analysis.posterior as posterior
-from analysis.evaluate import eval_noise, sigma_grid
+from analysis.eval_set import eval_noise, sigma_grid
 from analysis.optimal_loss import ESTIMATORS, estimate_optimal_loss, main
 from analysis.posterior import (CentredData, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits,
                                 _screened_posterior, posterior_mean)
