@@ -45,7 +45,7 @@ PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "exc
 # --------------------------------------------------------------------------------------------------------------
 
 def read_eval(csv) -> pd.DataFrame:
-    """The per-σ rows (ascending σ) of one evaluation CSV (analysis/evaluate.py format)."""
+    """The per-σ rows (ascending σ) of one evaluation CSV (analysis.collect_losses.read_eval_csv, checked)."""
     path = Path(csv)
     df = read_eval_csv(path)  # checked against its checksum and validated (one error naming a bad file)
     missing = set(PER_SIGMA) - set(df.columns)
@@ -82,7 +82,7 @@ def log_sigma_mean(sigma, values) -> float:
 
 def edm_weighted(sigma, values, variant=None) -> float:
     """Σ_k c_k v_k under a variant's training density and weight (EDM's by default): the rule of
-    analysis.evaluate.total_weights, whose trapezoid in ln σ and weights this reuses."""
+    analysis.eval_set.total_weights, whose trapezoid in ln σ and weights this reuses."""
     density, weight = variant_fns(variant if variant is not None else get_variant("edm"))
     s = np.asarray(sigma, np.float64)
     return float(np.sum(total_weights(s, density, weight) * np.asarray(values, np.float64)))
