@@ -132,6 +132,7 @@ def npz_num_items(path) -> int:
     """N of a dataset file, from its array header only (training.dataset.open_dataset maps, it does not read)."""
     return len(open_dataset(path))
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # the weights of the σ grid
 # ---------------------------------------------------------------------------------------------------------------

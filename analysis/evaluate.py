@@ -56,6 +56,7 @@ from study.atomic import atomic_path
 from study.tables import STATS
 from training.dataset import check_rows_finite, open_dataset
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # the evaluation's inputs: D* and the dataset rows of the evaluation set
 # ---------------------------------------------------------------------------------------------------------------
