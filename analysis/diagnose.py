@@ -6,7 +6,8 @@ x0-loss L(σ), the optimal loss J*(σ) on the same triples, and the excess E‖D
 never negative).  This module turns them into
 
   diagnose          per variant: where the gap peaks (absolute, and relative to J*), the total excess under two
-                    variant-independent weightings, a figure of the gap curves, a table, and a markdown summary.
+                    variant-independent weightings, a figure of the gap curves (analysis.plots_variants), a table,
+                    and a markdown summary.
 The schedule study (analysis/weighting_study.py) builds on the same per-σ tables and totals.
 
 Totals.  The variants train under different σ-weightings, so their own "training" totals are not comparable.
@@ -26,17 +27,15 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, never a window: before pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from analysis.evaluate import read_eval_csv, total_weights, trapezoid_log_weights, variant_fns  # noqa: E402
-from models.diffusion import get_variant  # noqa: E402
-from models.loss_weighting import find_sigma_star, jstar_points  # noqa: E402
-from study.atomic import atomic_path  # noqa: E402
+from analysis.collect_losses import read_eval_csv
+from analysis.eval_set import total_weights, trapezoid_log_weights, variant_fns
+from analysis.output_files import write_csv, write_text
+from analysis.plots_variants import plot_diagnosis
+from models.diffusion import get_variant
+from models.loss_weighting import find_sigma_star, jstar_points
 
 PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "excess_stderr", "gap", "gap_stderr"]
 
@@ -46,7 +45,7 @@ PER_SIGMA = ["sigma", "n", "loss", "loss_stderr", "optimal_loss", "excess", "exc
 # --------------------------------------------------------------------------------------------------------------
 
 def read_eval(csv) -> pd.DataFrame:
-    """The per-σ rows (ascending σ) of one evaluation CSV (analysis/evaluate.py format)."""
+    """The per-σ rows (ascending σ) of one evaluation CSV (analysis.collect_losses.read_eval_csv, checked)."""
     path = Path(csv)
     df = read_eval_csv(path)  # checked against its checksum and validated (one error naming a bad file)
     missing = set(PER_SIGMA) - set(df.columns)
@@ -83,7 +82,7 @@ def log_sigma_mean(sigma, values) -> float:
 
 def edm_weighted(sigma, values, variant=None) -> float:
     """Σ_k c_k v_k under a variant's training density and weight (EDM's by default): the rule of
-    analysis.evaluate.total_weights, whose trapezoid in ln σ and weights this reuses."""
+    analysis.eval_set.total_weights, whose trapezoid in ln σ and weights this reuses."""
     density, weight = variant_fns(variant if variant is not None else get_variant("edm"))
     s = np.asarray(sigma, np.float64)
     return float(np.sum(total_weights(s, density, weight) * np.asarray(values, np.float64)))
@@ -162,53 +161,9 @@ def diagnosis_markdown(summary: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_diagnosis(long_df: pd.DataFrame, jstar_csv, path, sigma_star=None) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (model, variant), t in long_df.groupby(["model", "variant"], sort=False):
-        label = variant if model.replace("_", "-") == variant else f"{model} ({variant})"
-        axes[0].errorbar(t["sigma"], t["excess"], yerr=t["excess_stderr"], marker="o", ms=3, capsize=2, label=label)
-        ok = t["optimal_loss"] >= 0.01 * t["optimal_loss"].max()   # below, the ratio divides by ~0
-        axes[1].plot(t["sigma"][ok], t["relative_excess"][ok], marker="o", ms=3, label=label)
-    lo = 0.3 * float(long_df["excess"][long_df["excess"] > 0].min())
-    if jstar_csv is not None:
-        s, j = jstar_points(jstar_csv)
-        axes[0].plot(s, j, "k--", lw=1, label="J*(σ)")
-    axes[0].set_ylim(bottom=lo)
-    for ax in axes:
-        if sigma_star is not None:
-            ax.axvline(sigma_star, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("σ (VE)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel("excess J_σ(θ) − J*_σ  (per-dim x0-loss)")
-    axes[1].set_ylabel("(J_σ(θ) − J*_σ)/J*_σ  (J* ≥ 1 % of Var)")
-    axes[0].legend(fontsize=8)
-    axes[0].set_title("gap to the optimal loss" + (" (dotted: σ*)" if sigma_star is not None else ""))
-    axes[1].set_title("gap relative to J*")
-    fig.tight_layout()
-    save_fig(fig, path)
-
-
-def save_fig(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------------------
-
-def write_csv(df: pd.DataFrame, path) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def write_text(text: str, path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m analysis.diagnose", description=__doc__.split("\n\n")[0])

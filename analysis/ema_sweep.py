@@ -34,16 +34,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.evaluate import (
-    EvaluationInputs,
-    load_denoised,
-    load_eval_set,
-    load_rows,
-    per_sigma_table,
-    total_weights,
-    variant_fns,
-    weighted_totals,
-)
+from analysis.eval_set import load_eval_set, total_weights, variant_fns, weighted_totals
+from analysis.evaluate import EvaluationInputs, load_denoised, load_rows, per_sigma_table
 from analysis.report import ema_exponents_table
 from models.denoiser import Denoiser
 from study.atomic import atomic_path

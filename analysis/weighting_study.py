@@ -20,27 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from scipy import stats
 
-matplotlib.use("Agg")  # files only, never a window: before pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from scipy import stats  # noqa: E402
+from analysis.diagnose import gap_summary, read_eval, read_meta, sigma_star_of
+from analysis.output_files import write_csv, write_text
+from analysis.plots_variants import plot_comparison
+from analysis.weighting_arms import ARM_KEYS, GROUP_KEYS, arm_of
 
-from analysis.diagnose import gap_summary, read_eval, read_meta, save_fig, sigma_star_of, write_csv, write_text  # noqa: E402
-
-ARM_KEYS = ["arm", "arch", "variant", "logvar", "schedule", "schedule_kwargs"]
-GROUP_KEYS = ["arch", "variant", "logvar"]          # arms compared with one baseline
 TOTALS = ["excess", "excess_edm", "fd_classifier"]  # the per-model totals; per σ: "excess"
-
-
-def arm_of(model: str) -> str:
-    """The arm a model belongs to: its name without a trailing `_s<seed>`."""
-    return re.sub(r"_s\d+$", "", model)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -201,45 +192,6 @@ def comparison_markdown(comp: pd.DataFrame, level: float = 0.95) -> str:
                 cells.append(_diff(r.iloc[0]) if len(r) else "")
             lines.append(f"| {s:.3g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def plot_comparison(models: pd.DataFrame, path, sigma_star=None) -> None:
-    groups = list(models.groupby(GROUP_KEYS, sort=True))
-    n = len(groups) + 1
-    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 4.0), squeeze=False)
-    axes = axes[0]
-    per_sigma = models[models["sigma"].notna()]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    arm_color = {a: colors[i % len(colors)] for i, a in enumerate(dict.fromkeys(models["arm"]))}
-    for ax, (key, g) in zip(axes, groups):
-        for arm, ga in per_sigma[per_sigma["arm"].isin(g["arm"])].groupby("arm", sort=False):
-            for _, t in ga.groupby("seed"):
-                ax.plot(t["sigma"], t["excess"], lw=0.6, alpha=0.4, color=arm_color[arm])
-            m = ga.groupby("sigma")["excess"].mean()
-            ax.plot(m.index, m.values, marker="o", ms=2.5, lw=1.5, color=arm_color[arm], label=arm)
-        if sigma_star is not None:
-            ax.axvline(sigma_star, color="grey", ls=":", lw=1)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("σ (VE)")
-        ax.set_ylabel("excess J_σ(θ) − J*_σ")
-        arch, variant, logvar = key
-        ax.set_title(f"{variant}, {arch}, logvar {'on' if logvar else 'off'} (thin: seeds)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
-    ax = axes[-1]
-    totals = models[models["sigma"].isna()]
-    names = list(dict.fromkeys(totals["arm"]))
-    for x, arm in enumerate(names):
-        v = totals[totals["arm"] == arm]["fd_classifier"]
-        ax.scatter(np.full(len(v), x), v, color=arm_color[arm], zorder=3, s=12)
-        ax.hlines(v.mean(), x - 0.3, x + 0.3, color=arm_color[arm])
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("FD to the training set (classifier features)")
-    ax.set_title("sample quality (dots: seeds, bar: mean)", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_fig(fig, path)
 
 
 def main(argv=None) -> None:

@@ -138,7 +138,7 @@ def test_damaged_jstar_is_named(study_copy, damage):
 
 
 def test_nan_jstar_on_the_grid_fails_the_invariant_loudly(smoke_study, capsys):
-    from analysis import evaluate as ev
+    from analysis import collect_losses as ev
 
     losses = pd.read_csv(smoke_study / STUDY / "analysis" / "losses.csv")
     assert ev.check_invariant(losses)["invariant_ok"].all()

@@ -20,7 +20,7 @@ def fake_eval(path, model, sigma, excess, jstar):
 
 def test_log_sigma_mean_and_edm_weighting():
     from analysis.diagnose import edm_weighted, log_sigma_mean
-    from analysis.evaluate import weighted_totals
+    from analysis.eval_set import weighted_totals
 
     s = np.geomspace(0.01, 50, 9)
     # mean over ln σ of ln σ on a symmetric grid is the midpoint

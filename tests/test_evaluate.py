@@ -1,4 +1,5 @@
-"""analysis.evaluate: the fixed evaluation set, per-σ losses against D*, weighted totals, the invariant check."""
+"""analysis.evaluate, eval_set and collect_losses: the fixed evaluation set, per-σ losses against D*, weighted totals,
+the invariant check."""
 
 import math
 
@@ -8,16 +9,29 @@ import pytest
 import torch
 
 from analysis import evaluate as ev
+from analysis.collect_losses import LOSS_COLUMNS, collect, interp_log_sigma, warn_invariant
+from analysis.eval_set import (
+    eval_noise,
+    load_eval_set,
+    make_eval_set,
+    npz_num_items,
+    save_eval_set,
+    sigma_grid,
+    trapezoid_log_weights,
+    variant_fns,
+    weighted_totals,
+)
+from study.tables import STATS
 
 # ---------------------------------------------------------------------------------------------------------------
 # the evaluation set
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_eval_set_is_deterministic_and_well_formed():
-    sigmas = ev.sigma_grid(5, 0.01, 10.0)
-    a = ev.make_eval_set(100, sigmas, 20, seed=3)
-    b = ev.make_eval_set(100, sigmas, 20, seed=3)
-    c = ev.make_eval_set(100, sigmas, 20, seed=4)
+    sigmas = sigma_grid(5, 0.01, 10.0)
+    a = make_eval_set(100, sigmas, 20, seed=3)
+    b = make_eval_set(100, sigmas, 20, seed=3)
+    c = make_eval_set(100, sigmas, 20, seed=4)
     for k in ("index", "sigma", "noise_seed"):
         np.testing.assert_array_equal(a[k], b[k])
         assert len(a[k]) == 100
@@ -32,40 +46,40 @@ def test_eval_set_is_deterministic_and_well_formed():
 
 
 def test_eval_set_more_samples_than_data_and_bad_sigma():
-    e = ev.make_eval_set(3, [1.0], 10, seed=0)
+    e = make_eval_set(3, [1.0], 10, seed=0)
     assert e["index"].max() < 3 and len(e["index"]) == 10
     with pytest.raises(ValueError, match="σ"):
-        ev.make_eval_set(10, [0.5, -1.0], 4, seed=0)
+        make_eval_set(10, [0.5, -1.0], 4, seed=0)
     with pytest.raises(ValueError, match="samples_per_sigma"):
-        ev.make_eval_set(10, [0.5], 0, seed=0)
+        make_eval_set(10, [0.5], 0, seed=0)
 
 
 def test_sigma_grid_geometric():
-    g = ev.sigma_grid(4, 0.1, 100.0)
+    g = sigma_grid(4, 0.1, 100.0)
     np.testing.assert_allclose(g, [0.1, 1.0, 10.0, 100.0])
-    np.testing.assert_allclose(ev.sigma_grid(1, 0.1, 10.0), [1.0])  # one level: the geometric midpoint
+    np.testing.assert_allclose(sigma_grid(1, 0.1, 10.0), [1.0])  # one level: the geometric midpoint
     with pytest.raises(ValueError, match="σ range"):
-        ev.sigma_grid(3, 0.0, 1.0)
+        sigma_grid(3, 0.0, 1.0)
 
 
 def test_eval_noise_depends_on_its_own_seed_only():
     seeds = np.array([5, 17, 99])
-    batch = ev.eval_noise((2, 3), seeds)
+    batch = eval_noise((2, 3), seeds)
     assert batch.shape == (3, 2, 3) and batch.dtype == torch.float32
-    alone = ev.eval_noise((2, 3), [17])[0]
+    alone = eval_noise((2, 3), [17])[0]
     torch.testing.assert_close(batch[1], alone, rtol=0, atol=0)
     ref = torch.randn((2, 3), generator=torch.Generator().manual_seed(99))
     torch.testing.assert_close(batch[2], ref, rtol=0, atol=0)
 
 
 def test_save_load_eval_set_and_npz_header(tmp_path):
-    e = ev.make_eval_set(50, [0.1, 1.0], 8, seed=1)
-    p = ev.save_eval_set(e, tmp_path / "ev.npz")
-    back = ev.load_eval_set(p)
+    e = make_eval_set(50, [0.1, 1.0], 8, seed=1)
+    p = save_eval_set(e, tmp_path / "ev.npz")
+    back = load_eval_set(p)
     for k in e:
         np.testing.assert_array_equal(back[k], e[k])
     np.savez(tmp_path / "d.npz", x=np.zeros((37, 1, 2, 2), np.float32))
-    assert ev.npz_num_items(tmp_path / "d.npz") == 37
+    assert npz_num_items(tmp_path / "d.npz") == 37
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,9 +90,9 @@ def _two_point_setup(a=0.7, n_per_sigma=400):
     """Dataset {−a, +a} (1-D as [2,1,1,1]); D*(x) = a·tanh(a·x/σ²) exactly (docs/science.md)."""
     data = torch.tensor([-a, a], dtype=torch.float32).reshape(2, 1, 1, 1)
     sigmas = np.array([0.05, 0.3, 0.7, 2.0, 10.0])
-    es = ev.make_eval_set(2, sigmas, n_per_sigma, seed=11)
+    es = make_eval_set(2, sigmas, n_per_sigma, seed=11)
     # x exactly as the evaluator builds it (float32 x0 + float32 σ·ε), D* of it in float64
-    eps = ev.eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1)
+    eps = eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1)
     s32 = torch.as_tensor(es["sigma"], dtype=torch.float32)
     x = (data.reshape(-1)[torch.as_tensor(es["index"])] + s32 * eps).double().numpy()
     s64 = s32.double().numpy()
@@ -108,7 +122,7 @@ def test_oracle_denoiser_has_zero_excess_and_loss_equal_jstar():
 def test_identity_denoiser_has_loss_sigma_squared():
     data, es, dstar, _ = _two_point_setup()
     err = ev.EvaluationInputs(data, es, dstar[:, None], batch_size=97).errors(lambda x, s, lab: x)
-    eps = ev.eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1).double().numpy()
+    eps = eval_noise((1, 1, 1), es["noise_seed"]).reshape(-1).double().numpy()
     # exactly (σ·ε)² per triple (float32 rounding of x aside)
     np.testing.assert_allclose(err["loss"], (es["sigma"] * eps) ** 2, rtol=1e-5, atol=1e-9)
     table = ev.per_sigma_table(err, es["sigma"])
@@ -132,7 +146,7 @@ def test_shape_mismatch_is_named():
 
 def _table(sigmas, values, se):
     t = pd.DataFrame({"sigma": sigmas, "n": 10})
-    for k in ev.STATS:
+    for k in STATS:
         t[k] = values
         t[f"{k}_stderr"] = se
     return t
@@ -145,13 +159,13 @@ def test_weighted_totals_hand_case():
     t = _table(sig, [1.0, 2.0, 3.0], [1.0, 1.0, 1.0])
     density = lambda s: np.interp(np.log(s), [0, 1, 2], [1, 1, 2])  # noqa: E731
     weight = lambda s: np.interp(np.log(s), [0, 1, 2], [1, 2, 1])  # noqa: E731
-    tot = ev.weighted_totals(t, density, weight)
+    tot = weighted_totals(t, density, weight)
     assert tot["loss"] == pytest.approx(3.0)
     # c = a·λ/Σa = [0.2, 0.8, 0.4] → s.e. = sqrt(0.04 + 0.64 + 0.16)
     assert tot["loss_stderr"] == pytest.approx(math.sqrt(0.84))
     assert tot["n"] == 30
-    np.testing.assert_allclose(ev.trapezoid_log_weights(sig), [0.5, 1.0, 0.5])
-    assert ev.trapezoid_log_weights([2.0]).tolist() == [1.0]
+    np.testing.assert_allclose(trapezoid_log_weights(sig), [0.5, 1.0, 0.5])
+    assert trapezoid_log_weights([2.0]).tolist() == [1.0]
 
 
 def test_weighted_totals_match_the_edm_training_integral():
@@ -175,10 +189,10 @@ def test_weighted_totals_match_the_edm_training_integral():
     u = math.log(lo) + (math.log(hi) - math.log(lo)) * np.linspace(0, 1, 2000) ** 4  # dense at small σ
     sig = np.exp(u)
     t = _table(sig, L(sig), np.zeros_like(sig))
-    density, weight = ev.variant_fns(v)
-    assert ev.weighted_totals(t, density, weight)["loss"] == pytest.approx(truth, rel=1e-3)
+    density, weight = variant_fns(v)
+    assert weighted_totals(t, density, weight)["loss"] == pytest.approx(truth, rel=1e-3)
     # the checks this test exists for: a wrong density or an equal-weight rule is off by far more than 1e-3
-    wrong_density = ev.weighted_totals(t, lambda s: density(s) / s, weight)["loss"]
+    wrong_density = weighted_totals(t, lambda s: density(s) / s, weight)["loss"]
     assert abs(wrong_density / truth - 1) > 0.05
     q_sigma = np.gradient(sig)  # a quadrature in σ instead of ln σ (the density is of ln σ)
     in_sigma = float(np.sum(q_sigma * density(sig) * weight(sig) * L(sig)) / np.sum(q_sigma * density(sig)))
@@ -188,7 +202,7 @@ def test_weighted_totals_match_the_edm_training_integral():
 def test_weighted_totals_no_mass_is_an_error():
     t = _table([1.0, 2.0], [1.0, 1.0], [0.1, 0.1])
     with pytest.raises(ValueError, match="no mass"):
-        ev.weighted_totals(t, lambda s: np.zeros_like(s), lambda s: np.ones_like(s))
+        weighted_totals(t, lambda s: np.zeros_like(s), lambda s: np.ones_like(s))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -203,7 +217,7 @@ def _eval_csv(path, model, params, images, gap_at_1=0.1):
                      "optimal_loss": 0.2, "optimal_loss_stderr": 0.01, "excess": max(gap, 0), "excess_stderr": 0.001,
                      "gap": gap, "gap_stderr": 0.005})
     rows.append({**rows[-1], "sigma": math.nan, "weighting": "training"})
-    pd.DataFrame(rows)[ev.LOSS_COLUMNS].to_csv(path, index=False)
+    pd.DataFrame(rows)[LOSS_COLUMNS].to_csv(path, index=False)
     return path
 
 
@@ -214,7 +228,7 @@ def test_collect_sorts_and_flags_invariant_violations(tmp_path, capsys):
     js = tmp_path / "jstar.csv"
     pd.DataFrame({"sigma": [0.01, 0.1, 1.0, 10.0], "optimal_loss": [0.0, 0.2, 0.2, 0.2], "stderr": 0.0}).to_csv(
         js, index=False)  # a geometric grid, as analysis.optimal_loss writes
-    losses, inv = ev.collect([a, b, c], js)
+    losses, inv = collect([a, b, c], js)
     assert list(losses["model"].unique()) == ["small", "big"]  # ordered by params
     small = losses[losses["model"] == "small"]
     assert list(small["images_seen"]) == [10, 10, 10, 20, 20, 20]
@@ -222,7 +236,7 @@ def test_collect_sorts_and_flags_invariant_violations(tmp_path, capsys):
     assert losses["jstar_grid"].iloc[0] == pytest.approx(0.2)
     bad = inv[~inv["invariant_ok"]]
     assert len(bad) == 1 and bad.iloc[0]["model"] == "small" and bad.iloc[0]["sigma"] == 1.0
-    assert ev.warn_invariant(inv) == 1
+    assert warn_invariant(inv) == 1
     assert "INVARIANT VIOLATED" in capsys.readouterr().err
     # the CLI writes both files and says it loudly too
     out, invp = tmp_path / "losses.csv", tmp_path / "inv.csv"
@@ -233,7 +247,7 @@ def test_collect_sorts_and_flags_invariant_violations(tmp_path, capsys):
 
 
 def test_interp_log_sigma_no_extrapolation():
-    out = ev.interp_log_sigma([0.1, 10.0], [0.0, 2.0], [1.0, 100.0, np.nan])
+    out = interp_log_sigma([0.1, 10.0], [0.0, 2.0], [1.0, 100.0, np.nan])
     assert out[0] == pytest.approx(1.0) and np.isnan(out[1]) and np.isnan(out[2])
 
 
@@ -242,8 +256,8 @@ def test_make_set_cli(tmp_path):
     out = tmp_path / "ev.npz"
     assert ev.main(["make-set", "--dataset", str(tmp_path / "d.npz"), "--num-sigmas", "3", "--sigma-min", "0.1",
                     "--sigma-max", "10", "--samples-per-sigma", "5", "--seed", "2", "--out", str(out)]) == 0
-    e = ev.load_eval_set(out)
-    ref = ev.make_eval_set(40, ev.sigma_grid(3, 0.1, 10), 5, 2)
+    e = load_eval_set(out)
+    ref = make_eval_set(40, sigma_grid(3, 0.1, 10), 5, 2)
     for k in ref:
         np.testing.assert_array_equal(e[k], ref[k])
 
@@ -254,7 +268,7 @@ def test_load_rows_matches_the_full_loader(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = (torch.randint(0, 256, (30, 1, 4, 4), generator=g).float() / 127.5 - 1)
     save_npz(Dataset(x=x, labels=torch.arange(30) % 3, name="t"), tmp_path / "d.npz")
-    es = ev.make_eval_set(30, [0.1, 1.0], 12, seed=5)
+    es = make_eval_set(30, [0.1, 1.0], 12, seed=5)
     rows, labels, es2 = ev.load_rows(tmp_path / "d.npz", es)
     full = load_dataset(str(tmp_path / "d.npz"))
     torch.testing.assert_close(rows[torch.as_tensor(es2["index"])], full.x[torch.as_tensor(es["index"])],
@@ -282,7 +296,7 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
                                     "log_every_images": 32}})
     train(cfg, "t0", ds, tmp_path / "run", progress=False)
     snap = next((tmp_path / "run" / "snapshots").glob("snapshot-*.pt"))
-    es = ev.make_eval_set(1797, ev.sigma_grid(3, 0.05, 5.0), 6, seed=3)
+    es = make_eval_set(1797, sigma_grid(3, 0.05, 5.0), 6, seed=3)
     dstar = denoise_eval_set(ds.x, es)
 
     # the old path: the whole float32 array, the triples' own indices
@@ -307,12 +321,12 @@ def test_snapshot_evaluation_reads_only_its_rows_and_matches_the_float32_path(tm
     pd.testing.assert_frame_equal(tables["u8"], tables["f32"], check_exact=True)
     table = ev.per_sigma_table(old, es["sigma"])
     per = tables["u8"][tables["u8"]["sigma"].notna()].reset_index(drop=True)
-    for k in ev.STATS + tuple(f"{k}_stderr" for k in ev.STATS):
+    for k in STATS + tuple(f"{k}_stderr" for k in STATS):
         np.testing.assert_array_equal(per[k].to_numpy(), table[k].to_numpy(), err_msg=k)
     monkeypatch.undo()
     csv_a, csv_b = tmp_path / "a.csv", tmp_path / "b.csv"
     np.save(tmp_path / "dstar.npy", dstar)
-    ev.save_eval_set(es, tmp_path / "es.npz")
+    save_eval_set(es, tmp_path / "es.npz")
     for path, out in ((compact, csv_a), (wide, csv_b)):
         assert ev.main(["snapshot", "--snapshot", str(snap), "--dataset", str(path), "--eval-set",
                         str(tmp_path / "es.npz"), "--denoised", str(tmp_path / "dstar.npy"), "--device", "cpu",
@@ -336,8 +350,8 @@ def test_one_call_evaluates_several_snapshots_as_one_call_each(tmp_path, monkeyp
                                     "snapshots": {"images": [32, 64]}, "log_every_images": 32}})
     train(cfg, "t0", ds, tmp_path / "run", progress=False)
     snaps = sorted(str(p) for p in (tmp_path / "run" / "snapshots").glob("snapshot-*.pt"))
-    es = ev.make_eval_set(len(ds.x), ev.sigma_grid(3, 0.05, 5.0), 5, seed=3)
-    ev.save_eval_set(es, tmp_path / "es.npz")
+    es = make_eval_set(len(ds.x), sigma_grid(3, 0.05, 5.0), 5, seed=3)
+    save_eval_set(es, tmp_path / "es.npz")
     np.save(tmp_path / "dstar.npy", denoise_eval_set(ds.x, es))
     common = ["--dataset", str(data), "--eval-set", str(tmp_path / "es.npz"), "--denoised",
               str(tmp_path / "dstar.npy"), "--device", "cpu", "--batch-size", "4", "--per-triple"]
@@ -362,7 +376,7 @@ def test_evaluation_errors_name_the_dataset_file(tmp_path, capsys):
     np.savez(tmp_path / "d.npz", x=np.zeros((5, 1, 2, 2), np.uint8))
     blob = (tmp_path / "d.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(blob[: len(blob) // 2])
-    es = ev.make_eval_set(5, [1.0], 2, seed=0)
+    es = make_eval_set(5, [1.0], 2, seed=0)
     for bad in ("cut.npz", "absent.npz"):
         with pytest.raises(FileNotFoundError, match=bad):
             ev.load_rows(tmp_path / bad, es)
@@ -370,4 +384,4 @@ def test_evaluation_errors_name_the_dataset_file(tmp_path, capsys):
                       str(tmp_path / "e.npz")])
         assert rc == 2 and bad in capsys.readouterr().err
     with pytest.raises(ValueError, match="has 5 items"):
-        ev.load_rows(tmp_path / "d.npz", ev.make_eval_set(9, [1.0], 9, seed=0))
+        ev.load_rows(tmp_path / "d.npz", make_eval_set(9, [1.0], 9, seed=0))

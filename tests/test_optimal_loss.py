@@ -9,10 +9,17 @@ import pytest
 import torch
 
 import analysis.posterior as posterior
-from analysis.evaluate import eval_noise, sigma_grid
+from analysis.centred_data import CentredData
+from analysis.eval_set import eval_noise, sigma_grid
 from analysis.optimal_loss import ESTIMATORS, estimate_optimal_loss, main
-from analysis.posterior import (CentredData, _int8_pack_queries, _int8_screen_bound, _screen_bound, _screen_logits,
-                                _screened_posterior, posterior_mean)
+from analysis.posterior import (
+    _int8_pack_queries,
+    _int8_screen_bound,
+    _screen_bound,
+    _screen_logits,
+    _screened_posterior,
+    posterior_mean,
+)
 from models.diffusion import get_process, x0_loss_factor
 
 
@@ -165,7 +172,7 @@ def test_screen_takes_the_concentrated_rows_and_leaves_the_dense_ones(dtype):
 
 
 def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
-    data = posterior.CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    data = CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     fast = torch.tensor([True, False, True])
     dtype, rows = posterior._screen_dtype(data, fast, hinted=True)       # a small batch: float32, the float64 rows only
     assert dtype == torch.float32 and rows.tolist() == [False, True, False]
@@ -181,7 +188,7 @@ def test_cpu_screen_precision_follows_batch_size_and_hint(monkeypatch):
 def test_screen_is_skipped_for_a_sigma_once_it_finished_almost_nothing(monkeypatch):
     monkeypatch.setattr(posterior, "_SCREEN", "bfloat16")
     monkeypatch.setattr(posterior, "_SCREEN_MIN_CANDIDATES", 16)   # (the default, 256, exceeds this N = 200)
-    data = posterior.CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
+    data = CentredData(torch.from_numpy(_near_duplicates()), torch.device("cpu"))
     log = []
     for sigma, expect in ((50.0, [0.0]), (50.0, [0.0])):     # dense: logged once, then skipped
         sig = torch.full((30,), sigma, dtype=torch.float64)
@@ -448,7 +455,7 @@ def test_cli_estimate_and_denoise(tmp_path):
 
 
 def test_cli_one_sigma_sits_where_the_evaluation_set_puts_it(tmp_path):
-    """A one-point J* grid is the evaluation set's one σ (analysis.evaluate.sigma_grid): the geometric midpoint,
+    """A one-point J* grid is the evaluation set's one σ (analysis.eval_set.sigma_grid): the geometric midpoint,
     so a one-σ study compares L and J* at the same noise level."""
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "dataset.npz", x=rng.uniform(-1, 1, (20, 1, 2, 2)).astype(np.float32))
