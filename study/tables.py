@@ -53,7 +53,7 @@ def read_checked_npz(path, keys) -> dict:
 def read_jstar(path) -> pd.DataFrame:
     """A J* table (optimal_loss/jstar.csv or an estimator's CSV) as the study reads it: checked against its
     checksum sidecar and validated — columns sigma, optimal_loss, stderr; one estimator; σ finite, > 0, ascending
-    and geometric (analysis.evaluate.sigma_grid's grid, so a row missing inside it is seen); finite J* and standard
+    and geometric (analysis.eval_set.sigma_grid's grid, so a row missing inside it is seen); finite J* and standard
     errors ≥ 0."""
     df = read_checked_csv(path, JSTAR_COLUMNS, "J* table")
     if "estimator" in df and df["estimator"].nunique() > 1:
