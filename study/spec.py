@@ -49,12 +49,22 @@ class ModelSpec:
     variant: dict            # {name, kwargs}: the model's own variant section, else the study's
     marks: tuple[int, ...]   # images seen at each snapshot, ascending; the last is `total`
     total: int               # training length in images, whole global batches
-    batch_gpu: int           # images per micro-batch with the configured training.launch.num_processes
-    rounds: int              # micro-batches per step and process (gradient accumulation)
 
     def micro_batch(self, num_processes: int) -> tuple[int, int]:
         """(batch_gpu, rounds) with the processes a run really has (the trainer asks with its world size)."""
         return micro_batch(self.training, num_processes)
+
+    # Worked out when asked, not when resolved: a trainer started with other processes than the configured ones
+    # (a benchmark's one) needs only its own split to work.
+    @property
+    def batch_gpu(self) -> int:
+        """Images per micro-batch with the configured training.launch.num_processes."""
+        return self.micro_batch(self.training["launch"]["num_processes"])[0]
+
+    @property
+    def rounds(self) -> int:
+        """Micro-batches per step and process (gradient accumulation) with the configured processes."""
+        return self.micro_batch(self.training["launch"]["num_processes"])[1]
 
     @property
     def settings(self) -> dict:
@@ -71,11 +81,9 @@ def model_spec(cfg: Mapping, name: str) -> ModelSpec:
     """The resolved spec of model NAME of a loaded study config."""
     training = model_training(cfg, name)
     entry = _model_entry(cfg, name)
-    batch_gpu, rounds = micro_batch(training, training["launch"]["num_processes"])
     return ModelSpec(name=name, size=entry.get("replicate_of") or name, arch=entry["arch"],
                      family=family_of(entry["arch"]), training=training, variant=model_variant(cfg, name),
-                     marks=tuple(snapshot_marks(training)), total=total_images(training), batch_gpu=batch_gpu,
-                     rounds=rounds)
+                     marks=tuple(snapshot_marks(training)), total=total_images(training))
 
 
 def resolve_specs(cfg: Mapping) -> dict[str, ModelSpec]:

@@ -115,3 +115,24 @@ def test_trainer_fingerprint_of_the_smoke_study_unchanged():
     cfg, digits = load_config(ROOT / "workflow" / "config" / "smoke.yaml"), load_dataset("digits")
     assert {name: _digest(describe_run(cfg, name, digits).fingerprint) for name in cfg["models"]} == \
         SMOKE_FINGERPRINTS
+
+
+def test_no_import_circle_in_study():
+    """study's modules import one another one way only, counting imports inside functions (config's CLI uses the
+    checks, the checks use the specs, nothing uses config back)."""
+    import ast
+
+    graph = {}
+    for path in (ROOT / "study").glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        graph[f"study.{path.stem}"] = {n for n in names if n.startswith("study.")} - {f"study.{path.stem}"}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n in graph and n not in seen and reaches(n, goal, (*seen, n))) for n in graph[start])
+
+    assert [m for m in graph if reaches(m, m)] == []
