@@ -113,8 +113,9 @@ def test_trainer_fingerprint_of_the_smoke_study_unchanged():
     from training.train import describe_run
 
     cfg, digits = load_config(ROOT / "workflow" / "config" / "smoke.yaml"), load_dataset("digits")
-    assert {name: _digest(describe_run(cfg, name, digits).fingerprint) for name in cfg["models"]} == \
-        SMOKE_FINGERPRINTS
+    runs = {name: describe_run(cfg, name, digits) for name in cfg["models"]}
+    assert {name: _digest(run.fingerprint) for name, run in runs.items()} == SMOKE_FINGERPRINTS
+    assert all(run.model_spec == model_spec(cfg, name) for name, run in runs.items())  # the spec, resolved once
 
 
 def test_no_import_circle_in_study():

@@ -3,9 +3,10 @@
     python -m training.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR
 
 One Accelerate loop for every launch mode (plain CPU, multi-GPU DDP, DeepSpeed ZeRO-2; see workflow/accelerate/),
-EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` reads
-the data, checks the run folder, builds the net, optimiser and schedule, resumes, and hands over to
-training/loop.py (what one step does); training/run_folder.py holds the run folder's files and fingerprint.
+EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` resolves
+the model's spec once (study/spec.py), reads the data, checks the run folder, builds the net, optimiser and
+schedule, resumes, and hands over to training/loop.py (what one step does); training/run_folder.py holds the run
+folder's files and the check of its settings fingerprint.
 
 Run folder (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights,
 arch, variant, images_seen, flops counted with torch.utils.flop_counter), log.jsonl, done.json (written last).
