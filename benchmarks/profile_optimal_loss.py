@@ -19,8 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.optimal_loss import estimate_optimal_loss, posterior_mean  # noqa: E402
-from benchmarks.bench_optimal_loss import _make as make_problem  # noqa: E402
-from benchmarks.bench_optimal_loss import add_shape_args
+from benchmarks.bench_optimal_loss import _make as make_problem, add_shape_args  # noqa: E402
 
 
 def main(argv=None) -> int:
