@@ -23,8 +23,10 @@ from analysis import evaluate as ev
 from analysis.ema_sweep import DEFAULT_GRID, sweep_model
 from analysis.optimal_loss import denoise_eval_set
 from study.config import load_config
+from study.spec import model_spec
 from training.dataset import load_dataset, save_npz
 from training.power_ema import run_profile_files
+from training.run_folder import snapshot_path
 from training.train import train
 
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
         np.save(tmp / "dstar.npy", denoise_eval_set(digits.x, es))
         ev.save_eval_set(es, tmp / "es.npz")
         eval_set, dstar = tmp / "es.npz", tmp / "dstar.npy"  # both jobs read the files, as the workflow's do
-        snapshots = sorted((tmp / "run" / "snapshots").glob("snapshot-*.pt"))
+        snapshots = [snapshot_path(tmp / "run", m) for m in model_spec(cfg, args.model).marks]
         files = run_profile_files(tmp / "run")
         times = {"evaluate (4 snapshots)": [], f"sweep ({len(DEFAULT_GRID)} σ_rel)": []}
         for _ in range(args.repeats):  # alternating, so both see the same machine load

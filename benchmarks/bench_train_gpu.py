@@ -209,9 +209,9 @@ def trainer_row(name: str, args, config: dict, data: Path) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_train_step import time_training
 
-    from study.config import model_training
+    from study.spec import model_spec
 
-    training = model_training({**config, "models": {name: config["models"].get(name, {"arch": name})}}, name)
+    training = model_spec({**config, "models": {name: config["models"].get(name, {"arch": name})}}, name).training
     batch = args.batch or int(training.get("batch_gpu") or training["batch_size"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import training.train as train_module  # noqa: E402
-from study.config import load_config, model_training  # noqa: E402
+from study.config import load_config  # noqa: E402
+from study.spec import model_spec  # noqa: E402
 
 
 class StepClock:
@@ -63,7 +64,7 @@ def step_study(config: dict, model: str, steps: int, warmup: int, batch_size: in
     cfg = copy.deepcopy(config)
     cfg["models"] = {model: cfg["models"].get(model, {"arch": model})}
     training = cfg["models"][model].setdefault("training", {})
-    batch = int(batch_size or model_training(cfg, model)["batch_size"])
+    batch = int(batch_size or model_spec(cfg, model).training["batch_size"])
     total = (warmup + steps) * batch
     training.update(total_images=total, batch_size=batch, snapshots={"images": [total]}, log_every_images=total,
                     state_every_images=None, trackers=[])
@@ -78,7 +79,7 @@ def time_training(model: str, steps: int, warmup: int, profile: bool, *, config:
     study config (default: the default study), `data` any training.dataset spec."""
     base = config if config is not None else load_config(ROOT / "workflow" / "config" / "default.yaml")
     cfg = step_study(base, model, steps, warmup, batch_size)
-    training = model_training(cfg, model)
+    training = model_spec(cfg, model).training
     batch = int(training["batch_size"])
     profiler = None
     if profile:

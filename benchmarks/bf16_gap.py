@@ -27,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from engine_parity import train  # noqa: E402
 
+from study.config import load_config  # noqa: E402
+from study.spec import model_spec  # noqa: E402
 from training.dataset import load_dataset, save_npz  # noqa: E402
 
 WAYS = {"plain": ("plain", None), "plain-mb": ("plain", 32), "zero2-1": ("zero2-1", None)}
@@ -57,9 +59,10 @@ def run_all(tmp: Path, args) -> dict:
             error = train(engine, config, data, tmp / f"{precision}-{way}")
             if error:
                 raise SystemExit(f"{precision} {way}: {error}")
+        written = model_spec(load_config(config), "m").marks  # the snapshots every way wrote: one per step
         for way in WAYS:
             table[precision, way] = [max_relative_difference(weights(tmp / f"{precision}-plain", m),
-                                                             weights(tmp / f"{precision}-{way}", m)) for m in marks]
+                                                             weights(tmp / f"{precision}-{way}", m)) for m in written]
     return table
 
 

@@ -28,7 +28,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from study.config import load_config  # noqa: E402
 from study.integrity import load_torch  # noqa: E402
+from study.spec import model_spec  # noqa: E402
 from training.dataset import load_dataset, save_npz  # noqa: E402
 
 
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
         config.write_text(yaml.safe_dump({"study": "parity", "training": training,
                                           "models": {"m": {"arch": args.model}}}))
         data = save_npz(load_dataset("digits"), tmp / "digits.npz")
-        snap = f"snapshots/snapshot-{total:09d}.pt"
+        snap = f"snapshots/snapshot-{model_spec(load_config(config), 'm').total:09d}.pt"  # the last snapshot
         rows, reference = [], None
         for engine in args.engines.split(","):
             out = tmp / engine

@@ -79,16 +79,13 @@ def posterior_sigma(n: int, dim: int) -> float:
 def gpu_setting(config: Path) -> Setting:
     """The paper models at the configured batch_gpu of `config` (paper-img64.yaml) and DiT's."""
     from models.sizes import DIT_PAPER_SIZES
-    from study.config import load_config, micro_batch, model_training
+    from study.config import load_config
     from study.plan import data_shape
+    from study.spec import resolve_specs
 
     cfg = load_config(config)
     shape = data_shape(cfg)[:3]
-    models = []
-    for name in cfg["models"]:
-        training = model_training(cfg, name)
-        models.append((name, cfg["models"][name]["arch"], shape,
-                       micro_batch(training, training["launch"]["num_processes"])[0]))
+    models = [(name, spec.arch, shape, spec.batch_gpu) for name, spec in resolve_specs(cfg).items()]
     models += [(name, name, DIT_SHAPE, DIT_BATCH_GPU) for name in DIT_PAPER_SIZES]
     # Budgets from the H200 run of 2026-12-04 (8 minutes in all): the step part measured 8 model-engine pairs in
     # 270 s, one worker per engine (process start, build, 2 + 3 steps, cuDNN autotuning twice per shape): now one
@@ -481,13 +478,13 @@ def parity_runs(setting: Setting, folder: Path, data: Path, precision: str, dead
 def study_config(setting: Setting, work: Path, data: Path) -> Path:
     import yaml
 
-    from study.config import _deep_merge
+    from study.spec import deep_merge
 
     cfg = yaml.safe_load((ROOT / "workflow/config/gpu-validate.yaml").read_text())
     overrides = setting.study["overrides"]
     if "models" in overrides:
         cfg["models"] = overrides["models"]
-    cfg = _deep_merge(cfg, {k: v for k, v in overrides.items() if k != "models"})
+    cfg = deep_merge(cfg, {k: v for k, v in overrides.items() if k != "models"})
     cfg["dataset"]["spec"] = str(data)
     path = work / "study.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

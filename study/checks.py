@@ -14,7 +14,7 @@ known without loading the data, and the packages each configured path needs beyo
 (PATH_PACKAGES: DeepSpeed for a DeepSpeed accelerate config, Pillow for an image folder, each configured tracker's
 package), looked up without importing them, and a DeepSpeed JSON that would train in another precision than the DDP
 path (bf16/fp16 engine, a torch_autocast or communication dtype at odds with training.mixed_precision). That every batch splits over its processes and micro-batches is
-load_config's check (study.config.micro_batch), made before these.
+load_config's check (study.spec.micro_batch), made before these.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import yaml
 
 from models.sizes import SIZES
-from study.config import ConfigError, model_training, snapshot_marks, total_images
+from study.spec import ConfigError, model_training, snapshot_marks, total_images
 
 # Dataset sizes known without reading the data (training.dataset: sklearn's digits set).
 KNOWN_DATASET_SIZES = {"digits": 1797}

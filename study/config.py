@@ -1,5 +1,6 @@
-"""Study configuration: load + validate a study YAML, per-model training settings, snapshot marks.
+"""Study configuration: load + validate a study YAML (with its seed runs expanded), and the CLI that checks a file.
 
+Each model's resolved settings (merged training section, variant, snapshot marks, ...): study.spec.
 No torch import here: the Snakefile imports this module to build the DAG, and it must stay cheap.
 
 The format is fixed in docs/internals.md ("The study config"); the JSON schema lives in
@@ -24,11 +25,22 @@ from typing import Mapping
 import jsonschema
 import yaml
 
+from study.checks import check_study, known_arch_names
+
+# The per-model functions live in study.spec (ModelSpec is built from them); the loading checks below use some, and
+# callers have always imported all of them from here.
+from study.spec import (  # noqa: F401
+    ConfigError,
+    micro_batch,
+    model_training,
+    model_variant,
+    seed_sizes,
+    snapshot_marks,
+    step_resources,
+    total_images,
+)
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
-
-
-class ConfigError(ValueError):
-    """A study config that does not match the schema; the message names the key path."""
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -126,26 +138,6 @@ def expand_seeds(cfg: dict, where: str = "config") -> None:
     cfg["models"] = out
 
 
-def seed_sizes(cfg: Mapping) -> dict:
-    """run → the model-table entry (size) it is a seed run of (its own name when it is no replicate)."""
-    return {name: (entry or {}).get("replicate_of") or name for name, entry in (cfg.get("models") or {}).items()}
-
-
-def micro_batch(training: Mapping, num_processes: int, key: str = "training") -> tuple[int, int]:
-    """(batch_gpu, accumulation rounds) of one process: the per-process batch batch_size / num_processes is
-    processed `rounds` micro-batches of `batch_gpu` images at a time (EDM2's batch_gpu; null or larger than the
-    per-process batch = the whole of it).  Raises ConfigError naming the key when the batch does not split."""
-    batch, world = int(training["batch_size"]), int(num_processes)
-    if batch % world:
-        raise ConfigError(f"{key}.batch_size: {batch} is not divisible by the {world} processes")
-    local = batch // world
-    gpu = min(int(training.get("batch_gpu") or local), local)
-    if local % gpu:
-        raise ConfigError(f"{key}.batch_gpu: {gpu} does not divide the per-process batch {local} "
-                          f"(batch_size {batch} / {world} processes)")
-    return gpu, local // gpu
-
-
 def _check_batching(cfg: dict, where: str) -> None:
     """Every model's batch splits over its configured processes and micro-batches (at config time, so a
     bad study fails before any job runs; train.py checks again with the processes it really has)."""
@@ -233,129 +225,10 @@ def _describe(error) -> list[str]:
     return [f"{path or '<top level>'}: {error.message}{why}"]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# per-model training settings
-# --------------------------------------------------------------------------------------------------------------
-
-def _deep_merge(base: Mapping, override: Mapping) -> dict:
-    out = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def model_training(cfg: Mapping, name: str) -> dict:
-    """The training settings of model NAME: the study's `training` defaults deep-merged with the model's
-    `training` overrides.  A `snapshots` override that gives `images` wins over count/spacing (see
-    snapshot_marks)."""
-    entry = _model_entry(cfg, name)
-    overrides = dict(entry.get("training") or {})
-    merged = _deep_merge(cfg.get("training") or {}, overrides)
-    # an explicit list of snapshot marks in the override replaces the study's geometric/linear spec
-    snap_override = overrides.get("snapshots") or {}
-    if "images" in snap_override:
-        merged["snapshots"] = copy.deepcopy(snap_override)
-    elif snap_override:
-        merged["snapshots"].pop("images", None)
-    return merged
-
-
-def model_variant(cfg: Mapping, name: str) -> dict:
-    """The variant section ({name, kwargs}) model NAME trains: its own `variant` where the entry has one, else the
-    study's."""
-    return _model_entry(cfg, name).get("variant") or cfg["variant"]
-
-
-def _model_entry(cfg: Mapping, name: str) -> Mapping:
-    models = cfg.get("models") or {}
-    if name not in models:
-        raise ConfigError(f"models.{name}: unknown model (known: {', '.join(models) or 'none'})")
-    return models[name] or {}
-
-
-STEP_RESOURCE_DEFAULTS = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
-
-
-def step_resources(cfg: Mapping, step: str, model: str | None = None) -> dict:
-    """Resources of one workflow step (dataset, optimal_loss, train, evaluate): built-in defaults < the config's
-    `resources.<step>` < the model's own `resources`. Runtime in minutes; mem_mb per node."""
-    r = dict(STEP_RESOURCE_DEFAULTS)
-    r.update((cfg.get("resources") or {}).get(step) or {})
-    if model is not None:
-        r.update((cfg["models"][model] or {}).get("resources") or {})
-    return r
-
-
-def total_images(training: Mapping) -> int:
-    """Training length in images seen, rounded up to a whole number of (global) batches."""
-    batch = int(training["batch_size"])
-    return int(math.ceil(int(training["total_images"]) / batch) * batch)
-
-
-def _length_text(training: Mapping) -> str:
-    """'total_images=N' as the config says it (and the whole batches it is rounded up to, where they differ)."""
-    asked, total = int(training["total_images"]), total_images(training)
-    return f"total_images={asked}" + (f" (rounded up to whole batches: {total})" if total != asked else "")
-
-
-def snapshot_marks(training: Mapping) -> list[int]:
-    """Images-seen marks at which snapshots are written, ascending; the last is the training length.
-
-    Marks are rounded to whole global batches (images seen only grows in steps of batch_size), so a snapshot's
-    images_seen equals its mark exactly.  Spec (training.snapshots):
-      {images: [..]}                              explicit marks (the training length is always added)
-      {count: K, spacing: geometric, first_images: F}   K marks F·(T/F)^(i/(K−1)), i = 0..K−1 — even spacing
-                                                  in log compute, what a compute-axis power-law fit wants
-      {count: K, spacing: linear[, first_images: F]}    K evenly spaced marks from F (default T/K) to T
-    """
-    batch = int(training["batch_size"])
-    total = total_images(training)
-    spec = training.get("snapshots") or {}
-
-    def to_batch(n: float) -> int:
-        return int(min(max(math.floor(n / batch + 0.5), 1) * batch, total))  # nearest batch, half up
-
-    if spec.get("images"):
-        raw = [float(m) for m in spec["images"]]
-        bad = [m for m in raw if m <= 0]
-        if bad:
-            raise ConfigError(f"training.snapshots.images: marks must be positive, got {bad[0]}")
-    else:
-        count = int(spec.get("count", 1))
-        if count < 1:
-            raise ConfigError(f"training.snapshots.count: must be >= 1, got {count}")
-        spacing = spec.get("spacing", "geometric")
-        first = spec.get("first_images")
-        if count == 1:
-            raw = [total]
-        elif spacing == "geometric":
-            first = float(first) if first else total / 2 ** (count - 1)
-            if not 0 < first <= total:
-                raise ConfigError(f"training.snapshots.first_images: must be in (0, {_length_text(training)}], "
-                                  f"got {first:g}")
-            ratio = total / first
-            raw = [first * ratio ** (i / (count - 1)) for i in range(count)]
-        elif spacing == "linear":
-            first = float(first) if first else total / count
-            if not 0 < first <= total:
-                raise ConfigError(f"training.snapshots.first_images: must be in (0, {_length_text(training)}], "
-                                  f"got {first:g}")
-            raw = [first + (total - first) * i / (count - 1) for i in range(count)]
-        else:
-            raise ConfigError(f"training.snapshots.spacing: unknown spacing {spacing!r} (geometric or linear)")
-    marks = sorted({to_batch(m) for m in raw} | {total})
-    return marks
-
-
 def main(argv=None) -> int:
     """Check a study config as `snakemake -n` does before any job runs (YAML syntax, schema, DAG-time checks):
     every problem on its own line, exit 2. Snakemake reads --configfile itself and reports a YAML syntax error
     without its file or line; this names both."""
-    from study.checks import check_study, known_arch_names  # study.checks builds on this module: not at the top
-
     ap = argparse.ArgumentParser(prog="python -m study.config", description=main.__doc__.split("\n")[0])
     ap.add_argument("config", help="study config YAML (workflow/config/*.yaml)")
     args = ap.parse_args(argv)

@@ -22,7 +22,8 @@ import pandas as pd
 
 from study.atomic import atomic_path
 from study.checks import array_shape, parse_dataset_spec
-from study.config import ConfigError, load_config, model_training, step_resources, total_images
+from study.config import ConfigError, load_config
+from study.spec import resolve_specs, step_resources
 
 # models.family (torch) is imported only where parameters and FLOPs are counted (plan_rows): the plan rule prints a
 # finished plan (format_plan, read_plan) in the Snakefile's own process, which needs no torch for it.
@@ -86,41 +87,38 @@ def plan_rows(cfg: Mapping) -> tuple[list[dict], list[str]]:
 
     resolution, channels, label_dim, _ = data_shape(cfg)
     peak = float((cfg.get("plan") or {}).get("peak_tflops", 989.0)) * 1e12
-    rows = []
-    for model, entry in cfg["models"].items():
-        arch = entry["arch"]
-        training = model_training(cfg, model)
+    rows, specs = [], resolve_specs(cfg)
+    for model, spec in specs.items():
+        arch, launch = spec.arch, spec.training["launch"]
         net = family.build(arch, resolution=resolution, channels=channels, label_dim=label_dim, device="meta")
         fpi = int(family.training_flops_per_image(arch, resolution=resolution, channels=channels,
                                                   label_dim=label_dim))
-        images = total_images(training)
-        gpus = int(training["launch"]["num_processes"])
+        gpus = int(launch["num_processes"])
         mfu = model_mfu(cfg, model, arch)
-        gpu_hours = fpi * images / (peak * mfu) / 3600
+        gpu_hours = fpi * spec.total / (peak * mfu) / 3600
         wall_hours = gpu_hours / gpus
         runtime_hours = step_resources(cfg, "train", model)["runtime"] / 60
         rows.append({"model": model, "arch": arch, "params": family.count_params(net), "flops_per_image": fpi,
-                     "total_images": images, "total_flops": float(fpi) * images, "gpus": gpus,
+                     "total_images": spec.total, "total_flops": float(fpi) * spec.total, "gpus": gpus,
                      "gpu_hours": gpu_hours, "mfu": mfu, "wall_hours": wall_hours,
-                     "nodes": int(training["launch"].get("num_machines", 1)),
-                     "jobs": math.ceil(wall_hours / runtime_hours)})
-    return rows, plan_notes(cfg) + ema_notes(cfg, rows)
+                     "nodes": int(launch.get("num_machines", 1)), "jobs": math.ceil(wall_hours / runtime_hours)})
+    return rows, plan_notes(cfg) + ema_notes(cfg, rows, specs)
 
 
-def ema_notes(cfg: Mapping, rows: list[dict]) -> list[str]:
+def ema_notes(cfg: Mapping, rows: list[dict], specs: Mapping | None = None) -> list[str]:
     """What EDM2's power-EMA profiles (training.ema.kind: power) add: one fp32 copy of the weights per profile in
-    every training process (the classic EMA keeps one), and per stored point (snapshot or profile file) on disk."""
-    from study.config import snapshot_marks  # torch-free
-
+    every training process (the classic EMA keeps one), and per stored point (snapshot or profile file) on disk.
+    `specs`: the study's resolve_specs, where the caller has them."""
+    specs = specs if specs is not None else resolve_specs(cfg)
     notes = []
     for row in rows:
-        training = model_training(cfg, row["model"])
-        ema = training.get("ema") or {}
+        spec = specs[row["model"]]
+        ema = spec.training.get("ema") or {}
         if ema.get("kind") != "power":
             continue
         profiles = len(ema.get("sigma_rel") or (0.05, 0.10))
         every = int(ema.get("profile_every_images") or 0)
-        points = set(snapshot_marks(training)) | set(range(every, total_images(training) + 1, every) if every else ())
+        points = set(spec.marks) | set(range(every, spec.total + 1, every) if every else ())
         profile_gb = 4 * row["params"] / 1e9
         notes.append(f"{row['model']}: {profiles} power-EMA profiles, {profiles * profile_gb:.2f} GB of fp32 weights "
                      f"in each training process ({(profiles - 1) * profile_gb:+.2f} GB over the classic EMA), the same "

@@ -129,7 +129,9 @@ def per_example_losses(denoiser, schedule, x0, sigma, noise, labels):
 
 @dataclass
 class Run:
-    """Everything the step loop reads and updates, built by training.train.train."""
+    """What the step loop reads and updates, built by training.train.build_run: the run's spec (what is trained, on
+    which data, and the settings fingerprint), the engine's pieces, and the live state."""
+    spec: Any                    # training.train.RunSpec: the model's study.spec.ModelSpec, data, records, fingerprint
     accelerator: Any
     model_p: Any                 # the prepared (DDP / DeepSpeed) net
     optimizer: torch.optim.Optimizer
@@ -137,25 +139,15 @@ class Run:
     raw_net: torch.nn.Module     # the unwrapped net (its weights feed the EMA)
     ema: torch.nn.Module
     denoiser: Any                # Denoiser(model_p, variant)
-    variant: Any                 # models.diffusion.Variant
     schedule: Any                # draws σ and weights the loss (the variant, or the optimal-loss schedule)
     tracker: Any                 # training.sigma_bins.SigmaBinTracker
-    data: Any                    # training.dataset.DatasetArrays
-    labels: torch.Tensor | None  # all labels (conditional runs) or None
     forced_weights: list         # the MPConv weights the forced weight normalisation keeps at unit norm
     noise_gen: torch.Generator
-    training: dict
-    model: str
     out: Path
-    marks: list
-    total: int
-    batch_gpu: int
+    batch_gpu: int               # micro-batching with the processes this run has
     rounds: int
     use_ds: bool
     flops_per_image: float
-    fingerprint: dict
-    arch_record: dict            # {name, resolution, channels, label_dim, kwargs}: rebuilds the net
-    variant_record: dict         # {name, kwargs}: rebuilds the variant
     n_params: int
     images_seen: int = 0
     written: list = field(default_factory=list)
@@ -164,6 +156,52 @@ class Run:
     saves: Any = None            # BackgroundSaves while run_steps runs
     power_ema: Any = None        # training.power_ema.PowerEMA under training.ema.kind = power (then `ema` is its first)
     profile_marks: list = field(default_factory=list)  # images seen at which a profile-only file is written
+
+    # what the spec says, under the names the loop reads
+    @property
+    def model(self) -> str:
+        return self.spec.model_spec.name
+
+    @property
+    def training(self) -> dict:
+        return self.spec.model_spec.training
+
+    @property
+    def marks(self) -> list:
+        return list(self.spec.model_spec.marks)
+
+    @property
+    def total(self) -> int:
+        return self.spec.model_spec.total
+
+    @property
+    def data(self):
+        """training.dataset.DatasetArrays"""
+        return self.spec.data
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """all labels (conditional runs) or None"""
+        return self.spec.labels
+
+    @property
+    def variant(self):
+        """models.diffusion.Variant"""
+        return self.spec.variant
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.spec.fingerprint
+
+    @property
+    def arch_record(self) -> dict:
+        """{name, resolution, channels, label_dim, kwargs}: rebuilds the net"""
+        return self.spec.arch_record
+
+    @property
+    def variant_record(self) -> dict:
+        """{name, kwargs}: rebuilds the variant"""
+        return self.spec.variant_record
 
 
 class BackgroundSaves:

@@ -24,10 +24,9 @@ import yaml
 
 from study import integrity
 from study.atomic import atomic_path
+from study.spec import RESULT_NEUTRAL_KEYS
 
 STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
-# training keys that change no image, σ, noise or weight: micro-batching (batch_gpu) and who watches (trackers)
-RESULT_NEUTRAL_KEYS = ("batch_gpu", "trackers")
 
 
 class RunFolderMismatchError(ValueError):
@@ -37,18 +36,6 @@ class RunFolderMismatchError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 # the settings fingerprint
 # ----------------------------------------------------------------------------------------------------------------
-
-def config_fingerprint(training: dict, arch: dict, variant: dict, data_shape, label_dim: int) -> dict:
-    """What a run folder's state belongs to: the model's merged training section, its net (arch name and the
-    complete kwargs), the diffusion variant, and the dataset's shape and label count. Plain JSON data (lists, not
-    tuples), so it compares equal after a round trip through state.pt or done.json.  RESULT_NEUTRAL_KEYS are left
-    out: micro-batching changes no image, σ or noise, so a run may resume with another batch_gpu (e.g. on smaller
-    GPUs), and one may start or stop watching it (training.trackers)."""
-    training = {k: v for k, v in training.items() if k not in RESULT_NEUTRAL_KEYS}
-    fp = {"training": training, "arch": arch, "variant": variant,
-          "dataset": {"shape": list(data_shape), "label_dim": int(label_dim)}}
-    return json.loads(json.dumps(fp))
-
 
 def _flatten(d, prefix=""):
     out = {}

@@ -3,9 +3,10 @@
     python -m training.train --config CONFIG.yaml --model NAME --data DATASET.npz --out RUN_DIR
 
 One Accelerate loop for every launch mode (plain CPU, multi-GPU DDP, DeepSpeed ZeRO-2; see workflow/accelerate/),
-EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` reads
-the data, checks the run folder, builds the net, optimiser and schedule, resumes, and hands over to
-training/loop.py (what one step does); training/run_folder.py holds the run folder's files and fingerprint.
+EDM2-style: a thin CLI builds the settings and calls `train`, which counts progress in images seen.  `train` resolves
+the model's spec once (study/spec.py), reads the data, checks the run folder, builds the net, optimiser and
+schedule, resumes, and hands over to training/loop.py (what one step does); training/run_folder.py holds the run
+folder's files and the check of its settings fingerprint.
 
 Run folder (docs/internals.md): state.pt (resumable; atomic), snapshots/snapshot-{images:09d}.pt (EMA weights,
 arch, variant, images_seen, flops counted with torch.utils.flop_counter), log.jsonl, done.json (written last).
@@ -35,12 +36,13 @@ from models.loss_weighting import OptimalLossSchedule
 from models.weight_norm import forced_weights, normalize_forced_weights_
 from study import integrity
 from study.checks import deepspeed_precision_problems, torch_autocast_section
-from study.config import load_config, micro_batch, model_training, model_variant, snapshot_marks, total_images
+from study.config import load_config
+from study.spec import ModelSpec, model_spec
 from training import lifeline, run_folder
 from training.dataset import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
 from training.loop import Run, learning_rate, run_steps
 from training.power_ema import PowerEMA, ema_settings, profile_marks
-from training.run_folder import RunFolderMismatchError, config_fingerprint
+from training.run_folder import RunFolderMismatchError
 from training.sigma_bins import SigmaBinTracker
 
 # ZeRO-2 communication tuning, applied unless a DeepSpeed config (e.g. a --deepspeed_config_file) sets the key.
@@ -155,18 +157,22 @@ def start_trackers(accelerator, study: str, model: str, training: dict, arch: di
 # train(): set up, then run the loop
 # ----------------------------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class RunSpec:
-    """What a training run is — its settings, data, architecture and variant — and the fingerprint the run folder
-    is checked against before anything is resumed or reported done."""
-    model: str
-    training: dict
+    """What a training run is: the model's resolved spec (study.spec.ModelSpec) completed with what only the job
+    knows — the data, the net's complete kwargs for the data's shape, the variant built — and so the settings
+    fingerprint the run folder is checked against before anything is resumed or reported done."""
+    model_spec: ModelSpec
     data: DatasetArrays
     labels: torch.Tensor | None  # the data's labels when the study is class-conditional
     arch_record: dict            # name, resolution, channels, label_dim, kwargs: what a snapshot rebuilds from
     variant: Any
     variant_record: dict
     fingerprint: dict
+
+    @property
+    def training(self) -> dict:
+        return self.model_spec.training
 
     @property
     def arch_kwargs(self) -> dict:
@@ -178,11 +184,11 @@ class RunSpec:
 
 
 def describe_run(cfg: dict, model: str, data) -> RunSpec:
-    """Model NAME of study config `cfg` on `data`: the data opened (it stays on the host in its stored dtype; each
-    step copies only this rank's rows to the device), the architecture for its shape, the variant, the
-    fingerprint."""
-    training = model_training(cfg, model)
-    arch_name = cfg["models"][model]["arch"]
+    """Model NAME of study config `cfg` on `data`: its resolved spec, the data opened (it stays on the host in its
+    stored dtype; each step copies only this rank's rows to the device), the architecture for its shape, the
+    variant, the fingerprint."""
+    resolved = model_spec(cfg, model)
+    training = resolved.training
     data_src = check_images(open_training_data(data), at_least={"training.batch_size": training["batch_size"]})
     conditional = bool(cfg["dataset"].get("conditional"))
     if conditional and data_src.labels is None:
@@ -191,16 +197,14 @@ def describe_run(cfg: dict, model: str, data) -> RunSpec:
     _, C, H, W = data_src.shape
     if H != W:
         raise ValueError(f"dataset {data_src.name!r}: images must be square, got {H}x{W}")
-    arch_kw = family.arch_kwargs(arch_name, resolution=H, channels=C, label_dim=label_dim,
+    arch_kw = family.arch_kwargs(resolved.arch, resolution=H, channels=C, label_dim=label_dim,
                                  logvar=bool(training["logvar"]), dropout=float(training["dropout"]))
-    vcfg = model_variant(cfg, model)
-    variant = get_variant(vcfg["name"], **(vcfg.get("kwargs") or {}))
+    variant = get_variant(resolved.variant["name"], **(resolved.variant.get("kwargs") or {}))
     variant_record = {"name": variant.name, "kwargs": variant.kwargs()}
-    fingerprint = config_fingerprint(training, {"name": arch_name, "kwargs": arch_kw}, variant_record,
-                                     data_src.shape, label_dim)
-    arch_record = {"name": arch_name, "resolution": H, "channels": C, "label_dim": label_dim, "kwargs": arch_kw}
-    return RunSpec(model=model, training=training, data=data_src, labels=data_src.labels if conditional else None,
-                   arch_record=arch_record, variant=variant, variant_record=variant_record, fingerprint=fingerprint)
+    arch_record = {"name": resolved.arch, "resolution": H, "channels": C, "label_dim": label_dim, "kwargs": arch_kw}
+    return RunSpec(model_spec=resolved, data=data_src, labels=data_src.labels if conditional else None,
+                   arch_record=arch_record, variant=variant, variant_record=variant_record,
+                   fingerprint=resolved.fingerprint(arch_kw, variant_record, data_src.shape, label_dim))
 
 
 def check_world(accelerator) -> None:
@@ -266,7 +270,7 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     training, variant = spec.training, spec.variant
     world, device = accelerator.num_processes, accelerator.device
     use_ds = accelerator.distributed_type == DistributedType.DEEPSPEED
-    batch_gpu, rounds = micro_batch(training, world)  # with the processes this run really has
+    batch_gpu, rounds = spec.model_spec.micro_batch(world)  # with the processes this run really has
     # accelerator.backward divides by this (DeepSpeed's engine does, with its own gradient_accumulation_steps)
     accelerator.gradient_accumulation_steps = rounds
 
@@ -308,17 +312,14 @@ def build_run(spec: RunSpec, accelerator, out: Path, *, jstar=None) -> Run:
     if loaded is None:  # a resumed state holds weights normalised after their last step
         normalize_forced_weights_(forced)
 
-    run = Run(accelerator=accelerator, model_p=model_p, optimizer=optimizer, optimizer_p=optimizer_p,
+    run = Run(spec=spec, accelerator=accelerator, model_p=model_p, optimizer=optimizer, optimizer_p=optimizer_p,
               raw_net=raw_net, ema=ema, denoiser=Denoiser(model_p, variant, label_dim=spec.label_dim),
-              variant=variant, schedule=schedule, tracker=tracker, data=spec.data, labels=spec.labels,
-              forced_weights=forced, noise_gen=noise_gen, training=training, model=spec.model, out=out,
-              marks=snapshot_marks(training), total=total_images(training), batch_gpu=batch_gpu, rounds=rounds,
-              use_ds=use_ds,
+              schedule=schedule, tracker=tracker, forced_weights=forced, noise_gen=noise_gen, out=out,
+              batch_gpu=batch_gpu, rounds=rounds, use_ds=use_ds,
               # FLOPs of one training forward+backward per image (counted on the meta device; ×images seen)
-              flops_per_image=float(family.training_flops_of(spec.arch_kwargs)),
-              fingerprint=spec.fingerprint, arch_record=spec.arch_record, variant_record=spec.variant_record,
-              n_params=n_params, power_ema=power_ema,
-              profile_marks=profile_marks(training, total_images(training)) if power_ema is not None else [])
+              flops_per_image=float(family.training_flops_of(spec.arch_kwargs)), n_params=n_params,
+              power_ema=power_ema,
+              profile_marks=profile_marks(training, spec.model_spec.total) if power_ema is not None else [])
     if loaded is not None:
         run.images_seen, run.written = int(loaded["images_seen"]), list(loaded["snapshots"])
         # the interrupted log interval's running loss continues where it was

@@ -1,14 +1,16 @@
 # Shared by the rule files: the validated config, the checks that fail `snakemake -n` before any job runs, the
-# study's layout (R, MODELS, TRAINING, MARKS) and the resource / path helpers more than one rule file uses (a helper
-# of one rule file lives in that file). Included first by the Snakefile; imports only torch-free modules.
+# study's layout (R, MODELS, SPECS and the TRAINING / MARKS views of them) and the resource / path helpers more than
+# one rule file uses (a helper of one rule file lives in that file). Included first by the Snakefile; imports only
+# torch-free modules.
 import os
 import shlex
 import sys
 
 from study.checks import check_study, known_arch_names
-from study.config import ConfigError, load_config, model_training, snapshot_marks, total_images
-from study.config import step_resources as study_step_resources
-from models.sizes import FAMILY, SIZES
+from study.config import ConfigError, load_config
+from study.spec import resolve_specs
+from study.spec import step_resources as study_step_resources
+from models.sizes import SIZES
 
 
 # Validate once: study.config.load_config checks the config against workflow/schemas/config.schema.yaml, fills
@@ -34,8 +36,9 @@ PYTHON = sys.executable  # the interpreter running Snakemake (the venv's), also 
 STUDY = config["study"]
 R = f"results/{STUDY}"
 MODELS = list(config["models"])
-TRAINING = {m: model_training(config, m) for m in MODELS}
-MARKS = {m: snapshot_marks(TRAINING[m]) for m in MODELS}
+SPECS = resolve_specs(config)  # model -> study.spec.ModelSpec: merged training, variant, arch, family, marks, total
+TRAINING = {m: SPECS[m].training for m in MODELS}
+MARKS = {m: list(SPECS[m].marks) for m in MODELS}
 
 
 def repo_path(path):
@@ -97,7 +100,7 @@ def device_flag(step):
 
 
 # the architecture families of the model table (U-Net "edm2", "dit"); several → per-family fits
-MODEL_FAMILIES = sorted({FAMILY.get(config["models"][m]["arch"], config["models"][m]["arch"]) for m in MODELS})
+MODEL_FAMILIES = sorted({SPECS[m].family for m in MODELS})
 
 
 # ---- snapshots and the final evaluation of each model (train, evaluate, diagnose and schedule rules) ----
@@ -107,9 +110,9 @@ def snapshot_path(model, images):
 
 def train_cost(model):
     """A proxy of a model's training cost known without building its net: images × width² (× depth for a DiT)."""
-    size = SIZES.get(config["models"][model]["arch"], {})
+    size = SIZES[SPECS[model].arch]
     width = size.get("model_channels") or size.get("hidden_size") or 1
-    return total_images(TRAINING[model]) * width**2 * size.get("depth", 1)
+    return SPECS[model].total * width**2 * size.get("depth", 1)
 
 
 def train_priority(model):
