@@ -3,7 +3,7 @@ state.pt, the first version's way and now's, interleaved so both see the same ma
   first version  torch.save to the temp file, then its sha256 by reading the file again (and the replaced file's
                  too), renamed into place; the steps wait for all of it
   now            run_folder.atomic_torch_save: sha256 taken from the bytes as torch.save writes them, the replaced
-                 file matched by its sampled hash; the steps wait only for the copy to the host (loop.host_copy),
+                 file matched by its sampled hash; the steps wait only for the copy to the host (saves.host_copy),
                  the write runs on the save thread
 Prints median seconds of each (the write and, for now, the stall), and their ratios.
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from study import integrity  # noqa: E402
 from study.atomic import atomic_path  # noqa: E402
 from training import run_folder
-from training.loop import host_copy  # noqa: E402
+from training.saves import host_copy  # noqa: E402
 
 
 def first_version_save(obj, path: Path) -> None:

@@ -58,7 +58,7 @@ def graph():
 
 def test_the_import_graph_is_found(graph):
     """The parser sees the imports it must (a check that finds nothing would pass every test below)."""
-    assert "study.config" in graph["study.checks"]
+    assert "study.spec" in graph["study.checks"]
     assert "training.loop" in graph["training.train"]
     assert {"models.family", "study.integrity"} <= graph["models.denoiser"]
 
