@@ -46,6 +46,7 @@ from analysis.evaluate import (
 )
 from analysis.report import ema_exponents_table
 from models.denoiser import Denoiser
+from study import integrity
 from study.atomic import atomic_path
 from training.power_ema import read_power_record, read_profiles, reconstruct
 
@@ -288,6 +289,7 @@ def main(argv=None) -> int:
     co.add_argument("--fixed-sigma-rel", type=float, default=0.05, help="the fixed length compared with the best")
     co.add_argument("--n-replicates", type=int, default=1000)
     co.add_argument("--seed", type=int, default=0)
+    integrity.add_stamp_options(co)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "evaluate":
@@ -320,6 +322,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    integrity.stamp_outputs(args, args.out)  # collect's table (evaluate has no stamp options)
     return 0
 
 

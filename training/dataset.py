@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from study.atomic import atomic_path
-from study.integrity import verify
+from study.integrity import add_stamp_options, stamp_outputs, verify
 
 # Imported where used: scikit-learn (a slow import, SciPy with it) only for the bundled digits, Pillow only for
 # image folders (an optional package: study.checks.PATH_PACKAGES).
@@ -618,6 +618,7 @@ def main(argv=None) -> int:
                          "writes float32")
     ap.add_argument("--at-least", action="append", default=[], metavar="WHAT=N",
                     help="refuse a dataset of fewer than N images, naming WHAT (e.g. training.batch_size=64)")
+    add_stamp_options(ap)
     args = ap.parse_args(argv)
     try:
         needs = dict(_need(text) for text in args.at_least)
@@ -632,6 +633,7 @@ def main(argv=None) -> int:
     classes = "no labels" if arrays.labels is None else f"{arrays.num_classes} classes"
     print(f"{arrays.name}: N={len(arrays)} shape={arrays.shape[1:]} stored {stats['dtype']} "
           f"range=[{stats['min']:.4g}, {stats['max']:.4g}] {classes} -> {args.out}")
+    stamp_outputs(args, args.out)
     return 0
 
 
