@@ -6,6 +6,7 @@ sidecars. The real trainer under it: the smoke study (tests/test_damaged_study.p
 import os
 import shlex
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -147,3 +148,11 @@ def test_a_snapshot_failing_its_checksum_is_not_published(job, tmp_path, monkeyp
     assert run(args, monkeypatch) == 2
     assert f"error: {run_dir / 'snapshots' / 'snapshot-000000064.pt'}: " in log.read_text()
     assert not (tmp_path / "snapshots" / "t0" / "snapshot-000000064.pt").exists()
+
+
+def test_the_job_holds_no_torch():
+    """The job waits for the whole training: it never imports torch (the run folder's check is a process of its
+    own)."""
+    code = "import sys, training.run_job; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          check=False).returncode == 0

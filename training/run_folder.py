@@ -22,13 +22,19 @@ import random
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import yaml
 
 from study import integrity
 from study.atomic import atomic_path
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a torch file is written or the RNGs are read: the train job's wrapper (training.run_job)
+# checks the settings stamp with this module and then waits for the whole training without holding torch.
 
 STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
 # training keys that change no image, σ, noise or weight: micro-batching (batch_gpu) and who watches (trackers)
@@ -100,6 +106,8 @@ def atomic_torch_save(obj, path: Path) -> dict:
     that matches its sidecar, never a half-written file); the sha256 is taken from the bytes as they are written
     (integrity.HashingWriter), not by reading a multi-GB file again.  Written through a file object, torch names
     the folder inside the zip 'archive', whatever the temp file is called.  Returns the sidecar's record."""
+    import torch  # deferred: see the imports
+
     hashed: dict = {}
 
     def finish(tmp, final):
@@ -241,6 +249,8 @@ def truncate_log(path: Path, images_seen: int) -> None:
 
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG's state as tensors and plain data (state.pt is read with weights_only)."""
+    import torch  # deferred: see the imports
+
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
@@ -260,6 +270,8 @@ def _numpy_state(saved):
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    import torch  # deferred: see the imports
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_state(state["numpy"]))
     random.setstate(state["python"])

@@ -20,7 +20,9 @@ In order, every line going to LOG (appended, as the trainer's output is):
    (study.integrity.publish); exit 2 on one that fails its checksum.
 
 A trainer never outlives its job: the rule sets TRAINER_JOB_PID to its snakemake process, which every training
-process watches (training.lifeline), and this process only waits for the launch it started.
+process watches (training.lifeline), and this process only waits for the launch it started. It never imports torch
+(step 3 runs `python -m training.run_folder check-run RUN` in a process of its own), so the job holds no more memory
+than its trainer does.
 """
 
 from __future__ import annotations
@@ -38,7 +40,19 @@ from study import integrity
 from training import lifeline, run_folder
 
 SETTINGS_STAMP = ".study-config.yaml"
-EXIT_CORRUPT = 3  # run_folder.check_run: a file of the run folder fails its checksum
+EXIT_CORRUPT = 3  # `training.run_folder check-run`: a file of the run folder fails its checksum
+
+
+def exit_status(returncode: int) -> int:
+    """A child's exit status as a shell reports it: 128 + the signal's number for one killed by a signal."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_logged(log: Path, command) -> int:
+    """`command` (argv, or shell text for bash) with its stdout and stderr appended to `log`: its exit status."""
+    argv = ["bash", "-c", command] if isinstance(command, str) else command
+    with open(log, "ab") as f:
+        return exit_status(subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, check=False).returncode)
 
 
 def logged(log: Path, step, *args) -> int:
@@ -75,8 +89,8 @@ def start_clean(args, log: Path) -> int:
     if stamp.exists() and settings_changed(stamp, args.config):
         note(log, f"train {args.model}: settings changed since {run_dir} was started: starting afresh")
         shutil.rmtree(run_dir)
-    if run_dir.is_dir():
-        check = logged(log, run_folder.check_run, run_dir)
+    if run_dir.is_dir():  # a process of its own: it reads state.pt with torch, which this waiting one never holds
+        check = run_logged(log, [sys.executable, "-m", "training.run_folder", "check-run", str(run_dir)])
         if check == EXIT_CORRUPT:
             note(log, f"train {args.model}: a file in {run_dir} fails its checksum: starting afresh")
             shutil.rmtree(run_dir)
@@ -98,10 +112,8 @@ def train(args, log: Path) -> int:
     """The trainer launched on the run folder (step 5), its output appended to the log: its exit status."""
     words = ["--config", args.config, "--model", args.model, "--data", args.data, "--out", args.run_dir,
              *(["--jstar", args.jstar] if args.jstar else []), "--no-progress"]
-    line = f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} {args.launch} {shlex.join(words)}"
-    with open(log, "ab") as f:
-        rc = subprocess.run(["bash", "-c", line], stdout=f, stderr=subprocess.STDOUT, check=False).returncode
-    return 128 - rc if rc < 0 else rc  # killed by a signal: 128 + its number, as the shell reports it
+    return run_logged(log, f"OMP_NUM_THREADS={args.threads} MKL_NUM_THREADS={args.threads} {args.launch} "
+                           f"{shlex.join(words)}")
 
 
 def publish(run_dir, snapshots, rebuild) -> int:
