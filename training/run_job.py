@@ -21,8 +21,8 @@ In order, every line going to LOG (appended, as the trainer's output is):
 
 A trainer never outlives its job: the rule sets TRAINER_JOB_PID to its snakemake process, which every training
 process watches (training.lifeline), and this process only waits for the launch it started. It never imports torch
-(step 3 runs `python -m training.run_folder check-run RUN` in a process of its own), so the job holds no more memory
-than its trainer does.
+(step 3 runs `python -m training.run_folder check-run RUN` in a process of its own): while the trainer runs, the job
+holds little memory besides it.
 """
 
 from __future__ import annotations
