@@ -38,6 +38,7 @@ from analysis.eval_set import load_eval_set, total_weights, variant_fns, weighte
 from analysis.evaluate import EvaluationInputs, load_denoised, load_rows, per_sigma_table
 from analysis.report import ema_exponents_table
 from models.denoiser import Denoiser
+from study import integrity
 from study.atomic import atomic_path
 from training.power_ema import read_power_record, read_profiles, reconstruct
 
@@ -280,6 +281,7 @@ def main(argv=None) -> int:
     co.add_argument("--fixed-sigma-rel", type=float, default=0.05, help="the fixed length compared with the best")
     co.add_argument("--n-replicates", type=int, default=1000)
     co.add_argument("--seed", type=int, default=0)
+    integrity.add_stamp_options(co)
     args = ap.parse_args(argv)
     try:
         if args.cmd == "evaluate":
@@ -312,6 +314,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    integrity.stamp_outputs(args, args.out)  # collect's table (evaluate has no stamp options)
     return 0
 
 

@@ -275,6 +275,8 @@ def main(argv=None) -> int:
     co.add_argument("--invariant", required=True, help="per-σ invariant check CSV")
     co.add_argument("--per-triple", default=None,
                     help="write the study's per-triple arrays here (needs each CSV's .npz from `snapshot --per-triple`)")
+    for p in (mk, sn, co):
+        integrity.add_stamp_options(p)
     args = ap.parse_args(argv)
 
     try:
@@ -312,6 +314,10 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.cmd == "snapshot":
+        integrity.stamp_outputs(args, *args.out, *(_triples_path(o) for o in args.out if args.per_triple))
+    else:  # make-set: --out; collect: --out, --invariant and --per-triple
+        integrity.stamp_outputs(args, args.out, getattr(args, "invariant", None), getattr(args, "per_triple", None))
     return 0
 
 

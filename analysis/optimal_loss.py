@@ -78,6 +78,7 @@ from analysis.posterior import (
 )
 from analysis.subset_estimators import _knn_graph, _nn_count, _nn_denoise, _subset_denoise
 from models.diffusion import get_process, to_process_curve
+from study import integrity
 from study.atomic import atomic_path
 from training.dataset import DatasetError, check_images, open_dataset
 
@@ -394,6 +395,7 @@ def _estimate_cli(argv) -> int:
     p.add_argument("--device", default=None, help="cpu (default) or cuda")
     p.add_argument("--process", default=None, help="also convert to this process (models.diffusion)")
     p.add_argument("--target", default=None, help="… and this target (x0, eps, v, score, velocity, edm-F)")
+    integrity.add_stamp_options(p)
     a = p.parse_args(argv)
     if (a.process is None) != (a.target is None):
         p.error("--process and --target go together")
@@ -417,6 +419,7 @@ def _estimate_cli(argv) -> int:
     with atomic_path(out) as tmp:
         df.to_csv(tmp, index=False)
     print(f"wrote {out} ({len(df)} rows: {', '.join(names)} × {sigmas.size} σ)")
+    integrity.stamp_outputs(a, out)
     return 0
 
 
@@ -428,6 +431,7 @@ def _denoise_cli(argv) -> int:
     p.add_argument("--out", required=True, help="output .npy, float32 [M, D]")
     p.add_argument("--conditional", action="store_true")
     p.add_argument("--device", default=None)
+    integrity.add_stamp_options(p)
     a = p.parse_args(argv)
     x, labels = _load_or_exit(p, a.dataset)
     if a.conditional and labels is None:
@@ -441,6 +445,7 @@ def _denoise_cli(argv) -> int:
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, den)
     print(f"wrote {out} {den.shape}")
+    integrity.stamp_outputs(a, out)
     return 0
 
 

@@ -22,8 +22,10 @@ code) is refused with UnsafeFileError, never executed.
     python -m study.integrity stamp FILE... [--rebuild CMD]    write FILE.sha256 for each FILE
     python -m study.integrity verify FILE...                   exit 2 with the error on a bad file
     python -m study.integrity publish SRC DST [--rebuild CMD]  verify SRC, copy it to DST (read-only) + sidecar
-    python -m study.integrity check-run RUNDIR                 exit 3 if a run folder's snapshot or state is bad,
-                                                                exit 2 if its state.pt is refused (UnsafeFileError)
+
+A CLI that writes study files stamps them itself (add_stamp_options, stamp_outputs): `--rebuild CMD` (or `--stamp`)
+writes each output's sidecar once the outputs are written, so each workflow job is one command. A training run
+folder's own checks (its snapshots and state.pt) are training.run_folder's.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ try:
 except ImportError:  # numpy 1.x
     from numpy.core.multiarray import _reconstruct
 
-# torch (and training.run_folder, which imports it) are imported only where a torch file is read: every rule calls
-# this CLI on its outputs, and most of those calls never read one.
+# torch is imported only where a torch file is read (load_torch): the jobs that stamp their outputs and verify their
+# inputs with this module mostly never read one.
 
 SUFFIX = ".sha256"
 FULL_HASH_BYTES = 1 << 30   # files up to 1 GiB are hashed whole on every read
@@ -350,31 +352,25 @@ def publish(src, dst, *, rebuild: str | None = None) -> dict:
     return stamp(dst, rebuild=rebuild, rec=rec)
 
 
-def bad_snapshots(rundir) -> list[str]:
-    """The errors of a run folder's snapshots (snapshots/*.pt against their sidecars); empty when all are fine."""
-    errors = []
-    snaps = Path(rundir) / "snapshots"
-    for side in sorted(snaps.glob(f"*.pt{SUFFIX}")):  # a snapshot deleted but still recorded
-        if not side.with_name(side.name[: -len(SUFFIX)]).exists():
-            errors.append(f"{side.with_name(side.name[: -len(SUFFIX)])}: missing (its checksum is recorded)")
-    for snap in sorted(snaps.glob("*.pt")):
-        try:
-            verify(snap, full=True)
-        except IntegrityError as e:
-            errors.append(str(e))
-    return errors
+# ----------------------------------------------------------------------------------------------------------------
+# a CLI that stamps its own outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_stamp_options(parser: argparse.ArgumentParser) -> None:
+    """--stamp and --rebuild CMD on the parser of a CLI that writes study files (stamp_outputs then stamps them)."""
+    parser.add_argument("--stamp", action="store_true", help="write each output's checksum sidecar (FILE.sha256)")
+    parser.add_argument("--rebuild", metavar="CMD", default=None,
+                        help="the command that rebuilds the outputs, recorded in their sidecars (implies --stamp)")
 
 
-def bad_run_files(rundir) -> list[str]:
-    """The errors of a run folder that training cannot continue from: its snapshots (bad_snapshots) and its
-    state.pt with the DeepSpeed checkpoint it records (training.run_folder.state_problems). A state.pt that holds
-    more than tensors and plain data raises UnsafeFileError instead: it is refused, not trained over."""
-    errors = bad_snapshots(rundir)
-    if (Path(rundir) / "state.pt").exists():
-        from training.run_folder import state_problems  # deferred (torch): see the imports
-
-        errors += state_problems(Path(rundir))
-    return errors
+def stamp_outputs(args: argparse.Namespace, *paths) -> None:
+    """Stamp each written output (None: an optional output not asked for) when `args` asks for it (--stamp or
+    --rebuild CMD, add_stamp_options); a (sub)command without those options stamps nothing."""
+    rebuild = getattr(args, "rebuild", None)
+    if getattr(args, "stamp", False) or rebuild is not None:
+        for path in paths:
+            if path is not None:
+                stamp(path, rebuild=rebuild)
 
 
 def main(argv=None) -> int:
@@ -389,8 +385,6 @@ def main(argv=None) -> int:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--rebuild", default=None)
-    p = sub.add_parser("check-run", help="exit 3 (listing the errors) if a run folder's snapshot or state is bad")
-    p.add_argument("rundir")
     args = ap.parse_args(argv)
     try:
         if args.cmd == "stamp":
@@ -399,13 +393,8 @@ def main(argv=None) -> int:
         elif args.cmd == "verify":
             for f in args.files:
                 verify(f, full=True)
-        elif args.cmd == "publish":
-            publish(args.src, args.dst, rebuild=args.rebuild)
         else:
-            errors = bad_run_files(args.rundir)
-            for e in errors:
-                print(e, file=sys.stderr)
-            return 3 if errors else 0
+            publish(args.src, args.dst, rebuild=args.rebuild)
     except IntegrityError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -413,7 +402,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    # run as study.integrity, not __main__: training.run_folder raises study.integrity's exception classes
-    from study.integrity import main as module_main
-
-    sys.exit(module_main())
+    sys.exit(main())

@@ -251,7 +251,7 @@ def test_damaged_state_is_named_and_the_run_folder_check_flags_it(study_copy, da
     rc, out = resume(r)
     assert rc == 2
     one_error(out, state)
-    rc, out = run_module("study.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("training.run_folder", "check-run", r / "runs" / "t0")
     assert rc == 3 and str(state) in out  # the train rule then starts the model afresh (the same weights)
 
 
@@ -283,7 +283,7 @@ def test_crafted_state_is_refused_without_running(study_copy, payload):
     _plant_payload(state, "tracker", payload, marker)
     rc, out = resume(r)
     assert rc == 2 and "refused" in one_error(out, state)
-    rc, out = run_module("study.integrity", "check-run", r / "runs" / "t0")
+    rc, out = run_module("training.run_folder", "check-run", r / "runs" / "t0")
     assert rc == 2 and "refused" in one_error(out, state)  # not "corrupt": the train rule stops, it does not retrain
     assert not marker.exists()
 

@@ -82,15 +82,34 @@ def test_publish_is_an_independent_read_only_copy(tmp_path):
         integrity.publish(src, tmp_path / "other.pt")
 
 
+def test_a_cli_stamps_its_own_outputs(tmp_path):
+    """--rebuild CMD (or --stamp): the CLI writes each output's sidecar, the same bytes as `study.integrity stamp`;
+    without either it writes none."""
+    from analysis import evaluate
+
+    def make_set(out, *flags):
+        return evaluate.main(["make-set", "--n-data", "20", "--num-sigmas", "2", "--samples-per-sigma", "3",
+                              "--out", str(out), *flags])
+
+    assert make_set(tmp_path / "plain.npz") == 0 and not integrity.sidecar(tmp_path / "plain.npz").exists()
+    assert make_set(tmp_path / "a.npz", "--rebuild", "snakemake --forcerun eval_set") == 0
+    side = integrity.sidecar(tmp_path / "a.npz").read_bytes()
+    assert integrity.main(["stamp", str(tmp_path / "a.npz"), "--rebuild", "snakemake --forcerun eval_set"]) == 0
+    assert integrity.sidecar(tmp_path / "a.npz").read_bytes() == side
+    assert make_set(tmp_path / "b.npz", "--stamp") == 0 and "rebuild" not in integrity.verify(tmp_path / "b.npz")
+
+
 def test_check_run_cli(tmp_path):
+    from training import run_folder
+
     snaps = tmp_path / "run" / "snapshots"
     snaps.mkdir(parents=True)
     a, b = _file(snaps, name="snapshot-000000064.pt"), _file(snaps, name="snapshot-000000128.pt")
     integrity.stamp(a), integrity.stamp(b)
-    assert integrity.main(["check-run", str(tmp_path / "run")]) == 0
+    assert run_folder.main(["check-run", str(tmp_path / "run")]) == 0
     b.write_bytes(b.read_bytes()[:10])
-    assert integrity.main(["check-run", str(tmp_path / "run")]) == 3
-    assert integrity.bad_snapshots(tmp_path / "run") and str(b) in integrity.bad_snapshots(tmp_path / "run")[0]
+    assert run_folder.main(["check-run", str(tmp_path / "run")]) == 3
+    assert run_folder.bad_snapshots(tmp_path / "run") and str(b) in run_folder.bad_snapshots(tmp_path / "run")[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -146,12 +165,14 @@ def test_truncated_snapshot_fails_when_loaded(tmp_path):
 
 
 def test_check_run_flags_a_deleted_snapshot(tmp_path):
+    from training import run_folder
+
     snaps = tmp_path / "run" / "snapshots"
     snaps.mkdir(parents=True)
     a = _file(snaps, name="snapshot-000000064.pt")
     integrity.stamp(a)
     a.unlink()
-    (err,) = integrity.bad_snapshots(tmp_path / "run")
+    (err,) = run_folder.bad_snapshots(tmp_path / "run")
     assert str(a) in err and "missing" in err
 
 
@@ -260,7 +281,7 @@ def test_deepspeed_checkpoint_is_recorded_in_state_and_checked(tmp_path):
     assert str(ds / "mp_rank_00_model_states.pt") in err
     with pytest.raises(IntegrityError):
         run_folder.read_state(out, None, 1)
-    assert integrity.main(["check-run", str(out)]) == 3
+    assert run_folder.main(["check-run", str(out)]) == 3
     # a state.pt without the record (an older trainer's) names its checkpoint unverifiable
     torch.save({"images_seen": 64, "world_size": 1, "ds_dir": "state-ds/000000064"}, out / "state.pt")
     (out / "state.pt.sha256").unlink()
@@ -298,6 +319,7 @@ def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payloa
 
     from test_train import ROOT, free_port, run_cli, write_cli_config
 
+    from training import run_folder
     from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "digits.npz")
@@ -319,7 +341,7 @@ def test_deepspeed_resume_refuses_a_tampered_checkpoint(tmp_path, digits, payloa
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0 and f"error: {rng_file}:" in proc.stderr, proc.stderr[-3000:]
     assert not marker.exists()
-    assert integrity.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh
+    assert run_folder.main(["check-run", str(out)]) == 3  # the train rule would start the model afresh
 
 
 def test_no_code_reads_a_torch_file_with_pickle():

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from study.atomic import atomic_path
-from study.integrity import verify
+from study.integrity import add_stamp_options, stamp_outputs, verify
 from training.dataset_arrays import UINT8_TABLE, Dataset, DatasetArrays, DatasetError, chunk_rows, resize_images
 from training.dataset_formats import open_array_file, read_cifar, read_digits, read_image_folder
 
@@ -228,6 +228,7 @@ def main(argv=None) -> int:
                          "writes float32")
     ap.add_argument("--at-least", action="append", default=[], metavar="WHAT=N",
                     help="refuse a dataset of fewer than N images, naming WHAT (e.g. training.batch_size=64)")
+    add_stamp_options(ap)
     args = ap.parse_args(argv)
     try:
         needs = dict(_need(text) for text in args.at_least)
@@ -242,6 +243,7 @@ def main(argv=None) -> int:
     classes = "no labels" if arrays.labels is None else f"{arrays.num_classes} classes"
     print(f"{arrays.name}: N={len(arrays)} shape={arrays.shape[1:]} stored {stats['dtype']} "
           f"range=[{stats['min']:.4g}, {stats['max']:.4g}] {classes} -> {args.out}")
+    stamp_outputs(args, args.out)
     return 0
 
 

@@ -1,13 +1,14 @@
 """A trainer never outlives the job that started it, and a run folder has one trainer at a time.
 
-Killing only `snakemake` (SIGKILL from a batch system or the OOM killer) kills no job: each job's shell lives on
+Killing only `snakemake` (SIGKILL from a batch system or the OOM killer) kills no job: each job's process lives on
 with parent 1, and so would its trainer, writing into a run folder that the next `snakemake` trains into again. Two
 ties prevent it (Linux; elsewhere they are left out):
 
-- The job. The train rule exports TRAINER_JOB_PID=<pid>@<host>, the snakemake process that runs the job (the job
-  shell's parent). Every training process on that host (each rank of a torchrun / accelerate / DeepSpeed launch
-  inherits the variable) watches it from a daemon thread and exits at once when it is gone or its pid now names
-  another process (its start time differs). Written files stay whole: every write is atomic, and the next run
+- The job. The train rule sets TRAINER_JOB_PID=<pid>@<host> for its command (training.run_job, which launches the
+  trainer and waits for it): the snakemake process that runs the job (the job shell's parent). Every training
+  process on that host (each rank of a torchrun / accelerate / DeepSpeed launch inherits the variable) watches it
+  from a daemon thread and exits at once when it is gone or its pid now names another process (its start time
+  differs); the job's command then ends with it. Written files stay whole: every write is atomic, and the next run
   resumes from the last state.pt. Processes on other nodes of a multi-node job are stopped by srun
   (--kill-on-bad-exit) when the first node's ranks end.
 - The launcher. Under a launcher (LOCAL_RANK set: the parent is torchrun's agent) the kernel's parent-death signal

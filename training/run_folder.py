@@ -8,6 +8,10 @@ means the run finished), state-ds/<images>/ (DeepSpeed's own checkpoint, whose f
 Every file here is read with study.integrity.load_torch (tensors and plain data only), so state.pt holds nothing
 else: the numpy RNG state is stored as a dict of a tensor and numbers. DeepSpeed reads its checkpoint with pickle,
 so state.pt records the size and sha256 of each of its files and they are checked before DeepSpeed opens one.
+
+    python -m training.run_folder same-settings OLD NEW   exit 0 when two resolved model configs train the same model
+    python -m training.run_folder check-run RUN_DIR       exit 3 if a snapshot or the state fails its checksum,
+                                                           exit 2 if its state.pt is refused (UnsafeFileError)
 """
 
 from __future__ import annotations
@@ -16,15 +20,22 @@ import argparse
 import json
 import random
 import shutil
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import yaml
 
 from study import integrity
 from study.atomic import atomic_path
 from study.spec import RESULT_NEUTRAL_KEYS
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a torch file is written or the RNGs are read: the train job's wrapper (training.run_job)
+# checks the settings stamp with this module and then waits for the whole training without holding torch.
 
 STATE_VERSION = 3  # 2: state.pt (and done.json) carry `config_fingerprint`; 3: plain RNG state, `ds_files`
 
@@ -82,6 +93,8 @@ def atomic_torch_save(obj, path: Path) -> dict:
     that matches its sidecar, never a half-written file); the sha256 is taken from the bytes as they are written
     (integrity.HashingWriter), not by reading a multi-GB file again.  Written through a file object, torch names
     the folder inside the zip 'archive', whatever the temp file is called.  Returns the sidecar's record."""
+    import torch  # deferred: see the imports
+
     hashed: dict = {}
 
     def finish(tmp, final):
@@ -223,6 +236,8 @@ def truncate_log(path: Path, images_seen: int) -> None:
 
 def rng_state(generator: torch.Generator) -> dict:
     """Every RNG's state as tensors and plain data (state.pt is read with weights_only)."""
+    import torch  # deferred: see the imports
+
     name, key, pos, has_gauss, gauss = np.random.get_state()
     state = {"torch": torch.get_rng_state(),
              "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
@@ -242,6 +257,8 @@ def _numpy_state(saved):
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    import torch  # deferred: see the imports
+
     torch.set_rng_state(state["torch"])
     np.random.set_state(_numpy_state(state["numpy"]))
     random.setstate(state["python"])
@@ -251,7 +268,7 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the workflow's settings stamp
+# the workflow's checks before a training job: the settings stamp, the files training continues from
 # ----------------------------------------------------------------------------------------------------------------
 
 def same_settings(old_config, new_config) -> bool:
@@ -265,14 +282,58 @@ def same_settings(old_config, new_config) -> bool:
     return settings(old_config) == settings(new_config)
 
 
+def bad_snapshots(rundir) -> list[str]:
+    """The errors of a run folder's snapshots (snapshots/*.pt against their sidecars); empty when all are fine."""
+    errors = []
+    snaps = Path(rundir) / "snapshots"
+    suffix = integrity.SUFFIX
+    for side in sorted(snaps.glob(f"*.pt{suffix}")):  # a snapshot deleted but still recorded
+        if not side.with_name(side.name[: -len(suffix)]).exists():
+            errors.append(f"{side.with_name(side.name[: -len(suffix)])}: missing (its checksum is recorded)")
+    for snap in sorted(snaps.glob("*.pt")):
+        try:
+            integrity.verify(snap, full=True)
+        except integrity.IntegrityError as e:
+            errors.append(str(e))
+    return errors
+
+
+def bad_run_files(rundir) -> list[str]:
+    """The errors of a run folder that training cannot continue from: its snapshots (bad_snapshots) and its
+    state.pt with the DeepSpeed checkpoint it records (state_problems). A state.pt that holds more than tensors and
+    plain data raises UnsafeFileError instead: it is refused, not trained over."""
+    errors = bad_snapshots(rundir)
+    if (Path(rundir) / "state.pt").exists():
+        errors += state_problems(Path(rundir))
+    return errors
+
+
+def check_run(rundir) -> int:
+    """`check-run`: 0 when training can continue from the run folder; 3 (each error on stderr) when a snapshot,
+    state.pt or a DeepSpeed checkpoint file fails its checksum; 2 (`error: …`) when state.pt is refused."""
+    try:
+        errors = bad_run_files(rundir)
+    except integrity.IntegrityError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for e in errors:
+        print(e, file=sys.stderr)
+    return 3 if errors else 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.run_folder",
-                                description="same-settings OLD NEW: exit 0 when the resolved model configs train "
-                                            "the same model (they may differ in batch_gpu and trackers), else 1")
-    p.add_argument("command", choices=["same-settings"])
-    p.add_argument("old")
-    p.add_argument("new")
+    p = argparse.ArgumentParser(prog="python -m training.run_folder", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    same = sub.add_parser("same-settings", help="exit 0 when the resolved model configs OLD and NEW train the same "
+                                                "model (they may differ in batch_gpu and trackers), else 1")
+    same.add_argument("old")
+    same.add_argument("new")
+    check = sub.add_parser("check-run", help="exit 3 (listing the errors) if a run folder's snapshot or state is "
+                                             "bad, 2 if its state.pt is refused")
+    check.add_argument("rundir")
     a = p.parse_args(argv)
+    if a.command == "check-run":
+        return check_run(a.rundir)
     return 0 if same_settings(a.old, a.new) else 1
 
 

@@ -49,9 +49,7 @@ for _model in MODELS:
             "OMP_NUM_THREADS={threads} MKL_NUM_THREADS={threads} {PYTHON} -m analysis.evaluate snapshot"
             " --snapshot {input.snapshots:q} --dataset {input.data:q} --eval-set {input.eval_set:q}"
             " --denoised {input.denoised:q} --batch-size {params.batch} {params.device} --out {output.csv:q}"
-            " --per-triple > {log:q} 2>&1"
-            " && {PYTHON} -m study.integrity stamp {output.csv:q} {output.triples:q}"
-            " --rebuild {REBUILD:q}' --forcerun evaluate_{params.model}'"
+            " --per-triple --rebuild {REBUILD:q}' --forcerun evaluate_{params.model}' > {log:q} 2>&1"
 
 
 def all_triples():
@@ -78,6 +76,5 @@ rule collect_losses:
     shell:
         # the invariant warning goes to the log and to the terminal (tee), so nobody misses it
         "{PYTHON} -m analysis.evaluate collect --eval {input.evals:q} --jstar {input.jstar:q}"
-        " --out {output.losses:q} --invariant {output.invariant:q} --per-triple {output.per_triple:q} 2>&1 | tee {log:q} >&2"
-        " && {PYTHON} -m study.integrity stamp {output.losses:q} {output.invariant:q} {output.per_triple:q}"
-        " --rebuild {REBUILD:q}' --forcerun collect_losses'"
+        " --out {output.losses:q} --invariant {output.invariant:q} --per-triple {output.per_triple:q}"
+        " --rebuild {REBUILD:q}' --forcerun collect_losses' 2>&1 | tee {log:q} >&2"

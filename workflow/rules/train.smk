@@ -9,10 +9,10 @@
 # done.json (written last by the trainer, with each snapshot's sha256; losing it is harmless) and read-only copies
 # of the snapshots in results/<study>/snapshots/<model>/ (each with a .sha256 sidecar naming the command that
 # rebuilds it), made after training finishes: copies, not hard links, so a corrupted published snapshot never
-# corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The run folder is
-# cleared and training starts afresh if the model's settings changed since it was started (its .study-config.yaml
-# trains another model than the resolved config: training.run_folder same-settings, which lets batch_gpu and the
-# trackers change), or if one of its snapshots fails its checksum (the state to regenerate an earlier snapshot is
+# corrupts the run folder's. A killed job therefore resumes from state.pt on the next `snakemake`. The job is one
+# command, training/run_job.py: the run folder is cleared and training starts afresh if the model's settings changed
+# since it was started (its .study-config.yaml trains another model than the resolved config:
+# training.run_folder.same_settings, which lets batch_gpu and the trackers change), or if one of its snapshots fails its checksum (the state to regenerate an earlier snapshot is
 # gone; training is deterministic, so the retrained model is the same) or its state.pt (or the DeepSpeed
 # checkpoint state.pt records) fails its checksum. A state.pt that holds more than tensors and plain data is
 # refused (the job fails naming it), not trained over.
@@ -87,17 +87,6 @@ def launch_command(model):
     )
 
 
-def launcher_check(model):
-    """Shell text run before a multi-node training job: it needs SLURM's srun (the SLURM profile)."""
-    machines = int(TRAINING[model]["launch"]["num_machines"])
-    if machines == 1:
-        return ":"
-    return (
-        f"command -v srun > /dev/null || {{ echo 'train {model}: training.launch.num_machines = {machines} runs "
-        "under SLURM (srun not found): use --profile workflow/profiles/slurm' >&2; exit 1; }"
-    )
-
-
 def train_resources(model):
     """gpu: GPUs of the job, one per training process over all its nodes (study.checks: a model's own
     resources.gpus equals num_processes); nodes; threads: the CPUs of one node; omp: each process's threads."""
@@ -162,7 +151,7 @@ for _model in MODELS:
             model=_model,
             rundir=f"{R}/runs/{_model}",
             launch=launch_command(_model),
-            launcher_check=launcher_check(_model),
+            machines=_res["nodes"],
             jstar=f"--jstar {R}/optimal_loss/jstar.csv" if _jstar else "",
             omp=_res["omp"],
         threads: _res["threads"]
@@ -174,36 +163,9 @@ for _model in MODELS:
         log:
             f"{R}/logs/train_{_model}.log",
         shell:
-            """
-            rundir={params.rundir:q}
-            stamp="$rundir/.study-config.yaml"
-            # the trainer watches this job's snakemake process and stops when it is gone (training/lifeline.py)
-            export TRAINER_JOB_PID="$PPID@$HOSTNAME"
-            if [ -d "$rundir" ]; then
-                {PYTHON} -m training.lifeline free "$rundir" 2>> {log:q} || exit 2
-            fi
-            if [ -e "$stamp" ] && ! {PYTHON} -m training.run_folder same-settings "$stamp" {input.config:q}; then
-                echo "train {params.model}: settings changed since $rundir was started: starting afresh" >> {log:q}
-                rm -rf "$rundir"
-            fi
-            if [ -d "$rundir" ]; then
-                check=0
-                {PYTHON} -m study.integrity check-run "$rundir" >> {log:q} 2>&1 || check=$?
-                if [ "$check" = 3 ]; then
-                    echo "train {params.model}: a file in $rundir fails its checksum: starting afresh" >> {log:q}
-                    rm -rf "$rundir"
-                elif [ "$check" != 0 ]; then
-                    exit "$check"
-                fi
-            fi
-            {params.launcher_check} 2>> {log:q}
-            mkdir -p "$rundir"
-            cp {input.config:q} "$stamp"
-            OMP_NUM_THREADS={params.omp} MKL_NUM_THREADS={params.omp} {params.launch} --config {input.config:q} \
-                --model {params.model} --data {input.data:q} --out "$rundir" {params.jstar} --no-progress \
-                >> {log:q} 2>&1
-            for f in {output.snapshots:q}; do
-                {PYTHON} -m study.integrity publish "$rundir/snapshots/$(basename "$f")" "$f" \
-                    --rebuild {REBUILD:q}' --forcerun 'train_{params.model} >> {log:q} 2>&1
-            done
-            """
+            # the trainer watches this job's snakemake process and stops when it is gone (training/lifeline.py);
+            # training/run_job.py: clear the run folder where it must start afresh, train, publish the snapshots
+            "TRAINER_JOB_PID=\"$PPID@$HOSTNAME\" {PYTHON} -m training.run_job --model {params.model}"
+            " --run-dir {params.rundir:q} --data {input.data:q} {params.jstar} --threads {params.omp}"
+            " --machines {params.machines} --config {input.config:q} --launch {params.launch:q} --log {log:q}"
+            " --publish {output.snapshots:q} --rebuild {REBUILD:q}' --forcerun 'train_{params.model}"
