@@ -241,7 +241,8 @@ def _atomic_csv(df: pd.DataFrame, path) -> None:
         df.to_csv(tmp, index=False)
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's three subcommands (make-set, snapshot, collect), each able to stamp its own outputs."""
     ap = argparse.ArgumentParser(prog="python -m analysis.evaluate", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -277,6 +278,11 @@ def main(argv=None) -> int:
                     help="write the study's per-triple arrays here (needs each CSV's .npz from `snapshot --per-triple`)")
     for p in (mk, sn, co):
         integrity.add_stamp_options(p)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
 
     try:
