@@ -6,7 +6,7 @@
 #
 # DAG: dataset → eval set → J* and D*(eval set) → one training job per model → one evaluation per snapshot →
 # losses.csv (with the L ≥ J* check) → exponents (fits of L and L − J*) → figures / report.
-# Paths and formats: docs/internals.md ("Study folders" and "The workflow").
+# Paths and formats: docs/internals.md ("The study folder" and "Contracts between jobs").
 import os
 import sys
 

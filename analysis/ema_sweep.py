@@ -36,6 +36,7 @@ import torch
 
 from analysis.eval_set import load_eval_set, total_weights, variant_fns, weighted_totals
 from analysis.evaluate import EvaluationInputs, load_denoised, load_rows, per_sigma_table
+from analysis.plots_ema import plot_ema_sweep
 from analysis.report import ema_exponents_table
 from models.denoiser import Denoiser
 from study import integrity
@@ -205,35 +206,6 @@ def collect(paths) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values(["params", "model", "sigma_rel"]).reset_index(drop=True)
 
 
-def plot(table: pd.DataFrame, out) -> Path:
-    """Loss against σ_rel per model (all triples, ±1 s.e.), the σ_rel chosen on half A marked."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for model, rows in table.groupby("model", sort=False):
-        line = ax.errorbar(rows["sigma_rel"], rows["loss"], yerr=rows["stderr"], marker="o", ms=3, capsize=2,
-                           label=f"{model} ({int(rows['params'].iloc[0]):,} params)")
-        best = rows[rows["best"].astype(bool)]
-        ax.plot(best["sigma_rel"], best["loss"], "*", ms=12, color=line[0].get_color())
-    ax.set_xscale("log")
-    ticks = [t for t in (0.02, 0.05, 0.1, 0.2) if table["sigma_rel"].min() <= t <= table["sigma_rel"].max()]
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("EMA length σ_rel (reconstructed post hoc)")
-    ax.set_ylabel("total loss L (training weighting)")
-    ax.set_title("Final snapshots against the EMA length (★ chosen on half A)")
-    ax.legend(fontsize=7)
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return out
-
-
 def markdown(table: pd.DataFrame, exponents: pd.DataFrame | None, fixed_sigma_rel: float) -> str:
     """ema_sweep.md: each model's best EMA length and the exponents at the best and at the fixed length."""
     lines = ["# Loss against the EMA length", "",
@@ -309,7 +281,7 @@ def main(argv=None) -> int:
                     tmp.write_text(markdown(table, exponents if exponents is not None and len(exponents) else None,
                                             args.fixed_sigma_rel))
             _atomic_csv(table, args.out)
-            plot(table, args.figure)
+            plot_ema_sweep(table, args.figure)
             print(f"{table['model'].nunique()} models × {table['sigma_rel'].nunique()} σ_rel -> {args.out}")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

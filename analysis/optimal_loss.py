@@ -77,7 +77,8 @@ from analysis.posterior import (
     single_thread_if_small,
 )
 from analysis.subset_estimators import _knn_graph, _nn_count, _nn_denoise, _subset_denoise
-from models.diffusion import get_process, to_process_curve
+from models.diffusion import to_process_curve
+from models.processes import get_process
 from study import integrity
 from study.atomic import atomic_path
 from training.dataset import DatasetError, check_images, open_dataset

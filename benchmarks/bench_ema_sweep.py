@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis import eval_set as es_mod
 from analysis import evaluate as ev
 from analysis.ema_sweep import DEFAULT_GRID, sweep_model
 from analysis.optimal_loss import denoise_eval_set
@@ -46,9 +47,9 @@ def main(argv=None) -> int:
             "snapshots": {"count": 4, "spacing": "geometric", "first_images": 128}, "log_every_images": 128,
             "ema": {"kind": "power", "profile_every_images": 128}}})
         train(cfg, args.model, digits, tmp / "run", progress=False)
-        es = ev.make_eval_set(len(digits.x), ev.sigma_grid(12, 0.002, 80), args.samples_per_sigma, seed=1234)
+        es = es_mod.make_eval_set(len(digits.x), es_mod.sigma_grid(12, 0.002, 80), args.samples_per_sigma, seed=1234)
         np.save(tmp / "dstar.npy", denoise_eval_set(digits.x, es))
-        ev.save_eval_set(es, tmp / "es.npz")
+        es_mod.save_eval_set(es, tmp / "es.npz")
         eval_set, dstar = tmp / "es.npz", tmp / "dstar.npy"  # both jobs read the files, as the workflow's do
         snapshots = [snapshot_path(tmp / "run", m) for m in model_spec(cfg, args.model).marks]
         files = run_profile_files(tmp / "run")

@@ -20,7 +20,8 @@ from analysis.posterior import (
     _screened_posterior,
     posterior_mean,
 )
-from models.diffusion import get_process, x0_loss_factor
+from models.diffusion import x0_loss_factor
+from models.processes import get_process
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -306,13 +306,14 @@ def test_halves_alternate_within_each_sigma_level():
 
 def test_ema_sweep_evaluates_the_final_snapshot_at_each_sigma_rel(power_run, digits, tmp_path):
     from analysis import ema_sweep
+    from analysis import eval_set as es_mod
     from analysis import evaluate as ev
     from analysis.optimal_loss import denoise_eval_set
     from training.dataset import save_npz
 
     data = save_npz(digits, tmp_path / "d.npz")
-    es = ev.make_eval_set(len(digits.x), ev.sigma_grid(4, 0.05, 5.0), 8, seed=3)
-    ev.save_eval_set(es, tmp_path / "es.npz")
+    es = es_mod.make_eval_set(len(digits.x), es_mod.sigma_grid(4, 0.05, 5.0), 8, seed=3)
+    es_mod.save_eval_set(es, tmp_path / "es.npz")
     np.save(tmp_path / "dstar.npy", denoise_eval_set(digits.x, es))
     common = ["--dataset", str(data), "--eval-set", str(tmp_path / "es.npz"), "--denoised",
               str(tmp_path / "dstar.npy"), "--device", "cpu"]
