@@ -7,7 +7,6 @@
 import json
 import shlex
 
-from study.config import model_variant
 from training.power_ema import ema_label
 
 
@@ -23,11 +22,11 @@ def model_table():
     itself; ema: the EMA its snapshots are evaluated at, in words, which exponents.csv states)."""
     return {
         m: {
-            "size": config["models"][m].get("replicate_of") or m,
-            "variant": model_variant(config, m)["name"],
+            "size": SPECS[m].size,
+            "variant": SPECS[m].variant["name"],
             "schedule": TRAINING[m]["schedule"]["name"],
             "seed": int(TRAINING[m]["seed"]),
-            "arch": config["models"][m]["arch"],
+            "arch": SPECS[m].arch,
             "logvar": bool(TRAINING[m].get("logvar", True)),
             "schedule_kwargs": schedule_settings(TRAINING[m]["schedule"]),
             "ema": ema_label(TRAINING[m]),

@@ -32,19 +32,17 @@ import shlex
 import yaml
 
 from study.checks import accelerate_distributed_type
-from study.config import model_variant
 
 
 def resolved_config(model):
     """The study config as model's training job sees it: its merged training section, only its model entry,
     and only the sections training reads. Deterministic YAML text."""
-    entry = config["models"][model]
     cfg = {
         "study": STUDY,
         "dataset": config["dataset"],
-        "variant": model_variant(config, model),
+        "variant": SPECS[model].variant,
         "training": TRAINING[model],
-        "models": {model: {"arch": entry["arch"]}},
+        "models": {model: {"arch": SPECS[model].arch}},
     }
     if TRAINING[model]["schedule"]["name"] == "optimal-loss":
         cfg["optimal_loss"] = config["optimal_loss"]  # the schedule reads jstar.csv made with these settings
