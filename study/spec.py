@@ -11,7 +11,8 @@ The settings fingerprint (`config_fingerprint`: what a run folder's state.pt and
 parts only the training job can supply: the net's complete constructor kwargs (models.family reads the family's
 constructor defaults from the torch module), the variant's record (models.diffusion works out the σ range of the
 t-distributions in torch) and the dataset's shape and label count (the data file). `ModelSpec.fingerprint` takes
-them and returns the same value config_fingerprint always did.
+them and returns the same value config_fingerprint always did.  The EMA a model's training asks for
+(`ema_settings`, and `ema_label`: the words models.json and exponents.csv use) is read here too, torch-free.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from models.sizes import family_of
 # training keys that change no image, σ, noise or weight: micro-batching (batch_gpu) and who watches (trackers)
 RESULT_NEUTRAL_KEYS = ("batch_gpu", "trackers")
 STEP_RESOURCE_DEFAULTS = {"gpus": 0, "cpus": 1, "cpus_per_gpu": 8, "runtime": 60, "mem_mb": 4000}
+DEFAULT_SIGMA_REL = (0.05, 0.10)    # EDM2's two stored power-EMA profiles (training.power_ema keeps them)
 
 
 class ConfigError(ValueError):
@@ -240,3 +242,31 @@ def snapshot_marks(training: Mapping) -> list[int]:
             raise ConfigError(f"training.snapshots.spacing: unknown spacing {spacing!r} (geometric or linear)")
     marks = sorted({to_batch(m) for m in raw} | {total})
     return marks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the EMA a model's training section asks for (the trainer's training.power_ema, the model table's `ema` label)
+# --------------------------------------------------------------------------------------------------------------
+
+def ema_settings(training: dict) -> tuple[str, list[float]]:
+    """("classic", []) or ("power", the σ_rel values) from a model's training section (`training.ema`; absent =
+    classic, the half-life EMA of training.ema_halflife_images)."""
+    ema = training.get("ema") or {}
+    kind = ema.get("kind", "classic")
+    if kind != "power":
+        return "classic", []
+    return "power", [float(s) for s in (ema.get("sigma_rel") or DEFAULT_SIGMA_REL)]
+
+
+def ema_label(training: dict) -> str:
+    """The EMA a model's snapshots are evaluated at, in words (models.json's `ema`; exponents.csv's `ema` column):
+    "halflife 2000 images, ramp 0.05 × images seen", "none (raw weights)" or "power σ_rel=0.05" (the first
+    stored profile: the snapshots' `ema`)."""
+    kind, sigma_rels = ema_settings(training)
+    if kind == "power":
+        return f"power σ_rel={sigma_rels[0]:g}"
+    halflife = float(training.get("ema_halflife_images") or 0)
+    if halflife <= 0:
+        return "none (raw weights)"
+    ratio = training.get("ema_rampup_ratio")
+    return f"halflife {halflife:g} images" + (f", ramp {float(ratio):g} × images seen" if ratio else "")

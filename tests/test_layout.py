@@ -116,6 +116,17 @@ def test_the_study_machinery_imports_without_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_dag_is_laid_out_without_torch():
+    """`snakemake -n` imports only the study machinery (and the size table) while it lays out the DAG: torch's import
+    alone costs more than the whole dry run."""
+    out = subprocess.run([sys.executable, "-X", "importtime", "-m", "snakemake", "-n", "--configfile",
+                          "workflow/config/smoke.yaml"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "snakemake" in imported and "study.spec" in imported  # the import log is read
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "training", "analysis")}
+
+
 def test_no_module_is_too_long_to_read():
     long = {n: len(p.read_text().splitlines()) for n, p in repo_modules().items()}
     assert not {n: k for n, k in long.items() if k > MAX_MODULE_LINES}

@@ -45,8 +45,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from study.spec import DEFAULT_SIGMA_REL, ema_label, ema_settings  # noqa: F401  (the EMA a config asks for: torch-free)
+
 SIGMA_REL_MAX = 12 ** -0.5          # the uniform average (γ = 0): the widest power profile
-DEFAULT_SIGMA_REL = (0.05, 0.10)    # EDM2's two stored profiles
 PROFILE_DIR = "ema_profiles"
 STEP_CHUNK = 1 << 16                # steps per chunk of the exact Gram sums
 
@@ -96,30 +97,6 @@ def profile_weights(gamma: float, steps: int, k) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------------
 # the training side: one fp32 copy of the weights per profile
 # ---------------------------------------------------------------------------------------------------------------
-
-def ema_settings(training: dict) -> tuple[str, list[float]]:
-    """("classic", []) or ("power", the σ_rel values) from a model's training section (`training.ema`; absent =
-    classic, the half-life EMA of training.ema_halflife_images)."""
-    ema = training.get("ema") or {}
-    kind = ema.get("kind", "classic")
-    if kind != "power":
-        return "classic", []
-    return "power", [float(s) for s in (ema.get("sigma_rel") or DEFAULT_SIGMA_REL)]
-
-
-def ema_label(training: dict) -> str:
-    """The EMA a model's snapshots are evaluated at, in words (models.json's `ema`; exponents.csv's `ema` column):
-    "halflife 2000 images, ramp 0.05 × images seen", "none (raw weights)" or "power σ_rel=0.05" (the first
-    stored profile: the snapshots' `ema`)."""
-    kind, sigma_rels = ema_settings(training)
-    if kind == "power":
-        return f"power σ_rel={sigma_rels[0]:g}"
-    halflife = float(training.get("ema_halflife_images") or 0)
-    if halflife <= 0:
-        return "none (raw weights)"
-    ratio = training.get("ema_rampup_ratio")
-    return f"halflife {halflife:g} images" + (f", ramp {float(ratio):g} × images seen" if ratio else "")
-
 
 class PowerEMA:
     """The power-function EMA profiles of one run, one fp32 module per σ_rel; `modules[0]` is the template itself

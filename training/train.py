@@ -37,11 +37,11 @@ from models.weight_norm import forced_weights, normalize_forced_weights_
 from study import integrity
 from study.checks import deepspeed_precision_problems, torch_autocast_section
 from study.config import load_config
-from study.spec import ModelSpec, model_spec
+from study.spec import ModelSpec, ema_settings, model_spec
 from training import lifeline, run_folder
 from training.dataset import Dataset, DatasetArrays, DatasetError, check_images, open_dataset
 from training.loop import Run, learning_rate, run_steps
-from training.power_ema import PowerEMA, ema_settings, profile_marks
+from training.power_ema import PowerEMA, profile_marks
 from training.run_folder import RunFolderMismatchError
 from training.sigma_bins import SigmaBinTracker
 

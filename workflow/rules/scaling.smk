@@ -7,7 +7,7 @@
 import json
 import shlex
 
-from training.power_ema import ema_label
+from study.spec import ema_label
 
 
 def schedule_settings(schedule):
