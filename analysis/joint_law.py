@@ -111,14 +111,23 @@ def joint_params(theta, scale, log_floor=None) -> dict:
                 "d_opt_exponent": np.where(a + b > 0, a / (a + b), np.nan)}
 
 
-def _prepare_rows(p, n, d, logl, log_floor, weights):
+def _newton_start(theta0, n, d, logl, log_floor, weights, huber_delta):
+    """What both Newton solvers start from: θ0 as float rows clipped into the bounds, the rows' log L (non-finite
+    ones unused: weight 0), weights and fixed log floors broadcast to every row, and the Newton system at θ0.
+    Returns (θ [P, k], logl, w, lf, f, g, h, scale)."""
+    theta0 = np.atleast_2d(np.asarray(theta0, dtype=np.float64))
+    p, k = theta0.shape
     logl = np.broadcast_to(np.asarray(logl, dtype=np.float64), (p, np.shape(logl)[-1]))
     w = np.ones(logl.shape) if weights is None else np.broadcast_to(np.asarray(weights, dtype=np.float64),
                                                                      logl.shape)
     w = np.where(np.isfinite(logl), w, 0.0)
     logl = np.where(w > 0, logl, 0.0)
     lf = np.zeros(p) if log_floor is None else np.broadcast_to(np.asarray(log_floor, dtype=np.float64), (p,))
-    return logl, w, lf.copy()
+    lf = lf.copy()
+    lo, hi = joint_bounds(k)
+    theta = np.clip(theta0, lo, hi)
+    f, g, h, scale = _newton_system(theta, n, d, logl, lf, w, huber_delta)
+    return theta, logl, w, lf, f, g, h, scale
 
 
 def _rows(a, i):
@@ -148,12 +157,9 @@ def joint_solve(theta0, n, d, logl, *, log_floor=None, weights=None, huber_delta
     active, the remaining Newton step negligible); the others need the bounded trust-region solve
     (``joint_polish``). A free floor (k = 5) whose log falls below ``stop_floor_below`` [P] stops there (it is set
     to 0 anyway)."""
-    theta0 = np.atleast_2d(np.asarray(theta0, dtype=np.float64))
-    p, k = theta0.shape
-    logl, w, lf = _prepare_rows(p, n, d, logl, log_floor, weights)
+    theta, logl, w, lf, f, g, h, scale = _newton_start(theta0, n, d, logl, log_floor, weights, huber_delta)
+    p, k = theta.shape
     lo, hi = joint_bounds(k)
-    theta = np.clip(theta0, lo, hi)
-    f, g, h, scale = _newton_system(theta, n, d, logl, lf, w, huber_delta)
     lam = np.full(p, 1e-3)
     done = np.zeros(p, dtype=bool)
     eye = np.eye(k)
@@ -220,12 +226,9 @@ def joint_solve_bounded(theta0, n, d, logl, *, log_floor=None, weights=None, max
     ok [P]): ok where the first-order (KKT) conditions hold to 1e-9 — the free parameters' Newton step negligible,
     every held parameter's gradient pointing out of the box; the others need ``joint_polish``. A free floor whose
     log falls below ``stop_floor_below`` [P] stops there, ok (it is set to 0 anyway, as in ``joint_solve``)."""
-    theta0 = np.atleast_2d(np.asarray(theta0, dtype=np.float64))
-    p, k = theta0.shape
-    logl, w, lf = _prepare_rows(p, n, d, logl, log_floor, weights)
+    theta, logl, w, lf, f, g, h, scale = _newton_start(theta0, n, d, logl, log_floor, weights, None)
+    p, k = theta.shape
     lo, hi = joint_bounds(k)
-    theta = np.clip(theta0, lo, hi)
-    f, g, h, scale = _newton_system(theta, n, d, logl, lf, w, None)
     lam, done, eye = np.full(p, 1e-3), np.zeros(p, dtype=bool), np.eye(k)
     stop = None if stop_floor_below is None or k != 5 else np.broadcast_to(stop_floor_below, (p,))
 
