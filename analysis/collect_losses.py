@@ -30,9 +30,10 @@ LOSS_COLUMNS = ["model", "arch", "params", "images_seen", "flops", "sigma", "wei
 # one snapshot's evaluation files
 # ---------------------------------------------------------------------------------------------------------------
 
-def _triples_path(eval_csv) -> Path:
-    """Where `snapshot --per-triple` puts a snapshot's per-triple arrays: beside its CSV, same stem."""
-    return Path(eval_csv).with_suffix(".npz")
+def triples_path(table_csv) -> Path:
+    """Where a table's per-triple arrays go: beside its CSV, same stem (an evaluation's `snapshot --per-triple`,
+    an EMA sweep's)."""
+    return Path(table_csv).with_suffix(".npz")
 
 
 TRIPLE_KEYS = ("sigma", "level", "loss", "excess", "optimal_loss", "total_weight")
@@ -96,7 +97,7 @@ def collect_per_triple(losses: pd.DataFrame, eval_csvs) -> dict:
     for p in eval_csvs:
         csv = read_eval_csv(p)
         head = csv.iloc[0]
-        by_key[(str(head["model"]), int(head["images_seen"]))] = read_triples(_triples_path(p),
+        by_key[(str(head["model"]), int(head["images_seen"]))] = read_triples(triples_path(p),
                                                                               csv[csv["sigma"].notna()])
     snaps = losses[losses["sigma"].isna()][["model", "params", "images_seen", "flops"]].reset_index(drop=True)
     first = next(iter(by_key.values()))

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.collect_losses import triples_path
 from analysis.eval_set import load_eval_set, total_weights, variant_fns, weighted_totals
 from analysis.evaluate import EvaluationInputs, load_denoised, load_rows, per_sigma_table
 from analysis.plots_ema import plot_ema_sweep
@@ -112,11 +113,6 @@ def sweep_model(files, sigma_rels, dataset, eval_set, denoised, *, batch_size=51
               "total_weight": total_weights(grid, density, weight), "sigma_rel": np.asarray(sigma_rels, float),
               "params": np.int64(den.snapshot_info["params"])}
     return table[COLUMNS], arrays
-
-
-def triples_path(sweep_csv) -> Path:
-    """Where `evaluate` puts a sweep's per-triple arrays: beside its CSV, same stem."""
-    return Path(sweep_csv).with_suffix(".npz")
 
 
 def half_totals(a: dict, index=None) -> tuple[np.ndarray, np.ndarray]:

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis.collect_losses import LOSS_COLUMNS, _triples_path, collect, collect_per_triple, warn_invariant
+from analysis.collect_losses import LOSS_COLUMNS, collect, collect_per_triple, triples_path, warn_invariant
 from analysis.eval_set import (
     eval_noise,
     load_eval_set,
@@ -55,7 +55,6 @@ from study import integrity
 from study.atomic import atomic_path
 from study.tables import STATS
 from training.dataset import check_rows_finite, open_dataset
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # the evaluation's inputs: D* and the dataset rows of the evaluation set
@@ -301,7 +300,7 @@ def main(argv=None) -> int:
                                          batch_size=args.batch_size, device=args.device)
             for snapshot, out, (df, triples) in zip(args.snapshot, args.out, results):
                 if args.per_triple:  # written first: the CSV (the rule's declared output) marks the job complete
-                    with atomic_path(_triples_path(out)) as tmp:
+                    with atomic_path(triples_path(out)) as tmp:
                         with open(tmp, "wb") as f:
                             np.savez(f, **triples)
                 _atomic_csv(df, out)
@@ -321,7 +320,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.cmd == "snapshot":
-        integrity.stamp_outputs(args, *args.out, *(_triples_path(o) for o in args.out if args.per_triple))
+        integrity.stamp_outputs(args, *args.out, *(triples_path(o) for o in args.out if args.per_triple))
     else:  # make-set: --out; collect: --out, --invariant and --per-triple
         integrity.stamp_outputs(args, args.out, getattr(args, "invariant", None), getattr(args, "per_triple", None))
     return 0
