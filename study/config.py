@@ -27,18 +27,8 @@ import yaml
 
 from study.checks import check_study, known_arch_names
 
-# The per-model functions live in study.spec (ModelSpec is built from them); the loading checks below use some, and
-# callers have always imported all of them from here.
-from study.spec import (  # noqa: F401
-    ConfigError,
-    micro_batch,
-    model_training,
-    model_variant,
-    seed_sizes,
-    snapshot_marks,
-    step_resources,
-    total_images,
-)
+# the per-model functions live in study.spec (ModelSpec is built from them); the loading checks below use these
+from study.spec import ConfigError, micro_batch, model_training
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -6,15 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from study.config import (
-    ConfigError,
-    load_config,
-    model_training,
-    model_variant,
-    seed_sizes,
-    snapshot_marks,
-    total_images,
-)
+from study.config import ConfigError, load_config
+from study.spec import model_training, model_variant, seed_sizes, snapshot_marks, total_images
 
 
 def base(**extra):
@@ -130,7 +123,7 @@ EDM2_PRESETS = {
 def test_paper_configs_carry_edm2_numbers(study):
     from pathlib import Path
 
-    from study.config import micro_batch
+    from study.spec import micro_batch
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "workflow" / "config" / f"{study}.yaml")
     preset = EDM2_PRESETS[study]

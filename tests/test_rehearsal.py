@@ -17,7 +17,8 @@ sys.path.insert(0, str(REPO))
 
 from test_workflow import SNAKEMAKE, kill_when_written, smk  # noqa: E402  (tests/ is on sys.path under pytest)
 
-from study.config import load_config, micro_batch, model_training, snapshot_marks  # noqa: E402
+from study.config import load_config  # noqa: E402
+from study.spec import micro_batch, model_training, snapshot_marks  # noqa: E402
 
 
 def test_rehearsal_mirrors_the_paper_config():

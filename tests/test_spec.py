@@ -11,17 +11,9 @@ from pathlib import Path
 import pytest
 
 from models.sizes import FAMILY
-from study.config import (
-    ConfigError,
-    load_config,
-    micro_batch,
-    model_training,
-    model_variant,
-    seed_sizes,
-    snapshot_marks,
-    total_images,
-)
-from study.spec import ModelSpec, model_spec, resolve_specs
+from study.config import ConfigError, load_config
+from study.spec import (ModelSpec, micro_batch, model_spec, model_training, model_variant, resolve_specs, seed_sizes,
+                        snapshot_marks, total_images)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "workflow" / "config").glob("*.yaml"))

@@ -125,7 +125,8 @@ def write_cfg(cfg, path):
 
 def marks_of(cfg, model):
     sys.path.insert(0, str(REPO))
-    from study.config import load_config, model_training, snapshot_marks
+    from study.config import load_config
+    from study.spec import model_training, snapshot_marks
 
     return snapshot_marks(model_training(load_config(cfg), model))
 
@@ -178,7 +179,8 @@ def test_dry_run_diagnose_and_schedule_studies(name, target, min_seeds, tmp_path
     studies, scored; every arm has its seeds and a baseline of the same arch, variant and logvar to pair with."""
     sys.path.insert(0, str(REPO))
     from analysis.weighting_study import arm_of
-    from study.config import load_config, model_training
+    from study.config import load_config
+    from study.spec import model_training
 
     cfg = load_config(CONFIGS / f"{name}.yaml")
     models = list(cfg["models"])
