@@ -11,6 +11,7 @@ import torch
 
 import training.power_ema as pe
 from study.config import ConfigError, load_config
+from study.spec import ema_label
 from training.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -160,13 +161,13 @@ def test_reconstructing_a_stored_profile_returns_it(tmp_path):
 def test_ema_label_names_the_ema_the_snapshots_are_evaluated_at():
     """models.json's `ema` (exponents.csv's column): the classic half-life with its ramp, or the first stored power
     profile (the snapshots' `ema`), whatever the other kind's keys say."""
-    assert pe.ema_label({"ema_halflife_images": 2000, "ema_rampup_ratio": 0.05}) == \
+    assert ema_label({"ema_halflife_images": 2000, "ema_rampup_ratio": 0.05}) == \
         "halflife 2000 images, ramp 0.05 × images seen"
-    assert pe.ema_label({"ema_halflife_images": 5e7, "ema_rampup_ratio": None, "ema": {"kind": "classic"}}) == \
+    assert ema_label({"ema_halflife_images": 5e7, "ema_rampup_ratio": None, "ema": {"kind": "classic"}}) == \
         "halflife 5e+07 images"
-    assert pe.ema_label({"ema_halflife_images": 0, "ema_rampup_ratio": 0.05}) == "none (raw weights)"
-    assert pe.ema_label({"ema_halflife_images": 2000, "ema": {"kind": "power"}}) == "power σ_rel=0.05"
-    assert pe.ema_label({"ema": {"kind": "power", "sigma_rel": [0.1, 0.05]}}) == "power σ_rel=0.1"
+    assert ema_label({"ema_halflife_images": 0, "ema_rampup_ratio": 0.05}) == "none (raw weights)"
+    assert ema_label({"ema_halflife_images": 2000, "ema": {"kind": "power"}}) == "power σ_rel=0.05"
+    assert ema_label({"ema": {"kind": "power", "sigma_rel": [0.1, 0.05]}}) == "power σ_rel=0.1"
 
 
 def power_cfg(sigma_rel=(0.05, 0.10), **training):

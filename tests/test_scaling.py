@@ -409,7 +409,7 @@ def test_cli_states_the_ema_and_sets_the_sweep_exponents_beside(tmp_path, capsys
     """exponents.csv's `ema` column and exponents.md's opening say at which EMA the fits stand (models.json's
     `ema`); with an EMA sweep's ema_exponents.csv, exponents.md sets the best length's exponents beside the fixed
     one's, with the difference and its interval; a bad ema_exponents.csv is one error and writes nothing."""
-    from training.power_ema import ema_label
+    from study.spec import ema_label
 
     losses = tmp_path / "losses.csv"
     df = _synthetic_losses()

@@ -45,8 +45,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from study.spec import DEFAULT_SIGMA_REL, ema_label, ema_settings  # noqa: F401  (the EMA a config asks for: torch-free)
-
 SIGMA_REL_MAX = 12 ** -0.5          # the uniform average (γ = 0): the widest power profile
 PROFILE_DIR = "ema_profiles"
 STEP_CHUNK = 1 << 16                # steps per chunk of the exact Gram sums
